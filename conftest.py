@@ -1,0 +1,5 @@
+"""Root conftest: makes the checkout importable first (worktrees share one dev venv)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
