@@ -1,0 +1,116 @@
+"""Checkpoint reading and SAM state-dict adaptation.
+
+Why a module of its own: every entry point (builders, training resume, eval, export) must read
+checkpoints the same safe way (``weights_only=True``) and fail with a message that names the
+problem instead of a shape traceback deep inside ``load_state_dict``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+StateDict = Dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for the requested model."""
+
+
+def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> StateDict:
+    """Read a state dict safely; unwrap training checkpoints (``{"model": ...}``) and DDP prefixes."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated zip, non-tensor payloads
+        raise CheckpointError(f"could not read {what} {path!r}: {type(e).__name__}: {e}") from e
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{what} {path!r} is not a state dict of tensors")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _short_list(keys: Iterable[str], limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_strict(module: torch.nn.Module, state_dict: StateDict, what: str) -> None:
+    """``load_state_dict(strict=True)`` with a readable error listing missing/unexpected/shape keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k} (checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)})"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = [f"{what} does not match the model:"]
+        if missing:
+            parts.append(f"  missing keys ({len(missing)}): {_short_list(missing)}")
+        if unexpected:
+            parts.append(f"  unexpected keys ({len(unexpected)}): {_short_list(unexpected)}")
+        if mismatched:
+            parts.append(f"  shape mismatches ({len(mismatched)}): {_short_list(mismatched, 10)}")
+        raise CheckpointError("\n".join(parts))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Linearly resize a (L, C) relative-position table, as SAM's ``get_rel_pos`` does."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    out = F.interpolate(
+        rel_pos.float().T.unsqueeze(0), size=length, mode="linear"
+    ).squeeze(0).T
+    return out.to(rel_pos.dtype)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """Bicubically resize a (1, H, W, C) absolute position embedding to (1, grid, grid, C)."""
+    if pos_embed.shape[1] == grid and pos_embed.shape[2] == grid:
+        return pos_embed
+    out = F.interpolate(
+        pos_embed.float().permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic",
+        align_corners=False,
+    ).permute(0, 2, 3, 1)
+    return out.to(pos_embed.dtype)
+
+
+def adapt_sam_state_dict(
+    state_dict: StateDict, target: Mapping[str, torch.Tensor], prefix: str = ""
+) -> StateDict:
+    """Resize position tables of a 1024-px SAM state dict to the target model's image size.
+
+    Only ``pos_embed`` and ``rel_pos_*`` tensors whose shapes differ from the target are resized
+    (global-attention layers' tables scale with the image, window layers' do not).
+    """
+    out = dict(state_dict)
+    for k, v in state_dict.items():
+        tk = prefix + k
+        if tk not in target or target[tk].shape == v.shape:
+            continue
+        if k.endswith("pos_embed") and v.dim() == 4:
+            out[k] = resize_pos_embed(v, target[tk].shape[1])
+        elif ".rel_pos_" in k and v.dim() == 2 and v.shape[1] == target[tk].shape[1]:
+            out[k] = resize_rel_pos(v, target[tk].shape[0])
+    return out
+
+
+def describe_sam_encoder(state_dict: Mapping[str, torch.Tensor]) -> Optional[tuple]:
+    """(embed_dim, depth) of the ViT image encoder in a SAM state dict, or None if absent."""
+    w = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if w is None:
+        return None
+    depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
+    return int(w.shape[0]), depth
+
+
+SAM_ENCODER_NAMES = {(768, 12): "ViT-B", (1024, 24): "ViT-L", (1280, 32): "ViT-H"}

@@ -1,0 +1,177 @@
+"""Transformer blocks of the big.LITTLE encoder.
+
+One ``BigLittleBlock`` class covers the three layer kinds of paper §4.1, so the P-block keeps
+SAM's parameter names (``norm1``, ``attn``, ``norm2``, ``mlp``) at every depth:
+
+* ``full``: a plain SAM ViT block over all tokens (the first layers);
+* ``big_little``: P-block on the routed tokens + E-block on all tokens, fused with gamma;
+* ``p_only``: P-block on the routed tokens, the other tokens pass unchanged (H+B odd layers).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from segment_anything.modeling.common import MLPBlock
+from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+from .attention import Attention
+from .routing import Routing
+
+LAYER_MODES = ("full", "big_little", "p_only")
+
+
+def attend_dense(attn: Attention, xn: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Self-attention over all tokens of (B, H, W, C) normalised input, windowed like SAM."""
+    b, h, w, _ = xn.shape
+    if window_size > 0:
+        xw, pad_hw = window_partition(xn, window_size)
+        out = attn(xw.flatten(1, 2), (window_size, window_size))
+        out = out.view(-1, window_size, window_size, out.shape[-1])
+        return window_unpartition(out, window_size, pad_hw, (h, w))
+    return attn(xn.flatten(1, 2), (h, w)).view(b, h, w, -1)
+
+
+class DimMatchMLP(nn.Module):
+    """E-block FFN: Linear in -> small ViT MLP -> Linear out (paper: "dimension matching")."""
+
+    def __init__(self, dim: int, inner_dim: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.lin_in = nn.Linear(dim, inner_dim)
+        self.lin1 = nn.Linear(inner_dim, mlp_dim)
+        self.act = nn.GELU()
+        self.lin2 = nn.Linear(mlp_dim, inner_dim)
+        self.lin_out = nn.Linear(inner_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin_out(self.lin2(self.act(self.lin1(self.lin_in(x)))))
+
+
+class EBlock(nn.Module):
+    """LITTLE efficiency block: a small ViT block whose in/out width matches the main stream.
+
+    Its output projections start at zero, so an untrained E-block leaves unrouted tokens
+    unchanged instead of adding noise to SAM's features; training moves them off zero.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        inner_dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        window_size: int,
+        input_size: Tuple[int, int],
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        attn_size = (window_size, window_size) if window_size > 0 else input_size
+        self.attn = Attention(inner_dim, num_heads, attn_size, in_dim=dim, out_dim=dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = DimMatchMLP(dim, inner_dim, int(inner_dim * mlp_ratio))
+        for lin in (self.attn.proj, self.mlp.lin_out):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C) E-attention output (before the residual)."""
+        return attend_dense(self.attn, self.norm1(x), self.window_size)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm2(x))
+
+
+class BigLittleBlock(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        window_size: int = 0,
+        input_size: Tuple[int, int] = (64, 64),
+        mode: str = "full",
+        e_dim: Optional[int] = None,
+        e_heads: Optional[int] = None,
+        e_mlp_ratio: float = 4.0,
+        gamma_init: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if mode not in LAYER_MODES:
+            raise ValueError(f"unknown layer mode {mode!r}, expected one of {LAYER_MODES}")
+        self.mode = mode
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        attn_size = (window_size, window_size) if window_size > 0 else input_size
+        self.attn = Attention(dim, num_heads, attn_size)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+        if mode != "full":
+            # alpha scales P outputs by (alpha * s + 1): the predictor's only gradient path
+            self.alpha_attn = nn.Parameter(torch.zeros(1))
+            self.alpha_mlp = nn.Parameter(torch.zeros(1))
+        if mode == "big_little":
+            if e_dim is None or e_heads is None:
+                raise ValueError("a big_little block needs e_dim and e_heads")
+            self.e_block = EBlock(dim, e_dim, e_heads, e_mlp_ratio, window_size, input_size)
+            self.gamma_attn = nn.Parameter(torch.full((dim,), gamma_init))
+            self.gamma_mlp = nn.Parameter(torch.full((dim,), gamma_init))
+
+    def forward(self, x: torch.Tensor, routing: Optional[Routing] = None) -> torch.Tensor:
+        if self.mode == "full":
+            x = x + attend_dense(self.attn, self.norm1(x), self.window_size)
+            return x + self.mlp(self.norm2(x))
+        if routing is None:
+            raise RuntimeError("a routed block needs the routing of a preceding predictor")
+        b, h, w, c = x.shape
+        r = routing
+        gidx = r.gather_idx.unsqueeze(-1).expand(-1, -1, c)
+        s = r.scores.unsqueeze(-1)
+
+        p = self._p_attention(x, r) * (self.alpha_attn * s + 1)
+        e = self.e_block.attention(x) if self.mode == "big_little" else None
+        xf = self._fuse(x.reshape(b, h * w, c), p, e, r, gidx, getattr(self, "gamma_attn", None))
+
+        p = self.mlp(self.norm2(xf.gather(1, gidx))) * (self.alpha_mlp * s + 1)
+        e = self.e_block.ffn(xf) if self.mode == "big_little" else None
+        xf = self._fuse(xf, p, e, r, gidx, getattr(self, "gamma_mlp", None))
+        return xf.view(b, h, w, c)
+
+    def _p_attention(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        """Semi-cross attention of the routed tokens -> (B, n_routed, C)."""
+        xn = self.norm1(x)
+        b, h, w, c = xn.shape
+        ws = self.window_size
+        if ws > 0:
+            xw = window_partition(xn, ws)[0].flatten(1, 2)  # (B*nW, ws*ws, C)
+            xq = xw.gather(1, r.slot.unsqueeze(-1).expand(-1, -1, c))
+            out = self.attn.forward_semi(xq, r.slot // ws, r.slot % ws, xw, (ws, ws))
+            return out.reshape(b, -1, c)
+        xf = xn.reshape(b, h * w, c)
+        xq = xf.gather(1, r.gather_idx.unsqueeze(-1).expand(-1, -1, c))
+        # pad slots (only routed when a window has < k real tokens) are computed, then dropped
+        q_h, q_w = r.pos_h.clamp(max=h - 1), r.pos_w.clamp(max=w - 1)
+        return self.attn.forward_semi(xq, q_h, q_w, xf, (h, w))
+
+    @staticmethod
+    def _fuse(
+        xf: torch.Tensor,
+        p: torch.Tensor,
+        e: Optional[torch.Tensor],
+        r: Routing,
+        gidx: torch.Tensor,
+        gamma: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """Residual + fusion (Algorithm 1): routed x_p + gamma*x_e, others x_e (or unchanged)."""
+        b, n, c = xf.shape
+        if e is None:
+            upd = p * r.real.unsqueeze(-1)
+            return xf.scatter_add(1, gidx, upd.to(xf.dtype))
+        e = e.reshape(b, n, c)
+        upd = p + gamma * e.gather(1, gidx)
+        # one trash row takes the pad slots, so scatter never writes a real token twice
+        sidx = r.scatter_idx.unsqueeze(-1).expand(-1, -1, c)
+        delta = F.pad(e, (0, 0, 0, 1)).scatter(1, sidx, upd.to(e.dtype))
+        return xf + delta[:, :n]

@@ -1,0 +1,141 @@
+"""The big.LITTLE ViT image encoder: a drop-in for SAM's ``ImageEncoderViT``."""
+from __future__ import annotations
+
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.image_encoder import PatchEmbed
+
+from .blocks import BigLittleBlock
+from .predictor import TokenPredictor
+from .routing import Routing, route_tokens, tokens_per_window
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Architecture of one encoder variant (see ``blsam.build_blsam`` for B+T and H+B)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: Tuple[int, ...]
+    layer_modes: Tuple[str, ...]  # per block: "full" | "big_little" | "p_only"
+    predictor_after: Tuple[int, ...] = ()  # 0-based blocks whose output a predictor scores
+    e_dim: int = 0
+    e_heads: int = 0
+    e_mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0
+    window_size: int = 14
+    patch_size: int = 16
+    out_chans: int = 256
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.layer_modes) != self.depth:
+            raise ValueError(f"{len(self.layer_modes)} layer modes for depth {self.depth}")
+        first_routed = next((i for i, m in enumerate(self.layer_modes) if m != "full"), None)
+        if first_routed is not None and not any(p < first_routed for p in self.predictor_after):
+            raise ValueError("the first routed layer has no predictor before it")
+
+
+class BLViTImageEncoder(nn.Module):
+    """bLViT encoder: (B, 3, S, S) -> (B, out_chans, S/16, S/16), like SAM's image encoder.
+
+    ``keep_ratio`` (0 < r <= 1) can be changed at run time; r = 1 routes every token.
+    After each forward ``last_routing`` holds, per predictor stage, the routed-token mask
+    (B, H, W), the scores and k (detached), for visualisation.
+    """
+
+    def __init__(self, spec: EncoderSpec, img_size: int = 1024, keep_ratio: float = 0.25) -> None:
+        super().__init__()
+        if img_size % spec.patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of {spec.patch_size}")
+        self.spec = spec
+        self.img_size = img_size
+        self.window_size = spec.window_size
+        grid = img_size // spec.patch_size
+        c = spec.embed_dim
+        self.patch_embed = PatchEmbed(
+            kernel_size=(spec.patch_size, spec.patch_size),
+            stride=(spec.patch_size, spec.patch_size),
+            in_chans=3,
+            embed_dim=c,
+        )
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, c))
+        self.blocks = nn.ModuleList(
+            BigLittleBlock(
+                dim=c,
+                num_heads=spec.num_heads,
+                mlp_ratio=spec.mlp_ratio,
+                window_size=0 if i in spec.global_attn_indexes else spec.window_size,
+                input_size=(grid, grid),
+                mode=mode,
+                e_dim=spec.e_dim or None,
+                e_heads=spec.e_heads or None,
+                e_mlp_ratio=spec.e_mlp_ratio,
+            )
+            for i, mode in enumerate(spec.layer_modes)
+        )
+        self.predictors = nn.ModuleList(TokenPredictor(c) for _ in spec.predictor_after)
+        self._predictor_at = {blk: j for j, blk in enumerate(spec.predictor_after)}
+        self.neck = nn.Sequential(
+            nn.Conv2d(c, spec.out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(spec.out_chans),
+            nn.Conv2d(spec.out_chans, spec.out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(spec.out_chans),
+        )
+        self.keep_ratio = keep_ratio
+        self.last_routing: List[Dict[str, Union[torch.Tensor, int]]] = []
+
+    @property
+    def keep_ratio(self) -> float:
+        return self._keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value: float) -> None:
+        value = float(value)
+        if not (0.0 < value <= 1.0):  # also rejects NaN
+            raise ValueError(f"keep_ratio must be in (0, 1], got {value}")
+        self._keep_ratio = value
+
+    @property
+    def tokens_per_window(self) -> int:
+        grid = self.img_size // self.spec.patch_size
+        return tokens_per_window(self.keep_ratio, (grid, grid), self.window_size)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point image tensor, got dtype {x.dtype}")
+        s = self.img_size
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != s or x.shape[3] != s:
+            raise ValueError(
+                f"expected input of shape (B, 3, {s}, {s}) (SAM-preprocessed), got {tuple(x.shape)}"
+            )
+
+    def forward(
+        self, x: torch.Tensor, return_routing: bool = False
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[Routing]]]:
+        self._check_input(x)
+        x = self.patch_embed(x) + self.pos_embed
+        routing = None
+        stages: List[Routing] = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, routing)
+            j = self._predictor_at.get(i)
+            if j is not None:
+                routing = route_tokens(self.predictors[j](x), self.keep_ratio, self.window_size)
+                stages.append(routing)
+        feats = self.neck(x.permute(0, 3, 1, 2))
+        self.last_routing = [
+            {"after_layer": self.spec.predictor_after[j] + 1, "mask": r.mask,
+             "scores": r.score_map, "k": r.k}
+            for j, r in enumerate(stages)
+        ]
+        return (feats, stages) if return_routing else feats
+

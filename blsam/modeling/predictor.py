@@ -1,0 +1,26 @@
+"""Token-importance prediction layer (paper §3.2: a linear layer followed by a softmax)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class TokenPredictor(nn.Module):
+    """Scores every token with s in (0, 1): softmax over (keep, skip) logits, keep column.
+
+    A LayerNorm precedes the linear layer because the residual stream of a deep ViT grows to
+    large magnitudes (hundreds in SAM ViT-H); without it the softmax saturates and the scores
+    (and so the gradient that reaches the predictor through alpha*s) vanish. Scores are always
+    computed in fp32, also under bf16 autocast, because top-k on rounded scores is unstable.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc = nn.Linear(dim, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> scores (B, H, W), fp32."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = self.fc(self.norm(x.float()))
+            return logits.softmax(dim=-1)[..., 0]

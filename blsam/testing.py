@@ -1,0 +1,53 @@
+"""Helpers for tests and tools that need weights without downloading any.
+
+SAM's own initialisation leaves ``pos_embed`` and every ``rel_pos_*`` at zero, which would let
+relative-position and padding bugs pass unnoticed; ``randomize_`` fills them (and the fusion
+scales, on request) so parity tests can fail.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .build_blsam import build_vanilla_sam
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0, fusion: bool = False) -> torch.nn.Module:
+    """Give zero-initialised position tables (and optionally alpha/gamma/E outputs) random values."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "rel_pos" in name or name.endswith("pos_embed"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        elif fusion and ("alpha" in name or "gamma" in name):
+            p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.1)
+        elif fusion and (".attn.proj." in name or ".lin_out." in name) and "e_block" in name:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+def save_random_sam_checkpoint(
+    variant: str, path: str | os.PathLike, seed: int = 0, img_size: int = 1024
+) -> str:
+    """Write a randomly initialised SAM state dict with SAM's key names (a stand-in for
+    ``sam_vit_b_01ec64.pth`` etc.) and return its path."""
+    torch.manual_seed(seed)
+    sam = build_vanilla_sam(variant, img_size=img_size)
+    randomize_(sam, seed)
+    torch.save(sam.state_dict(), os.fspath(path))
+    return os.fspath(path)
+
+
+def real_photo(size: Optional[int] = None):
+    """An RGB uint8 photo from scikit-image's bundled data (no download)."""
+    import numpy as np
+    from skimage import data
+
+    img = data.astronaut()  # 512x512x3
+    if size is not None:
+        import cv2
+
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(img)
