@@ -15,11 +15,21 @@ from .build_blsam import build_vanilla_sam
 
 
 @torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0, fusion: bool = False) -> torch.nn.Module:
-    """Give zero-initialised position tables (and optionally alpha/gamma/E outputs) random values."""
+def randomize_(
+    model: torch.nn.Module, seed: int = 0, fusion: bool = False, positions: bool = True
+) -> torch.nn.Module:
+    """Give zero-initialised parameters random values.
+
+    positions: SAM's ``pos_embed``/``rel_pos_*`` (E-blocks excluded); fusion: alpha, gamma and
+    the E-blocks' zero-initialised output projections and position tables.
+    """
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if "rel_pos" in name or name.endswith("pos_embed"):
+        is_pos = "rel_pos" in name or name.endswith("pos_embed")
+        if is_pos and "e_block" not in name:
+            if positions:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        elif fusion and is_pos:
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         elif fusion and ("alpha" in name or "gamma" in name):
             p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.1)
