@@ -122,7 +122,9 @@ class BLViTImageEncoder(nn.Module):
         self, x: torch.Tensor, return_routing: bool = False
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[Routing]]]:
         self._check_input(x)
-        x = self.patch_embed(x) + self.pos_embed
+        # PatchEmbed returns a permuted (NCHW-strided) view; without .contiguous() every later
+        # LayerNorm and reshape of the residual stream would copy it again.
+        x = (self.patch_embed(x) + self.pos_embed).contiguous()
         routing = None
         stages: List[Routing] = []
         for i, blk in enumerate(self.blocks):
