@@ -3,21 +3,29 @@
 The module keeps SAM's parameter names (``qkv``, ``proj``, ``rel_pos_h``, ``rel_pos_w``) so an
 official checkpoint loads unchanged. Two entry points share one kernel path:
 
-* ``forward``: self-attention over every token of a window (or of the image);
+* ``forward``: self-attention over all tokens of a (B, H, W, C) map, in 14x14 windows (with
+  SAM's zero padding) or globally;
 * ``forward_semi``: semi-cross attention (paper §3.2), where only the routed tokens are queries
   and all tokens are keys/values. Q is projected for the routed tokens only.
 
+Projections run on the real tokens only: a zero pad token projects to the bias alone, so the
+padded K/V (and Q) are the bias, added after partitioning. This is exactly SAM's arithmetic
+without spending matmuls on the 16% pad tokens of a 1024-px image.
+
 The relative-position bias is built per *query position* and passed to
-``F.scaled_dot_product_attention`` as an additive mask, which equals SAM's
-``add_decomposed_rel_pos`` applied to the full attention matrix, restricted to those queries.
+``F.scaled_dot_product_attention`` as an additive mask; that equals SAM's
+``add_decomposed_rel_pos`` on the full attention matrix, restricted to those queries.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+Workspace = Optional[Dict[tuple, torch.Tensor]]
 
 
 def rel_pos_bias(
@@ -27,6 +35,7 @@ def rel_pos_bias(
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
     k_size: Tuple[int, int],
+    workspace: Workspace = None,
 ) -> torch.Tensor:
     """Additive attention bias of SAM's decomposed relative positions for arbitrary queries.
 
@@ -35,6 +44,8 @@ def rel_pos_bias(
         q_h, q_w: (B or 1, Nq) integer row/column of every query in the key grid.
         rel_pos_h, rel_pos_w: (2*kh-1, hd) and (2*kw-1, hd) tables.
         k_size: (kh, kw) key grid.
+        workspace: inference only; a dict in which the (large) bias buffer of global layers is
+            reused across layers instead of freshly allocated (and page-faulted) every time.
     Returns:
         (B, heads, Nq, kh*kw) bias, bias[q, (i, j)] = <q, Rh[qh-i+kh-1]> + <q, Rw[qw-j+kw-1]>.
     """
@@ -48,9 +59,15 @@ def rel_pos_bias(
     ar_w = torch.arange(kw, device=q.device)
     idx_h = (q_h.unsqueeze(-1) - ar_h + (kh - 1)).unsqueeze(1).expand(b, nh, nq, kh)
     idx_w = (q_w.unsqueeze(-1) - ar_w + (kw - 1)).unsqueeze(1).expand(b, nh, nq, kw)
-    rel_h = th.gather(-1, idx_h)
-    rel_w = tw.gather(-1, idx_w)
-    return (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape(b, nh, nq, kh * kw)
+    rel_h = th.gather(-1, idx_h).unsqueeze(-1)
+    rel_w = tw.gather(-1, idx_w).unsqueeze(-2)
+    if workspace is None or torch.is_grad_enabled():
+        return (rel_h + rel_w).reshape(b, nh, nq, kh * kw)
+    key = (b, nh, nq, kh, kw, q.dtype, q.device)
+    buf = workspace.get(key)
+    if buf is None:
+        buf = workspace[key] = torch.empty(b, nh, nq, kh, kw, dtype=q.dtype, device=q.device)
+    return torch.add(rel_h, rel_w, out=buf).view(b, nh, nq, kh * kw)
 
 
 class Attention(nn.Module):
@@ -83,9 +100,28 @@ class Attention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, self.head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, self.head_dim))
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+    def _heads(self, t: torch.Tensor, n_parts: int) -> torch.Tensor:
+        """(B, N, n_parts*dim) -> (n_parts, B, heads, N, hd)."""
         b, n, _ = t.shape
-        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        return t.view(b, n, n_parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def _project_windows(
+        self, xn: torch.Tensor, rows: slice, window_size: int
+    ) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Project real tokens with qkv rows ``rows``, then pad/partition and add the bias.
+
+        Returns (B*nW or B, N, width) tokens and the key grid.
+        """
+        w = self.qkv.weight[rows]
+        bias = None if self.qkv.bias is None else self.qkv.bias[rows]
+        b, h, wd, _ = xn.shape
+        if window_size <= 0:
+            return F.linear(xn, w, bias).flatten(1, 2), (h, wd)
+        t = F.linear(xn, w)  # pad tokens are zero: their projection is the bias alone
+        t = window_partition(t, window_size)[0].flatten(1, 2)
+        if bias is not None:
+            t = t + bias
+        return t, (window_size, window_size)
 
     def _attend(
         self,
@@ -95,33 +131,56 @@ class Attention(nn.Module):
         q_h: torch.Tensor,
         q_w: torch.Tensor,
         k_size: Tuple[int, int],
+        workspace: Workspace = None,
     ) -> torch.Tensor:
-        bias = rel_pos_bias(q, q_h, q_w, self.rel_pos_h, self.rel_pos_w, k_size)
+        """(B, heads, Nq, hd) queries -> (B, Nq, dim) attention output before ``proj``."""
+        bias = rel_pos_bias(q, q_h, q_w, self.rel_pos_h, self.rel_pos_w, k_size, workspace)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
         b, _, n, _ = out.shape
-        return self.proj(out.transpose(1, 2).reshape(b, n, self.dim))
+        return out.transpose(1, 2).reshape(b, n, self.dim)
 
-    def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        """Self-attention. x: (B, gh*gw, in_dim) tokens of a (gh, gw) grid -> (B, N, out_dim)."""
-        b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        pos = torch.arange(n, device=x.device).unsqueeze(0)
-        return self._attend(q, k, v, pos // grid[1], pos % grid[1], grid)
+    def forward(
+        self, xn: torch.Tensor, window_size: int = 0, workspace: Workspace = None
+    ) -> torch.Tensor:
+        """Self-attention of a normalised (B, H, W, in_dim) map -> (B, H, W, out_dim)."""
+        b, h, w, _ = xn.shape
+        qkv, grid = self._project_windows(xn, slice(None), window_size)
+        q, k, v = self._heads(qkv, 3).unbind(0)
+        pos = torch.arange(grid[0] * grid[1], device=xn.device).unsqueeze(0)
+        out = self._attend(q, k, v, pos // grid[1], pos % grid[1], grid, workspace)
+        if window_size > 0:  # drop pad tokens before the output projection
+            hp = -(-h // window_size) * window_size
+            wp = -(-w // window_size) * window_size
+            out = out.view(-1, window_size, window_size, self.dim)
+            out = window_unpartition(out, window_size, (hp, wp), (h, w))
+        return self.proj(out.reshape(b, h, w, self.dim))
 
     def forward_semi(
         self,
-        x_q: torch.Tensor,
+        xn: torch.Tensor,
+        gather_idx: torch.Tensor,
         q_h: torch.Tensor,
         q_w: torch.Tensor,
-        x_kv: torch.Tensor,
-        grid: Tuple[int, int],
+        window_size: int = 0,
+        workspace: Workspace = None,
     ) -> torch.Tensor:
-        """Semi-cross attention: (B, Nq, in_dim) routed queries over (B, gh*gw, in_dim) keys."""
+        """Semi-cross attention of routed tokens over all tokens of their window (or image).
+
+        Args:
+            xn: (B, H, W, C) normalised tokens (keys/values for all, queries for the routed).
+            gather_idx: (B, n) flat H*W index of every routed token (window-major order).
+            q_h, q_w: (B*nW, k) positions inside the window, or (B, n) in the image if global.
+        Returns:
+            (B, n, out_dim) outputs of the routed tokens.
+        """
+        b, h, w, c = xn.shape
         d = self.dim
-        w, bias = self.qkv.weight, self.qkv.bias
-        q = F.linear(x_q, w[:d], None if bias is None else bias[:d])
-        kv = F.linear(x_kv, w[d:], None if bias is None else bias[d:])
-        b, n, _ = kv.shape
-        k, v = kv.view(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self._attend(self._heads(q), k, v, q_h, q_w, grid)
+        kv, grid = self._project_windows(xn, slice(d, None), window_size)
+        k, v = self._heads(kv, 2).unbind(0)
+        xq = xn.reshape(b, h * w, c).gather(1, gather_idx.unsqueeze(-1).expand(-1, -1, c))
+        bias = None if self.qkv.bias is None else self.qkv.bias[:d]
+        q = F.linear(xq, self.qkv.weight[:d], bias)
+        q = q.reshape(k.shape[0], -1, d)  # (B*nW, k, C) for windows, (B, n, C) if global
+        q = self._heads(q, 1)[0]
+        out = self._attend(q, k, v, q_h, q_w, grid, workspace)
+        return self.proj(out.reshape(b, -1, d))

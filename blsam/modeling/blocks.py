@@ -15,23 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling.common import MLPBlock
-from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 
-from .attention import Attention
+from .attention import Attention, Workspace
 from .routing import Routing
 
 LAYER_MODES = ("full", "big_little", "p_only")
-
-
-def attend_dense(attn: Attention, xn: torch.Tensor, window_size: int) -> torch.Tensor:
-    """Self-attention over all tokens of (B, H, W, C) normalised input, windowed like SAM."""
-    b, h, w, _ = xn.shape
-    if window_size > 0:
-        xw, pad_hw = window_partition(xn, window_size)
-        out = attn(xw.flatten(1, 2), (window_size, window_size))
-        out = out.view(-1, window_size, window_size, out.shape[-1])
-        return window_unpartition(out, window_size, pad_hw, (h, w))
-    return attn(xn.flatten(1, 2), (h, w)).view(b, h, w, -1)
 
 
 class DimMatchMLP(nn.Module):
@@ -76,9 +64,9 @@ class EBlock(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, workspace: Workspace = None) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C) E-attention output (before the residual)."""
-        return attend_dense(self.attn, self.norm1(x), self.window_size)
+        return self.attn(self.norm1(x), self.window_size, workspace)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.norm2(x))
@@ -119,9 +107,11 @@ class BigLittleBlock(nn.Module):
             self.gamma_attn = nn.Parameter(torch.full((dim,), gamma_init))
             self.gamma_mlp = nn.Parameter(torch.full((dim,), gamma_init))
 
-    def forward(self, x: torch.Tensor, routing: Optional[Routing] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, routing: Optional[Routing] = None, workspace: Workspace = None
+    ) -> torch.Tensor:
         if self.mode == "full":
-            x = x + attend_dense(self.attn, self.norm1(x), self.window_size)
+            x = x + self.attn(self.norm1(x), self.window_size, workspace)
             return x + self.mlp(self.norm2(x))
         if routing is None:
             raise RuntimeError("a routed block needs the routing of a preceding predictor")
@@ -130,8 +120,8 @@ class BigLittleBlock(nn.Module):
         gidx = r.gather_idx.unsqueeze(-1).expand(-1, -1, c)
         s = r.scores.unsqueeze(-1)
 
-        p = self._p_attention(x, r) * (self.alpha_attn * s + 1)
-        e = self.e_block.attention(x) if self.mode == "big_little" else None
+        p = self._p_attention(x, r, workspace) * (self.alpha_attn * s + 1)
+        e = self.e_block.attention(x, workspace) if self.mode == "big_little" else None
         xf = self._fuse(x.reshape(b, h * w, c), p, e, r, gidx, getattr(self, "gamma_attn", None))
 
         p = self.mlp(self.norm2(xf.gather(1, gidx))) * (self.alpha_mlp * s + 1)
@@ -139,21 +129,15 @@ class BigLittleBlock(nn.Module):
         xf = self._fuse(xf, p, e, r, gidx, getattr(self, "gamma_mlp", None))
         return xf.view(b, h, w, c)
 
-    def _p_attention(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+    def _p_attention(self, x: torch.Tensor, r: Routing, workspace: Workspace) -> torch.Tensor:
         """Semi-cross attention of the routed tokens -> (B, n_routed, C)."""
         xn = self.norm1(x)
-        b, h, w, c = xn.shape
         ws = self.window_size
         if ws > 0:
-            xw = window_partition(xn, ws)[0].flatten(1, 2)  # (B*nW, ws*ws, C)
-            xq = xw.gather(1, r.slot.unsqueeze(-1).expand(-1, -1, c))
-            out = self.attn.forward_semi(xq, r.slot // ws, r.slot % ws, xw, (ws, ws))
-            return out.reshape(b, -1, c)
-        xf = xn.reshape(b, h * w, c)
-        xq = xf.gather(1, r.gather_idx.unsqueeze(-1).expand(-1, -1, c))
-        # pad slots (only routed when a window has < k real tokens) are computed, then dropped
-        q_h, q_w = r.pos_h.clamp(max=h - 1), r.pos_w.clamp(max=w - 1)
-        return self.attn.forward_semi(xq, q_h, q_w, xf, (h, w))
+            q_h, q_w = r.slot // ws, r.slot % ws
+        else:  # pad slots (routed only when a window has < k real tokens) are computed, dropped
+            q_h, q_w = r.pos_h.clamp(max=x.shape[1] - 1), r.pos_w.clamp(max=x.shape[2] - 1)
+        return self.attn.forward_semi(xn, r.gather_idx, q_h, q_w, ws, workspace)
 
     @staticmethod
     def _fuse(

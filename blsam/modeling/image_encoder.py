@@ -127,8 +127,9 @@ class BLViTImageEncoder(nn.Module):
         x = (self.patch_embed(x) + self.pos_embed).contiguous()
         routing = None
         stages: List[Routing] = []
+        workspace: dict = {}  # reused attention-bias buffers (inference only)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, routing)
+            x = blk(x, routing, workspace)
             j = self._predictor_at.get(i)
             if j is not None:
                 routing = route_tokens(self.predictors[j](x), self.keep_ratio, self.window_size)
