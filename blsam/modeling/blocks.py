@@ -155,6 +155,9 @@ class BigLittleBlock(nn.Module):
             return xf.scatter_add(1, gidx, upd.to(xf.dtype))
         e = e.reshape(b, n, c)
         upd = p + gamma * e.gather(1, gidx)
+        if r.all_real:  # common case: write the routed rows over x + x_e in place
+            out = xf + e
+            return out.scatter_(1, gidx, (xf.gather(1, gidx) + upd).to(out.dtype))
         # one trash row takes the pad slots, so scatter never writes a real token twice
         sidx = r.scatter_idx.unsqueeze(-1).expand(-1, -1, c)
         delta = F.pad(e, (0, 0, 0, 1)).scatter(1, sidx, upd.to(e.dtype))

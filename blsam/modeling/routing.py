@@ -42,6 +42,7 @@ class Routing:
     score_map: torch.Tensor  # (B, H, W) all scores, detached
     k: int
     grid: Tuple[int, int]  # (H, W) real token grid
+    all_real: bool = False  # no pad slot routed: fusion can scatter in place, no trash row
 
     @property
     def mask(self) -> torch.Tensor:
@@ -92,4 +93,5 @@ def route_tokens(scores: torch.Tensor, keep_ratio: float, window_size: int) -> R
         score_map=scores.detach(),
         k=k,
         grid=(h, w),
+        all_real=bool(real.all()),
     )
