@@ -93,5 +93,7 @@ def route_tokens(scores: torch.Tensor, keep_ratio: float, window_size: int) -> R
         score_map=scores.detach(),
         k=k,
         grid=(h, w),
-        all_real=bool(real.all()),
+        # decided from shapes alone (no device sync): pads rank last, so they are routed
+        # only where the smallest (bottom-right) window holds fewer than k real tokens
+        all_real=k <= (h - (nwh - 1) * ws) * (w - (nww - 1) * ws),
     )
