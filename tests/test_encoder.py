@@ -101,7 +101,7 @@ def test_routing_k_per_window_and_no_pads():
         counts = torch.bincount(win[b], minlength=25)
         assert counts.tolist() == [41] * 25
         assert len(set(r.gather_idx[b].tolist())) == 25 * 41  # no token twice
-    assert r.real.all()  # every window has >= 64 real tokens >= k
+    assert r.real.all() and r.all_real  # every window has >= 64 real tokens >= k
     assert r.mask.sum().item() == 2 * 25 * 41
     # the chosen tokens are the top-41 of their window
     s = scores[0].reshape(-1)
@@ -114,6 +114,7 @@ def test_routing_k_per_window_and_no_pads():
 def test_routing_pads_only_when_window_is_short():
     scores = torch.rand(1, 64, 64)
     r = route_tokens(scores, 0.5, 14)  # k=82 > 64 real tokens of the corner window
+    assert not r.all_real and not r.real.all()
     win = _window_of(r.pos_h, r.pos_w)[0]
     for w in range(25):
         in_w = win == w
