@@ -231,3 +231,25 @@ def test_flops_budget_is_below_vit_b():
     """Cheap structural check of the cost model: k*windows / real tokens ~ keep ratio."""
     k = tokens_per_window(0.25, (64, 64), 14)
     assert math.isclose(k * 25 / 4096, 0.25, abs_tol=0.01)
+
+
+def test_every_projection_is_an_nn_linear_call():
+    """Module-hook FLOP counters must see every projection (Q-only and K/V-only included):
+    hook MACs (output elements x in_features) equal the aten-level matmul count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    enc = blsam_model_registry["b_t"](img_size=128).image_encoder
+    macs = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: macs.append(o.numel() * m.in_features))
+        for m in enc.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        enc(torch.randn(1, 3, 128, 128))
+    for h in hooks:
+        h.remove()
+    counts = fc.get_flop_counts()["Global"]
+    linear_macs = sum(v for k, v in counts.items() if str(k) in ("aten.addmm", "aten.mm")) // 2
+    rel_pos_macs = linear_macs - sum(macs)  # the remaining mm are the rel-pos table products
+    assert sum(macs) > 0 and 0 <= rel_pos_macs < 0.02 * linear_macs

@@ -70,6 +70,18 @@ def rel_pos_bias(
     return torch.add(rel_h, rel_w, out=buf).view(b, nh, nq, kh * kw)
 
 
+class RowSliceLinear(nn.Linear):
+    """``nn.Linear`` that can apply one row block of its weight (Q only, or K/V only) and skip
+    its bias. It is still called as a module, so forward hooks and module-based FLOP counters
+    see every projection, and its parameters keep SAM's names (``qkv.weight``, ``qkv.bias``)."""
+
+    def forward(
+        self, x: torch.Tensor, rows: slice = slice(None), add_bias: bool = True
+    ) -> torch.Tensor:
+        bias = self.bias[rows] if add_bias and self.bias is not None else None
+        return F.linear(x, self.weight[rows], bias)
+
+
 class Attention(nn.Module):
     """SAM attention block with optional dimension matching (E-blocks).
 
@@ -95,7 +107,7 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.input_size = tuple(input_size)
-        self.qkv = nn.Linear(in_dim or dim, dim * 3, bias=qkv_bias)
+        self.qkv = RowSliceLinear(in_dim or dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, out_dim or dim)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, self.head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, self.head_dim))
@@ -112,15 +124,13 @@ class Attention(nn.Module):
 
         Returns (B*nW or B, N, width) tokens and the key grid.
         """
-        w = self.qkv.weight[rows]
-        bias = None if self.qkv.bias is None else self.qkv.bias[rows]
         b, h, wd, _ = xn.shape
         if window_size <= 0:
-            return F.linear(xn, w, bias).flatten(1, 2), (h, wd)
-        t = F.linear(xn, w)  # pad tokens are zero: their projection is the bias alone
+            return self.qkv(xn, rows).flatten(1, 2), (h, wd)
+        t = self.qkv(xn, rows, add_bias=False)  # pad tokens are zero: they project to the bias
         t = window_partition(t, window_size)[0].flatten(1, 2)
-        if bias is not None:
-            t = t + bias
+        if self.qkv.bias is not None:
+            t = t + self.qkv.bias[rows]
         return t, (window_size, window_size)
 
     def _attend(
@@ -178,8 +188,7 @@ class Attention(nn.Module):
         kv, grid = self._project_windows(xn, slice(d, None), window_size)
         k, v = self._heads(kv, 2).unbind(0)
         xq = xn.reshape(b, h * w, c).gather(1, gather_idx.unsqueeze(-1).expand(-1, -1, c))
-        bias = None if self.qkv.bias is None else self.qkv.bias[:d]
-        q = F.linear(xq, self.qkv.weight[:d], bias)
+        q = self.qkv(xq, slice(None, d))
         q = q.reshape(k.shape[0], -1, d)  # (B*nW, k, C) for windows, (B, n, C) if global
         q = self._heads(q, 1)[0]
         out = self._attend(q, k, v, q_h, q_w, grid, workspace)
