@@ -159,8 +159,9 @@ class Attention(nn.Module):
         pos = torch.arange(grid[0] * grid[1], device=xn.device).unsqueeze(0)
         out = self._attend(q, k, v, pos // grid[1], pos % grid[1], grid, workspace)
         if window_size > 0:  # drop pad tokens before the output projection
-            hp = -(-h // window_size) * window_size
-            wp = -(-w // window_size) * window_size
+            # (not -(-h // ws)): exporters lower integer division as truncation, not floor
+            hp = (h + window_size - 1) // window_size * window_size
+            wp = (w + window_size - 1) // window_size * window_size
             out = out.view(-1, window_size, window_size, self.dim)
             out = window_unpartition(out, window_size, (hp, wp), (h, w))
         return self.proj(out.reshape(b, h, w, self.dim))

@@ -135,6 +135,8 @@ class BLViTImageEncoder(nn.Module):
                 routing = route_tokens(self.predictors[j](x), self.keep_ratio, self.window_size)
                 stages.append(routing)
         feats = self.neck(x.permute(0, 3, 1, 2))
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return (feats, stages) if return_routing else feats  # exported graphs: features only
         self.last_routing = [
             {"after_layer": self.spec.predictor_after[j] + 1, "mask": r.mask,
              "scores": r.score_map, "k": r.k}

@@ -50,7 +50,7 @@ class Routing:
         b = self.real.shape[0]
         h, w = self.grid
         m = torch.zeros(b, h * w + 1, dtype=torch.bool, device=self.real.device)
-        m.scatter_(1, self.scatter_idx, True)
+        m.scatter_(1, self.scatter_idx, torch.ones_like(self.scatter_idx, dtype=torch.bool))
         return m[:, : h * w].view(b, h, w)
 
 
