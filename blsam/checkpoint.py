@@ -35,6 +35,27 @@ def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> StateD
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
+def save_atomic(obj: object, path: str | os.PathLike) -> str:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash mid-write leaves the previous file intact: checkpoints are never half-written.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def _short_list(keys: Iterable[str], limit: int = 20) -> str:
     keys = sorted(keys)
     more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""

@@ -1,0 +1,68 @@
+"""YAML configs that only set argparse defaults.
+
+Every config key is an argparse option of the script, so anything in a config can be overridden
+on the command line, and a key the script does not know is an error instead of a silent no-op.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used (unreadable, not a mapping, unknown keys)."""
+
+
+def load_yaml_config(path: str | os.PathLike) -> Dict[str, Any]:
+    """Read a flat YAML mapping; keys may use ``-`` or ``_``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _dests(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
+
+
+def parse_args_with_config(
+    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
+) -> argparse.Namespace:
+    """Parse ``argv`` where ``--config FILE`` (if the parser has it) supplies defaults.
+
+    Precedence: command line > config file > parser defaults. Unknown config keys raise
+    ``ConfigError`` naming them and the closest valid options.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        cfg = load_yaml_config(known.config)
+        actions = _dests(parser)
+        unknown: List[str] = sorted(k for k in cfg if k not in actions or k == "config")
+        if unknown:
+            import difflib
+
+            hints = {k: difflib.get_close_matches(k, list(actions), n=1) for k in unknown}
+            hint = ", ".join(f"{k} (did you mean {h[0]!r}?)" if h else k for k, h in hints.items())
+            raise ConfigError(f"unknown key(s) in config {known.config!r}: {hint}")
+        for key, value in cfg.items():
+            choices = actions[key].choices
+            if choices is not None and value is not None and value not in choices:
+                raise ConfigError(
+                    f"config {known.config!r}: {key}={value!r} is not one of {list(choices)}"
+                )
+        parser.set_defaults(**cfg)
+    return parser.parse_args(argv)
