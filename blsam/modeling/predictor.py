@@ -21,6 +21,8 @@ class TokenPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> scores (B, H, W), fp32."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # meta tensors (FLOP counting) have no autocast state of their own
+        device_type = "cpu" if x.device.type == "meta" else x.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
             logits = self.fc(self.norm(x.float()))
             return logits.softmax(dim=-1)[..., 0]
