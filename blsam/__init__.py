@@ -3,6 +3,7 @@ from .build_blsam import (
     TEACHER_OF,
     blsam_model_registry,
     build_blsam,
+    build_model,
     build_vanilla_sam,
     dense_spec,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "TEACHER_OF",
     "blsam_model_registry",
     "build_blsam",
+    "build_model",
     "build_vanilla_sam",
     "dense_spec",
     "CheckpointError",

@@ -212,3 +212,25 @@ blsam_model_registry: Dict[str, Callable[..., Sam]] = {
     "vit_h": partial(build_vanilla_sam, "vit_h"),
 }
 blsam_model_registry["default"] = blsam_model_registry["h_b"]
+
+
+def build_model(
+    name: str,
+    checkpoint: PathLike = None,
+    sam_checkpoint: PathLike = None,
+    keep_ratio: float = 0.25,
+    img_size: int = 1024,
+) -> Sam:
+    """Registry lookup for scripts with ``--model/--checkpoint/--sam-checkpoint`` flags.
+
+    For vanilla SAM an official checkpoint may come through either flag (it is the same file).
+    """
+    if name not in blsam_model_registry:
+        raise KeyError(f"unknown model {name!r}; choose from {sorted(blsam_model_registry)}")
+    if name.startswith("vit_"):
+        if checkpoint is not None and sam_checkpoint is not None:
+            raise ValueError("vanilla SAM takes one checkpoint: give --checkpoint only")
+        return blsam_model_registry[name](checkpoint if checkpoint is not None else sam_checkpoint,
+                                          img_size=img_size)
+    return blsam_model_registry[name](checkpoint, sam_checkpoint=sam_checkpoint,
+                                      keep_ratio=keep_ratio, img_size=img_size)

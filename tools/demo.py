@@ -31,37 +31,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_image(path: Optional[str]) -> np.ndarray:
-    if path is None:
-        from blsam.testing import real_photo
-
-        return real_photo()
-    import cv2
-
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise FileNotFoundError(f"cannot read image {path!r}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def main(args: argparse.Namespace) -> dict:
     import cv2
     from segment_anything import SamPredictor
 
-    from blsam import blsam_model_registry
+    from blsam import build_model
+    from blsam.utils.images import load_rgb_image
     from blsam.visualization import overlay_mask, save_routing_figure
 
     if args.checkpoint is None and args.sam_checkpoint is None:
         warnings.warn("no --checkpoint/--sam-checkpoint given: random weights, masks are "
                       "not meaningful (see README for the official SAM checkpoints)")
-    kwargs = {"checkpoint": args.checkpoint, "img_size": args.img_size}
-    if args.model in ("b_t", "h_b"):
-        kwargs.update(sam_checkpoint=args.sam_checkpoint, keep_ratio=args.keep_ratio)
-    elif args.sam_checkpoint is not None:
-        kwargs["checkpoint"] = args.sam_checkpoint
-    sam = blsam_model_registry[args.model](**kwargs).to(args.device).eval()
+    sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
+                      args.img_size).to(args.device).eval()
 
-    image = load_image(args.image)
+    image = load_rgb_image(args.image)
     h, w = image.shape[:2]
     point = np.array([args.point if args.point else (w // 2, h // 2)])
     predictor = SamPredictor(sam)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -127,7 +127,9 @@ class BLViTImageEncoder(nn.Module):
         x = (self.patch_embed(x) + self.pos_embed).contiguous()
         routing = None
         stages: List[Routing] = []
-        workspace: dict = {}  # reused attention-bias buffers (inference only)
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        # reused attention-bias buffers (eager inference only: out= ops don't export)
+        workspace: Optional[dict] = None if exporting else {}
         for i, blk in enumerate(self.blocks):
             x = blk(x, routing, workspace)
             j = self._predictor_at.get(i)
@@ -135,7 +137,7 @@ class BLViTImageEncoder(nn.Module):
                 routing = route_tokens(self.predictors[j](x), self.keep_ratio, self.window_size)
                 stages.append(routing)
         feats = self.neck(x.permute(0, 3, 1, 2))
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if exporting:
             return (feats, stages) if return_routing else feats  # exported graphs: features only
         self.last_routing = [
             {"after_layer": self.spec.predictor_after[j] + 1, "mask": r.mask,

@@ -1,0 +1,53 @@
+"""FLOP counting: the paper's convention reproduces its vanilla SAM numbers exactly; the full
+convention matches PyTorch's own counter on a real run; bLViT's savings are where the paper says."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from blsam import blsam_model_registry
+from blsam.flops import count_flops, count_gflops
+
+
+@pytest.mark.parametrize("name, paper", [("vit_b", 372.0), ("vit_h", 2736.6)])
+def test_paper_convention_reproduces_paper_numbers(name, paper):
+    sam = blsam_model_registry[name]()
+    assert round(count_gflops(sam, "paper"), 1) == paper
+
+
+def test_b_t_paper_flops_close_to_paper():
+    # paper Table 2: B+T 210.5 GFLOPs; we route ceil(0.25 * 4096 / 25) = 41 tokens per window
+    gf = count_gflops(blsam_model_registry["b_t"](), "paper")
+    assert abs(gf - 210.5) / 210.5 < 0.01, gf
+
+
+def test_full_convention_matches_torch_counter_on_real_run():
+    sam = blsam_model_registry["vit_b"](img_size=256)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        sam.image_encoder(torch.randn(1, 3, 256, 256))
+    ours = count_flops(sam, "full", part="image_encoder").total
+    assert ours == pytest.approx(fc.get_total_flops() / 2e9, rel=1e-9)
+
+
+def test_full_flops_ratio_and_monotonic_in_keep_ratio():
+    official = count_gflops(blsam_model_registry["vit_b"](), "full", part="image_encoder")
+    b_t = blsam_model_registry["b_t"]()
+    counts = []
+    for r in (0.25, 0.5, 0.75):
+        b_t.image_encoder.keep_ratio = r
+        counts.append(count_gflops(b_t, "full", part="image_encoder"))
+    assert counts[0] / official <= 0.56  # issue target at keep 0.25, attention included
+    assert counts[0] < counts[1] < counts[2]
+
+
+def test_counting_leaves_model_untouched():
+    sam = blsam_model_registry["b_t"](img_size=128)
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    sam.mask_decoder.requires_grad_(False)
+    rep = count_flops(sam, "full")
+    assert set(rep.by_part) == {"image_encoder", "prompt_encoder", "mask_decoder"}
+    assert rep.total == pytest.approx(sum(rep.by_part.values()))
+    assert all(torch.equal(before[k], v) for k, v in sam.state_dict().items())
+    assert all(p.requires_grad for p in sam.image_encoder.parameters())
+    assert not any(p.requires_grad for p in sam.mask_decoder.parameters())
+    with pytest.raises(ValueError, match="convention"):
+        count_flops(sam, "thop")
