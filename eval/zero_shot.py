@@ -92,6 +92,14 @@ def count_gflops_or_none(sam: torch.nn.Module) -> Optional[float]:
         return None
 
 
+def _versions() -> Dict[str, str]:
+    import numpy
+
+    import blsam
+
+    return {"blsam": blsam.__version__, "torch": torch.__version__, "numpy": numpy.__version__}
+
+
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     from blsam import blsam_model_registry
 
@@ -120,26 +128,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("error: --limit must be >= 1")
 
 
-def compute_metrics(merged: Dict[str, Any], dataset: Any, args: argparse.Namespace,
-                    max_dets: Optional[int]) -> Dict[str, Any]:
-    from blsam.evaluation.metrics import coco_segm_eval, lvis_segm_eval, summarize_miou
-
-    if args.prompt != "detector":
-        metrics = summarize_miou(merged["records"])
-        if args.num_clicks:
-            for c in range(args.num_clicks):
-                recs = [{"iou": r["click_ious"][c], "size": r["size"]} for r in merged["records"]]
-                metrics[f"mIoU_click{c + 2}"] = summarize_miou(recs)["mIoU"]
-        return metrics
-    img_ids = merged["evaluated_image_ids"]
-    if dataset.kind == "lvis":
-        metrics = lvis_segm_eval(dataset.raw, merged["results"], img_ids, max_dets or 300)
-    else:
-        metrics = coco_segm_eval(dataset.raw, merged["results"], img_ids)
-    metrics["num_masks"] = len(merged["results"])
-    return metrics
-
-
 def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """Run one protocol; returns the result dict on rank 0 (None on other ranks)."""
     from blsam.evaluation.report import DISPLAY_NAMES, file_sha256, table_markdown, write_outputs
@@ -153,15 +141,25 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
 
     from segment_anything import SamPredictor
 
-    from blsam.evaluation.datasets import load_dataset, load_detections
+    from blsam.evaluation.datasets import check_lvis_eval_fields, load_dataset, load_detections
     from blsam.evaluation.report import write_predictions
-    from blsam.evaluation.runner import Evaluator, ProtocolConfig, locate_images, merge_shards
+    from blsam.evaluation.runner import (
+        Evaluator,
+        ProtocolConfig,
+        compute_metrics,
+        locate_images,
+        merge_shards,
+    )
     from blsam.utils.dist import all_gather_objects, cleanup, init_distributed
 
     info = init_distributed(args.device)
     try:
         dataset = load_dataset(args.ann_file, args.dataset)
-        detections = load_detections(args.det_file, dataset) if args.prompt == "detector" else None
+        detections = None
+        if args.prompt == "detector":
+            if dataset.kind == "lvis":
+                check_lvis_eval_fields(dataset.raw, args.ann_file)
+            detections = load_detections(args.det_file, dataset)
         max_dets = args.max_dets if args.max_dets is not None else (
             300 if dataset.kind == "lvis" and args.prompt == "detector" else None)
         cfg = ProtocolConfig(
@@ -170,9 +168,11 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
             batch_prompts=args.batch_prompts, max_dets=max_dets,
             skip_missing_images=args.skip_missing_images,
             save_predictions=bool(args.save_predictions))
-        images = list(enumerate(dataset.images))[: args.limit]
-        shard, missing = locate_images(args.img_dir, images[info.rank::info.world_size],
+        cfg.validate()
+        # every rank checks every image, so a missing file fails all ranks alike (no hang)
+        found, missing = locate_images(args.img_dir, list(enumerate(dataset.images))[: args.limit],
                                        args.skip_missing_images)
+        shard = found[info.rank::info.world_size]
 
         sam = build_model(args).to(info.device).eval()
         # before evaluating: caches built under inference_mode would break the counter's trace
@@ -181,13 +181,13 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         evaluator = Evaluator(predictor, dataset, args.img_dir, cfg, detections)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            part = evaluator.run(shard, missing, progress=info.is_main and not args.no_progress)
+            part = evaluator.run(shard, missing if info.is_main else [], progress=info.is_main and not args.no_progress)
         merged = merge_shards(all_gather_objects(part))
         wall = time.perf_counter() - t0
         if not info.is_main:
             return None
 
-        metrics = compute_metrics(merged, dataset, args, max_dets)
+        metrics = compute_metrics(merged, dataset, cfg)
         n_img = len(merged["evaluated_image_ids"])
         ckpt = args.checkpoint or args.sam_checkpoint
         result: Dict[str, Any] = {
@@ -197,6 +197,7 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
             "checkpoint": ckpt,
             "checkpoint_sha256": file_sha256(ckpt),
             "dataset_kind": dataset.kind,
+            "versions": _versions(),
             "counts": {
                 "images": n_img,
                 "annotations_evaluated": len(merged["records"]),

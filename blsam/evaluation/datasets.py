@@ -115,6 +115,20 @@ def load_dataset(path: str, kind: Optional[str] = None) -> EvalDataset:
     return EvalDataset(path, kind, data, images, dict(by_image), cats)
 
 
+def check_lvis_eval_fields(data: Dict[str, Any], path: str = "annotation file") -> None:
+    """LVISEval needs LVIS' federated fields; fail before evaluating instead of after."""
+    no_freq = [c["id"] for c in data["categories"] if "frequency" not in c]
+    if no_freq:
+        raise DatasetError(f"{path!r}: LVIS AP needs a 'frequency' (r/c/f) for every category; "
+                           f"missing for category ids {no_freq[:5]} (a COCO file? use "
+                           f"--dataset coco)")
+    for im in data["images"]:
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            if key not in im:
+                raise DatasetError(f"{path!r}: LVIS AP needs '{key}' on every image; image "
+                                   f"{im['id']} has none")
+
+
 def image_file_name(img: Dict[str, Any]) -> str:
     """COCO: ``file_name``; LVIS: the last part of ``coco_url``."""
     if img.get("file_name"):

@@ -143,8 +143,10 @@ def lvis_segm_eval(
     img_ids: Optional[Sequence[int]] = None, max_dets: int = 300,
 ) -> Dict[str, Optional[float]]:
     """LVIS mask AP (lvis-api LVISEval, federated) in percent, top ``max_dets`` per image."""
+    from .datasets import check_lvis_eval_fields
     from .lvis_compat import import_lvis, lvis_from_dict
 
+    check_lvis_eval_fields(gt_dataset)
     _, LVISResults, LVISEval = import_lvis()
     if not results:
         return {k: 0.0 for k in LVIS_STAT_NAMES}

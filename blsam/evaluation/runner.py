@@ -24,7 +24,7 @@ from .datasets import (
     read_image,
     resolve_image_path,
 )
-from .metrics import batch_mask_iou, size_of
+from .metrics import batch_mask_iou, coco_segm_eval, lvis_segm_eval, size_of, summarize_miou
 from .prompts import correction_click, object_points, xywh_to_xyxy
 
 PROMPTS = ("point", "box", "detector")
@@ -264,3 +264,22 @@ def merge_shards(shards: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     merged["counts"] = {k: sum(s["counts"][k] for s in shards) for k in shards[0]["counts"]}
     merged["seconds_per_rank"] = [s["seconds"] for s in shards]
     return merged
+
+
+def compute_metrics(merged: Dict[str, Any], dataset: EvalDataset, cfg: ProtocolConfig
+                    ) -> Dict[str, Any]:
+    """mIoU (point/box) or mask AP (detector; COCOeval or LVISEval by dataset kind) over the
+    evaluated images only (so ``--limit`` and skipped images do not count as misses)."""
+    if cfg.prompt != "detector":
+        metrics = summarize_miou(merged["records"])
+        for c in range(cfg.num_clicks):
+            recs = [{"iou": r["click_ious"][c], "size": r["size"]} for r in merged["records"]]
+            metrics[f"mIoU_click{c + 2}"] = summarize_miou(recs)["mIoU"]
+        return metrics
+    img_ids = merged["evaluated_image_ids"]
+    if dataset.kind == "lvis":
+        metrics = lvis_segm_eval(dataset.raw, merged["results"], img_ids, cfg.max_dets or 300)
+    else:
+        metrics = coco_segm_eval(dataset.raw, merged["results"], img_ids)
+    metrics["num_masks"] = len(merged["results"])
+    return metrics
