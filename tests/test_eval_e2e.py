@@ -12,6 +12,7 @@ import torch
 from blsam import blsam_model_registry
 from blsam.evaluation.datasets import DatasetError, make_tiny_dataset
 from blsam.testing import save_random_sam_checkpoint
+import eval.zero_shot as zero_shot
 from eval.zero_shot import main, parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +27,23 @@ def ckpts(tmp_path_factory):
     blsam = blsam_model_registry["b_t"](sam_checkpoint=sam, img_size=SIZE)
     torch.save(blsam.state_dict(), d / "blsam_b_t.pth")  # stands in for a trained bLViT-SAM
     return {"vit_b": sam, "b_t": str(d / "blsam_b_t.pth")}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _reuse_models():
+    """Build each (model, checkpoint) once: building dominates these tiny runs on 2 cores.
+    The first call of each still goes through the real ``build_model``."""
+    real, cache = zero_shot.build_model, {}
+
+    def cached(args):
+        key = (args.model, args.checkpoint, args.sam_checkpoint, args.img_size, args.keep_ratio)
+        if key not in cache:
+            cache[key] = real(args)
+        return cache[key]
+
+    zero_shot.build_model = cached
+    yield
+    zero_shot.build_model = real
 
 
 @pytest.fixture(scope="module")
