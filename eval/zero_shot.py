@@ -181,7 +181,8 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         evaluator = Evaluator(predictor, dataset, args.img_dir, cfg, detections)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            part = evaluator.run(shard, missing if info.is_main else [], progress=info.is_main and not args.no_progress)
+            part = evaluator.run(shard, missing if info.is_main else [],
+                                 progress=info.is_main and not args.no_progress)
         merged = merge_shards(all_gather_objects(part))
         wall = time.perf_counter() - t0
         if not info.is_main:

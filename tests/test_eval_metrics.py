@@ -290,3 +290,20 @@ def test_runner_detector_gt_boxes_give_ap_100(tiny):
     m = _run(ds, paths, prompt="detector", max_dets=300 if ds.kind == "lvis" else None)
     assert m["AP"] == pytest.approx(100.0) and m["AP50"] == pytest.approx(100.0)
     assert _run(ds, paths, empty=True, prompt="detector")["AP"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("name,prompt", [("eval_lvis_points", "point"),
+                                         ("eval_lvis_points3", "point"),
+                                         ("eval_lvis_box", "box"),
+                                         ("eval_coco_detector", "detector"),
+                                         ("eval_lvis_detector", "detector")])
+def test_configs_parse_and_command_line_overrides(name, prompt):
+    import os
+
+    from eval.zero_shot import parse_args
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", name + ".yaml")
+    args = parse_args(["--config", path, "--img-size", "64"])
+    assert args.prompt == prompt and args.img_size == 64 and args.ann_file
+    assert args.num_points == (3 if name.endswith("3") else 1)
+    assert (args.det_file is not None) == (prompt == "detector")
