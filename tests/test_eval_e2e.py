@@ -171,15 +171,23 @@ def test_torchrun_two_ranks_match_one_process(kind, extra, ckpts, data, tmp_path
     argv = ["--model", "vit_b", "--checkpoint", ckpts["vit_b"], "--img-size", str(SIZE),
             "--dataset", kind, "--ann-file", data[kind]["ann_file"],
             "--img-dir", data[kind]["img_dir"], "--no-progress", "--no-flops", *extra]
-    single = main(parse_args(argv + ["--output", str(tmp_path / "one")]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks (OMP_NUM_THREADS=1): same kernels, same floats
+    try:
+        single = main(parse_args(argv + ["--output", str(tmp_path / "one"),
+                                         "--save-predictions", str(tmp_path / "one.jsonl")]))
+    finally:
+        torch.set_num_threads(threads)
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), os.path.join(REPO, "eval", "zero_shot.py"),
-           *argv, "--output", str(tmp_path / "two")]
+           *argv, "--output", str(tmp_path / "two"), "--save-predictions",
+           str(tmp_path / "two.jsonl")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.load(open(tmp_path / "two" / os.path.basename(single["outputs"]["json"])))
     assert two["timing"]["world_size"] == 2
     assert two["metrics"] == single["metrics"]
     assert two["counts"] == single["counts"]
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()

@@ -32,11 +32,12 @@ def import_lvis() -> Tuple[type, type, type]:
     return LVIS, LVISResults, LVISEval
 
 
-def lvis_from_dict(dataset: Dict[str, Any]) -> Any:
-    """An ``LVIS`` object from an in-memory dataset dict (``LVIS()`` only reads files)."""
+def lvis_from_dict(dataset: Dict[str, Any], copy_data: bool = True) -> Any:
+    """An ``LVIS`` object from an in-memory dataset dict (``LVIS()`` only reads files).
+    ``copy_data=False`` adopts ``dataset`` (LVISEval rewrites its segmentations in place)."""
     LVIS, _, _ = import_lvis()
     obj = LVIS.__new__(LVIS)
     obj.logger = logging.getLogger("lvis.lvis")
-    obj.dataset = copy.deepcopy(dataset)
+    obj.dataset = copy.deepcopy(dataset) if copy_data else dataset
     obj._create_index()
     return obj

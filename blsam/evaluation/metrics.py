@@ -151,7 +151,7 @@ def lvis_segm_eval(
     if not results:
         return {k: 0.0 for k in LVIS_STAT_NAMES}
     with _quiet():
-        gt = lvis_from_dict(_drop_empty_gt(gt_dataset))
+        gt = lvis_from_dict(_drop_empty_gt(gt_dataset), copy_data=False)
         dets = top_k_per_image(_results_for_eval(results), max_dets)
         dt = LVISResults(gt, dets, max_dets=max_dets)
         ev = LVISEval(gt, dt, iou_type="segm")
