@@ -92,6 +92,12 @@ def test_lvis_point_and_box_protocols(model, ckpts, data, tmp_path):
     box = main(_args(model, "lvis", ckpts, data, tmp_path, "--prompt", "box"))
     _check_outputs(box, "box mIoU")
     assert box["metrics"]["num_masks"] == 8
+    table = main(parse_args(["--table", one["outputs"]["json"], three["outputs"]["json"],
+                             box["outputs"]["json"]]))["table"].splitlines()
+    assert len(table) == 3  # the three runs of one model fill one row
+    row = [c.strip() for c in table[2].strip("|").split("|")]
+    assert row[2:5] == [f"{100 * r['metrics']['mIoU']:.1f}" for r in (one, three, box)]
+    assert row[5] == "–"
 
 
 def test_points_do_not_depend_on_the_model(ckpts, data, tmp_path):

@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -60,9 +61,17 @@ def summarize_miou(records: Iterable[Dict[str, Any]], key: str = "iou") -> Dict[
     return out
 
 
-def _quiet():
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     """pycocotools/lvis print and log a lot; keep the progress bar and our summary readable."""
-    return contextlib.redirect_stdout(io.StringIO())
+    log = logging.getLogger("lvis")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def _nan_to_none(v: float) -> Optional[float]:
