@@ -9,9 +9,10 @@ torchrun job merge into exactly the list one process would produce.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,9 +59,13 @@ class ProtocolConfig:
             raise ValueError("--num-clicks needs GT masks: use it with --prompt point or box")
 
 
-def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
+def _chunks(items: Iterable[Any], n: int) -> Iterator[List[Any]]:
+    it = iter(items)
+    while True:
+        chunk = list(itertools.islice(it, n))
+        if not chunk:
+            return
+        yield chunk
 
 
 def _has_geometry(ann: Dict[str, Any]) -> bool:
@@ -108,8 +113,9 @@ class Evaluator:
 
     # ------------------------------------------------------------------ protocols
     def _gt_prompts(self, img_pos: int, img: Dict[str, Any], counts: Dict[str, int]
-                    ) -> List[Dict[str, Any]]:
-        items = []
+                    ) -> Iterator[Dict[str, Any]]:
+        """One prompt per usable annotation, lazily: only a batch of GT masks is in memory
+        (LVIS images can have hundreds of annotations)."""
         h, w = img["height"], img["width"]
         for ann in self.dataset.anns_by_image.get(img["id"], []):
             if ann.get("iscrowd", 0):
@@ -126,8 +132,7 @@ class Evaluator:
                 item["labels"] = np.ones(self.cfg.num_points, dtype=np.int64)
             else:
                 item["box"] = xywh_to_xyxy(ann["bbox"] if "bbox" in ann else _mask_box(mask))
-            items.append(item)
-        return items
+            yield item
 
     def _run_gt_batch(self, batch: Sequence[Dict[str, Any]], out: Dict[str, List]) -> None:
         cfg = self.cfg
@@ -181,8 +186,7 @@ class Evaluator:
         dets = self.detections.get(img["id"], [])
         if self.cfg.max_dets is not None:
             dets = dets[: self.cfg.max_dets]  # already sorted by descending score
-        indexed = list(enumerate(dets))
-        for batch in _chunks(indexed, self.cfg.batch_prompts):
+        for batch in _chunks(enumerate(dets), self.cfg.batch_prompts):
             boxes = np.stack([xywh_to_xyxy(d["bbox"]) for _, d in batch])
             masks, iou_pred, _ = self._decode(None, None, boxes, False)
             for (j, d), m, s in zip(batch, masks[:, 0], iou_pred[:, 0]):
@@ -217,8 +221,8 @@ class Evaluator:
             if self.cfg.prompt == "detector":
                 self._run_detector(img_pos, img, out)
             else:
-                items = self._gt_prompts(img_pos, img, counts)
-                for batch in _chunks(items, self.cfg.batch_prompts):
+                for batch in _chunks(self._gt_prompts(img_pos, img, counts),
+                                     self.cfg.batch_prompts):
                     self._run_gt_batch(batch, out)
             seconds += time.perf_counter() - t0
             out["evaluated_image_ids"].append(img["id"])
