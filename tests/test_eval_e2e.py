@@ -152,6 +152,14 @@ def test_bad_inputs_fail_clearly(ckpts, data, tmp_path):
                    tmp_path))
 
 
+def test_blsam_from_sam_checkpoint_warns(ckpts, data, tmp_path):
+    args = _args("b_t", "coco", ckpts, data, tmp_path, "--prompt", "box", "--limit", "1")
+    args.checkpoint, args.sam_checkpoint = None, ckpts["vit_b"]
+    with pytest.warns(UserWarning, match="not meaningful"):
+        res = main(args)
+    assert res["counts"]["images"] == 1 and res["checkpoint"] == ckpts["vit_b"]
+
+
 def test_skip_missing_images_counts_them(ckpts, data, tmp_path):
     coco = data["coco"]
     os.rename(os.path.join(coco["img_dir"], "000000000011.jpg"), tmp_path / "moved.jpg")

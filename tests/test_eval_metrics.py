@@ -325,3 +325,17 @@ def test_gflops_helper_and_table_row(monkeypatch):
     row = {"name": "Ours (B + T)", "gflops": 210.5, "metrics": {"mIoU": 0.711},
            "config": {"prompt": "point", "num_points": 3}}
     assert table_markdown([row]).splitlines()[2] == "| Ours (B + T) | 210.5 | – | 71.1 | – | – |"
+
+
+def test_dataset_kind_checks(tmp_path):
+    from blsam.evaluation.datasets import check_lvis_eval_fields
+
+    coco = make_tiny_dataset(str(tmp_path / "c"), "coco", num_images=1, with_detections=False)
+    lvis = make_tiny_dataset(str(tmp_path / "l"), "lvis", num_images=1, with_detections=False)
+    assert load_dataset(coco["ann_file"]).kind == "coco"
+    assert load_dataset(lvis["ann_file"]).kind == "lvis"
+    with pytest.raises(DatasetError, match="looks like COCO"):
+        load_dataset(coco["ann_file"], "lvis")
+    assert load_dataset(lvis["ann_file"], "coco").kind == "coco"  # COCO tools read LVIS files
+    with pytest.raises(DatasetError, match="frequency"):
+        check_lvis_eval_fields(load_dataset(coco["ann_file"]).raw)
