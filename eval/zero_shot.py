@@ -100,6 +100,15 @@ def _versions() -> Dict[str, str]:
     return {"blsam": blsam.__version__, "torch": torch.__version__, "numpy": numpy.__version__}
 
 
+def _row_name(args: argparse.Namespace, names: Dict[str, str]) -> str:
+    """The paper's model name, flagged when the weights are not the trained ones."""
+    name = names.get(args.model, args.model)
+    if args.checkpoint is None:
+        name += " (SAM init)" if args.sam_checkpoint and args.model in ("b_t", "h_b") else \
+            (" (random)" if not args.sam_checkpoint else "")
+    return name
+
+
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     from blsam import blsam_model_registry
 
@@ -192,7 +201,7 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         n_img = len(merged["evaluated_image_ids"])
         ckpt = args.checkpoint or args.sam_checkpoint
         result: Dict[str, Any] = {
-            "name": args.name or DISPLAY_NAMES.get(args.model, args.model),
+            "name": args.name or _row_name(args, DISPLAY_NAMES),
             "config": {k: v for k, v in vars(args).items() if k != "table"},
             "model": args.model,
             "checkpoint": ckpt,

@@ -158,6 +158,7 @@ def test_blsam_from_sam_checkpoint_warns(ckpts, data, tmp_path):
     with pytest.warns(UserWarning, match="not meaningful"):
         res = main(args)
     assert res["counts"]["images"] == 1 and res["checkpoint"] == ckpts["vit_b"]
+    assert res["name"] == "Ours (B + T) (SAM init)"
 
 
 def test_skip_missing_images_counts_them(ckpts, data, tmp_path):
