@@ -236,5 +236,19 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         cleanup()
 
 
+def cli(argv: Optional[List[str]] = None) -> int:
+    """Command-line entry: bad input ends with one ``error:`` line, not a traceback."""
+    from blsam.checkpoint import CheckpointError
+    from blsam.evaluation.datasets import DatasetError
+    from blsam.utils.config import ConfigError
+
+    try:
+        main(parse_args(argv))
+    except (DatasetError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(cli())

@@ -133,8 +133,11 @@ def test_coco_point_with_correction_clicks_and_crowd(ckpts, data, tmp_path):
         assert 0.0 <= res["metrics"][k] <= 1.0
 
 
-def test_bad_inputs_fail_clearly(ckpts, data, tmp_path):
+def test_bad_inputs_fail_clearly(ckpts, data, tmp_path, capsys):
     lvis = data["lvis"]
+    argv = ["--ann-file", lvis["ann_file"], "--img-dir", str(tmp_path), "--no-flops"]
+    assert zero_shot.cli(argv) == 2  # the command line prints one line, no traceback
+    assert capsys.readouterr().err.startswith("error: 2 image(s) not found in")
     with pytest.raises(DatasetError, match="not found in"):
         main(_args("vit_b", "lvis", ckpts, {"lvis": {**lvis, "img_dir": str(tmp_path)}},
                    tmp_path))
