@@ -1,0 +1,80 @@
+"""Prompt sampling for the point and box protocols, independent of the model.
+
+Why seeded per annotation: every model (and every rank of a torchrun job, whatever its shard)
+must click the very same pixels, so points come from an RNG seeded by (seed, annotation id),
+never from a global stream whose state depends on what was evaluated before.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import numpy as np
+
+
+def annotation_rng(seed: int, ann_id: int) -> np.random.Generator:
+    """The RNG for one annotation: same (seed, id) -> same points, in any process."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(ann_id) & 0xFFFFFFFFFFFF])
+
+
+def sample_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``k`` foreground pixels drawn uniformly without replacement (with replacement when the
+    mask has fewer than ``k`` pixels), as float (k, 2) x, y pixel coordinates (SAM's convention:
+    integer pixel indices; its prompt encoder adds the half-pixel shift)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        raise ValueError("cannot sample points from an empty mask")
+    idx = rng.choice(len(xs), size=k, replace=len(xs) < k)
+    return np.stack([xs[idx], ys[idx]], axis=1).astype(np.float64)
+
+
+def farthest_from_boundary(region: np.ndarray) -> Tuple[np.ndarray, float]:
+    """The pixel of ``region`` farthest from its boundary (image border counts as boundary),
+    as (x, y), and that distance. SAM's "center" click and its correction-click rule."""
+    import cv2
+
+    padded = np.pad(region.astype(np.uint8), 1)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    flat = int(np.argmax(dist))  # first maximum in raster order: deterministic
+    y, x = divmod(flat, region.shape[1])
+    return np.array([x, y], dtype=np.float64), float(dist[y, x])
+
+
+def center_point(mask: np.ndarray) -> np.ndarray:
+    """(1, 2) x, y: the mask pixel farthest from the mask boundary."""
+    if not mask.any():
+        raise ValueError("cannot find the center of an empty mask")
+    return farthest_from_boundary(mask)[0][None]
+
+
+def object_points(
+    mask: np.ndarray, k: int, seed: int, ann_id: int, mode: str = "random"
+) -> np.ndarray:
+    """The protocol's k positive points for one annotation. ``mode``: "random" (paper: uniform
+    inside the mask) or "center" (first point at the center, the rest uniform)."""
+    rng = annotation_rng(seed, ann_id)
+    if mode == "random":
+        return sample_points(mask, k, rng)
+    if mode == "center":
+        first = center_point(mask)
+        return first if k == 1 else np.concatenate([first, sample_points(mask, k - 1, rng)])
+    raise ValueError(f"unknown point mode {mode!r}")
+
+
+def correction_click(pred: np.ndarray, gt: np.ndarray) -> Tuple[np.ndarray, int]:
+    """Next interactive click: at the center of the largest error region (distance-transform
+    maximum over false negatives and false positives); label 1 for a missed object pixel, 0 for
+    a false positive. If the prediction is perfect, a positive click at the object center."""
+    fn = gt & ~pred
+    fp = pred & ~gt
+    p_fn, d_fn = farthest_from_boundary(fn) if fn.any() else (None, -1.0)
+    p_fp, d_fp = farthest_from_boundary(fp) if fp.any() else (None, -1.0)
+    if p_fn is None and p_fp is None:
+        return center_point(gt)[0], 1
+    if d_fn >= d_fp:
+        return p_fn, 1
+    return p_fp, 0
+
+
+def xywh_to_xyxy(box: Sequence[float]) -> np.ndarray:
+    x, y, w, h = (float(v) for v in box)
+    return np.array([x, y, x + w, y + h], dtype=np.float64)

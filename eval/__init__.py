@@ -1,0 +1,1 @@
+"""Evaluation scripts (importable for tests)."""
