@@ -56,7 +56,7 @@ def _args(model, kind, ckpts, data, out, *extra):
     d = data[kind]
     return parse_args(["--model", model, "--checkpoint", ckpts[model], "--img-size", str(SIZE),
                        "--dataset", kind, "--ann-file", d["ann_file"], "--img-dir", d["img_dir"],
-                       "--output", str(out), "--no-progress", "--no-flops", *extra])
+                       "--output", str(out), "--no-progress", *extra])
 
 
 def _check_outputs(res, column, images=2):
@@ -65,6 +65,7 @@ def _check_outputs(res, column, images=2):
     assert saved["metrics"] == res["metrics"]
     assert saved["counts"]["images"] == images
     assert len(saved["checkpoint_sha256"]) == 12
+    assert saved["gflops"] > 0 and saved["gflops_convention"] == "paper"
     md = open(res["outputs"]["markdown"]).read()
     header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
     row = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]

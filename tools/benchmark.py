@@ -276,7 +276,7 @@ def markdown_table(results: List[Result], env: Dict[str, object]) -> str:
             f"| {r.model} | {r.device} | {r.dtype} | {r.batch_size} | {r.gflops_paper_sam:.1f} "
             f"| {r.gflops_full_encoder:.1f} | {fmt(r.ratio_gflops_full_vs_official)} "
             f"| {r.latency_ms_median:.1f} | {r.latency_ms_min:.0f}–{r.latency_ms_max:.0f} "
-            f"| {r.images_per_s:.2f} | {r.peak_mem_mib:.0f} "
+            f"| {r.images_per_s:.2f} | {fmt(r.peak_mem_mib, 0)} "
             f"| {fmt(r.ratio_latency_vs_official)} | {fmt(r.ratio_latency_vs_fused)} |"
         )
     return "\n".join(lines) + "\n"
