@@ -13,20 +13,16 @@ import warnings
 from typing import List, Optional
 
 import numpy as np
-import torch
+
+from blsam.utils.cli import add_model_args
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="b_t", help="registry key: b_t, h_b, vit_b, ...")
-    p.add_argument("--checkpoint", default=None, help="trained bLViT-SAM state dict")
-    p.add_argument("--sam-checkpoint", default=None, help="official SAM checkpoint (P-block init)")
+    add_model_args(p)
     p.add_argument("--image", default=None, help="RGB image file; default: skimage astronaut")
     p.add_argument("--point", type=int, nargs=2, default=None, metavar=("X", "Y"),
                    help="foreground point in pixels; default: image centre")
-    p.add_argument("--keep-ratio", type=float, default=0.25)
-    p.add_argument("--img-size", type=int, default=1024)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output-dir", default="outputs/demo")
     return p.parse_args(argv)
 

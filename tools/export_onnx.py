@@ -20,14 +20,12 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from blsam.utils.cli import add_model_args
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="b_t", help="registry key: b_t, h_b (or vit_b, ...)")
-    p.add_argument("--checkpoint", default=None, help="trained bLViT-SAM state dict")
-    p.add_argument("--sam-checkpoint", default=None, help="official SAM checkpoint (P-block init)")
-    p.add_argument("--keep-ratio", type=float, default=0.25)
-    p.add_argument("--img-size", type=int, default=1024)
+    add_model_args(p, device=False)
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--output", default="outputs/onnx/blsam_encoder.onnx")
     p.add_argument("--export-decoder", action="store_true",

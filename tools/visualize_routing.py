@@ -11,19 +11,14 @@ import argparse
 import os
 from typing import List, Optional
 
-import torch
+from blsam.utils.cli import add_model_args
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("image", nargs="?", default=None,
                    help="RGB image file; default: the bundled astronaut photo")
-    p.add_argument("--model", default="b_t", choices=["b_t", "h_b"])
-    p.add_argument("--checkpoint", default=None, help="trained bLViT-SAM state dict")
-    p.add_argument("--sam-checkpoint", default=None, help="official SAM checkpoint (P-block init)")
-    p.add_argument("--keep-ratio", type=float, default=0.25)
-    p.add_argument("--img-size", type=int, default=1024)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_args(p, choices=["b_t", "h_b"])
     p.add_argument("--output", default="outputs/routing.png")
     return p.parse_args(argv)
 
