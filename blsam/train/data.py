@@ -98,6 +98,7 @@ def index_tar(path: str, skipped: List[str]) -> List[Record]:
     size = os.path.getsize(path)
     files: Dict[str, Member] = {}
     shard = os.path.basename(path)
+    cut = False  # a member ran past the end: the archive ends there, nothing more to report
     try:
         with tarfile.open(path, "r:") as tf:
             for m in tf:
@@ -106,11 +107,13 @@ def index_tar(path: str, skipped: List[str]) -> List[Record]:
                 if m.offset_data + m.size > size:
                     log.warning("skipping %s:%s: truncated tar member", shard, m.name)
                     skipped.append(f"{shard}:{m.name}")
+                    cut = True
                     continue
                 files[m.name] = Member(path, m.offset_data, m.size)
     except (tarfile.TarError, EOFError, OSError) as e:  # damaged header: keep what was read
         log.warning("tar %s is damaged after %d members (%s); using those", shard, len(files), e)
-        skipped.append(f"{shard}:<rest of archive>")
+        if not cut:
+            skipped.append(f"{shard}:<rest of archive>")
     return _pairs(files, shard, skipped)
 
 
@@ -177,12 +180,16 @@ def select_records(
 
 def decode_rle(segmentation: Dict[str, Any]) -> np.ndarray:
     """COCO compressed RLE (SA-1B's ``counts`` string) -> (h, w) uint8 mask."""
+    import warnings
+
     from pycocotools import mask as mask_utils
 
     rle = dict(segmentation)
     if isinstance(rle["counts"], str):
         rle["counts"] = rle["counts"].encode("ascii")
-    return mask_utils.decode(rle)
+    with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation, not ours
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle)
 
 
 def resize_mask(mask: np.ndarray, new_hw: Tuple[int, int]) -> np.ndarray:

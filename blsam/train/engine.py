@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument("--save-every", type=int, default=1000)
     g.add_argument("--keep-last", type=int, default=3, help="step_*.pth files kept")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="save and exit after this many steps (time-limited jobs; resume later)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
@@ -434,7 +436,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         if bar is not None:
             bar.update(1)
 
-        if step % args.save_every == 0 or step == total:
+        stop_now = args.stop_after is not None and args.stop_after <= step < total
+        if step % args.save_every == 0 or step == total or stop_now:
             if info.is_main:
                 state = {
                     "model": sam.state_dict(), "optimizer": opt.state_dict(),
@@ -447,9 +450,19 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 save_training_checkpoint(state, args.output_dir, step,
                                          step % args.save_every == 0, args.keep_last)
             du.barrier()
+        if stop_now:
+            break
 
     if bar is not None:
         bar.close()
+    if step < total:  # --stop-after: the checkpoint is written, --resume continues
+        if info.is_main:
+            log.info("stopped after step %d of %d (--stop-after); resume with --resume auto",
+                     step, total)
+            jsonl.close()
+            if writer is not None:
+                writer.close()
+        return {"steps": step, "stopped": True, "history": history}
     checksum = state_checksum(sam.state_dict())
     checksums = du.all_gather_objects(checksum)
     summary = {"steps": step, "world_size": info.world_size, "checksums": checksums,
