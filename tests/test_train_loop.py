@@ -14,7 +14,7 @@ import torch
 
 from blsam import blsam_model_registry
 from blsam.checkpoint import read_state_dict
-from blsam.train.engine import DistillModel, state_checksum, train
+from blsam.train.engine import DistillModel, enable_grad_checkpointing, state_checksum, train
 from blsam.train.tiny_sa1b import write_tiny_sa1b
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,11 +67,24 @@ def test_every_b_t_parameter_gets_a_gradient(tiny, sam_vit_b_ckpt):
     recs, _ = select_records(str(tiny / "data"))
     ds = SA1BDataset(recs, int(IMG), prompt_types=["point"], teacher_cache=str(tiny / "cache"))
     batch = collate([ds[(0, 0)], ds[(0, 1)]])
-    out = DistillModel(sam, 2.5)(batch["image"], batch, torch.stack(batch["teacher"]).float())
+    t_emb = torch.stack(batch["teacher"]).float()
+    out = DistillModel(sam, 2.5)(batch["image"], batch, t_emb)
     out["loss"].backward()
     missing = [n for n, p in sam.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     assert all(torch.isfinite(p.grad).all() for p in sam.parameters() if p.grad is not None)
+    # activation checkpointing (--grad-checkpoint) gives the same gradients, same names
+    grads = {n: p.grad.clone() for n, p in sam.named_parameters() if p.grad is not None}
+    names = list(sam.state_dict())
+    sam.zero_grad(set_to_none=True)
+    enable_grad_checkpointing(sam.image_encoder)
+    out2 = DistillModel(sam, 2.5)(batch["image"], batch, t_emb)
+    out2["loss"].backward()
+    assert list(sam.state_dict()) == names
+    torch.testing.assert_close(out2["loss"], out["loss"])
+    for n, p in sam.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, sam_vit_b_ckpt, tmp_path):

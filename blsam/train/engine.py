@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sam-checkpoint", default=None, help="SAM weights: teacher + P-block init")
     g.add_argument("--img-size", type=int, default=1024)
     g.add_argument("--keep-ratio", type=float, default=0.25)
+    g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute encoder blocks in backward (h_b at batch 8 needs it)")
     g.add_argument("--trainable", default="image_encoder",
                    help="comma list of image_encoder, prompt_encoder, mask_decoder; or 'all'")
     g = p.add_argument_group("optimisation")
@@ -149,6 +151,25 @@ def set_trainable(sam: nn.Module, spec: str) -> List[str]:
     for name in TRAINABLE_PARTS:
         getattr(sam, name).requires_grad_(name in parts)
     return parts
+
+
+def enable_grad_checkpointing(encoder: nn.Module) -> None:
+    """Recompute each encoder block in backward instead of keeping its activations.
+
+    The block's ``forward`` is wrapped on the instance, so parameter names (and checkpoints)
+    stay SAM's. Non-reentrant checkpointing handles the routing dataclass and DDP.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for blk in encoder.blocks:
+        inner = blk.forward
+
+        def forward(*a: Any, _inner=inner, **k: Any) -> torch.Tensor:
+            if not torch.is_grad_enabled():
+                return _inner(*a, **k)
+            return checkpoint(_inner, *a, use_reentrant=False, **k)
+
+        blk.forward = forward
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -322,6 +343,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         sam_checkpoint=args.sam_checkpoint, keep_ratio=args.keep_ratio, img_size=args.img_size)
     parts = set_trainable(sam, args.trainable)
     sam.to(dev).train()
+    if args.grad_checkpoint:
+        enable_grad_checkpointing(sam.image_encoder)
     dtype = amp_dtype(args.amp, dev)
     teacher = Teacher(teacher_name, args.sam_checkpoint, args.img_size, dev, dtype)
     if not cache_covers(args.teacher_cache, [r.key for r in records]):
