@@ -25,7 +25,7 @@ import torch.nn as nn
 from ..build_blsam import TEACHER_OF, blsam_model_registry
 from ..checkpoint import CheckpointError, save_atomic
 from ..utils import dist as du
-from .data import (LOW_RES_FACTOR, EpochBatchSampler, SA1BDataset, collate, select_records)
+from .data import EpochBatchSampler, SA1BDataset, collate, select_records
 from .losses import feature_loss, mask_losses, total_loss
 from .prompts import PROMPT_TYPES
 from .teacher import Teacher, cache_covers, check_cache
@@ -379,8 +379,14 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, step,
                      epoch, batch_in_epoch)
             _truncate_metrics(os.path.join(args.output_dir, "metrics.jsonl"), step)
-    elif args.resume and info.is_main:
-        log.info("--resume %s: no checkpoint in %s, starting fresh", args.resume, args.output_dir)
+    elif info.is_main:
+        if args.resume:
+            log.info("--resume %s: no checkpoint in %s, starting fresh", args.resume,
+                     args.output_dir)
+        elif os.path.isfile(os.path.join(args.output_dir, "last.pth")):
+            log.warning("%s holds a checkpoint but --resume was not given: starting from "
+                        "scratch and overwriting it", args.output_dir)
+        _truncate_metrics(os.path.join(args.output_dir, "metrics.jsonl"), 0)  # a fresh log
 
     if info.distributed:
         ddp = nn.parallel.DistributedDataParallel(
