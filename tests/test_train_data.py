@@ -238,3 +238,18 @@ def test_bad_config_key_is_an_error(tmp_path):
         assert args.lr == 1e-4 and args.lambda_fd == 2.5 and args.batch_size == 8
         assert args.epochs == 10 and args.data_fraction == 0.02
         assert args.model == name[len("distill_"):-len(".yaml")]
+
+
+def test_make_tiny_sa1b_cli(tmp_path):
+    from tools.make_tiny_sa1b import main, parse_args
+
+    main(parse_args(["--output", str(tmp_path / "f"), "--format", "folder", "--num-shards", "1",
+                     "--images-per-shard", "2", "--size", "48"]))
+    assert sorted(os.listdir(tmp_path / "f")) == ["sa_1.jpg", "sa_1.json", "sa_2.jpg",
+                                                  "sa_2.json"]
+    meta = json.load(open(tmp_path / "f" / "sa_2.json"))
+    assert set(meta["image"]) == {"image_id", "width", "height", "file_name"}
+    ann = meta["annotations"][0]
+    assert {"id", "segmentation", "bbox", "area", "point_coords", "predicted_iou",
+            "stability_score", "crop_box"} <= set(ann)
+    assert isinstance(ann["segmentation"]["counts"], str)
