@@ -1,0 +1,389 @@
+"""SA-1B as Meta distributes it: ``sa_XXXXXX.tar`` shards of ``sa_N.jpg`` + ``sa_N.json``.
+
+``--data`` may be a folder of tars, a folder of extracted jpg/json pairs, or one tar. Tar
+members are indexed once by name (header scan, no extraction) and later read straight from
+their data offset, so nothing is ever written to a path taken from an archive, and a worker
+re-reads one member without re-parsing the tar.
+
+Damaged inputs never stop a run: a truncated tar member is dropped when indexing, a corrupt
+jpg/json is replaced by the next image when read (so every rank still sees full batches and
+DDP stays in step); both are logged with the member name and counted.
+
+Everything random about a sample (which masks, which prompts) is seeded by
+(seed, epoch, index), and the batch sampler is a pure function of (seed, epoch, rank), so a run
+resumed at (epoch, batch) sees exactly the batches the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .prompts import PROMPT_TYPES, choose_prompt, noisy_box, sample_points
+
+log = logging.getLogger(__name__)
+
+PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # SAM's (Sam.pixel_mean)
+PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
+LOW_RES_FACTOR = 4  # SAM's decoder predicts masks at img_size / 4 (256 px at 1024)
+
+
+class DataError(ValueError):
+    """``--data`` cannot be used (missing, empty, no shard matches)."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where one file's bytes are: a loose file (offset -1) or a tar member's data range."""
+
+    path: str
+    offset: int = -1
+    size: int = -1
+
+    def read(self) -> bytes:
+        if self.offset < 0:
+            with open(self.path, "rb") as f:
+                return f.read()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"truncated tar member: {len(data)} of {self.size} bytes")
+        return data
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str  # file stem, "sa_N" (N is SA-1B's image_id); the teacher-cache key
+    shard: str  # tar file name or folder path
+    jpg: Member
+    json: Member
+
+    @property
+    def name(self) -> str:
+        """Human-readable location for warnings: shard/sa_N."""
+        return f"{self.shard}:{self.key}"
+
+
+def _pairs(files: Dict[str, Member], shard: str, skipped: List[str]) -> List[Record]:
+    """Match sa_N.jpg with sa_N.json; an unmatched half is logged and counted."""
+    stems: Dict[str, Dict[str, Member]] = {}
+    for name, m in files.items():
+        stem, ext = os.path.splitext(os.path.basename(name))
+        if ext.lower() in (".jpg", ".jpeg", ".json"):
+            stems.setdefault(stem, {})["json" if ext.lower() == ".json" else "jpg"] = m
+    out = []
+    for stem in sorted(stems):
+        d = stems[stem]
+        if "jpg" in d and "json" in d:
+            out.append(Record(stem, shard, d["jpg"], d["json"]))
+        else:
+            log.warning("skipping %s:%s: no matching %s", shard, stem,
+                        "json" if "jpg" in d else "jpg")
+            skipped.append(f"{shard}:{stem}")
+    return out
+
+
+def index_tar(path: str, skipped: List[str]) -> List[Record]:
+    """Records of one shard; members whose data runs past the end of the file are dropped."""
+    size = os.path.getsize(path)
+    files: Dict[str, Member] = {}
+    shard = os.path.basename(path)
+    cut = False  # a member ran past the end: the archive ends there, nothing more to report
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                if m.offset_data + m.size > size:
+                    log.warning("skipping %s:%s: truncated tar member", shard, m.name)
+                    skipped.append(f"{shard}:{m.name}")
+                    cut = True
+                    continue
+                files[m.name] = Member(path, m.offset_data, m.size)
+    except (tarfile.TarError, EOFError, OSError) as e:  # damaged header: keep what was read
+        log.warning("tar %s is damaged after %d members (%s); using those", shard, len(files), e)
+        if not cut:
+            skipped.append(f"{shard}:<rest of archive>")
+    return _pairs(files, shard, skipped)
+
+
+def index_folder(path: str, skipped: List[str]) -> List[Record]:
+    files = {n: Member(os.path.join(path, n)) for n in os.listdir(path)
+             if os.path.isfile(os.path.join(path, n))}
+    return _pairs(files, path, skipped)
+
+
+def list_shards(data: str) -> Tuple[List[str], bool]:
+    """(tar paths, has loose pairs) under ``data``; a clear error if missing or empty."""
+    if not data:
+        raise DataError("no --data given")
+    if not os.path.exists(data):
+        raise DataError(f"--data {data!r} does not exist")
+    if os.path.isfile(data):
+        if not tarfile.is_tarfile(data):
+            raise DataError(f"--data {data!r} is a file but not a tar shard")
+        return [data], False
+    names = sorted(os.listdir(data))
+    tars = [os.path.join(data, n) for n in names if n.endswith(".tar")]
+    loose = any(n.lower().endswith((".jpg", ".jpeg")) for n in names)
+    if not tars and not loose:
+        raise DataError(f"--data {data!r} holds no sa_*.tar shards and no sa_*.jpg/json pairs")
+    return tars, loose
+
+
+def select_records(
+    data: str, shards: Optional[Sequence[str]] = None, fraction: float = 1.0, seed: int = 0
+) -> Tuple[List[Record], List[str]]:
+    """Index ``data`` and pick the training subset; returns (records, skipped names).
+
+    ``shards``: tar names (``sa_000020`` or ``sa_000020.tar``) to use. ``fraction`` of the
+    images, chosen by ``seed``: with many tars whole shards are drawn first (2% of 1000 SA-1B
+    shards = 20 shards, and only those are opened), otherwise single images; at least one.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(f"--data-fraction must be in (0, 1], got {fraction}")
+    tars, loose = list_shards(data)
+    if shards:
+        want = {s[:-4] if s.endswith(".tar") else s for s in shards}
+        tars = [t for t in tars if os.path.basename(t)[:-4] in want]
+        missing = want - {os.path.basename(t)[:-4] for t in tars}
+        if missing:
+            raise DataError(f"--shards not found under {data!r}: {sorted(missing)}")
+        loose = False
+    rng = random.Random(seed)
+    if len(tars) > 1 and not loose and fraction * len(tars) >= 1 and fraction < 1:
+        n = max(1, round(fraction * len(tars)))
+        tars = sorted(rng.sample(tars, n))
+        fraction = 1.0
+    skipped: List[str] = []
+    records = [r for t in tars for r in index_tar(t, skipped)]
+    if loose:
+        records += index_folder(data, skipped)
+    if not records:
+        raise DataError(f"--data {data!r}: no usable jpg/json pairs found")
+    if fraction < 1.0:
+        n = max(1, round(fraction * len(records)))
+        keep = sorted(rng.sample(range(len(records)), n))
+        records = [records[i] for i in keep]
+    return records, skipped
+
+
+def decode_rle(segmentation: Dict[str, Any]) -> np.ndarray:
+    """COCO compressed RLE (SA-1B's ``counts`` string) -> (h, w) uint8 mask."""
+    import warnings
+
+    from pycocotools import mask as mask_utils
+
+    rle = dict(segmentation)
+    if isinstance(rle["counts"], str):
+        rle["counts"] = rle["counts"].encode("ascii")
+    with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation, not ours
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle)
+
+
+def resize_mask(mask: np.ndarray, new_hw: Tuple[int, int]) -> np.ndarray:
+    """Binary mask resized like the image (bilinear, threshold 0.5): (h, w) -> new_hw bool."""
+    import cv2
+
+    m = cv2.resize(mask.astype(np.float32), (new_hw[1], new_hw[0]),
+                   interpolation=cv2.INTER_LINEAR)
+    return m >= 0.5
+
+
+def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+    """Padded full-size bool mask -> low-res float {0,1} target (area average >= 0.5)."""
+    import cv2
+
+    s = mask.shape[0] // factor
+    m = cv2.resize(mask.astype(np.float32), (s, s), interpolation=cv2.INTER_AREA)
+    return (m >= 0.5).astype(np.float32)
+
+
+def preprocess_image(img: np.ndarray, img_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """SAM preprocessing: ResizeLongestSide, normalise with SAM's mean/std, pad to square."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    resized = ResizeLongestSide(img_size).apply_image(img)
+    h, w = resized.shape[:2]
+    x = (resized.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
+    out = np.zeros((img_size, img_size, 3), np.float32)
+    out[:h, :w] = x
+    return torch.from_numpy(out).permute(2, 0, 1).contiguous(), (h, w)
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """RGB uint8; raises on corrupt or truncated files (PIL's strict loader)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return np.asarray(im.convert("RGB")).copy()
+
+
+class SA1BDataset(torch.utils.data.Dataset):
+    """Items are indexed by ``(epoch, index)`` (what ``EpochBatchSampler`` yields).
+
+    A sample: ``image`` (3, S, S) SAM-normalised and padded; ``masks`` (M, S/4, S/4) float
+    {0,1} low-res targets; ``boxes`` (M, 4) XYXY or ``points`` (M, P, 2) + ``labels`` (M, P)
+    in the S-pixel frame; ``kind`` (box | point | points); ``key``; ``teacher`` (cached
+    embedding or None); ``skipped`` (names of damaged items replaced by this one).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        img_size: int = 1024,
+        masks_per_image: int = 16,
+        prompt_types: Sequence[str] = PROMPT_TYPES,
+        max_points: int = 3,
+        seed: int = 0,
+        teacher_cache: Optional[str] = None,
+        with_targets: bool = True,
+        max_retries: int = 16,
+    ) -> None:
+        bad = [t for t in prompt_types if t not in PROMPT_TYPES]
+        if bad or not prompt_types:
+            raise ValueError(f"prompt types must be among {PROMPT_TYPES}, got {list(prompt_types)}")
+        if img_size % 16:
+            raise ValueError(f"img_size must be a multiple of 16, got {img_size}")
+        self.records = list(records)
+        self.img_size = img_size
+        self.masks_per_image = masks_per_image
+        self.prompt_types = tuple(prompt_types)
+        self.max_points = max_points
+        self.seed = seed
+        self.teacher_cache = teacher_cache
+        self.with_targets = with_targets
+        self.max_retries = max_retries
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: Any) -> Dict[str, Any]:
+        epoch, idx = item if isinstance(item, tuple) else (0, int(item))
+        skipped: List[str] = []
+        for attempt in range(min(self.max_retries, len(self.records))):
+            j = (idx + attempt) % len(self.records)
+            rec = self.records[j]
+            try:
+                sample = self.load(rec, epoch, j)
+            except Exception as e:  # corrupt jpg/json, unreadable member: count and move on
+                log.warning("skipping %s: %s: %s", rec.name, type(e).__name__, e)
+                skipped.append(rec.name)
+                continue
+            sample["skipped"] = skipped
+            return sample
+        raise RuntimeError(f"{len(skipped)} damaged images in a row from index {idx}: {skipped}")
+
+    def load(self, rec: Record, epoch: int, index: int) -> Dict[str, Any]:
+        meta = json.loads(rec.json.read().decode("utf-8"))
+        img = decode_jpeg(rec.jpg.read())
+        info = meta["image"]
+        if (img.shape[0], img.shape[1]) != (int(info["height"]), int(info["width"])):
+            raise ValueError(f"jpg is {img.shape[:2]}, json says {info['height']}x{info['width']}")
+        image, (h, w) = preprocess_image(img, self.img_size)
+        sample: Dict[str, Any] = {"image": image, "key": rec.key, "hw": (h, w), "teacher": None}
+        if self.teacher_cache:
+            path = os.path.join(self.teacher_cache, rec.key + ".pt")
+            if os.path.isfile(path):
+                sample["teacher"] = torch.load(path, map_location="cpu", weights_only=True)
+        if self.with_targets:
+            sample.update(self.targets(meta["annotations"], img.shape[:2], (h, w), epoch, index))
+        return sample
+
+    def targets(self, anns: List[Dict[str, Any]], orig_hw: Tuple[int, int],
+                new_hw: Tuple[int, int], epoch: int, index: int) -> Dict[str, Any]:
+        """Sample masks, decode only those, resize/pad like the image, draw prompts."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        s = self.img_size
+        order = rng.permutation(len(anns))  # decode lazily: stop once enough masks survive
+        masks, full = [], []
+        for a in order:
+            seg = anns[a]["segmentation"]
+            if [int(v) for v in seg["size"]] != [orig_hw[0], orig_hw[1]]:
+                raise ValueError(f"mask size {seg['size']} != image size {list(orig_hw)}")
+            m = resize_mask(decode_rle(seg), new_hw)
+            if not m.any():  # vanished when shrunk
+                continue
+            padded = np.zeros((s, s), bool)
+            padded[: new_hw[0], : new_hw[1]] = m
+            low = downsample_mask(padded, LOW_RES_FACTOR)
+            if not low.any():
+                continue
+            full.append(padded)
+            masks.append(low)
+            if len(masks) == self.masks_per_image:
+                break
+        kind, n_pts = choose_prompt(rng, self.prompt_types, self.max_points)
+        out: Dict[str, Any] = {
+            "kind": kind,
+            "masks": torch.from_numpy(np.stack(masks)) if masks
+            else torch.zeros(0, s // LOW_RES_FACTOR, s // LOW_RES_FACTOR),
+        }
+        if kind == "box":
+            boxes = [noisy_box(m, rng, s) for m in full]
+            out["boxes"] = torch.from_numpy(np.stack(boxes)) if boxes else torch.zeros(0, 4)
+        else:
+            pts = [sample_points(m, n_pts, rng) for m in full]
+            out["points"] = (torch.from_numpy(np.stack(pts)) if pts
+                             else torch.zeros(0, n_pts, 2))
+            out["labels"] = torch.ones(out["points"].shape[:2], dtype=torch.int64)
+        return out
+
+
+def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Stack images (and cached teacher embeddings); keep per-image targets as lists."""
+    batch: Dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}
+    for k in ("key", "hw", "teacher", "kind", "masks", "boxes", "points", "labels"):
+        batch[k] = [s.get(k) for s in samples]
+    batch["skipped"] = [n for s in samples for n in s["skipped"]]
+    return batch
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """DistributedSampler-style per-rank split that yields batches of ``(epoch, index)``.
+
+    The epoch's permutation depends only on (seed, epoch); it is padded (by wrapping) to a
+    multiple of world_size, so every rank has the same number of batches. ``start_batch``
+    resumes in the middle of an epoch.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start_batch = 0, 0
+        self.per_rank = math.ceil(n / world_size)
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def rank_indices(self, epoch: int) -> List[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        total = self.per_rank * self.world
+        perm = (perm * math.ceil(total / self.n))[:total]
+        return perm[self.rank::self.world]
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same on every rank; the last one may be short)."""
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        idx = self.rank_indices(self.epoch)
+        for b in range(self.start_batch, len(self)):
+            yield [(self.epoch, i) for i in idx[b * self.batch_size:(b + 1) * self.batch_size]]

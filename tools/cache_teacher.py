@@ -1,0 +1,36 @@
+"""Cache the SAM teacher's image embeddings for distillation (fp16, one sa_N.pt per image).
+
+    python tools/cache_teacher.py --data /data/sa1b --model h_b \
+        --sam-checkpoint sam_vit_h_4b8939.pth --output cache/vit_h_1024
+    python tools/train.py ... --teacher-cache cache/vit_h_1024
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from blsam.train.cache import build_parser, cache_teacher  # noqa: E402
+from blsam.utils.config import parse_args_with_config  # noqa: E402
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return parse_args_with_config(build_parser(), argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        print(cache_teacher(args))
+    finally:
+        from blsam.utils.dist import cleanup
+
+        cleanup()
+
+
+if __name__ == "__main__":
+    main(parse_args())
