@@ -14,19 +14,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--amp", choices=["none", "bf16"], default="none")
+    p.add_argument("--prompts", nargs="+", choices=["box", "point"], default=["box"])
     return p
 
 
 def test_precedence_cli_over_config_over_default(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("lr: 0.5\nbatch-size: 8\n")
+    cfg.write_text("lr: 0.5\nbatch-size: 8\nprompts: [box, point]\n")
     args = parse_args_with_config(_parser(), ["--config", str(cfg), "--lr", "0.1"])
     assert (args.lr, args.batch_size, args.amp) == (0.1, 8, "none")
+    assert args.prompts == ["box", "point"]
 
 
 @pytest.mark.parametrize("text, match", [
     ("lrr: 0.5\n", r"unknown key\(s\).*lrr \(did you mean 'lr'\?\)"),
-    ("amp: fp8\n", "amp='fp8' is not one of"),
+    ("amp: fp8\n", "amp='fp8': 'fp8' is not one of"),
+    ("prompts: [box, mask]\n", "'mask' is not one of"),
     ("- 1\n- 2\n", "must hold a mapping"),
     ("lr: [1\n", "not valid YAML"),
 ])

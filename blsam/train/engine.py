@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-fraction", type=float, default=0.02,
                    help="fraction of the images under --data (seeded; whole shards if many)")
     g.add_argument("--masks-per-image", type=int, default=16)
-    g.add_argument("--prompt-types", nargs="+", default=list(PROMPT_TYPES),
+    g.add_argument("--prompt-types", nargs="+", default=list(PROMPT_TYPES), choices=PROMPT_TYPES,
                    help=f"drawn per image from {', '.join(PROMPT_TYPES)}")
     g.add_argument("--max-points", type=int, default=3, help="clicks for the 'points' prompt")
     g.add_argument("--num-workers", type=int, default=2)

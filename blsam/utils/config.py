@@ -60,9 +60,12 @@ def parse_args_with_config(
             raise ConfigError(f"unknown key(s) in config {known.config!r}: {hint}")
         for key, value in cfg.items():
             choices = actions[key].choices
-            if choices is not None and value is not None and value not in choices:
+            values = value if isinstance(value, list) else [value]  # nargs options take lists
+            bad = [v for v in values if choices is not None and v is not None and v not in choices]
+            if bad:
                 raise ConfigError(
-                    f"config {known.config!r}: {key}={value!r} is not one of {list(choices)}"
+                    f"config {known.config!r}: {key}={value!r}: {bad[0]!r} is not one of "
+                    f"{list(choices)}"
                 )
         parser.set_defaults(**cfg)
     return parser.parse_args(argv)
