@@ -414,6 +414,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                           pin=dev.type == "cuda")
     config = {k: v for k, v in vars(args).items()}
     window = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64)  # + images, steps
+    window_dev = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=dev)
     t_window = time.perf_counter()
     history: List[Dict[str, Any]] = []
     while step < total:
@@ -431,8 +432,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                     out = ddp(images, batch, t_emb)
                 loss = out["loss"] / args.accum_steps
                 (scaler.scale(loss) if scaler else loss).backward()
-            vals = [out[k].detach().float().item() for k in METRIC_KEYS]
-            window += torch.tensor(vals + [images.shape[0], 1], dtype=torch.float64)
+            # summed on the device: no host sync per micro-step, only at log time
+            window_dev += torch.stack([out[k].detach().double() for k in METRIC_KEYS])
+            window[-2:] += torch.tensor([images.shape[0], 1], dtype=torch.float64)
         if scaler:
             scaler.unscale_(opt)
         if args.clip_grad > 0:
@@ -446,11 +448,13 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         step += 1
 
         if step % args.log_every == 0 or step == total:
-            agg = window.clone()
-            skipped_total = torch.tensor([float(read_skipped)], dtype=torch.float64)
-            if info.distributed:
+            window[: len(METRIC_KEYS)] = window_dev.cpu()
+            agg = torch.cat([window, torch.tensor([float(read_skipped)], dtype=torch.float64)])
+            if info.distributed:  # on the process group's device (nccl reduces CUDA tensors)
+                agg = agg.to(dev)
                 torch.distributed.all_reduce(agg)
-                torch.distributed.all_reduce(skipped_total)
+                agg = agg.cpu()
+            skipped_total, agg = agg[-1:], agg[:-1]
             elapsed = time.perf_counter() - t_window
             n_micro = agg[-1].item()
             rec = {"step": step, "epoch": round(epoch + batch_in_epoch / batches_per_epoch, 4),
@@ -469,6 +473,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", cos=f"{rec['cos_sim']:.3f}",
                                     img_s=f"{rec['images_per_s']:.2f}")
             window.zero_()
+            window_dev.zero_()
             t_window = time.perf_counter()
         if bar is not None:
             bar.update(1)
