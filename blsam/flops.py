@@ -19,7 +19,7 @@ counted like SAM's explicit one. Use this one to predict wall-clock cost.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -112,15 +112,6 @@ class _Part:
         self.c.by_part[self.name] = self.c.by_part.get(self.name, 0) + macs
 
 
-def _iter_parts(part: str) -> Iterator[str]:
-    if part not in PARTS:
-        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-    yield "image_encoder"
-    if part == "sam":
-        yield "prompt_encoder"
-        yield "mask_decoder"
-
-
 @torch.no_grad()
 def count_flops(
     sam: nn.Module, convention: str = "paper", part: str = "sam", batch_size: int = 1
@@ -131,14 +122,15 @@ def count_flops(
     multimask output (what ``SamPredictor.predict`` runs); ``"image_encoder"``: the encoder only.
     The encoder runs on the meta device: instant even for ViT-H, and ``sam`` is not touched.
     """
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     enc = sam.image_encoder
     size = enc.img_size
     x = torch.empty(batch_size, 3, size, size, device="meta")
-    parts = list(_iter_parts(part))
     with _Counter(sam, convention) as counter:
         with counter.part("image_encoder"):
             emb = functional_call(enc, _meta_like(enc), (x,))
-        if "prompt_encoder" in parts:
+        if part == "sam":
             # prompt encoder and decoder are small and index by label values (no meta kernel):
             # run them for real, on a zero embedding of the encoder's output shape
             pe, md = sam.prompt_encoder, sam.mask_decoder

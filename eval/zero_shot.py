@@ -79,7 +79,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parse_args_with_config(build_parser(), argv)
 
 
-def count_gflops_or_none(sam: torch.nn.Module) -> Optional[float]:
+def sam_gflops(sam: torch.nn.Module) -> float:
     """GFLOPs of SAM with one prompt in the paper's convention (Table 2's column)."""
     from blsam.flops import count_gflops
 
@@ -104,7 +104,7 @@ def _row_name(args: argparse.Namespace, names: Dict[str, str]) -> str:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    from blsam import blsam_model_registry
+    import blsam
 
     if args.checkpoint and args.sam_checkpoint:
         raise ValueError("give --checkpoint or --sam-checkpoint, not both")
@@ -116,9 +116,8 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
         elif args.sam_checkpoint is None:
             warnings.warn(f"{args.model}: no checkpoint, evaluating random weights: results are "
                           f"not meaningful", UserWarning)
-    return blsam_model_registry[args.model](
-        checkpoint=args.checkpoint, sam_checkpoint=args.sam_checkpoint,
-        keep_ratio=args.keep_ratio, img_size=args.img_size)
+    return blsam.build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
+                             args.img_size)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -179,7 +178,7 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
 
         sam = build_model(args).to(info.device).eval()
         # before evaluating: caches built under inference_mode would break the counter's trace
-        gflops = None if args.no_flops or not info.is_main else count_gflops_or_none(sam)
+        gflops = None if args.no_flops or not info.is_main else sam_gflops(sam)
         predictor = SamPredictor(sam)
         evaluator = Evaluator(predictor, dataset, args.img_dir, cfg, detections)
         t0 = time.perf_counter()

@@ -313,10 +313,10 @@ def test_gflops_helper_and_table_row():
     from blsam import blsam_model_registry
     from blsam.evaluation.report import table_markdown
     from blsam.flops import count_gflops
-    from eval.zero_shot import count_gflops_or_none
+    from eval.zero_shot import sam_gflops
 
     sam = blsam_model_registry["b_t"](img_size=64)
-    assert count_gflops_or_none(sam) == pytest.approx(count_gflops(sam, "paper"))
+    assert sam_gflops(sam) == pytest.approx(count_gflops(sam, "paper"))
     row = {"name": "Ours (B + T)", "gflops": 210.5, "metrics": {"mIoU": 0.711},
            "config": {"prompt": "point", "num_points": 3}}
     assert table_markdown([row]).splitlines()[2] == "| Ours (B + T) | 210.5 | – | 71.1 | – | – |"

@@ -196,10 +196,10 @@ def cpu_peak_memory(spec: ModelSpec, args: argparse.Namespace, dtype: str, batch
 def memory_probe(args: argparse.Namespace) -> None:
     """Child side of ``cpu_peak_memory``: build one encoder, run one forward, print the peak."""
     torch.set_num_threads(args.threads)
-    fams = sorted(FAMILIES)
-    specs = {s.name: s for s in model_specs(fams, [float(args.memory_probe.split("@")[1])])} \
-        if "@" in args.memory_probe else {s.name: s for s in model_specs(fams, [])}
-    enc = specs[args.memory_probe].build(args.img_size).eval().image_encoder
+    name = args.memory_probe
+    keep = [float(name.split("@")[1])] if "@" in name else []
+    specs = {s.name: s for s in model_specs(sorted(FAMILIES), keep)}
+    enc = specs[name].build(args.img_size).eval().image_encoder
     x = torch.randn(args.batch_sizes[0], 3, args.img_size, args.img_size)
     dtype = DTYPES[args.dtypes[0]]
     gc.collect()
@@ -382,13 +382,12 @@ def main(args: argparse.Namespace) -> List[Result]:
         plan += [(s, dev, d, b) for s in specs for d in dtypes for b in sizes]
     results: List[Result] = []
     flops: Dict[str, tuple] = {}
-    built: Dict[str, torch.nn.Module] = {}
+    key, encoder = None, None  # one model in memory at a time (plan is ordered by model)
     bar = tqdm(plan, desc="benchmark", unit="cfg")
     for spec, dev, dt, bs in bar:
         bar.set_postfix_str(f"{spec.name} {dev} {dt} b{bs}")
-        key = f"{spec.name}/{dev}"
-        if key not in built:
-            built.clear()
+        if key != (spec.name, dev):
+            key, encoder = (spec.name, dev), None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -397,11 +396,12 @@ def main(args: argparse.Namespace) -> List[Result]:
             if spec.name not in flops:
                 flops[spec.name] = (count_flops(sam, "paper").total,
                                     count_flops(sam, "full", part="image_encoder").total)
-            built[key] = sam.image_encoder.to(dev)
+            encoder = sam.image_encoder.to(dev)
+            del sam  # the prompt encoder and decoder are not timed
         res = Result(spec.name, spec.family, spec.kind, spec.keep_ratio, dev, dt, bs,
                      *flops[spec.name])
         try:
-            m = time_encoder(built[key], torch.device(dev), DTYPES[dt], bs, args.warmup,
+            m = time_encoder(encoder, torch.device(dev), DTYPES[dt], bs, args.warmup,
                              args.repeats)
         except RuntimeError as e:  # e.g. out of memory, or a dtype the device lacks
             res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"

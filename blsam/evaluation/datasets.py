@@ -156,13 +156,13 @@ def resolve_image_path(img_dir: str, img: Dict[str, Any]) -> Optional[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-    """RGB uint8 HxWx3."""
-    import cv2
+    """RGB uint8 HxWx3 (``blsam.utils.images.load_rgb_image``, errors as ``DatasetError``)."""
+    from blsam.utils.images import load_rgb_image
 
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise DatasetError(f"cannot decode image {path!r}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    try:
+        return load_rgb_image(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise DatasetError(str(e)) from e
 
 
 def ann_to_rle(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
