@@ -1,10 +1,12 @@
 """Zero-shot evaluation of bLViT-SAM / SAM (paper §4.4, Table 2).
 
-Point (1 or 3 random clicks inside each GT mask) and box (GT box) prompts report mIoU on LVIS;
-detector boxes (e.g. ViTDet) report mask AP with COCOeval / LVISEval::
+Point (1 or 3 clicks inside each GT mask) and box (GT box) prompts report mIoU on LVIS; detector
+boxes (e.g. ViTDet) report mask AP with COCOeval / LVISEval. Several protocols in one run share
+one encoder pass per image; --keep-ratios evaluates one bLViT checkpoint at several keep ratios::
 
     python eval/zero_shot.py --model b_t --checkpoint blsam_b_t.pth --dataset lvis \\
-        --ann-file lvis_v1_val.json --img-dir coco/ --prompt point --num-points 3 --output out/
+        --ann-file lvis_v1_val.json --img-dir coco/ --prompt point1 point3 box --output out/
+    python eval/zero_shot.py ... --keep-ratios 0.1 0.25 0.5 0.75 1.0 --reference out/vit_b_*.json
     torchrun --nproc_per_node 8 eval/zero_shot.py ...   # images sharded, rank 0 merges
     python eval/zero_shot.py --table out/*.json         # merge rows into Table 2
 
@@ -13,64 +15,86 @@ See docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import sys
+import tempfile
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
 
 if __package__ in (None, ""):  # `python eval/zero_shot.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from blsam.evaluation.runner import POINT_MODES, ProtocolConfig  # noqa: E402
+from blsam.utils.cli import HelpFormatter, OptionError, add_model_args, check_model_args  # noqa: E402,E501
 from blsam.utils.config import parse_args_with_config  # noqa: E402
 
 MODELS = ("b_t", "h_b", "vit_b", "vit_l", "vit_h")
+BLVIT = ("b_t", "h_b")
+PROMPT_RE = re.compile(r"point(\d*)|box|detector")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of option defaults")
-    p.add_argument("--model", choices=MODELS, default="b_t")
+    add_model_args(p, choices=MODELS)
+    p.add_argument("--keep-ratios", nargs="+", type=float, default=None, metavar="R",
+                   help="b_t/h_b: evaluate at each keep ratio in one run (overrides "
+                        "--keep-ratio); writes one row per ratio and a quality-vs-cost curve")
+    p.add_argument("--reference", nargs="+", default=None, metavar="JSON",
+                   help="with --keep-ratios: result JSONs (e.g. vit_* runs) drawn as reference "
+                        "points on the curve")
     p.add_argument("--name", default=None, help="row name in the table (default: paper's name)")
-    p.add_argument("--checkpoint", default=None,
-                   help="trained bLViT-SAM state dict (b_t/h_b) or official SAM file (vit_*)")
-    p.add_argument("--sam-checkpoint", default=None,
-                   help="b_t/h_b without a trained checkpoint: init P-blocks from SAM "
-                        "(results are not meaningful)")
-    p.add_argument("--keep-ratio", type=float, default=0.25)
-    p.add_argument("--img-size", type=int, default=1024)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dataset", choices=("coco", "lvis"), default="lvis")
-    p.add_argument("--ann-file", default=None, help="COCO instances / LVIS v1 json")
-    p.add_argument("--img-dir", default=None,
-                   help="folder with the images, directly or in train2017/ and val2017/")
-    p.add_argument("--prompt", choices=("point", "box", "detector"), default="point")
-    p.add_argument("--num-points", type=int, default=1, help="point prompt: clicks per object")
-    p.add_argument("--point-from", choices=("random", "center"), default="random",
-                   help="random: uniform inside the mask (paper); center: farthest from boundary")
-    p.add_argument("--oracle", action="store_true",
-                   help="1 point: keep the multimask output with the best IoU to GT")
-    p.add_argument("--num-clicks", type=int, default=0,
-                   help="extra correction clicks (center of the largest error region)")
-    p.add_argument("--det-file", default=None, help="detector results (COCO results format)")
-    p.add_argument("--max-dets", type=int, default=None,
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", choices=("coco", "lvis"), default="lvis",
+                   help="kind of --ann-file (checked against the file)")
+    d.add_argument("--ann-file", default=None, help="COCO instances / LVIS v1 json (required)")
+    d.add_argument("--img-dir", default=None,
+                   help="folder with the images, directly or in train2017/ and val2017/ "
+                        "(required)")
+    d.add_argument("--det-file", default=None,
+                   help="detector results (COCO results format) for --prompt detector")
+    d.add_argument("--limit", type=int, default=None,
+                   help="evaluate the first N images (by id); such rows are labelled in --table")
+    d.add_argument("--skip-missing-images", action="store_true",
+                   help="skip (and count) images that are not in --img-dir instead of failing")
+    d.add_argument("--skip-bad-images", action="store_true",
+                   help="skip (and count) truncated, undecodable or wrong-size images instead "
+                        "of failing")
+    q = p.add_argument_group("protocol")
+    q.add_argument("--prompt", nargs="+", default=["point"], metavar="PROMPT",
+                   help="one or more of point (--num-points clicks), point<k> (point1, point3, "
+                        "...), box, detector; all share one encoder pass per image")
+    q.add_argument("--num-points", type=int, default=1, help="clicks per object for 'point'")
+    q.add_argument("--point-from", choices=POINT_MODES, default="random",
+                   help="random: uniform inside the mask (paper); nested: uniform, the 1-point "
+                        "click is the first of the 3; center: first click farthest from the "
+                        "boundary; iterative: SAM's center click then error-region clicks, "
+                        "multimask at each step")
+    q.add_argument("--oracle", action="store_true",
+                   help="multimask protocols: keep the output with the best IoU to GT")
+    q.add_argument("--box-multimask", action="store_true",
+                   help="box and detector prompts: 3 masks, keep the best predicted IoU "
+                        "(EfficientViT-SAM's eval) instead of single-mask output")
+    q.add_argument("--num-clicks", type=int, default=0,
+                   help="extra correction clicks with mask feedback (point/box protocols)")
+    q.add_argument("--max-dets", type=int, default=None,
                    help="detections per image, best scores first (default: 300 on LVIS, all "
                         "on COCO)")
-    p.add_argument("--batch-prompts", type=int, default=64, help="prompts per decoder batch")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images")
-    p.add_argument("--seed", type=int, default=0, help="point sampling seed")
-    p.add_argument("--skip-missing-images", action="store_true",
-                   help="skip (and count) images that are not in --img-dir instead of failing")
-    p.add_argument("--save-predictions", default=None,
-                   help="write every mask (COCO RLE) with its prompt: .jsonl or .json")
-    p.add_argument("--output", default="outputs/eval", help="folder for the JSON and .md")
-    p.add_argument("--no-flops", action="store_true", help="do not count GFLOPs")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
+    q.add_argument("--seed", type=int, default=0, help="point sampling seed")
+    o = p.add_argument_group("run and output")
+    o.add_argument("--batch-prompts", type=int, default=64, help="prompts per decoder batch")
+    o.add_argument("--save-predictions", default=None,
+                   help="write every mask (COCO RLE) with its prompt: .jsonl or .json; with "
+                        "several results the result's tag goes before the suffix")
+    o.add_argument("--output", default="outputs/eval", help="folder for the JSON and .md files")
+    o.add_argument("--no-flops", action="store_true", help="do not count GFLOPs")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--table", nargs="+", default=None, metavar="JSON",
                    help="only merge result JSON files into one Table 2 and print it")
     return p
 
@@ -98,7 +122,7 @@ def _row_name(args: argparse.Namespace, names: Dict[str, str]) -> str:
     """The paper's model name, flagged when the weights are not the trained ones."""
     name = names.get(args.model, args.model)
     if args.checkpoint is None:
-        name += " (SAM init)" if args.sam_checkpoint and args.model in ("b_t", "h_b") else \
+        name += " (SAM init)" if args.sam_checkpoint and args.model in BLVIT else \
             (" (random)" if not args.sam_checkpoint else "")
     return name
 
@@ -106,10 +130,8 @@ def _row_name(args: argparse.Namespace, names: Dict[str, str]) -> str:
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     import blsam
 
-    if args.checkpoint and args.sam_checkpoint:
-        raise ValueError("give --checkpoint or --sam-checkpoint, not both")
     if args.checkpoint is None:
-        if args.sam_checkpoint is not None and args.model in ("b_t", "h_b"):
+        if args.sam_checkpoint is not None and args.model in BLVIT:
             warnings.warn(f"{args.model}: no trained checkpoint, E-blocks and predictors are "
                           f"untrained (P-blocks from {args.sam_checkpoint}): results are not "
                           f"meaningful", UserWarning)
@@ -120,124 +142,309 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
                              args.img_size)
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for opt in ("ann_file", "img_dir"):
-        if not getattr(args, opt):
-            raise SystemExit(f"error: --{opt.replace('_', '-')} is required")
-    if args.prompt == "detector" and not args.det_file:
-        raise SystemExit("error: --prompt detector needs --det-file (COCO-format detections)")
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit("error: --limit must be >= 1")
-
-
-def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
-    """Run one protocol; returns the result dict on rank 0 (None on other ranks)."""
-    from blsam.evaluation.report import DISPLAY_NAMES, file_sha256, table_markdown, write_outputs
-
-    if args.table:
-        results = [json.load(open(p, encoding="utf-8")) for p in args.table]
-        text = table_markdown(results)
-        print(text)
-        return {"table": text}
-    _check_args(args)
-
-    from segment_anything import SamPredictor
-
-    from blsam.evaluation.datasets import check_lvis_eval_fields, load_dataset, load_detections
-    from blsam.evaluation.report import write_predictions
-    from blsam.evaluation.runner import (
-        Evaluator,
-        ProtocolConfig,
-        compute_metrics,
-        locate_images,
-        merge_shards,
-    )
-    from blsam.utils.dist import all_gather_objects, cleanup, init_distributed
-
-    info = init_distributed(args.device)
-    try:
-        dataset = load_dataset(args.ann_file, args.dataset)
-        detections = None
-        if args.prompt == "detector":
-            if dataset.kind == "lvis":
-                check_lvis_eval_fields(dataset.raw, args.ann_file)
-            detections = load_detections(args.det_file, dataset)
-        max_dets = args.max_dets if args.max_dets is not None else (
-            300 if dataset.kind == "lvis" and args.prompt == "detector" else None)
+# --------------------------------------------------------------------------- option checks
+def protocols_from_args(args: argparse.Namespace) -> List[ProtocolConfig]:
+    """The run's protocols; each switch goes to the protocols it means something for, and a
+    switch that means nothing for all of them is an ``OptionError``."""
+    names = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt)
+    max_dets = args.max_dets if args.max_dets is not None else (
+        300 if args.dataset == "lvis" else None)
+    protos = []
+    for name in names:
+        m = PROMPT_RE.fullmatch(str(name))
+        if m is None:
+            raise OptionError(f"--prompt {name!r}: use point, point<k> (point1, point3, ...), "
+                              f"box or detector")
+        kind = "point" if str(name).startswith("point") else str(name)
+        k = int(m.group(1)) if m.group(1) else args.num_points
+        if kind == "point" and k < 1:
+            raise OptionError(f"--prompt {name}: the number of points must be >= 1")
         cfg = ProtocolConfig(
-            prompt=args.prompt, num_points=args.num_points, point_from=args.point_from,
-            oracle=args.oracle, num_clicks=args.num_clicks, seed=args.seed,
+            prompt=kind, num_points=k, point_from=args.point_from,
+            num_clicks=args.num_clicks if kind != "detector" else 0,
+            box_multimask=args.box_multimask and kind != "point", seed=args.seed,
             batch_prompts=args.batch_prompts, max_dets=max_dets,
             skip_missing_images=args.skip_missing_images,
             save_predictions=bool(args.save_predictions))
-        cfg.validate()
-        # every rank checks every image, so a missing file fails all ranks alike (no hang)
-        found, missing = locate_images(args.img_dir, list(enumerate(dataset.images))[: args.limit],
-                                       args.skip_missing_images)
-        shard = found[info.rank::info.world_size]
+        cfg.oracle = args.oracle and cfg.multimask and kind != "detector"
+        protos.append(cfg)
+    seen = [c.name for c in protos]
+    if len(set(seen)) != len(seen):
+        raise OptionError(f"--prompt {' '.join(map(str, names))}: a protocol is listed twice "
+                          f"({seen})")
+    kinds = {c.prompt for c in protos}
+    if args.point_from != "random" and "point" not in kinds:
+        raise OptionError(f"--point-from {args.point_from} needs a point prompt")
+    if args.box_multimask and not kinds & {"box", "detector"}:
+        raise OptionError("--box-multimask needs a box or detector prompt")
+    if args.num_clicks and not kinds & {"point", "box"}:
+        raise OptionError("--num-clicks needs GT masks: use it with point or box prompts")
+    if args.oracle and not any(c.oracle for c in protos):
+        raise OptionError("--oracle picks one of 3 masks, but no protocol of this run is "
+                          "multimask (1 point, --point-from iterative or --box-multimask)")
+    for c in protos:
+        try:
+            c.validate()
+        except ValueError as e:
+            raise OptionError(str(e)) from e
+    return protos
 
-        sam = build_model(args).to(info.device).eval()
-        # before evaluating: caches built under inference_mode would break the counter's trace
-        gflops = None if args.no_flops or not info.is_main else sam_gflops(sam)
-        predictor = SamPredictor(sam)
-        evaluator = Evaluator(predictor, dataset, args.img_dir, cfg, detections)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            part = evaluator.run(shard, missing if info.is_main else [],
-                                 progress=info.is_main and not args.no_progress)
-        merged = merge_shards(all_gather_objects(part))
-        wall = time.perf_counter() - t0
+
+def _check_writable_dir(path: str, opt: str) -> None:
+    """Create ``path`` and write a file in it now, not after hours of evaluation."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OptionError(f"{opt} {path!r} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise OptionError(f"{opt} {path!r} is not writable: {e.strerror or e}") from e
+
+
+def check_args(args: argparse.Namespace) -> List[ProtocolConfig]:
+    """Every option checked before any file is loaded or model built; returns the protocols."""
+    for opt in ("ann_file", "img_dir"):
+        if not getattr(args, opt):
+            raise OptionError(f"--{opt.replace('_', '-')} is required")
+    if not os.path.isdir(args.img_dir):
+        raise OptionError(f"--img-dir {args.img_dir!r} is not a folder")
+    for opt in ("num_points", "batch_prompts", "limit", "max_dets"):
+        v = getattr(args, opt)
+        if v is not None and v < 1:
+            raise OptionError(f"--{opt.replace('_', '-')} must be >= 1, got {v}")
+    if args.num_clicks < 0:
+        raise OptionError(f"--num-clicks must be >= 0, got {args.num_clicks}")
+    check_model_args(args)
+    protos = protocols_from_args(args)
+    if any(c.prompt == "detector" for c in protos):
+        if not args.det_file:
+            raise OptionError("--prompt detector needs --det-file (COCO-format detections)")
+        if not os.path.isfile(args.det_file):
+            raise OptionError(f"--det-file {args.det_file!r}: no such file")
+    if args.keep_ratios is not None:
+        if args.model not in BLVIT:
+            raise OptionError(f"--keep-ratios: {args.model} has no token routing (b_t, h_b)")
+        bad = [r for r in args.keep_ratios if not 0.0 < r <= 1.0]
+        if bad:
+            raise OptionError(f"--keep-ratios must be in (0, 1], got {bad[0]}")
+        if len(set(args.keep_ratios)) != len(args.keep_ratios):
+            raise OptionError(f"--keep-ratios lists a ratio twice: {args.keep_ratios}")
+    if args.reference and args.keep_ratios is None:
+        raise OptionError("--reference draws points on the --keep-ratios curve; give "
+                          "--keep-ratios")
+    _check_writable_dir(args.output, "--output")
+    if args.save_predictions:
+        if os.path.isdir(args.save_predictions):
+            raise OptionError(f"--save-predictions {args.save_predictions!r} is a folder; give "
+                              f"a file name (.jsonl or .json)")
+        _check_writable_dir(os.path.dirname(os.path.abspath(args.save_predictions)),
+                            "--save-predictions folder")
+    return protos
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class EvalData:
+    """Everything read before the model is built."""
+
+    dataset: Any
+    detections: Optional[Dict[int, List[Dict[str, Any]]]]
+    found: List[Any]
+    missing: List[int]
+    bad: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def load_data(args: argparse.Namespace, protos: Sequence[ProtocolConfig]) -> EvalData:
+    """Annotation file, detections and image files, all checked (``DatasetError``)."""
+    from blsam.evaluation.datasets import (
+        check_gt_boxes,
+        check_lvis_eval_fields,
+        load_dataset,
+        load_detections,
+    )
+    from blsam.evaluation.runner import locate_images
+
+    dataset = load_dataset(args.ann_file, args.dataset)
+    if any(c.prompt == "box" for c in protos):
+        check_gt_boxes(dataset)
+    detections = None
+    if any(c.prompt == "detector" for c in protos):
+        if dataset.kind == "lvis":
+            check_lvis_eval_fields(dataset.raw, args.ann_file)
+        detections = load_detections(args.det_file, dataset)
+    images = list(enumerate(dataset.images))[: args.limit]
+    if detections is not None and not any(detections.get(im["id"]) for _, im in images):
+        warnings.warn(f"{args.det_file}: no detection for any of the {len(images)} evaluated "
+                      f"images: AP will be 0", UserWarning)
+    # every rank checks every image, so a missing file fails all ranks alike
+    found, missing, bad = locate_images(args.img_dir, images, args.skip_missing_images,
+                                        args.skip_bad_images)
+    return EvalData(dataset, detections, found, missing, bad)
+
+
+# --------------------------------------------------------------------------- results
+def make_result(args: argparse.Namespace, cfg: ProtocolConfig, protos: Sequence[ProtocolConfig],
+                merged: Dict[str, Any], data: EvalData, keep: Optional[float],
+                gflops: Optional[float], wall: float, world_size: int, device: str
+                ) -> Dict[str, Any]:
+    """The JSON record of one protocol at one keep ratio."""
+    from blsam.evaluation.report import DISPLAY_NAMES, FORMAT, RESULT_KIND, file_sha256
+    from blsam.evaluation.runner import compute_metrics
+
+    part = merged["protocols"][cfg.name]
+    c = merged["counts"]
+    ckpt = args.checkpoint or args.sam_checkpoint
+    enc_s = sum(merged["encoder_s_per_rank"])
+    return {
+        "kind": RESULT_KIND, "format": FORMAT,
+        "name": args.name or _row_name(args, DISPLAY_NAMES),
+        "model": args.model, "checkpoint": ckpt, "checkpoint_sha256": file_sha256(ckpt),
+        "keep_ratio": keep, "img_size": args.img_size,
+        "dataset_kind": data.dataset.kind, "ann_file": args.ann_file, "limit": args.limit,
+        "protocol": cfg.describe(),
+        "run": {"protocols": [p.name for p in protos], "keep_ratios": args.keep_ratios,
+                "shared_encoder_pass": len(protos) > 1},
+        "config": {k: v for k, v in vars(args).items() if k != "table"},
+        "versions": _versions(),
+        "counts": {
+            "images": len(merged["evaluated_image_ids"]),
+            "annotations_evaluated": len(part["records"]),
+            "detections_evaluated": len(part["results"]),
+            "skipped_crowd": c["skipped_crowd"], "skipped_empty": c["skipped_empty"],
+            "missing_images": len(merged["missing_images"]),
+            "bad_images": len(merged["bad_images"]),
+            "images_encoded": c["images_encoded"], "images_not_encoded": c["images_not_encoded"],
+        },
+        "skipped_images": {"missing": merged["missing_images"], "bad": merged["bad_images"]},
+        "metrics": compute_metrics(merged, data.dataset, cfg),
+        "gflops": gflops, "gflops_convention": "paper",
+        "timing": {"world_size": world_size, "device": device,
+                   "wall_s": wall,  # of the whole pass, shared by its protocols
+                   "encoder_s_per_image": enc_s / c["images_encoded"] if c["images_encoded"]
+                   else None,
+                   "decode_s": part["decode_s"]},
+    }
+
+
+def write_results(args: argparse.Namespace, results: List[Dict[str, Any]],
+                  merged_by_keep: Dict[Optional[float], Dict[str, Any]],
+                  refs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """JSON + Markdown per result, predictions, the keep-ratio curve; prints the table."""
+    from blsam.evaluation.report import (
+        curve_record,
+        predictions_path,
+        run_tag,
+        table_markdown,
+        write_curve,
+        write_outputs,
+    )
+    from blsam.evaluation.report import write_predictions
+
+    for r in results:
+        if args.save_predictions:
+            part = merged_by_keep[r["keep_ratio"]]["protocols"][r["protocol"]["name"]]
+            items = part["results"] if r["protocol"]["prompt"] == "detector" else \
+                part["predictions"]
+            r["predictions_file"] = write_predictions(
+                items, predictions_path(args.save_predictions, run_tag(r), len(results) > 1))
+        r["outputs"] = write_outputs(r, args.output)
+    curve = None
+    if args.keep_ratios is not None:
+        size = "" if args.img_size == 1024 else f"_{args.img_size}px"
+        stem = os.path.join(args.output, f"{args.model}{size}_{results[0]['dataset_kind']}"
+                                         f"_keep_curve")
+        curve = write_curve(curve_record(results, refs), stem)
+    table = table_markdown(results)
+    print(table, end="")
+    for r in results:
+        print(f"wrote {r['outputs']['json']}")
+    if curve:
+        print(f"wrote {curve['png']}")
+    return {"results": results, "table": table, "curve": curve}
+
+
+def run_table(paths: Sequence[str]) -> Dict[str, Any]:
+    """``--table``: merge result files into one Markdown table (curve files are skipped)."""
+    from blsam.evaluation.report import load_results, table_markdown
+
+    results, skipped = load_results(paths)
+    for s in skipped:
+        print(f"note: {s} is a keep-ratio curve, not a table row; skipped", file=sys.stderr)
+    text = table_markdown(results)
+    print(text, end="")
+    return {"table": text, "results": results}
+
+
+# --------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Evaluate every protocol (at every keep ratio); returns ``{"results", "table",
+    "curve"}`` on rank 0 (None on other ranks)."""
+    if args.table:
+        return run_table(args.table)
+    protos = check_args(args)
+    refs: List[Dict[str, Any]] = []
+    if args.reference:
+        from blsam.evaluation.report import load_results
+
+        refs = load_results(args.reference)[0]
+
+    from segment_anything import SamPredictor
+
+    from blsam.evaluation.runner import Evaluator, merge_shards
+    from blsam.utils.dist import all_gather_objects, cleanup, fail_together, init_distributed
+
+    info = init_distributed(args.device)
+    try:
+        with fail_together():
+            data = load_data(args, protos)
+        with fail_together():
+            sam = build_model(args).to(info.device).eval()
+        blvit = args.model in BLVIT
+        keeps: List[Optional[float]] = (list(args.keep_ratios) if args.keep_ratios else
+                                        [args.keep_ratio]) if blvit else [None]
+        gflops: Dict[Optional[float], Optional[float]] = {}
+        for keep in keeps:  # before evaluating: inference-mode caches break the counter's trace
+            if keep is not None:
+                sam.image_encoder.keep_ratio = keep
+            gflops[keep] = None if args.no_flops or not info.is_main else sam_gflops(sam)
+        evaluator = Evaluator(SamPredictor(sam), data.dataset, args.img_dir, protos,
+                              data.detections, args.skip_bad_images)
+        shard = data.found[info.rank::info.world_size]
+        results, merged_by_keep = [], {}
+        for keep in keeps:
+            if keep is not None:
+                sam.image_encoder.keep_ratio = keep
+            t0 = time.perf_counter()
+            with fail_together(), torch.inference_mode():
+                part = evaluator.run(shard, data.missing if info.is_main else [],
+                                     progress=info.is_main and not args.no_progress,
+                                     bad=data.bad if info.is_main else [])
+            merged = merge_shards(all_gather_objects(part))
+            wall = time.perf_counter() - t0
+            if info.is_main:
+                merged_by_keep[keep] = merged
+                results += [make_result(args, cfg, protos, merged, data, keep, gflops[keep], wall,
+                                        info.world_size, str(info.device)) for cfg in protos]
         if not info.is_main:
             return None
-
-        metrics = compute_metrics(merged, dataset, cfg)
-        n_img = len(merged["evaluated_image_ids"])
-        ckpt = args.checkpoint or args.sam_checkpoint
-        result: Dict[str, Any] = {
-            "name": args.name or _row_name(args, DISPLAY_NAMES),
-            "config": {k: v for k, v in vars(args).items() if k != "table"},
-            "model": args.model,
-            "checkpoint": ckpt,
-            "checkpoint_sha256": file_sha256(ckpt),
-            "dataset_kind": dataset.kind,
-            "versions": _versions(),
-            "counts": {
-                "images": n_img,
-                "annotations_evaluated": len(merged["records"]),
-                "detections_evaluated": len(merged["results"]),
-                "skipped_crowd": merged["counts"]["skipped_crowd"],
-                "skipped_empty": merged["counts"]["skipped_empty"],
-                "missing_images": len(merged["missing_images"]),
-            },
-            "metrics": metrics,
-            "gflops": gflops,
-            "gflops_convention": "paper",
-            "timing": {"world_size": info.world_size, "wall_s": wall,
-                       "model_s_per_image": (sum(merged["seconds_per_rank"]) / n_img
-                                             if n_img else None),
-                       "device": str(info.device)},
-        }
-        if args.save_predictions:
-            items = merged["predictions"] if args.prompt != "detector" else merged["results"]
-            result["predictions_file"] = write_predictions(items, args.save_predictions)
-        result["outputs"] = write_outputs(result, args.output)
-        print(table_markdown([result]), end="")
-        print(f"metrics: {json.dumps(metrics)}")
-        print(f"wrote {result['outputs']['json']}")
-        return result
+        return write_results(args, results, merged_by_keep, refs)
     finally:
         cleanup()
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
-    """Command-line entry: bad input ends with one ``error:`` line, not a traceback."""
+    """Command-line entry: bad input ends with one ``error:`` line (exit 2), not a traceback."""
     from blsam.checkpoint import CheckpointError
     from blsam.evaluation.datasets import DatasetError
+    from blsam.evaluation.report import TableError
     from blsam.utils.config import ConfigError
+    from blsam.utils.dist import RankError
 
     try:
         main(parse_args(argv))
-    except (DatasetError, CheckpointError, ConfigError, FileNotFoundError) as e:
+    except (DatasetError, CheckpointError, ConfigError, OptionError, TableError, RankError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

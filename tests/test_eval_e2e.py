@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from blsam import blsam_model_registry
-from blsam.evaluation.datasets import DatasetError, make_tiny_dataset
+from blsam.evaluation.datasets import DatasetError
+from eval_fixtures import make_tiny_dataset
 from blsam.testing import save_random_sam_checkpoint
 import eval.zero_shot as zero_shot
 from eval.zero_shot import main, parse_args

@@ -10,7 +10,6 @@ from blsam.evaluation.datasets import (
     ann_to_mask,
     load_dataset,
     load_detections,
-    make_tiny_dataset,
     mask_to_rle,
     resolve_image_path,
 )
@@ -22,6 +21,7 @@ from blsam.evaluation.metrics import (
     summarize_miou,
     top_k_per_image,
 )
+from eval_fixtures import make_tiny_dataset
 from blsam.evaluation.prompts import (
     center_point,
     correction_click,
@@ -264,7 +264,7 @@ def _run(ds, paths, empty=False, rank_empty_first=False, **cfg_kw):
                             for a in ds.anns_by_image[img["id"]]
                             if not a.get("iscrowd", 0) and a["area"] > 0] for img in ds.images}
     pred = GTPredictor(ds, paths, cfg, empty, rank_empty_first)
-    found, missing = locate_images(paths["img_dir"], list(enumerate(ds.images)), False)
+    found, missing, _ = locate_images(paths["img_dir"], list(enumerate(ds.images)), False)
     merged = merge_shards([Evaluator(pred, ds, paths["img_dir"], cfg, dets).run(found, missing)])
     return compute_metrics(merged, ds, cfg)
 
@@ -317,9 +317,14 @@ def test_gflops_helper_and_table_row():
 
     sam = blsam_model_registry["b_t"](img_size=64)
     assert sam_gflops(sam) == pytest.approx(count_gflops(sam, "paper"))
-    row = {"name": "Ours (B + T)", "gflops": 210.5, "metrics": {"mIoU": 0.711},
-           "config": {"prompt": "point", "num_points": 3}}
-    assert table_markdown([row]).splitlines()[2] == "| Ours (B + T) | 210.5 | – | 71.1 | – | – |"
+    from blsam.evaluation.runner import ProtocolConfig
+
+    row = {"kind": "blsam.zero_shot", "name": "Ours (B + T)", "model": "b_t", "gflops": 210.5,
+           "metrics": {"mIoU": 0.711}, "protocol": ProtocolConfig(num_points=3).describe(),
+           "dataset_kind": "lvis", "img_size": 1024, "keep_ratio": 0.25, "limit": None,
+           "counts": {}}
+    assert table_markdown([row]).splitlines()[2] == \
+        "| Ours (B + T) | 210.5 | – | 71.1 | – | – | – |"
 
 
 def test_dataset_kind_checks(tmp_path):
@@ -331,6 +336,7 @@ def test_dataset_kind_checks(tmp_path):
     assert load_dataset(lvis["ann_file"]).kind == "lvis"
     with pytest.raises(DatasetError, match="looks like COCO"):
         load_dataset(coco["ann_file"], "lvis")
-    assert load_dataset(lvis["ann_file"], "coco").kind == "coco"  # COCO tools read LVIS files
+    with pytest.raises(DatasetError, match="looks like LVIS"):  # COCOeval is not LVIS AP
+        load_dataset(lvis["ann_file"], "coco")
     with pytest.raises(DatasetError, match="frequency"):
         check_lvis_eval_fields(load_dataset(coco["ann_file"]).raw)

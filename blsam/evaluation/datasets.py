@@ -92,8 +92,39 @@ def validate_dataset(data: Any, path: str, kind: Optional[str] = None) -> str:
                 f"--dataset lvis, but {path!r} looks like COCO (categories have no 'frequency'); "
                 f"use --dataset coco"
             )
-        # COCO protocol on an LVIS file works (mIoU, COCOeval ignores LVIS extras)
+        raise DatasetError(
+            f"--dataset coco, but {path!r} looks like LVIS (categories have 'frequency' or "
+            f"images only a coco_url); use --dataset lvis (COCOeval on LVIS is not LVIS AP)"
+        )
     return kind or found
+
+
+def has_geometry(ann: Dict[str, Any]) -> bool:
+    """Whether an annotation has a polygon (>= 3 points) or an RLE to rasterise."""
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        return any(len(p) >= 6 for p in seg)
+    return isinstance(seg, dict) and "counts" in seg
+
+
+def _bad_box(box: Any) -> bool:
+    """A box that cannot be a prompt: not 4 finite numbers, or zero / negative width or height."""
+    try:
+        x, y, w, h = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return True
+    return not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0
+
+
+def check_gt_boxes(dataset: "EvalDataset") -> None:
+    """The box protocol prompts with ``bbox``: an object with a mask but a zero- or
+    negative-size box would be prompted with a degenerate box, so refuse the file."""
+    for anns in dataset.anns_by_image.values():
+        for ann in anns:
+            if "bbox" in ann and has_geometry(ann) and _bad_box(ann["bbox"]):
+                raise DatasetError(f"{dataset.path!r}: annotation {ann['id']} has a mask but "
+                                   f"an empty or invalid bbox {ann['bbox']} (width and height "
+                                   f"must be > 0)")
 
 
 def load_dataset(path: str, kind: Optional[str] = None) -> EvalDataset:
@@ -155,14 +186,47 @@ def resolve_image_path(img_dir: str, img: Dict[str, Any]) -> Optional[str]:
     return None
 
 
-def read_image(path: str) -> np.ndarray:
-    """RGB uint8 HxWx3 (``blsam.utils.images.load_rgb_image``, errors as ``DatasetError``)."""
+def check_image_file(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a whole image, or None. Reads only the file's ends.
+
+    Why: OpenCV decodes a truncated JPEG without an error (the missing rows come out gray), so a
+    half-copied dataset would be evaluated silently. A JPEG must start with SOI and end with
+    EOI (``FF D9``; entropy-coded data cannot contain it), a PNG must end with its IEND chunk.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(max(0, size - 4096))
+            tail = f.read()
+    except OSError as e:
+        return f"cannot read: {e}"
+    if size == 0:
+        return "empty file"
+    if head[:2] == b"\xff\xd8" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if head == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def read_image(path: str, height: Optional[int] = None, width: Optional[int] = None
+               ) -> np.ndarray:
+    """RGB uint8 HxWx3 (``blsam.utils.images.load_rgb_image``), checked to be whole and, when
+    given, of the size the annotation file claims; errors as ``DatasetError``."""
     from blsam.utils.images import load_rgb_image
 
+    problem = check_image_file(path)
+    if problem is not None:
+        raise DatasetError(f"image {path!r}: {problem}")
     try:
-        return load_rgb_image(path)
+        pixels = load_rgb_image(path)
     except (FileNotFoundError, ValueError) as e:
         raise DatasetError(str(e)) from e
+    if height is not None and pixels.shape[:2] != (height, width):
+        raise DatasetError(f"image {path!r} is {pixels.shape[1]}x{pixels.shape[0]}, but the "
+                           f"annotation file says {width}x{height}")
+    return pixels
 
 
 def ann_to_rle(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
@@ -211,6 +275,9 @@ def load_detections(path: str, dataset: EvalDataset) -> Dict[int, List[Dict[str,
         dets = dets["annotations"]
     if not isinstance(dets, list):
         raise DatasetError(f"detection file {path!r} must be a list of COCO results")
+    if not dets:
+        raise DatasetError(f"detection file {path!r} holds no detections: AP would be 0 for "
+                           f"lack of input, not of masks")
     ids = set(dataset.image_ids)
     unknown = set()
     by_image: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
@@ -218,6 +285,11 @@ def load_detections(path: str, dataset: EvalDataset) -> Dict[int, List[Dict[str,
         for key in ("image_id", "category_id", "bbox", "score"):
             if key not in d:
                 raise DatasetError(f"detection {i} in {path!r} has no '{key}': {str(d)[:200]}")
+        if _bad_box(d["bbox"]):
+            raise DatasetError(f"detection {i} in {path!r} has an empty or invalid box "
+                               f"{d['bbox']} (XYWH, width and height must be > 0)")
+        if not isinstance(d["score"], (int, float)) or not np.isfinite(d["score"]):
+            raise DatasetError(f"detection {i} in {path!r} has a non-numeric score {d['score']!r}")
         if d["image_id"] not in ids:
             unknown.add(d["image_id"])
             continue
@@ -232,112 +304,3 @@ def load_detections(path: str, dataset: EvalDataset) -> Dict[int, List[Dict[str,
     for v in by_image.values():
         v.sort(key=lambda d: -float(d["score"]))  # stable: ties keep file order
     return dict(by_image)
-
-
-# --------------------------------------------------------------------------- tiny test sets
-def _photos(size: int) -> List[np.ndarray]:
-    import cv2
-    from skimage import data
-
-    out = []
-    for fn in (data.astronaut, data.coffee, data.chelsea):
-        img = fn()
-        out.append(np.ascontiguousarray(cv2.resize(img, (size, size),
-                                                   interpolation=cv2.INTER_AREA)))
-    return out
-
-
-def _ellipse_poly(cx: float, cy: float, ax: float, ay: float, n: int = 24) -> List[float]:
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    pts = np.stack([cx + ax * np.cos(t), cy + ay * np.sin(t)], 1)
-    return [round(float(v), 2) for v in pts.reshape(-1)]
-
-
-def make_tiny_dataset(
-    out_dir: str, kind: str = "coco", size: int = 128, num_images: int = 3,
-    with_detections: bool = True,
-) -> Dict[str, str]:
-    """Write a tiny COCO- or LVIS-format set made of real photos (scikit-image data).
-
-    Per image: a large polygon object (> 96² px at size 128), a medium and a small ellipse
-    polygon, an RLE object; image 1 also holds a crowd RLE and an empty annotation (both must be
-    skipped). LVIS: images only have ``coco_url`` (files in ``val2017/``/``train2017/``),
-    categories have ``frequency``. Returns paths: ann_file, img_dir, det_file.
-    """
-    import cv2
-
-    os.makedirs(out_dir, exist_ok=True)
-    img_dir = os.path.join(out_dir, "images")
-    s = size / 128.0
-    cats = [{"id": 1, "name": "thing", "frequency": "f"},
-            {"id": 2, "name": "blob", "frequency": "c"},
-            {"id": 3, "name": "dot", "frequency": "r"}]
-    if kind == "coco":
-        cats = [{k: v for k, v in c.items() if k != "frequency"} | {"supercategory": "x"}
-                for c in cats]
-    images, anns, dets = [], [], []
-    aid = 100
-    for i, photo in enumerate(_photos(size)[:num_images]):
-        img_id = 10 + i
-        name = f"{img_id:012d}.jpg"
-        split = "train2017" if (kind == "lvis" and i % 2) else ("val2017" if kind == "lvis" else "")
-        folder = os.path.join(img_dir, split)
-        os.makedirs(folder, exist_ok=True)
-        cv2.imwrite(os.path.join(folder, name), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
-        im: Dict[str, Any] = {"id": img_id, "height": size, "width": size}
-        if kind == "coco":
-            im["file_name"] = name
-        else:
-            im.update(coco_url=f"http://images.cocodataset.org/{split}/{name}",
-                      neg_category_ids=[3] if i == 0 else [], not_exhaustive_category_ids=[])
-        images.append(im)
-        x0, y0 = 8 * s + 3 * i, 6 * s + 2 * i
-        large = [x0, y0, x0 + 110 * s, y0 + 4 * s, x0 + 104 * s, y0 + 108 * s, x0 + 6 * s,
-                 y0 + 100 * s]
-        objs = [
-            (1, [[round(v, 2) for v in large]]),
-            (2, [_ellipse_poly(40 * s + 4 * i, 44 * s, 24 * s, 18 * s)]),
-            (3, [_ellipse_poly(92 * s, 90 * s - 3 * i, 5 * s, 4 * s, 12)]),
-        ]
-        rect = np.zeros((size, size), np.uint8)
-        rect[int(70 * s):int(110 * s), int(20 * s) + 2 * i:int(56 * s)] = 1
-        rle = mask_to_rle(rect.astype(bool))
-        objs.append((2, rle))
-        for cat, seg in objs:
-            r = ann_to_rle(seg, size, size)
-            area = float(mask_utils.area(r))
-            bbox = [float(v) for v in mask_utils.toBbox(r)]
-            anns.append({"id": aid, "image_id": img_id, "category_id": cat, "segmentation": seg,
-                         "area": area, "bbox": bbox, "iscrowd": 0})
-            if with_detections:
-                jit = [bbox[0] + 1, bbox[1] - 1, bbox[2] - 1, bbox[3] + 1]
-                dets.append({"image_id": img_id, "category_id": cat, "bbox": jit,
-                             "score": round(0.9 - 0.1 * (aid % 7), 3)})
-            aid += 1
-        if i == 0:
-            if kind == "coco":  # LVIS has no crowd annotations
-                crowd = np.zeros((size, size), np.uint8)
-                crowd[: int(20 * s), int(60 * s):] = 1
-                anns.append({"id": aid, "image_id": img_id, "category_id": 1, "iscrowd": 1,
-                             "segmentation": mask_to_rle(crowd.astype(bool)),
-                             "area": float(crowd.sum()),
-                             "bbox": [60 * s, 0, size - 60 * s, 20 * s]})
-            anns.append({"id": aid + 1, "image_id": img_id, "category_id": 2, "iscrowd": 0,
-                         "segmentation": [], "area": 0.0, "bbox": [0, 0, 0, 0]})
-            if with_detections:  # a false positive
-                dets.append({"image_id": img_id, "category_id": 1,
-                             "bbox": [70 * s, 60 * s, 30 * s, 30 * s], "score": 0.05})
-            aid += 2
-    if kind == "lvis":
-        for a in anns:
-            a.pop("iscrowd", None)
-    data = {"info": {"description": f"tiny {kind} test set"}, "images": images,
-            "annotations": anns, "categories": cats, "licenses": []}
-    ann_file = os.path.join(out_dir, f"tiny_{kind}.json")
-    with open(ann_file, "w") as f:
-        json.dump(data, f)
-    det_file = os.path.join(out_dir, f"tiny_{kind}_dets.json")
-    with open(det_file, "w") as f:
-        json.dump(dets, f)
-    return {"ann_file": ann_file, "img_dir": img_dir, "det_file": det_file}
-

@@ -14,6 +14,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from .datasets import has_geometry
+
 SMALL, MEDIUM = 32 ** 2, 96 ** 2  # COCO size thresholds on annotation area
 SIZES = ("small", "medium", "large")
 
@@ -109,18 +111,12 @@ def coco_segm_eval(
     return {k: _nan_to_none(v * 100 if v >= 0 else v) for k, v in zip(COCO_STAT_NAMES, ev.stats)}
 
 
-def _has_geometry(seg: Any) -> bool:
-    if isinstance(seg, list):
-        return any(len(p) >= 6 for p in seg)
-    return isinstance(seg, dict) and "counts" in seg
-
-
 def _drop_empty_gt(gt_dataset: Dict[str, Any]) -> Dict[str, Any]:
     """A copy without annotations that have no polygon/RLE (the evaluators cannot rasterize
     them; the mIoU protocols skip and count them the same way)."""
     out = dict(gt_dataset)
     out["annotations"] = [copy.deepcopy(a) for a in gt_dataset["annotations"]
-                          if _has_geometry(a.get("segmentation"))]
+                          if has_geometry(a)]
     out["images"] = copy.deepcopy(gt_dataset["images"])
     out["categories"] = copy.deepcopy(gt_dataset["categories"])
     return out

@@ -6,7 +6,7 @@ never from a global stream whose state depends on what was evaluated before.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,6 +25,22 @@ def sample_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
         raise ValueError("cannot sample points from an empty mask")
     idx = rng.choice(len(xs), size=k, replace=len(xs) < k)
     return np.stack([xs[idx], ys[idx]], axis=1).astype(np.float64)
+
+
+def nested_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``k`` distinct foreground pixels drawn one at a time, uniformly, so the first j of k
+    points are the j points drawn for any k >= j ("nested": the 1-point click is the first of
+    the 3). Repeats only when the mask has fewer than ``k`` pixels."""
+    ys, xs = np.nonzero(mask)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("cannot sample points from an empty mask")
+    picked: list = []
+    while len(picked) < k:
+        i = int(rng.integers(n))
+        if i not in picked or n <= len(picked):
+            picked.append(i)
+    return np.stack([xs[picked], ys[picked]], axis=1).astype(np.float64)
 
 
 def farthest_from_boundary(region: np.ndarray) -> Tuple[np.ndarray, float]:
@@ -50,14 +66,34 @@ def object_points(
     mask: np.ndarray, k: int, seed: int, ann_id: int, mode: str = "random"
 ) -> np.ndarray:
     """The protocol's k positive points for one annotation. ``mode``: "random" (paper: uniform
-    inside the mask) or "center" (first point at the center, the rest uniform)."""
+    inside the mask, drawn as one set), "nested" (uniform, drawn one by one: the first j are
+    the same for every k) or "center" (first point at the center, the rest uniform). The
+    "iterative" protocol places its later clicks from predictions: see ``iterative_click``."""
     rng = annotation_rng(seed, ann_id)
     if mode == "random":
         return sample_points(mask, k, rng)
+    if mode == "nested":
+        return nested_points(mask, k, rng)
     if mode == "center":
         first = center_point(mask)
         return first if k == 1 else np.concatenate([first, sample_points(mask, k - 1, rng)])
     raise ValueError(f"unknown point mode {mode!r}")
+
+
+def iterative_click(pred: np.ndarray, gt: np.ndarray, clicked: np.ndarray
+                    ) -> Optional[Tuple[np.ndarray, int]]:
+    """SAM's / EfficientViT-SAM's next click of the iterative protocol: the center (distance
+    maximum) of the largest error region, pixels clicked before excluded; label 1 on a missed
+    object pixel, 0 on a false positive. None when no error pixel is left to click."""
+    fn = gt & ~pred & ~clicked
+    fp = pred & ~gt & ~clicked
+    p_fn, d_fn = farthest_from_boundary(fn) if fn.any() else (None, -1.0)
+    p_fp, d_fp = farthest_from_boundary(fp) if fp.any() else (None, -1.0)
+    if p_fn is None and p_fp is None:
+        return None
+    if d_fn >= d_fp:
+        return p_fn, 1
+    return p_fp, 0
 
 
 def correction_click(pred: np.ndarray, gt: np.ndarray) -> Tuple[np.ndarray, int]:

@@ -1,19 +1,32 @@
-"""Outputs: the JSON record of a run and its row of the paper's Table 2 in Markdown.
+"""Outputs: the JSON record of a run, its rows of the paper's Table 2 in Markdown, and the
+quality-vs-cost curve of a ``--keep-ratios`` run.
 
-Why one row per run: each protocol is a separate (long) run; rows of the same model are merged
-by ``table_markdown`` (``eval/zero_shot.py --table out/*.json``) into the full table.
+Why rows are keyed, not just named: results made differently (another checkpoint, keep ratio,
+image size, protocol, dataset or a ``--limit``) must never share a cell. Only full runs of the
+paper's protocol fill the paper's columns; every other run gets its own labelled row, and two
+files claiming the same cell are an error naming both.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-TABLE_COLUMNS = ("Model", "GFLOPs", "1 pt mIoU", "3 pts mIoU", "box mIoU", "AP")
+RESULT_KIND = "blsam.zero_shot"
+CURVE_KIND = "blsam.keep_ratio_curve"
+FORMAT = 2
+TABLE_COLUMNS = ("Model", "GFLOPs", "1 pt mIoU", "3 pts mIoU", "box mIoU", "COCO AP", "LVIS AP")
 DISPLAY_NAMES = {"b_t": "Ours (B + T)", "h_b": "Ours (H + B)", "vit_b": "ViT-B",
                  "vit_l": "ViT-L", "vit_h": "ViT-H"}
+DEFAULT_KEEP, DEFAULT_IMG_SIZE = 0.25, 1024
 DASH = "–"
+_REQUIRED = {"name": str, "model": str, "protocol": dict, "dataset_kind": str, "metrics": dict,
+             "img_size": int, "counts": dict}
+
+
+class TableError(ValueError):
+    """Result files that cannot be put in one table (unreadable, wrong shape, colliding)."""
 
 
 def file_sha256(path: Optional[str], n: int = 12) -> Optional[str]:
@@ -27,24 +40,100 @@ def file_sha256(path: Optional[str], n: int = 12) -> Optional[str]:
     return h.hexdigest()[:n]
 
 
-def table_column(result: Dict[str, Any]) -> Optional[str]:
-    """Which Table 2 column a run's headline metric fills (None: not a Table 2 setting)."""
-    cfg = result["config"]
-    if cfg["prompt"] == "detector":
-        return "AP"
-    if cfg["prompt"] == "box":
+# --------------------------------------------------------------------------- reading results
+def check_result(r: Any, where: str) -> Dict[str, Any]:
+    """``r`` if it is a result record of this format, else ``TableError`` saying why."""
+    if not isinstance(r, dict) or r.get("kind") != RESULT_KIND:
+        kind = r.get("kind") if isinstance(r, dict) else type(r).__name__
+        raise TableError(f"{where}: not a zero-shot result of eval/zero_shot.py (kind {kind!r}; "
+                         f"results written before format {FORMAT} need a re-run)")
+    for key, typ in _REQUIRED.items():
+        if not isinstance(r.get(key), typ):
+            raise TableError(f"{where}: '{key}' missing or not a {typ.__name__}")
+    if "name" not in r["protocol"] or "paper_default" not in r["protocol"]:
+        raise TableError(f"{where}: 'protocol' lacks 'name'/'paper_default'")
+    return r
+
+
+def load_results(paths: Sequence[str]) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """Result records of ``paths`` (each remembers its ``_file``) and the curve files skipped."""
+    results, skipped = [], []
+    for path in paths:
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as e:
+            raise TableError(f"{path}: cannot read: {e.strerror or e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TableError(f"{path}: not a JSON file ({e})") from e
+        if isinstance(data, dict) and data.get("kind") == CURVE_KIND:
+            skipped.append(path)
+            continue
+        results.append(dict(check_result(data, path), _file=path))
+    return results, skipped
+
+
+# --------------------------------------------------------------------------- table
+def table_column(result: Dict[str, Any]) -> str:
+    """The Table 2 column of a run's headline metric."""
+    proto = result["protocol"]
+    if proto["prompt"] == "detector":
+        return "LVIS AP" if result["dataset_kind"] == "lvis" else "COCO AP"
+    if proto["prompt"] == "box":
         return "box mIoU"
-    if cfg.get("num_clicks"):
-        return None
-    return {1: "1 pt mIoU", 3: "3 pts mIoU"}.get(cfg["num_points"])
+    col = {1: "1 pt mIoU", 3: "3 pts mIoU"}.get(proto.get("num_points"))
+    if col is None:
+        raise TableError(f"{result.get('_file', result['name'])}: Table 2 has no column for "
+                         f"{proto.get('num_points')} points")
+    return col
 
 
 def headline(result: Dict[str, Any]) -> Optional[float]:
     """mIoU x 100 or AP, as the paper prints them."""
     m = result["metrics"]
-    if result["config"]["prompt"] == "detector":
+    if result["protocol"]["prompt"] == "detector":
         return m.get("AP")
     return None if m.get("mIoU") is None else 100.0 * m["mIoU"]
+
+
+def variant(result: Dict[str, Any]) -> str:
+    """What makes a run not a paper-column run ('' for a full run of the paper's protocol)."""
+    parts = []
+    proto = result["protocol"]
+    if not proto["paper_default"]:
+        parts.append(proto.get("label") or "non-default protocol")
+    if proto["prompt"] != "detector" and result["dataset_kind"] != "lvis":
+        parts.append(result["dataset_kind"].upper())
+    limit = result.get("limit")
+    if limit is not None:
+        parts.append(f"first {limit} images")
+    c = result["counts"]
+    skipped = c.get("missing_images", 0) + c.get("bad_images", 0)
+    if skipped:
+        parts.append(f"{skipped} images skipped")
+    return ", ".join(parts)
+
+
+def row_key(result: Dict[str, Any]) -> Tuple[Any, ...]:
+    """Runs with equal keys share a table row."""
+    keep = result.get("keep_ratio")
+    return (result["name"], result["model"],
+            result.get("checkpoint_sha256") or result.get("checkpoint"),
+            None if keep is None else round(float(keep), 6), result["img_size"], variant(result))
+
+
+def _label(result: Dict[str, Any]) -> str:
+    label = result["name"]
+    keep = result.get("keep_ratio")
+    extra = []
+    if keep is not None and abs(keep - DEFAULT_KEEP) > 1e-9:
+        extra.append(f"keep {keep:g}")
+    if result["img_size"] != DEFAULT_IMG_SIZE:
+        extra.append(f"{result['img_size']} px")
+    if extra:
+        label += " (" + ", ".join(extra) + ")"
+    v = variant(result)
+    return label + (f" [{v}]" if v else "")
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -52,46 +141,78 @@ def _fmt(v: Optional[float]) -> str:
 
 
 def table_markdown(results: Iterable[Dict[str, Any]]) -> str:
-    """Markdown table shaped like Table 2; runs of the same model name share a row."""
-    rows: Dict[str, Dict[str, str]] = {}
-    for r in results:
-        row = rows.setdefault(r["name"], {c: DASH for c in TABLE_COLUMNS})
-        row["Model"] = r["name"]
+    """Markdown table shaped like Table 2 (one line per row key, see ``row_key``)."""
+    rows: Dict[Tuple[Any, ...], Dict[str, str]] = {}
+    labels: Dict[Tuple[Any, ...], str] = {}
+    owner: Dict[Tuple[Tuple[Any, ...], str], str] = {}
+    for i, r in enumerate(results):
+        r = check_result(r, r.get("_file", f"result {i}") if isinstance(r, dict) else f"result {i}")
+        key, col = row_key(r), table_column(r)
+        where = r.get("_file") or r.get("outputs", {}).get("json") or f"result {i}"
+        if (key, col) in owner:
+            raise TableError(f"{owner[key, col]} and {where} both give '{col}' of row "
+                             f"{_label(r)!r}; keep one (or give them different --name)")
+        owner[key, col] = where
+        row = rows.setdefault(key, {c: DASH for c in TABLE_COLUMNS})
+        labels[key] = _label(r)
         if r.get("gflops") is not None:
             row["GFLOPs"] = f"{r['gflops']:.1f}"
-        col = table_column(r)
-        if col is not None:
-            row[col] = _fmt(headline(r))
+        row[col] = _fmt(headline(r))
+    # same label, different checkpoints: tell them apart
+    seen: Dict[str, int] = {}
+    for key in rows:
+        seen[labels[key]] = seen.get(labels[key], 0) + 1
+    for key, row in rows.items():
+        row["Model"] = labels[key] + (f" ({key[2]})" if seen[labels[key]] > 1 else "")
+    # paper-column rows first, then the labelled ones
+    order = sorted(rows, key=lambda k: (k[5] != "", list(rows).index(k)))
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
              "|" + "|".join("---" if c == "Model" else "---:" for c in TABLE_COLUMNS) + "|"]
-    lines += ["| " + " | ".join(row[c] for c in TABLE_COLUMNS) + " |" for row in rows.values()]
+    lines += ["| " + " | ".join(rows[k][c] for c in TABLE_COLUMNS) + " |" for k in order]
     return "\n".join(lines) + "\n"
 
 
-def run_tag(cfg: Dict[str, Any]) -> str:
-    """File stem of a run's outputs, e.g. ``b_t_lvis_3pt`` or ``vit_h_coco_detector``."""
-    p = cfg["prompt"]
-    proto = f"{cfg['num_points']}pt" if p == "point" else p
-    if p == "point" and cfg.get("point_from") == "center":
-        proto += "_center"
-    if cfg.get("oracle") and p == "point":
-        proto += "_oracle"
-    if cfg.get("num_clicks"):
-        proto += f"_{cfg['num_clicks']}clicks"
-    return f"{cfg['model']}_{cfg['dataset']}_{proto}"
+# --------------------------------------------------------------------------- files
+def run_tag(result: Dict[str, Any]) -> str:
+    """File stem of a result, e.g. ``b_t_lvis_point3`` or ``b_t_keep0.5_lvis_box_multimask``:
+    everything that makes a different row makes a different file."""
+    proto = result["protocol"]
+    parts = [result["model"]]
+    keep = result.get("keep_ratio")
+    if keep is not None and abs(keep - DEFAULT_KEEP) > 1e-9:
+        parts.append(f"keep{keep:g}")
+    if result["img_size"] != DEFAULT_IMG_SIZE:
+        parts.append(f"{result['img_size']}px")
+    parts += [result["dataset_kind"], proto["name"]]
+    if proto.get("points", "random") != "random":
+        parts.append(proto["points"])
+    if proto["prompt"] != "point" and proto["multimask"]:
+        parts.append("multimask")
+    if proto["selection"] == "oracle":
+        parts.append("oracle")
+    if proto.get("correction_clicks"):
+        parts.append(f"{proto['correction_clicks']}clicks")
+    if result.get("limit") is not None:
+        parts.append(f"limit{result['limit']}")
+    return "_".join(parts)
 
 
 def write_outputs(result: Dict[str, Any], output_dir: str) -> Dict[str, str]:
     """``<tag>.json`` and ``<tag>.md`` in ``output_dir``; returns their paths."""
     os.makedirs(output_dir, exist_ok=True)
-    tag = run_tag(result["config"])
+    tag = run_tag(result)
     jpath = os.path.join(output_dir, tag + ".json")
     mpath = os.path.join(output_dir, tag + ".md")
-    with open(jpath, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2, sort_keys=False)
-    with open(mpath, "w", encoding="utf-8") as f:
-        f.write(table_markdown([result]))
+    _atomic_write(jpath, json.dumps(result, indent=2, sort_keys=False))
+    _atomic_write(mpath, table_markdown([result]))
     return {"json": jpath, "markdown": mpath}
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def write_predictions(items: List[Dict[str, Any]], path: str) -> str:
@@ -105,3 +226,84 @@ def write_predictions(items: List[Dict[str, Any]], path: str) -> str:
         else:
             json.dump(clean, f)
     return path
+
+
+def predictions_path(path: str, tag: str, several: bool) -> str:
+    """``--save-predictions`` path of one result: as given for a one-result run, else with the
+    result's tag before the suffix (``preds.jsonl`` -> ``preds.b_t_lvis_point1.jsonl``)."""
+    if not several:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.{tag}{ext}"
+
+
+# --------------------------------------------------------------------------- keep-ratio curve
+def _metric_name(result: Dict[str, Any]) -> str:
+    return "AP" if result["protocol"]["prompt"] == "detector" else "mIoU x100"
+
+
+def curve_record(results: Sequence[Dict[str, Any]], references: Sequence[Dict[str, Any]]
+                 ) -> Dict[str, Any]:
+    """The curve as data: one point per (protocol, keep ratio), references as extra points."""
+    def point(r: Dict[str, Any]) -> Dict[str, Any]:
+        return {"name": r["name"], "model": r["model"], "keep_ratio": r.get("keep_ratio"),
+                "protocol": r["protocol"]["name"], "dataset": r["dataset_kind"],
+                "metric": _metric_name(r), "value": headline(r), "gflops": r.get("gflops"),
+                "encoder_ms_per_image": _ms(r), "file": r.get("outputs", {}).get("json")
+                or r.get("_file")}
+
+    lines = sorted({(r["protocol"]["name"], r["dataset_kind"]) for r in results})
+    refs = []
+    for ref in references:
+        if (ref["protocol"]["name"], ref["dataset_kind"]) not in lines:
+            raise TableError(f"{ref.get('_file')}: reference is {ref['protocol']['name']} on "
+                             f"{ref['dataset_kind']}, but the curve has {lines}")
+        refs.append(point(ref))
+    return {"kind": CURVE_KIND, "format": FORMAT, "points": [point(r) for r in results],
+            "references": refs}
+
+
+def _ms(r: Dict[str, Any]) -> Optional[float]:
+    s = r.get("timing", {}).get("encoder_s_per_image")
+    return None if s is None else 1000.0 * s
+
+
+def write_curve(record: Dict[str, Any], stem: str) -> Dict[str, str]:
+    """``<stem>.json`` and ``<stem>.png``: quality against GFLOPs (left) and measured encoder
+    latency per image (right), one line per protocol, references as stars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _atomic_write(stem + ".json", json.dumps(record, indent=2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines = sorted({(p["protocol"], p["dataset"], p["metric"]) for p in record["points"]})
+    for ax, xkey, xlabel in ((axes[0], "gflops", "GFLOPs (paper convention)"),
+                             (axes[1], "encoder_ms_per_image", "encoder latency per image (ms)")):
+        for proto, ds, metric in lines:
+            pts = sorted((p for p in record["points"] if (p["protocol"], p["dataset"]) ==
+                          (proto, ds) and p[xkey] is not None and p["value"] is not None),
+                         key=lambda p: p["keep_ratio"] or 0)
+            if not pts:
+                continue
+            line, = ax.plot([p[xkey] for p in pts], [p["value"] for p in pts], "o-",
+                            label=f"{pts[0]['name']} {proto} ({ds}, {metric})")
+            for p in pts:
+                ax.annotate(f"{p['keep_ratio']:g}", (p[xkey], p["value"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+            for ref in record["references"]:
+                if (ref["protocol"], ref["dataset"]) == (proto, ds) and ref[xkey] is not None:
+                    ax.plot(ref[xkey], ref["value"], "*", ms=11, color=line.get_color())
+                    ax.annotate(ref["name"], (ref[xkey], ref["value"]), fontsize=7,
+                                textcoords="offset points", xytext=(4, -9))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mIoU x100 / mask AP")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("quality vs cost over keep ratios (labels: keep ratio; stars: references)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
+    plt.close(fig)
+    return {"json": stem + ".json", "png": stem + ".png"}

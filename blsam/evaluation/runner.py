@@ -1,8 +1,9 @@
-"""The per-image loop: encode each image once, decode all of its prompts in batches.
+"""The per-image loop: encode each image once, decode every protocol's prompts in batches.
 
-Why per-image batching: the image encoder is the expensive part (and the part the paper changes);
-the decoder is cheap, so one ``set_image`` per image and B prompts per decoder call make the
-evaluation cost ~ one encoder pass per image, as in SAM's own evaluation.
+Why one loop for several protocols: the image encoder is the expensive part (and the part the
+paper changes); the decoder is cheap. One ``set_image`` per image serves every protocol of the
+run (1 point, 3 points, box, detector), so LVIS val's ~20k images are encoded once instead of
+once per protocol, and an image with nothing to prompt is not encoded (nor read) at all.
 
 Every output item carries a sort key (image position, prompt index) so that the shards of a
 torchrun job merge into exactly the list one process would produce.
@@ -12,23 +13,33 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 
 from .datasets import (
     DatasetError,
     EvalDataset,
-    ann_to_mask,
+    ann_to_rle,
+    check_image_file,
+    has_geometry,
     mask_to_rle,
     read_image,
     resolve_image_path,
 )
 from .metrics import batch_mask_iou, coco_segm_eval, lvis_segm_eval, size_of, summarize_miou
-from .prompts import correction_click, object_points, xywh_to_xyxy
+from .prompts import (
+    correction_click,
+    farthest_from_boundary,
+    iterative_click,
+    object_points,
+    xywh_to_xyxy,
+)
 
 PROMPTS = ("point", "box", "detector")
+POINT_MODES = ("random", "nested", "center", "iterative")
 
 
 @dataclass
@@ -37,26 +48,87 @@ class ProtocolConfig:
 
     prompt: str = "point"
     num_points: int = 1
-    point_from: str = "random"  # "random" (paper) or "center" (SAM paper's center click)
-    oracle: bool = False  # 1 point: take the multimask output closest to GT instead of best score
-    num_clicks: int = 0  # extra correction clicks after the first prediction
+    # "random" (paper: uniform inside the mask), "nested" (uniform, the 1-point click is the
+    # first of the 3), "center" (first click farthest from the boundary), "iterative" (SAM's /
+    # EfficientViT-SAM's: center click, then the center of the largest error region)
+    point_from: str = "random"
+    oracle: bool = False  # multimask output: keep the mask closest to GT, not the best scored
+    num_clicks: int = 0  # extra correction clicks (with mask feedback) after the first mask
+    box_multimask: bool = False  # box / detector: 3 masks, keep the best predicted IoU
     seed: int = 0
     batch_prompts: int = 64
     max_dets: Optional[int] = None  # per image, highest scores first (LVIS: 300)
     skip_missing_images: bool = False
     save_predictions: bool = False
 
+    @property
+    def name(self) -> str:
+        """``point1``, ``point3``, ``box`` or ``detector``: the protocol's name in a run."""
+        return f"point{self.num_points}" if self.prompt == "point" else self.prompt
+
+    @property
+    def multimask(self) -> bool:
+        """SAM's 3-mask output (one kept) or a single mask."""
+        if self.prompt == "point":
+            return self.num_points == 1 or self.point_from == "iterative"
+        return self.box_multimask
+
+    def is_default(self) -> bool:
+        """The bLViT paper's protocol (random points, GT box, single mask for box and k > 1)."""
+        return (self.point_from == "random" and not self.oracle and not self.num_clicks
+                and not self.box_multimask)
+
+    def label(self) -> str:
+        """Short words for what differs from the paper's protocol ('' when nothing does)."""
+        parts = []
+        if self.prompt == "point" and self.point_from != "random":
+            parts.append(self.point_from)
+        if self.box_multimask and self.prompt != "point":
+            parts.append("multimask")
+        if self.oracle:
+            parts.append("oracle")
+        if self.num_clicks:
+            parts.append(f"+{self.num_clicks} corr. clicks")
+        return ", ".join(parts)
+
+    def describe(self) -> Dict[str, Any]:
+        """The protocol as recorded in the result JSON."""
+        d: Dict[str, Any] = {"name": self.name, "prompt": self.prompt,
+                             "multimask": self.multimask,
+                             "selection": "oracle" if self.oracle else "predicted_iou",
+                             "paper_default": self.is_default(), "label": self.label()}
+        if self.prompt == "point":
+            d.update(num_points=self.num_points, points=self.point_from, seed=self.seed,
+                     mask_feedback=bool(self.num_clicks), correction_clicks=self.num_clicks)
+        elif self.prompt == "box":
+            d.update(correction_clicks=self.num_clicks, mask_feedback=bool(self.num_clicks))
+        else:
+            d.update(max_dets=self.max_dets)
+        return d
+
     def validate(self) -> None:
         if self.prompt not in PROMPTS:
             raise ValueError(f"prompt must be one of {PROMPTS}, got {self.prompt!r}")
         if self.num_points < 1:
             raise ValueError("--num-points must be >= 1")
+        if self.point_from not in POINT_MODES:
+            raise ValueError(f"--point-from must be one of {POINT_MODES}, got {self.point_from!r}")
         if self.batch_prompts < 1:
             raise ValueError("--batch-prompts must be >= 1")
         if self.num_clicks < 0:
             raise ValueError("--num-clicks must be >= 0")
+        if self.max_dets is not None and self.max_dets < 1:
+            raise ValueError("--max-dets must be >= 1")
         if self.num_clicks and self.prompt == "detector":
-            raise ValueError("--num-clicks needs GT masks: use it with --prompt point or box")
+            raise ValueError("--num-clicks needs GT masks: use it with point or box prompts")
+        if self.num_clicks and self.point_from == "iterative" and self.prompt == "point":
+            raise ValueError("--num-clicks adds mask-feedback clicks; --point-from iterative "
+                             "already places its clicks from the errors: use one of them")
+        if self.oracle and self.prompt == "detector":
+            raise ValueError("--oracle picks by IoU to a GT mask, which a detection does not have")
+        if self.oracle and not self.multimask:
+            raise ValueError(f"--oracle picks one of 3 masks, but {self.name} is single-mask "
+                             f"here (1 point, --point-from iterative or --box-multimask)")
 
 
 def _chunks(items: Iterable[Any], n: int) -> Iterator[List[Any]]:
@@ -68,26 +140,37 @@ def _chunks(items: Iterable[Any], n: int) -> Iterator[List[Any]]:
         yield chunk
 
 
-def _has_geometry(ann: Dict[str, Any]) -> bool:
-    seg = ann.get("segmentation")
-    if isinstance(seg, list):
-        return any(len(p) >= 6 for p in seg)
-    return isinstance(seg, dict) and "counts" in seg
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Evaluator:
-    """Runs one protocol over a list of images with a ``SamPredictor``."""
+    """Runs one or several protocols over a list of images with a ``SamPredictor``."""
 
-    def __init__(self, predictor: Any, dataset: EvalDataset, img_dir: str, cfg: ProtocolConfig,
-                 detections: Optional[Dict[int, List[Dict[str, Any]]]] = None) -> None:
-        cfg.validate()
-        if cfg.prompt == "detector" and detections is None:
+    def __init__(self, predictor: Any, dataset: EvalDataset, img_dir: str,
+                 cfg: Union[ProtocolConfig, Sequence[ProtocolConfig]],
+                 detections: Optional[Dict[int, List[Dict[str, Any]]]] = None,
+                 skip_bad_images: bool = False) -> None:
+        self.protocols = [cfg] if isinstance(cfg, ProtocolConfig) else list(cfg)
+        if not self.protocols:
+            raise ValueError("no protocol to evaluate")
+        for c in self.protocols:
+            c.validate()
+        names = [c.name for c in self.protocols]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each protocol once per run, got {names}")
+        self.gt_protocols = [c for c in self.protocols if c.prompt != "detector"]
+        self.det_protocol = next((c for c in self.protocols if c.prompt == "detector"), None)
+        if self.det_protocol is not None and detections is None:
             raise ValueError("the detector protocol needs detections (--det-file)")
         self.predictor = predictor
         self.dataset = dataset
         self.img_dir = img_dir
-        self.cfg = cfg
+        self.cfg = self.protocols[0]
+        self.batch_prompts = self.protocols[0].batch_prompts
         self.detections = detections or {}
+        self.skip_bad_images = skip_bad_images
         self.device = predictor.device
 
     # ------------------------------------------------------------------ decoding
@@ -111,51 +194,102 @@ class Evaluator:
                                                    mask_input=mask_input)
         return masks.cpu().numpy(), iou_pred.float().cpu().numpy(), low_res
 
-    # ------------------------------------------------------------------ protocols
-    def _gt_prompts(self, img_pos: int, img: Dict[str, Any], counts: Dict[str, int]
-                    ) -> Iterator[Dict[str, Any]]:
-        """One prompt per usable annotation, lazily: only a batch of GT masks is in memory
-        (LVIS images can have hundreds of annotations)."""
+    @staticmethod
+    def _pick(cfg: ProtocolConfig, masks: np.ndarray, iou_pred: np.ndarray, gt: Optional[np.ndarray]
+              ) -> Tuple[np.ndarray, np.ndarray]:
+        """Index of the kept mask per prompt (best predicted IoU, or best IoU to GT with
+        --oracle) and the IoUs of every output to GT (None without GT)."""
+        ious = batch_mask_iou(masks, gt[:, None]) if gt is not None else None
+        pick = ious.argmax(1) if cfg.oracle else iou_pred.argmax(1)
+        return pick, ious
+
+    # ------------------------------------------------------------------ GT protocols
+    def _usable_annotations(self, img: Dict[str, Any], counts: Dict[str, int]
+                            ) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
+        """(annotation, RLE) of every annotation that can be prompted; crowd and empty ones are
+        counted, not prompted. RLE areas are read without decoding the masks."""
         h, w = img["height"], img["width"]
+        out = []
         for ann in self.dataset.anns_by_image.get(img["id"], []):
             if ann.get("iscrowd", 0):
                 counts["skipped_crowd"] += 1
                 continue
-            mask = ann_to_mask(ann, h, w) if _has_geometry(ann) else None
-            if mask is None or not mask.any():
+            rle = ann_to_rle(ann["segmentation"], h, w) if has_geometry(ann) else None
+            if rle is None or mask_utils.area(rle) == 0:
                 counts["skipped_empty"] += 1
                 continue
-            item = {"key": (img_pos, ann["id"]), "ann": ann, "gt": mask}
-            if self.cfg.prompt == "point":
-                item["points"] = object_points(mask, self.cfg.num_points, self.cfg.seed,
-                                               ann["id"], self.cfg.point_from)
-                item["labels"] = np.ones(self.cfg.num_points, dtype=np.int64)
-            else:
-                item["box"] = xywh_to_xyxy(ann["bbox"] if "bbox" in ann else _mask_box(mask))
-            yield item
+            out.append((ann, rle))
+        return out
 
-    def _run_gt_batch(self, batch: Sequence[Dict[str, Any]], out: Dict[str, List]) -> None:
-        cfg = self.cfg
-        gt = np.stack([it["gt"] for it in batch])  # (B, H, W)
-        if cfg.prompt == "point":
-            coords = np.stack([it["points"] for it in batch])
-            labels = np.stack([it["labels"] for it in batch])
-            boxes = None
+    def _point_prompts(self, cfg: ProtocolConfig, anns: Sequence[Dict[str, Any]],
+                       gt: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        coords = np.stack([object_points(m, cfg.num_points, cfg.seed, a["id"], cfg.point_from)
+                           for a, m in zip(anns, gt)])
+        return coords, np.ones(coords.shape[:2], dtype=np.int64)
+
+    def _iterative(self, cfg: ProtocolConfig, gt: np.ndarray
+                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                              List[np.ndarray]]:
+        """SAM's iterative clicking: the GT center first, then the center of the largest error
+        region (clicked pixels excluded); multimask output and one mask kept at every step, no
+        mask feedback. An object with no error pixel left keeps its mask."""
+        n = len(gt)
+        rows = np.arange(n)
+        clicked = np.zeros_like(gt)
+        coords = np.stack([farthest_from_boundary(g)[0] for g in gt])[:, None]  # (B, 1, 2)
+        labels = np.ones((n, 1), dtype=np.int64)
+        done = np.zeros(n, dtype=bool)
+        chosen = pick = score = None
+        step_ious: List[np.ndarray] = []
+        for step in range(cfg.num_points):
+            if step:
+                new_c, new_l = [], []
+                for i in rows:
+                    click = None if done[i] else iterative_click(chosen[i], gt[i], clicked[i])
+                    if click is None:  # nothing left to correct: repeat, result is kept below
+                        done[i] = True
+                        click = (coords[i, -1], labels[i, -1])
+                    new_c.append(click[0])
+                    new_l.append(click[1])
+                coords = np.concatenate([coords, np.stack(new_c)[:, None]], 1)
+                labels = np.concatenate([labels, np.array(new_l)[:, None]], 1)
+            x, y = coords[:, -1, 0].astype(int), coords[:, -1, 1].astype(int)
+            clicked[rows, y, x] = True
+            masks, iou_pred, _ = self._decode(coords, labels, None, True)
+            p, ious = self._pick(cfg, masks, iou_pred, gt)
+            if chosen is None:
+                chosen, pick, score = masks[rows, p], p, iou_pred[rows, p]
+            else:
+                keep = ~done
+                chosen[keep], pick[keep] = masks[rows, p][keep], p[keep]
+                score[keep] = iou_pred[rows, p][keep]
+            step_ious.append(batch_mask_iou(chosen, gt))
+        return coords, labels, chosen, pick, score, step_ious
+
+    def _run_gt_batch(self, cfg: ProtocolConfig, items: Sequence[Tuple[Any, ...]],
+                      gt: np.ndarray, out: Dict[str, Any]) -> None:
+        anns = [it[1] for it in items]
+        rows = np.arange(len(items))
+        coords = labels = boxes = None
+        step_ious: List[np.ndarray] = []
+        if cfg.prompt == "point" and cfg.point_from == "iterative":
+            coords, labels, chosen, pick, score, step_ious = self._iterative(cfg, gt)
+            first_iou = step_ious[-1]
+            low_res = None
         else:
-            coords = labels = None
-            boxes = np.stack([it["box"] for it in batch])
-        multimask = cfg.prompt == "point" and cfg.num_points == 1
-        masks, iou_pred, low_res = self._decode(coords, labels, boxes, multimask)
-        ious = batch_mask_iou(masks, gt[:, None])  # (B, C)
-        pick = ious.argmax(1) if cfg.oracle else iou_pred.argmax(1)
-        rows = np.arange(len(batch))
-        chosen = masks[rows, pick]
-        first_iou = ious[rows, pick]
+            if cfg.prompt == "point":
+                coords, labels = self._point_prompts(cfg, anns, gt)
+            else:
+                boxes = np.stack([xywh_to_xyxy(a["bbox"] if "bbox" in a else _mask_box(m))
+                                  for a, m in zip(anns, gt)])
+            masks, iou_pred, low_res = self._decode(coords, labels, boxes, cfg.multimask)
+            pick, ious = self._pick(cfg, masks, iou_pred, gt)
+            chosen, score, first_iou = masks[rows, pick], iou_pred[rows, pick], ious[rows, pick]
         click_ious: List[np.ndarray] = []
         if cfg.num_clicks:
             cur_mask, cur_logits = chosen, low_res[torch.as_tensor(rows), torch.as_tensor(pick)]
-            cc = coords if coords is not None else np.zeros((len(batch), 0, 2))
-            cl = labels if labels is not None else np.zeros((len(batch), 0), dtype=np.int64)
+            cc = coords if coords is not None else np.zeros((len(items), 0, 2))
+            cl = labels if labels is not None else np.zeros((len(items), 0), dtype=np.int64)
             for _ in range(cfg.num_clicks):
                 clicks = [correction_click(cur_mask[i], gt[i]) for i in rows]
                 cc = np.concatenate([cc, np.stack([c[0] for c in clicks])[:, None]], 1)
@@ -163,93 +297,134 @@ class Evaluator:
                 m, _, lr = self._decode(cc, cl, boxes, False, cur_logits[:, None])
                 cur_mask, cur_logits = m[:, 0], lr[:, 0]
                 click_ious.append(batch_mask_iou(cur_mask, gt))
-        for i, it in enumerate(batch):
-            ann = it["ann"]
-            rec = {"key": it["key"], "image_id": ann["image_id"], "ann_id": ann["id"],
-                   "iou": float(first_iou[i]), "size": size_of(ann.get("area", it["gt"].sum())),
-                   "predicted_iou": float(iou_pred[i, pick[i]])}
+        for i, (key, ann, _) in enumerate(items):
+            rec = {"key": key, "image_id": ann["image_id"], "ann_id": ann["id"],
+                   "iou": float(first_iou[i]), "size": size_of(ann.get("area", gt[i].sum())),
+                   "predicted_iou": float(score[i])}
             if click_ious:
                 rec["click_ious"] = [float(c[i]) for c in click_ious]
+            if len(step_ious) > 1:
+                rec["step_ious"] = [float(c[i]) for c in step_ious]
             out["records"].append(rec)
             if cfg.save_predictions:
-                prompt = ({"point_coords": it["points"].tolist(),
-                           "point_labels": it["labels"].tolist()}
-                          if "points" in it else {"box_xyxy": it["box"].tolist()})
+                prompt = ({"point_coords": coords[i].tolist(), "point_labels": labels[i].tolist()}
+                          if coords is not None else {"box_xyxy": boxes[i].tolist()})
                 out["predictions"].append({
-                    "key": it["key"], "image_id": ann["image_id"], "ann_id": ann["id"],
+                    "key": key, "image_id": ann["image_id"], "ann_id": ann["id"],
                     "category_id": ann["category_id"], "prompt": prompt,
-                    "multimask_index": int(pick[i]) if multimask else None,
+                    "multimask_index": int(pick[i]) if cfg.multimask else None,
                     "segmentation": mask_to_rle(chosen[i]), "iou": rec["iou"],
                     "predicted_iou": rec["predicted_iou"]})
 
-    def _run_detector(self, img_pos: int, img: Dict[str, Any], out: Dict[str, List]) -> None:
+    # ------------------------------------------------------------------ detector
+    def _image_detections(self, img: Dict[str, Any]) -> List[Dict[str, Any]]:
+        if self.det_protocol is None:
+            return []
         dets = self.detections.get(img["id"], [])
-        if self.cfg.max_dets is not None:
-            dets = dets[: self.cfg.max_dets]  # already sorted by descending score
-        for batch in _chunks(enumerate(dets), self.cfg.batch_prompts):
+        if self.det_protocol.max_dets is not None:
+            dets = dets[: self.det_protocol.max_dets]  # already sorted by descending score
+        return dets
+
+    def _run_detector(self, img_pos: int, img: Dict[str, Any], dets: List[Dict[str, Any]],
+                      out: Dict[str, Any]) -> None:
+        cfg = self.det_protocol
+        for batch in _chunks(enumerate(dets), self.batch_prompts):
             boxes = np.stack([xywh_to_xyxy(d["bbox"]) for _, d in batch])
-            masks, iou_pred, _ = self._decode(None, None, boxes, False)
-            for (j, d), m, s in zip(batch, masks[:, 0], iou_pred[:, 0]):
-                res = {"key": (img_pos, j), "image_id": img["id"],
-                       "category_id": d["category_id"], "segmentation": mask_to_rle(m),
-                       "score": float(d["score"]), "bbox": [float(v) for v in d["bbox"]],
-                       "predicted_iou": float(s)}
-                out["results"].append(res)
+            masks, iou_pred, _ = self._decode(None, None, boxes, cfg.multimask)
+            pick, _ = self._pick(cfg, masks, iou_pred, None)
+            rows = np.arange(len(batch))
+            for (j, d), m, s in zip(batch, masks[rows, pick], iou_pred[rows, pick]):
+                out["results"].append({
+                    "key": (img_pos, j), "image_id": img["id"], "category_id": d["category_id"],
+                    "segmentation": mask_to_rle(m), "score": float(d["score"]),
+                    "bbox": [float(v) for v in d["bbox"]], "predicted_iou": float(s)})
 
     # ------------------------------------------------------------------ loop
     def run(self, images: Sequence[Tuple[int, Dict[str, Any], str]],
-            missing: Sequence[int] = (), progress: bool = False) -> Dict[str, Any]:
+            missing: Sequence[int] = (), progress: bool = False,
+            bad: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
         """Evaluate ``(position, image, path)`` triples (see ``locate_images``); returns a
-        picklable shard result."""
-        out: Dict[str, Any] = {"records": [], "results": [], "predictions": [],
-                               "evaluated_image_ids": [], "missing_images": list(missing)}
-        counts = {"skipped_crowd": 0, "skipped_empty": 0}
-        seconds = 0.0
+        picklable shard result with one entry per protocol."""
+        out: Dict[str, Any] = {
+            "protocols": {c.name: {"records": [], "results": [], "predictions": [],
+                                   "decode_s": 0.0} for c in self.protocols},
+            "evaluated_image_ids": [], "missing_images": list(missing),
+            "bad_images": list(bad)}
+        counts = {"skipped_crowd": 0, "skipped_empty": 0, "images_encoded": 0,
+                  "images_not_encoded": 0}
+        encoder_s = 0.0
         it = images
         if progress:
             from tqdm import tqdm
 
-            it = tqdm(images, desc=f"{self.cfg.prompt} eval", unit="img", dynamic_ncols=True)
+            names = "+".join(c.name for c in self.protocols)
+            it = tqdm(images, desc=f"{names} eval", unit="img", dynamic_ncols=True)
         for img_pos, img, path in it:
-            pixels = read_image(path)
-            if pixels.shape[:2] != (img["height"], img["width"]):
-                raise DatasetError(
-                    f"image {path!r} is {pixels.shape[1]}x{pixels.shape[0]}, but the annotation "
-                    f"file says {img['width']}x{img['height']}")
+            usable = self._usable_annotations(img, counts) if self.gt_protocols else []
+            dets = self._image_detections(img)
+            if not usable and not dets:  # nothing to prompt: no pixels needed
+                counts["images_not_encoded"] += 1
+                out["evaluated_image_ids"].append(img["id"])
+                continue
+            try:
+                pixels = read_image(path, img["height"], img["width"])
+            except DatasetError as e:
+                if not self.skip_bad_images:
+                    raise
+                out["bad_images"].append({"id": img["id"], "file": path, "reason": str(e)})
+                continue
+            _sync(self.device)
             t0 = time.perf_counter()
             self.predictor.set_image(pixels)
-            if self.cfg.prompt == "detector":
-                self._run_detector(img_pos, img, out)
-            else:
-                for batch in _chunks(self._gt_prompts(img_pos, img, counts),
-                                     self.cfg.batch_prompts):
-                    self._run_gt_batch(batch, out)
-            seconds += time.perf_counter() - t0
+            _sync(self.device)
+            encoder_s += time.perf_counter() - t0
+            counts["images_encoded"] += 1
+            items = [((img_pos, a["id"]), a, rle) for a, rle in usable]
+            for batch in _chunks(items, self.batch_prompts):
+                gt = np.stack([mask_utils.decode(rle).astype(bool) for _, _, rle in batch])
+                for cfg in self.gt_protocols:
+                    t0 = time.perf_counter()
+                    self._run_gt_batch(cfg, batch, gt, out["protocols"][cfg.name])
+                    out["protocols"][cfg.name]["decode_s"] += time.perf_counter() - t0
+            if dets:
+                t0 = time.perf_counter()
+                self._run_detector(img_pos, img, dets, out["protocols"][self.det_protocol.name])
+                out["protocols"][self.det_protocol.name]["decode_s"] += time.perf_counter() - t0
             out["evaluated_image_ids"].append(img["id"])
         out["counts"] = counts
-        out["seconds"] = seconds
+        out["encoder_s"] = encoder_s
         return out
 
 
 def locate_images(
-    img_dir: str, images: Sequence[Tuple[int, Dict[str, Any]]], skip_missing: bool
-) -> Tuple[List[Tuple[int, Dict[str, Any], str]], List[int]]:
-    """Find every image file before any model is built, so a wrong ``--img-dir`` fails in a
-    second, not after hours. Returns (position, image, path) triples and missing image ids."""
-    found, missing = [], []
+    img_dir: str, images: Sequence[Tuple[int, Dict[str, Any]]], skip_missing: bool,
+    skip_bad: bool = False,
+) -> Tuple[List[Tuple[int, Dict[str, Any], str]], List[int], List[Dict[str, Any]]]:
+    """Find every image file and check it is whole (``check_image_file``: a truncated JPEG
+    decodes without error) before any model is built, so a wrong ``--img-dir`` or a half-copied
+    dataset fails in seconds, not after hours. Returns (position, image, path) triples, missing
+    image ids, and the bad images skipped (``{"id", "file", "reason"}``)."""
+    found, missing, bad = [], [], []
     for pos, img in images:
         path = resolve_image_path(img_dir, img)
         if path is None:
             missing.append(img)
-        else:
+            continue
+        problem = check_image_file(path)
+        if problem is None:
             found.append((pos, img, path))
+        elif skip_bad:
+            bad.append({"id": img["id"], "file": path, "reason": problem})
+        else:
+            raise DatasetError(f"image {img['id']} ({path!r}): {problem}; pass "
+                               f"--skip-bad-images to skip and count such images")
     if missing and not skip_missing:
         eg = ", ".join(f"{m['id']} ({m.get('file_name') or m.get('coco_url')})"
                        for m in missing[:3])
         raise DatasetError(
             f"{len(missing)} image(s) not found in {img_dir!r} (nor in its train2017/ or "
             f"val2017/ subfolders), e.g. {eg}; pass --skip-missing-images to skip and count them")
-    return found, [m["id"] for m in missing]
+    return found, [m["id"] for m in missing], bad
 
 
 def _mask_box(mask: np.ndarray) -> List[float]:
@@ -260,13 +435,19 @@ def _mask_box(mask: np.ndarray) -> List[float]:
 
 def merge_shards(shards: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Concatenate per-rank results in the order one process would have produced them."""
-    merged: Dict[str, Any] = {}
-    for key in ("records", "results", "predictions"):
-        merged[key] = sorted((x for s in shards for x in s[key]), key=lambda x: x["key"])
+    merged: Dict[str, Any] = {"protocols": {}}
+    for name in shards[0]["protocols"]:
+        parts = [s["protocols"][name] for s in shards]
+        merged["protocols"][name] = {
+            key: sorted((x for p in parts for x in p[key]), key=lambda x: x["key"])
+            for key in ("records", "results", "predictions")}
+        merged["protocols"][name]["decode_s"] = sum(p["decode_s"] for p in parts)
     for key in ("evaluated_image_ids", "missing_images"):
         merged[key] = sorted(i for s in shards for i in s[key])
+    merged["bad_images"] = sorted((b for s in shards for b in s["bad_images"]),
+                                  key=lambda b: b["id"])
     merged["counts"] = {k: sum(s["counts"][k] for s in shards) for k in shards[0]["counts"]}
-    merged["seconds_per_rank"] = [s["seconds"] for s in shards]
+    merged["encoder_s_per_rank"] = [s["encoder_s"] for s in shards]
     return merged
 
 
@@ -274,16 +455,22 @@ def compute_metrics(merged: Dict[str, Any], dataset: EvalDataset, cfg: ProtocolC
                     ) -> Dict[str, Any]:
     """mIoU (point/box) or mask AP (detector; COCOeval or LVISEval by dataset kind) over the
     evaluated images only (so ``--limit`` and skipped images do not count as misses)."""
+    part = merged["protocols"][cfg.name]
     if cfg.prompt != "detector":
-        metrics = summarize_miou(merged["records"])
+        metrics = summarize_miou(part["records"])
         for c in range(cfg.num_clicks):
-            recs = [{"iou": r["click_ious"][c], "size": r["size"]} for r in merged["records"]]
+            recs = [{"iou": r["click_ious"][c], "size": r["size"]} for r in part["records"]]
             metrics[f"mIoU_click{c + 2}"] = summarize_miou(recs)["mIoU"]
+        if cfg.prompt == "point" and cfg.point_from == "iterative":
+            for j in range(1, cfg.num_points):  # mIoU after each earlier click
+                recs = [{"iou": r.get("step_ious", [r["iou"]])[j - 1], "size": r["size"]}
+                        for r in part["records"]]
+                metrics[f"mIoU_point{j}"] = summarize_miou(recs)["mIoU"]
         return metrics
     img_ids = merged["evaluated_image_ids"]
     if dataset.kind == "lvis":
-        metrics = lvis_segm_eval(dataset.raw, merged["results"], img_ids, cfg.max_dets or 300)
+        metrics = lvis_segm_eval(dataset.raw, part["results"], img_ids, cfg.max_dets or 300)
     else:
-        metrics = coco_segm_eval(dataset.raw, merged["results"], img_ids)
-    metrics["num_masks"] = len(merged["results"])
+        metrics = coco_segm_eval(dataset.raw, part["results"], img_ids)
+    metrics["num_masks"] = len(part["results"])
     return metrics

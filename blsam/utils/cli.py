@@ -2,7 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Optional, Sequence
+
+
+class OptionError(ValueError):
+    """A command-line option whose value means nothing (a CLI prints it as one line, exit 2)."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows each option's default and keeps the module docstring's layout."""
 
 
 def add_model_args(
@@ -17,8 +26,28 @@ def add_model_args(
     p.add_argument("--checkpoint", default=None,
                    help="trained bLViT-SAM state dict (or an official SAM one for vit_*)")
     p.add_argument("--sam-checkpoint", default=None, help="official SAM checkpoint (P-block init)")
-    p.add_argument("--keep-ratio", type=float, default=0.25)
-    p.add_argument("--img-size", type=int, default=1024)
+    p.add_argument("--keep-ratio", type=float, default=0.25,
+                   help="bLViT: share of tokens routed to the P-blocks, in (0, 1] (ignored by "
+                        "vit_*)")
+    p.add_argument("--img-size", type=int, default=1024,
+                   help="model input size, a multiple of 16 (position tables are resized)")
     if device:
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu or cuda (under torchrun: this rank's GPU)")
     return p
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Refuse model options that mean nothing, before anything is built (``OptionError``)."""
+    keep = getattr(args, "keep_ratio", None)
+    if keep is not None and not 0.0 < keep <= 1.0:
+        raise OptionError(f"--keep-ratio must be in (0, 1], got {keep}")
+    size = getattr(args, "img_size", None)
+    if size is not None and (size < 16 or size % 16):
+        raise OptionError(f"--img-size must be a positive multiple of 16, got {size}")
+    for opt in ("checkpoint", "sam_checkpoint"):
+        path = getattr(args, opt, None)
+        if path is not None and not os.path.isfile(path):
+            raise OptionError(f"--{opt.replace('_', '-')} {path!r}: no such file")
+    if getattr(args, "checkpoint", None) and getattr(args, "sam_checkpoint", None):
+        raise OptionError("give --checkpoint or --sam-checkpoint, not both")

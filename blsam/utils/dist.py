@@ -1,9 +1,11 @@
 """torchrun-aware process-group helpers (nccl on GPU, gloo on CPU); no-ops in one process."""
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -58,6 +60,51 @@ def all_gather_objects(obj: Any) -> List[Any]:
     out: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class RankError(RuntimeError):
+    """Another rank's error, when its exception type cannot be rebuilt here."""
+
+
+def _portable(err: BaseException, rank: int) -> Tuple[Any, str]:
+    """(exception type, message) that survive pickling, the message naming the rank."""
+    msg = f"on rank {rank}: {err}"
+    try:
+        pickle.loads(pickle.dumps(type(err)))
+        return type(err), msg
+    except Exception:  # a local class: fall back to the message
+        return RankError, f"{type(err).__name__} {msg}"
+
+
+@contextlib.contextmanager
+def fail_together() -> Iterator[None]:
+    """Run a block on every rank; if it raises on any rank, it raises on every rank.
+
+    Why: a rank that fails alone (a corrupt image in its shard, a full disk) would otherwise
+    leave the others waiting in the next collective until the process group times out. Every
+    rank reaches one small ``all_gather_object`` at the end of the block, failed or not, and all
+    raise the lowest failing rank's error (same type, message prefixed with the rank). In one
+    process this is a no-op and errors keep their traceback.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    err: Optional[BaseException] = None
+    try:
+        yield
+    except Exception as e:  # KeyboardInterrupt etc. still end this rank at once
+        err = e
+    rank = dist.get_rank()
+    status = all_gather_objects(None if err is None else _portable(err, rank))
+    for r, st in enumerate(status):
+        if st is not None:
+            cls, msg = st
+            try:
+                exc = cls(msg)
+            except Exception:
+                exc = RankError(msg)
+            raise exc from err
+    return
 
 
 def cleanup() -> None:

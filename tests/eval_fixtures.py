@@ -1,0 +1,122 @@
+"""Tiny COCO / LVIS evaluation sets written from scikit-image photos (test fixtures only).
+
+Kept out of ``blsam.evaluation``: the library reads datasets, it does not invent them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from blsam.evaluation.datasets import ann_to_rle, mask_to_rle
+
+
+def _photos(size: int) -> List[np.ndarray]:
+    import cv2
+    from skimage import data
+
+    out = []
+    for fn in (data.astronaut, data.coffee, data.chelsea):
+        img = fn()
+        out.append(np.ascontiguousarray(cv2.resize(img, (size, size),
+                                                   interpolation=cv2.INTER_AREA)))
+    return out
+
+
+def _ellipse_poly(cx: float, cy: float, ax: float, ay: float, n: int = 24) -> List[float]:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    pts = np.stack([cx + ax * np.cos(t), cy + ay * np.sin(t)], 1)
+    return [round(float(v), 2) for v in pts.reshape(-1)]
+
+
+def make_tiny_dataset(
+    out_dir: str, kind: str = "coco", size: int = 128, num_images: int = 3,
+    with_detections: bool = True,
+) -> Dict[str, str]:
+    """Write a tiny COCO- or LVIS-format set made of real photos (scikit-image data).
+
+    Per image: a large polygon object (> 96² px at size 128), a medium and a small ellipse
+    polygon, an RLE object; image 1 also holds a crowd RLE and an empty annotation (both must be
+    skipped). LVIS: images only have ``coco_url`` (files in ``val2017/``/``train2017/``),
+    categories have ``frequency``. Returns paths: ann_file, img_dir, det_file.
+    """
+    import cv2
+
+    os.makedirs(out_dir, exist_ok=True)
+    img_dir = os.path.join(out_dir, "images")
+    s = size / 128.0
+    cats = [{"id": 1, "name": "thing", "frequency": "f"},
+            {"id": 2, "name": "blob", "frequency": "c"},
+            {"id": 3, "name": "dot", "frequency": "r"}]
+    if kind == "coco":
+        cats = [{k: v for k, v in c.items() if k != "frequency"} | {"supercategory": "x"}
+                for c in cats]
+    images, anns, dets = [], [], []
+    aid = 100
+    for i, photo in enumerate(_photos(size)[:num_images]):
+        img_id = 10 + i
+        name = f"{img_id:012d}.jpg"
+        split = "train2017" if (kind == "lvis" and i % 2) else ("val2017" if kind == "lvis" else "")
+        folder = os.path.join(img_dir, split)
+        os.makedirs(folder, exist_ok=True)
+        cv2.imwrite(os.path.join(folder, name), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+        im: Dict[str, Any] = {"id": img_id, "height": size, "width": size}
+        if kind == "coco":
+            im["file_name"] = name
+        else:
+            im.update(coco_url=f"http://images.cocodataset.org/{split}/{name}",
+                      neg_category_ids=[3] if i == 0 else [], not_exhaustive_category_ids=[])
+        images.append(im)
+        x0, y0 = 8 * s + 3 * i, 6 * s + 2 * i
+        large = [x0, y0, x0 + 110 * s, y0 + 4 * s, x0 + 104 * s, y0 + 108 * s, x0 + 6 * s,
+                 y0 + 100 * s]
+        objs = [
+            (1, [[round(v, 2) for v in large]]),
+            (2, [_ellipse_poly(40 * s + 4 * i, 44 * s, 24 * s, 18 * s)]),
+            (3, [_ellipse_poly(92 * s, 90 * s - 3 * i, 5 * s, 4 * s, 12)]),
+        ]
+        rect = np.zeros((size, size), np.uint8)
+        rect[int(70 * s):int(110 * s), int(20 * s) + 2 * i:int(56 * s)] = 1
+        rle = mask_to_rle(rect.astype(bool))
+        objs.append((2, rle))
+        for cat, seg in objs:
+            r = ann_to_rle(seg, size, size)
+            area = float(mask_utils.area(r))
+            bbox = [float(v) for v in mask_utils.toBbox(r)]
+            anns.append({"id": aid, "image_id": img_id, "category_id": cat, "segmentation": seg,
+                         "area": area, "bbox": bbox, "iscrowd": 0})
+            if with_detections:
+                jit = [bbox[0] + 1, bbox[1] - 1, bbox[2] - 1, bbox[3] + 1]
+                dets.append({"image_id": img_id, "category_id": cat, "bbox": jit,
+                             "score": round(0.9 - 0.1 * (aid % 7), 3)})
+            aid += 1
+        if i == 0:
+            if kind == "coco":  # LVIS has no crowd annotations
+                crowd = np.zeros((size, size), np.uint8)
+                crowd[: int(20 * s), int(60 * s):] = 1
+                anns.append({"id": aid, "image_id": img_id, "category_id": 1, "iscrowd": 1,
+                             "segmentation": mask_to_rle(crowd.astype(bool)),
+                             "area": float(crowd.sum()),
+                             "bbox": [60 * s, 0, size - 60 * s, 20 * s]})
+            anns.append({"id": aid + 1, "image_id": img_id, "category_id": 2, "iscrowd": 0,
+                         "segmentation": [], "area": 0.0, "bbox": [0, 0, 0, 0]})
+            if with_detections:  # a false positive
+                dets.append({"image_id": img_id, "category_id": 1,
+                             "bbox": [70 * s, 60 * s, 30 * s, 30 * s], "score": 0.05})
+            aid += 2
+    if kind == "lvis":
+        for a in anns:
+            a.pop("iscrowd", None)
+    data = {"info": {"description": f"tiny {kind} test set"}, "images": images,
+            "annotations": anns, "categories": cats, "licenses": []}
+    ann_file = os.path.join(out_dir, f"tiny_{kind}.json")
+    with open(ann_file, "w") as f:
+        json.dump(data, f)
+    det_file = os.path.join(out_dir, f"tiny_{kind}_dets.json")
+    with open(det_file, "w") as f:
+        json.dump(dets, f)
+    return {"ann_file": ann_file, "img_dir": img_dir, "det_file": det_file}
+
