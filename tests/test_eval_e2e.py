@@ -60,6 +60,12 @@ def _args(model, kind, ckpts, data, out, *extra):
                        "--output", str(out), "--no-progress", *extra])
 
 
+def _one(out):
+    """The only result of a one-protocol run."""
+    assert len(out["results"]) == 1
+    return out["results"][0]
+
+
 def _check_outputs(res, column, images=2):
     assert os.path.isfile(res["outputs"]["json"]) and os.path.isfile(res["outputs"]["markdown"])
     saved = json.load(open(res["outputs"]["json"]))
@@ -70,7 +76,8 @@ def _check_outputs(res, column, images=2):
     md = open(res["outputs"]["markdown"]).read()
     header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
     row = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
-    assert header == ["Model", "GFLOPs", "1 pt mIoU", "3 pts mIoU", "box mIoU", "AP"]
+    assert header == ["Model", "GFLOPs", "1 pt mIoU", "3 pts mIoU", "box mIoU", "COCO AP",
+                      "LVIS AP"]
     filled = [h for h, v in zip(header[2:], row[2:]) if v != "–"]
     assert filled == [column], md
     return saved
@@ -79,8 +86,8 @@ def _check_outputs(res, column, images=2):
 @pytest.mark.parametrize("model", ["b_t", "vit_b"])
 def test_lvis_point_and_box_protocols(model, ckpts, data, tmp_path):
     preds = tmp_path / "preds.jsonl"
-    one = main(_args(model, "lvis", ckpts, data, tmp_path, "--prompt", "point",
-                     "--num-points", "1", "--save-predictions", str(preds)))
+    one = _one(main(_args(model, "lvis", ckpts, data, tmp_path, "--prompt", "point",
+                          "--num-points", "1", "--save-predictions", str(preds))))
     saved = _check_outputs(one, "1 pt mIoU")
     m = one["metrics"]
     assert 0.0 <= m["mIoU"] <= 1.0 and m["num_masks"] == 8
@@ -88,19 +95,22 @@ def test_lvis_point_and_box_protocols(model, ckpts, data, tmp_path):
     assert saved["counts"]["skipped_empty"] == 1 and saved["counts"]["annotations_evaluated"] == 8
     lines = [json.loads(x) for x in preds.read_text().splitlines()]
     assert len(lines) == 8 and {"segmentation", "prompt", "iou", "ann_id"} <= set(lines[0])
-    three = main(_args(model, "lvis", ckpts, data, tmp_path, "--prompt", "point",
-                       "--num-points", "3", "--batch-prompts", "3", "--limit", "1"))
+    three = _one(main(_args(model, "lvis", ckpts, data, tmp_path, "--prompt", "point",
+                            "--num-points", "3", "--batch-prompts", "3", "--limit", "1")))
     _check_outputs(three, "3 pts mIoU", images=1)
     assert three["metrics"]["num_masks"] == 4
-    box = main(_args(model, "lvis", ckpts, data, tmp_path, "--prompt", "box", "--limit", "1"))
+    box = _one(main(_args(model, "lvis", ckpts, data, tmp_path, "--prompt", "box",
+                          "--limit", "1")))
     _check_outputs(box, "box mIoU", images=1)
     assert box["metrics"]["num_masks"] == 4
     table = main(parse_args(["--table", one["outputs"]["json"], three["outputs"]["json"],
                              box["outputs"]["json"]]))["table"].splitlines()
-    assert len(table) == 3  # the three runs of one model fill one row
-    row = [c.strip() for c in table[2].strip("|").split("|")]
-    assert row[2:5] == [f"{100 * r['metrics']['mIoU']:.1f}" for r in (one, three, box)]
-    assert row[5] == "–"
+    assert len(table) == 4  # the full run fills the paper's row, the --limit 1 runs their own
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert rows[0][2:] == [f"{100 * one['metrics']['mIoU']:.1f}", "–", "–", "–", "–"]
+    assert rows[1][0].endswith("[first 1 images]")
+    assert rows[1][2:] == ["–"] + [f"{100 * r['metrics']['mIoU']:.1f}" for r in (three, box)] \
+        + ["–", "–"]
 
 
 def test_points_do_not_depend_on_the_model(ckpts, data, tmp_path):
@@ -116,10 +126,10 @@ def test_points_do_not_depend_on_the_model(ckpts, data, tmp_path):
 
 @pytest.mark.parametrize("model,kind", [("b_t", "lvis"), ("vit_b", "coco")])
 def test_detector_protocol(model, kind, ckpts, data, tmp_path):
-    res = main(_args(model, kind, ckpts, data, tmp_path, "--prompt", "detector",
-                     "--det-file", data[kind]["det_file"], "--save-predictions",
-                     str(tmp_path / "dets.json")))
-    _check_outputs(res, "AP")
+    res = _one(main(_args(model, kind, ckpts, data, tmp_path, "--prompt", "detector",
+                          "--det-file", data[kind]["det_file"], "--save-predictions",
+                          str(tmp_path / "dets.json"))))
+    _check_outputs(res, kind.upper() + " AP")
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl") + (("APr", "APc", "APf")
                                                           if kind == "lvis" else ())
     assert all(k in res["metrics"] for k in keys)
@@ -130,7 +140,8 @@ def test_detector_protocol(model, kind, ckpts, data, tmp_path):
 
 
 def test_coco_point_with_correction_clicks_and_crowd(ckpts, data, tmp_path):
-    res = main(_args("vit_b", "coco", ckpts, data, tmp_path, "--num-clicks", "2", "--oracle"))
+    res = _one(main(_args("vit_b", "coco", ckpts, data, tmp_path, "--num-clicks", "2",
+                          "--oracle")))
     assert res["counts"]["skipped_crowd"] == 1 and res["counts"]["skipped_empty"] == 1
     for k in ("mIoU", "mIoU_click2", "mIoU_click3"):
         assert 0.0 <= res["metrics"][k] <= 1.0
@@ -162,7 +173,7 @@ def test_blsam_from_sam_checkpoint_warns(ckpts, data, tmp_path):
     args = _args("b_t", "coco", ckpts, data, tmp_path, "--prompt", "box", "--limit", "1")
     args.checkpoint, args.sam_checkpoint = None, ckpts["vit_b"]
     with pytest.warns(UserWarning, match="not meaningful"):
-        res = main(args)
+        res = _one(main(args))
     assert res["counts"]["images"] == 1 and res["checkpoint"] == ckpts["vit_b"]
     assert res["name"] == "Ours (B + T) (SAM init)"
 
@@ -171,8 +182,8 @@ def test_skip_missing_images_counts_them(ckpts, data, tmp_path):
     coco = data["coco"]
     os.rename(os.path.join(coco["img_dir"], "000000000011.jpg"), tmp_path / "moved.jpg")
     try:
-        res = main(_args("vit_b", "coco", ckpts, data, tmp_path, "--prompt", "box",
-                         "--skip-missing-images"))
+        res = _one(main(_args("vit_b", "coco", ckpts, data, tmp_path, "--prompt", "box",
+                              "--skip-missing-images")))
     finally:
         os.rename(tmp_path / "moved.jpg", os.path.join(coco["img_dir"], "000000000011.jpg"))
     assert res["counts"]["missing_images"] == 1 and res["counts"]["images"] == 1
@@ -195,8 +206,9 @@ def test_torchrun_two_ranks_match_one_process(kind, extra, ckpts, data, tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks (OMP_NUM_THREADS=1): same kernels, same floats
     try:
-        single = main(parse_args(argv + ["--output", str(tmp_path / "one"),
-                                         "--save-predictions", str(tmp_path / "one.jsonl")]))
+        single = _one(main(parse_args(argv + ["--output", str(tmp_path / "one"),
+                                              "--save-predictions",
+                                              str(tmp_path / "one.jsonl")])))
     finally:
         torch.set_num_threads(threads)
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
