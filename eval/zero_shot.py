@@ -30,7 +30,12 @@ if __package__ in (None, ""):  # `python eval/zero_shot.py`: make the repo root 
 import torch  # noqa: E402
 
 from blsam.evaluation.runner import POINT_MODES, ProtocolConfig  # noqa: E402
-from blsam.utils.cli import HelpFormatter, OptionError, add_model_args, check_model_args  # noqa: E402,E501
+from blsam.utils.cli import (  # noqa: E402
+    HelpFormatter,
+    OptionError,
+    add_model_args,
+    check_model_args,
+)
 from blsam.utils.config import parse_args_with_config  # noqa: E402
 
 MODELS = ("b_t", "h_b", "vit_b", "vit_l", "vit_h")
@@ -338,8 +343,8 @@ def write_results(args: argparse.Namespace, results: List[Dict[str, Any]],
         table_markdown,
         write_curve,
         write_outputs,
+        write_predictions,
     )
-    from blsam.evaluation.report import write_predictions
 
     for r in results:
         if args.save_predictions:

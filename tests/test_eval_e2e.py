@@ -224,3 +224,81 @@ def test_torchrun_two_ranks_match_one_process(kind, extra, ckpts, data, tmp_path
     assert two["metrics"] == single["metrics"]
     assert two["counts"] == single["counts"]
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+
+
+def test_several_protocols_in_one_pass_equal_separate_runs(ckpts, data, tmp_path):
+    """point1 + point3 + box + detector share one encoder pass per image and give exactly the
+    numbers of four separate runs; each result records its protocol and the shared pass."""
+    coco = data["coco"]
+    extra = ("--det-file", coco["det_file"])
+    both = main(_args("vit_b", "coco", ckpts, data, tmp_path / "all", "--prompt", "point1",
+                      "point3", "box", "detector", *extra))["results"]
+    assert [r["protocol"]["name"] for r in both] == ["point1", "point3", "box", "detector"]
+    for r in both:
+        alone = _one(main(_args("vit_b", "coco", ckpts, data, tmp_path / r["protocol"]["name"],
+                                "--prompt", r["protocol"]["name"], *extra)))
+        assert r["metrics"] == alone["metrics"], r["protocol"]["name"]
+        assert r["counts"]["images_encoded"] == alone["counts"]["images_encoded"] == 2
+        assert r["run"]["shared_encoder_pass"] and not alone["run"]["shared_encoder_pass"]
+        assert r["timing"]["encoder_s_per_image"] > 0
+
+
+def test_named_protocols_in_json_and_markdown(ckpts, data, tmp_path):
+    res = main(_args("vit_b", "lvis", ckpts, data, tmp_path, "--prompt", "point3", "box",
+                     "--point-from", "iterative", "--box-multimask", "--limit", "1"))["results"]
+    p3, box = res
+    saved = json.load(open(p3["outputs"]["json"]))
+    assert saved["protocol"]["points"] == "iterative" and saved["protocol"]["multimask"]
+    assert set(saved["metrics"]) >= {"mIoU", "mIoU_point1", "mIoU_point2"}
+    assert json.load(open(box["outputs"]["json"]))["protocol"]["multimask"]
+    assert "[iterative, first 1 images]" in open(p3["outputs"]["markdown"]).read()
+    assert "[multimask, first 1 images]" in open(box["outputs"]["markdown"]).read()
+
+
+def test_keep_ratio_curve_from_one_checkpoint(ckpts, data, tmp_path):
+    ref = _one(main(_args("vit_b", "lvis", ckpts, data, tmp_path / "ref", "--prompt", "box")))
+    out = main(_args("b_t", "lvis", ckpts, data, tmp_path, "--prompt", "point1", "box",
+                     "--keep-ratios", "0.5", "1.0", "--reference", ref["outputs"]["json"]))
+    rows = out["results"]
+    assert [(r["keep_ratio"], r["protocol"]["name"]) for r in rows] == [
+        (0.5, "point1"), (0.5, "box"), (1.0, "point1"), (1.0, "box")]
+    assert rows[2]["gflops"] > rows[0]["gflops"]  # counted at each ratio
+    assert all(r["timing"]["encoder_s_per_image"] > 0 for r in rows)
+    assert len({r["outputs"]["json"] for r in rows}) == 4
+    table = out["table"]
+    assert "(keep 0.5, 64 px)" in table and "(keep 1, 64 px)" in table
+    curve = json.load(open(out["curve"]["json"]))
+    assert len(curve["points"]) == 4 and curve["references"][0]["model"] == "vit_b"
+    assert open(out["curve"]["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the 1.0 rows were really evaluated at 1.0: same numbers as a plain --keep-ratio 1.0 run
+    plain = main(_args("b_t", "lvis", ckpts, data, tmp_path / "plain", "--prompt", "point1",
+                       "box", "--keep-ratio", "1.0"))["results"]
+    assert [r["metrics"] for r in plain] == [r["metrics"] for r in rows[2:]]
+    assert [r["gflops"] for r in plain] == [r["gflops"] for r in rows[2:]]
+
+
+def test_help_shows_defaults_and_every_option_has_help(capsys):
+    from blsam.utils.cli import add_model_args
+
+    parser = zero_shot.build_parser()
+    for action in parser._actions:
+        assert action.help and action.help.strip(), action.option_strings
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "prompts per decoder batch (default: 64)" in text
+    assert "(default: 0.25)" in text and "(default: random)" in text
+    shared = {a.dest: a.help for a in add_model_args(__import__("argparse").ArgumentParser())
+              ._actions}
+    mine = {a.dest: a.help for a in parser._actions}
+    assert all(mine[k] == v for k, v in shared.items() if k != "help")  # the shared options
+
+
+def test_library_keeps_no_test_fixtures_or_duplicates():
+    import blsam.evaluation.datasets as datasets
+    import blsam.evaluation.metrics as metrics
+    import blsam.evaluation.runner as runner
+
+    assert not hasattr(datasets, "make_tiny_dataset")
+    assert not hasattr(metrics, "_has_geometry") and not hasattr(runner, "_has_geometry")
+    assert metrics.has_geometry is runner.has_geometry is datasets.has_geometry

@@ -21,7 +21,7 @@ from blsam.evaluation.metrics import (
     summarize_miou,
     top_k_per_image,
 )
-from eval_fixtures import make_tiny_dataset
+from eval_fixtures import GTPredictor, make_tiny_dataset
 from blsam.evaluation.prompts import (
     center_point,
     correction_click,
@@ -183,68 +183,6 @@ def test_bad_annotation_and_detection_files(tmp_path, tiny):
     by_img = load_detections(paths["det_file"], ds)
     scores = [d["score"] for d in by_img[ds.images[0]["id"]]]
     assert scores == sorted(scores, reverse=True)
-
-
-class GTPredictor:
-    """Stands in for ``SamPredictor``: answers each prompt with the GT mask it was made from
-    (matched by undoing SAM's resize transform), so the runner's whole path can be checked
-    against perfect and empty predictions. ``rank_empty_first``: with multimask output the
-    empty mask gets the highest predicted IoU (only ``--oracle`` then finds the GT mask)."""
-
-    def __init__(self, ds, paths, cfg, empty=False, rank_empty_first=False, img_size=64):
-        from segment_anything.utils.transforms import ResizeLongestSide
-
-        from blsam.evaluation.datasets import read_image
-
-        self.transform = ResizeLongestSide(img_size)
-        self.device = torch.device("cpu")
-        self.cfg, self.empty, self.rank_empty_first = cfg, empty, rank_empty_first
-        self.by_pixels = {}
-        for img in ds.images:
-            px = read_image(resolve_image_path(paths["img_dir"], img))
-            self.by_pixels[px.tobytes()] = (img, ds.anns_by_image[img["id"]])
-
-    def set_image(self, pixels):
-        self.img, anns = self.by_pixels[pixels.tobytes()]
-        self.original_size = pixels.shape[:2]
-        h, w = self.original_size
-        self.gt = [(a, ann_to_mask(a, h, w)) for a in anns
-                   if not a.get("iscrowd", 0) and a["area"] > 0]
-
-    def _unscale(self, xy):
-        from segment_anything.utils.transforms import ResizeLongestSide
-
-        h, w = self.original_size
-        nh, nw = ResizeLongestSide.get_preprocess_shape(h, w, self.transform.target_length)
-        return xy.numpy() / np.array([nw / w, nh / h])
-
-    def _match(self, points, box):
-        for ann, m in self.gt:
-            if box is not None and np.allclose(box.reshape(2, 2), xywh_to_xyxy(ann["bbox"])
-                                               .reshape(2, 2), atol=1e-3):
-                return m
-            if points is not None:
-                want = object_points(m, len(points), self.cfg.seed, ann["id"],
-                                     self.cfg.point_from)
-                if np.allclose(points, want, atol=1e-3):
-                    return m
-        raise AssertionError(f"prompt matches no GT annotation: {points} {box}")
-
-    def predict_torch(self, pc, pl, bx, multimask_output=True, mask_input=None):
-        n = len(pc) if pc is not None else len(bx)
-        masks = []
-        for i in range(n):
-            m = self._match(None if pc is None else self._unscale(pc[i]),
-                            None if bx is None else self._unscale(bx[i].reshape(2, 2)))
-            masks.append(np.zeros_like(m) if self.empty else m)
-        masks = torch.as_tensor(np.stack(masks))[:, None]
-        iou = torch.ones(n, 1)
-        if multimask_output:
-            z = torch.zeros_like(masks)
-            masks = torch.cat([z, masks, z], 1)
-            iou = torch.tensor([[0.9, 0.5, 0.1] if self.rank_empty_first else [0.1, 0.9, 0.5]]
-                               ).repeat(n, 1)
-        return masks, iou, torch.zeros(n, masks.shape[1], 16, 16)
 
 
 def _run(ds, paths, empty=False, rank_empty_first=False, **cfg_kw):
