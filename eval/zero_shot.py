@@ -393,6 +393,12 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         from blsam.evaluation.report import load_results
 
         refs = load_results(args.reference)[0]
+        lines = {(c.name, args.dataset) for c in protos}
+        for ref in refs:  # now, not after the evaluation
+            if (ref["protocol"]["name"], ref["dataset_kind"]) not in lines:
+                raise OptionError(f"--reference {ref['_file']}: {ref['protocol']['name']} on "
+                                  f"{ref['dataset_kind']} is none of this run's protocols "
+                                  f"{sorted(lines)}")
 
     from segment_anything import SamPredictor
 

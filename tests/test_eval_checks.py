@@ -76,6 +76,15 @@ def test_bad_options_one_line_before_the_model(extra, match, data, tmp_path, cap
     _fails(_argv(data, "lvis", tmp_path, *extra), capsys, match)
 
 
+def test_reference_of_another_protocol_fails_before_the_model(data, tmp_path, capsys,
+                                                              no_model):
+    from test_eval_table import _result
+
+    ref = _write(tmp_path / "ref.json", _result(50.0, "box"))
+    _fails(_argv(data, "lvis", tmp_path, "--model", "b_t", "--keep-ratios", "0.5",
+                 "--reference", ref), capsys, "none of this run's protocols")
+
+
 def test_bad_output_fails_before_the_model(data, tmp_path, capsys, no_model):
     a_file = tmp_path / "taken"
     a_file.write_text("x")
