@@ -40,6 +40,8 @@ def _reuse_models():
         key = (args.model, args.checkpoint, args.sam_checkpoint, args.img_size, args.keep_ratio)
         if key not in cache:
             cache[key] = real(args)
+        if hasattr(cache[key].image_encoder, "keep_ratio"):  # --keep-ratios changes it
+            cache[key].image_encoder.keep_ratio = args.keep_ratio
         return cache[key]
 
     zero_shot.build_model = cached
