@@ -400,48 +400,60 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
                                   f"{ref['dataset_kind']} is none of this run's protocols "
                                   f"{sorted(lines)}")
 
-    from segment_anything import SamPredictor
-
-    from blsam.evaluation.runner import Evaluator, merge_shards
-    from blsam.utils.dist import all_gather_objects, cleanup, fail_together, init_distributed
+    from blsam.utils.dist import cleanup, init_distributed
 
     info = init_distributed(args.device)
     try:
-        with fail_together():
-            data = load_data(args, protos)
-        with fail_together():
-            sam = build_model(args).to(info.device).eval()
-        blvit = args.model in BLVIT
-        keeps: List[Optional[float]] = (list(args.keep_ratios) if args.keep_ratios else
-                                        [args.keep_ratio]) if blvit else [None]
-        gflops: Dict[Optional[float], Optional[float]] = {}
-        for keep in keeps:  # before evaluating: inference-mode caches break the counter's trace
-            if keep is not None:
-                sam.image_encoder.keep_ratio = keep
-            gflops[keep] = None if args.no_flops or not info.is_main else sam_gflops(sam)
-        evaluator = Evaluator(SamPredictor(sam), data.dataset, args.img_dir, protos,
-                              data.detections, args.skip_bad_images)
-        shard = data.found[info.rank::info.world_size]
-        results, merged_by_keep = [], {}
-        for keep in keeps:
-            if keep is not None:
-                sam.image_encoder.keep_ratio = keep
-            t0 = time.perf_counter()
-            with fail_together(), torch.inference_mode():
-                part = evaluator.run(shard, data.missing if info.is_main else [],
-                                     progress=info.is_main and not args.no_progress,
-                                     bad=data.bad if info.is_main else [])
-            merged = merge_shards(all_gather_objects(part))
-            wall = time.perf_counter() - t0
-            if info.is_main:
-                merged_by_keep[keep] = merged
-                results += [make_result(args, cfg, protos, merged, data, keep, gflops[keep], wall,
-                                        info.world_size, str(info.device)) for cfg in protos]
-        if not info.is_main:
-            return None
-        return write_results(args, results, merged_by_keep, refs)
-    finally:
-        cleanup()
+        out = _evaluate(args, protos, refs, info)
+    except Exception as e:
+        if not getattr(e, "all_ranks", False):  # else cli prints it on every rank, then cleans up
+            cleanup()
+        raise
+    cleanup()
+    return out
+
+
+def _evaluate(args: argparse.Namespace, protos: Sequence[ProtocolConfig],
+              refs: List[Dict[str, Any]], info: Any) -> Optional[Dict[str, Any]]:
+    """Load, build, evaluate at every keep ratio, merge on rank 0 and write."""
+    from segment_anything import SamPredictor
+
+    from blsam.evaluation.runner import Evaluator, merge_shards
+    from blsam.utils.dist import all_gather_objects, fail_together
+
+    with fail_together():
+        data = load_data(args, protos)
+    with fail_together():
+        sam = build_model(args).to(info.device).eval()
+    blvit = args.model in BLVIT
+    keeps: List[Optional[float]] = (list(args.keep_ratios) if args.keep_ratios else
+                                    [args.keep_ratio]) if blvit else [None]
+    gflops: Dict[Optional[float], Optional[float]] = {}
+    for keep in keeps:  # before evaluating: inference-mode caches break the counter's trace
+        if keep is not None:
+            sam.image_encoder.keep_ratio = keep
+        gflops[keep] = None if args.no_flops or not info.is_main else sam_gflops(sam)
+    evaluator = Evaluator(SamPredictor(sam), data.dataset, args.img_dir, protos,
+                          data.detections, args.skip_bad_images)
+    shard = data.found[info.rank::info.world_size]
+    results, merged_by_keep = [], {}
+    for keep in keeps:
+        if keep is not None:
+            sam.image_encoder.keep_ratio = keep
+        t0 = time.perf_counter()
+        with fail_together(), torch.inference_mode():
+            part = evaluator.run(shard, data.missing if info.is_main else [],
+                                 progress=info.is_main and not args.no_progress,
+                                 bad=data.bad if info.is_main else [])
+        merged = merge_shards(all_gather_objects(part))
+        wall = time.perf_counter() - t0
+        if info.is_main:
+            merged_by_keep[keep] = merged
+            results += [make_result(args, cfg, protos, merged, data, keep, gflops[keep], wall,
+                                    info.world_size, str(info.device)) for cfg in protos]
+    if not info.is_main:
+        return None
+    return write_results(args, results, merged_by_keep, refs)
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
@@ -456,7 +468,12 @@ def cli(argv: Optional[List[str]] = None) -> int:
         main(parse_args(argv))
     except (DatasetError, CheckpointError, ConfigError, OptionError, TableError, RankError,
             FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if getattr(e, "all_ranks", False):  # every rank prints before any exits (torchrun
+            from blsam.utils.dist import barrier, cleanup  # kills the rest when one exits)
+
+            barrier()
+            cleanup()
         return 2
     return 0
 

@@ -103,6 +103,7 @@ def fail_together() -> Iterator[None]:
                 exc = cls(msg)
             except Exception:
                 exc = RankError(msg)
+            exc.all_ranks = True  # a CLI may print it, then ``barrier()``, then exit
             raise exc from err
     return
 
