@@ -468,7 +468,8 @@ def cli(argv: Optional[List[str]] = None) -> int:
         main(parse_args(argv))
     except (DatasetError, CheckpointError, ConfigError, OptionError, TableError, RankError,
             FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a pipe do not interleave
+        sys.stderr.flush()
         if getattr(e, "all_ranks", False):  # every rank prints before any exits (torchrun
             from blsam.utils.dist import barrier, cleanup  # kills the rest when one exits)
 
