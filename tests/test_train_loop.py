@@ -41,7 +41,7 @@ def _args(tiny, ckpt, out, *extra):
         "--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"),
         "--data", str(tiny / "data"), "--data-fraction", "1", "--sam-checkpoint", ckpt,
         "--output-dir", str(out), "--img-size", IMG, "--batch-size", "2", "--num-workers", "0",
-        "--log-every", "1", "--warmup-steps", "0", "--no-progress", *extra])
+        "--log-every", "1", "--warmup-steps", "0", "--no-progress", "--val-every", "0", *extra])
 
 
 def test_cache_matches_teacher(tiny, sam_vit_b_ckpt):
@@ -150,7 +150,8 @@ def test_ddp_two_processes_gloo(tiny, sam_vit_b_ckpt, tmp_path):
            "--data", str(tiny / "data"), "--data-fraction", "1",
            "--sam-checkpoint", sam_vit_b_ckpt, "--output-dir", str(out), "--img-size", IMG,
            "--batch-size", "1", "--accum-steps", "2", "--max-steps", "1", "--num-workers", "0",
-           "--device", "cpu", "--log-every", "1", "--no-progress", "--masks-per-image", "2"]
+           "--device", "cpu", "--log-every", "1", "--no-progress", "--masks-per-image", "2",
+           "--shards", "sa_000000", "--val-every", "1", "--val-images", "2", "--val-masks", "2"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -164,3 +165,7 @@ def test_ddp_two_processes_gloo(tiny, sam_vit_b_ckpt, tmp_path):
     assert state_checksum(init.state_dict()) != summary["checksums"][0]  # it did train
     rec = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert len(rec) == 1 and rec[0]["step"] == 1
+    assert rec[0]["images"] == 4  # global: 2 ranks x 2 micro-steps x batch 1, not rank 0's 2
+    val = [json.loads(ln) for ln in open(out / "val.jsonl")]
+    assert [v["step"] for v in val] == [0, 1]
+    assert all(v["images"] == 2 for v in val)  # held-out sa_3, sa_4 split over the 2 ranks

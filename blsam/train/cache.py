@@ -15,7 +15,7 @@ import torch
 from ..build_blsam import TEACHER_OF
 from ..checkpoint import save_atomic
 from ..utils import dist as du
-from .data import SA1BDataset, collate, select_records
+from .data import SA1BDataset, add_data_args, collate, select_records
 from .engine import amp_dtype
 from .teacher import Teacher, write_cache_meta
 
@@ -27,10 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--config", default=None, help="YAML file of option: value defaults")
-    a("--data", required=True)
-    a("--shards", nargs="+", default=None)
-    a("--data-fraction", type=float, default=0.02)
-    a("--seed", type=int, default=0)
+    add_data_args(p, require_data=True)
     a("--model", default="b_t", choices=sorted(TEACHER_OF), help="student; picks the teacher")
     a("--teacher", default=None, choices=sorted(set(TEACHER_OF.values())),
       help="teacher variant (default: TEACHER_OF[--model])")
@@ -38,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--img-size", type=int, default=1024)
     a("--output", required=True, help="cache folder")
     a("--batch-size", type=int, default=8)
-    a("--num-workers", type=int, default=2)
     a("--device", default=None)
     a("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"))
     return p
