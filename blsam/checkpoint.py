@@ -25,7 +25,7 @@ def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> StateD
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_load(path)
     except Exception as e:  # pickle errors, truncated zip, non-tensor payloads
         raise CheckpointError(f"could not read {what} {path!r}: {load_error_text(path, e)}"
                               ) from e
@@ -34,6 +34,16 @@ def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> StateD
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{what} {path!r} is not a state dict of tensors")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def safe_load(path: str, mmap: bool = False) -> object:
+    """``torch.load(weights_only=True)`` on CPU, without torch's warning that asks users to
+    "file an issue" when a file was pickled with another protocol (a wrong file, not a bug)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def load_error_text(path: str, e: BaseException) -> str:

@@ -62,7 +62,11 @@ def one_line(e: BaseException) -> str:
 def cli(argv: Optional[List[str]] = None) -> int:
     """Command-line entry: bad input ends with one ``error:`` line and exit code 2."""
     try:
-        main(parse_args(argv))
+        try:
+            args = parse_args(argv)
+        except SystemExit as e:  # --help (0) or a parse error, already printed as one line
+            return int(e.code or 0)
+        main(args)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

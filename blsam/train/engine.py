@@ -16,7 +16,7 @@ import os
 from typing import Any, Dict
 
 from ..build_blsam import TEACHER_OF
-from ..checkpoint import CheckpointError, check_not_blsam, load_error_text
+from ..checkpoint import CheckpointError, check_not_blsam, load_error_text, safe_load
 from .data import MAX_MASK_FRACTION, add_data_args
 from .model import (FD_PADDING, METRIC_KEYS, NO_DECAY_KEYS, TRAINABLE_PARTS,  # noqa: F401
                     DistillModel, amp_dtype, enable_grad_checkpointing, lr_lambda,
@@ -156,15 +156,12 @@ def check_args(args: argparse.Namespace) -> None:
 def check_sam_checkpoint(path: str, variant: str) -> None:
     """Read the keys (memory-mapped: no 2.5 GB copy) and say what the file is when it is not
     the SAM the teacher needs: a trained bLViT-SAM, another SAM size, or not a checkpoint."""
-    import torch
+    import zipfile
 
     from ..build_blsam import _check_sam_variant
 
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # legacy (non-zip) files cannot be memory-mapped
+        obj = safe_load(path, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         raise CheckpointError(f"could not read --sam-checkpoint {path!r}: "
                               f"{load_error_text(path, e)}") from None

@@ -67,6 +67,9 @@ class Run:
     batch_in_epoch: int = 0
     images_seen: int = 0
     resumed_from: Optional[str] = None
+    resume_path: Optional[str] = None  # checked in setup, loaded by resume()
+    resume_ck: Optional[Dict[str, Any]] = None
+    resume_diffs: List[str] = field(default_factory=list)
     counters: Dict[str, int] = field(default_factory=lambda: {k: 0 for k in COUNTERS})
     excluded_s: float = 0.0  # save / validation time inside the current log window
     history: List[Dict[str, Any]] = field(default_factory=list)
@@ -124,6 +127,14 @@ def setup(args: argparse.Namespace) -> Run:
         log.info("%d images (%d damaged items skipped while indexing), %d batches/epoch/rank, "
                  "%d steps, world size %d", len(ds), len(index_skipped), len(sampler), total,
                  info.world_size)
+    signature = run_signature(args, info.world_size, total, [r.key for r in records])
+    resume_path, resume_ck, resume_diffs = None, None, []
+    if not args.val_only:  # a checkpoint of another run is refused before any model is built
+        resume_path = find_resume(args.resume, args.output_dir)
+        if resume_path:
+            resume_ck = load_training_checkpoint(resume_path)
+            resume_diffs = check_resume(resume_path, saved_signature(resume_ck), signature,
+                                        args.resume_remap)
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -150,9 +161,9 @@ def setup(args: argparse.Namespace) -> Run:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(args.warmup_steps, total, args.min_lr_ratio))
     scaler = torch.amp.GradScaler(dev.type) if dtype == torch.float16 else None
-    signature = run_signature(args, info.world_size, total, [r.key for r in records])
     return Run(args, info, dtype, records, index_skipped, selection, ds, sampler, total, sam,
-               parts, teacher, head, model, opt, sched, scaler, signature, val_loader)
+               parts, teacher, head, model, opt, sched, scaler, signature, val_loader,
+               resume_path=resume_path, resume_ck=resume_ck, resume_diffs=resume_diffs)
 
 
 # ---------------------------------------------------------------- resume
@@ -166,7 +177,7 @@ def resume(run: Run) -> None:
     if info.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         clean_stale_temp_files(args.output_dir)
-    path = find_resume(args.resume, args.output_dir)
+    path, ck, diffs = run.resume_path, run.resume_ck, run.resume_diffs
     if not path:
         if info.is_main:
             if args.resume:
@@ -178,8 +189,6 @@ def resume(run: Run) -> None:
             for name in ("metrics.jsonl", "val.jsonl"):  # a fresh log
                 truncate_jsonl(os.path.join(args.output_dir, name), 0)
         return
-    ck = load_training_checkpoint(path)
-    diffs = check_resume(path, saved_signature(ck), run.signature, args.resume_remap)
     run.sam.load_state_dict(ck["model"])
     run.opt.load_state_dict(ck["optimizer"])
     if run.scaler is not None and ck.get("scaler"):
@@ -208,6 +217,7 @@ def resume(run: Run) -> None:
                         run.batch_in_epoch)
     run.counters = restore_counters(ck, info.rank, info.world_size, exact=not diffs)
     run.resumed_from = path
+    run.resume_ck = None  # free the checkpoint's memory
     if info.is_main:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.step, run.epoch,
                  run.batch_in_epoch)

@@ -174,11 +174,11 @@ def find_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
     """A training checkpoint (model, optimizer, position, signature), read safely."""
-    from ..checkpoint import CheckpointError, load_error_text
+    from ..checkpoint import CheckpointError, load_error_text, safe_load
 
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        ck = safe_load(path)
+    except Exception as e:  # noqa: BLE001 -- any failure means the same thing to the user
         raise CheckpointError(f"could not read --resume {path!r}: {load_error_text(path, e)}"
                               ) from e
     need = ("model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch")
