@@ -123,8 +123,9 @@ def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, sam_vit_b_ckpt, tm
     # the step after a save: 2 images in well under 3 s of training, the 3 s save left out
     assert hist[4]["step"] == 5 and hist[4]["images"] == 2 and hist[4]["images_per_s"] > 2 / 3
     assert [v["step"] for v in val] == [0, 4, 8] and all(v["images"] == 2 for v in val)
-    assert val[-1]["cos_sim"] > val[0]["cos_sim"] + 0.02  # held-out images, not trained on
-    assert val[-1]["miou_teacher_box"] >= val[0]["miou_teacher_box"] - 0.02
+    # held-out images, never trained on: the student's features approach the teacher's. (With
+    # random SAM weights the mask mIoUs carry no meaning; they are checked by the oracle test.)
+    assert val[-1]["cos_sim"] > val[0]["cos_sim"] + 0.02
     lines = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert [ln["step"] for ln in lines] == list(range(1, 9))
     assert {"loss", "loss_mask", "loss_iou", "loss_fd", "cos_sim", "lr", "images_per_s",
@@ -187,7 +188,7 @@ def test_interactive_prompts_and_padding_mask(tiny, sam_vit_b_ckpt):
         xy, lab = error_click(logits, gt, g, 16)
         x, y = xy[0, 0].long().tolist()
         assert lab[0, 0] == 1 and y // 16 < 2 and x // 16 >= 2
-        assert lab[1, 0] == 0 and (x, y) != (-1, -1) and xy[1, 0].long().div(16).tolist() == [3, 3]
+        assert lab[1, 0] == 0 and (xy[1, 0].long() // 16).tolist() == [3, 3]
     _, lab = error_click(gt[:, None] * 10 - 5, gt, g, 16)
     assert lab.tolist() == [[-1], [-1]]  # no error: SAM's "not a point"
 
