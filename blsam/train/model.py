@@ -87,7 +87,7 @@ class DistillModel(nn.Module):
         sam = self.sam
         emb = sam.image_encoder(images)
         valid = None
-        if self.fd_padding == "exclude":
+        if self.fd_padding == "exclude" and batch.get("hw") is not None:
             valid = real_positions(batch["hw"], emb.shape[-1], images.shape[-1] // emb.shape[-1],
                                    images.device)
         out = feature_loss(emb, teacher_emb, valid)
