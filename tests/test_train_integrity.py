@@ -33,12 +33,20 @@ def test_rle_run_lengths_match_pycocotools():
     from pycocotools import mask as mask_utils
 
     rng = np.random.default_rng(0)
-    m = (rng.random((37, 53)) > 0.6).astype(np.uint8)
-    rle = mask_utils.encode(np.asfortranarray(m))
-    runs = D.rle_run_lengths(rle["counts"].decode("ascii"))
-    assert sum(runs) == m.size and sum(runs[1::2]) == int(m.sum())
-    flat = np.concatenate([np.full(r, i % 2, np.uint8) for i, r in enumerate(runs)])
-    assert np.array_equal(flat.reshape(53, 37).T, m)  # column-major, like COCO
+    for t in range(30):
+        h, w = (int(v) for v in rng.integers(1, 60, 2))
+        m = (rng.random((h, w)) > rng.random()).astype(np.uint8)
+        if t % 2:  # long runs: multi-chunk numbers and negative deltas
+            m = np.zeros((h, w), np.uint8)
+            m[int(rng.integers(0, h)):, int(rng.integers(0, w)):] = 1
+        rle = mask_utils.encode(np.asfortranarray(m))
+        runs = D.rle_run_lengths(rle["counts"].decode("ascii"))
+        assert runs.sum() == m.size and runs[1::2].sum() == int(m.sum())
+        flat = np.concatenate([np.full(r, i % 2, np.uint8) for i, r in enumerate(runs)])
+        assert np.array_equal(flat.reshape(w, h).T, m)  # column-major, like COCO
+    for bad in ("\x7f", "0" * 3 + "o", "P" * 13 + "0"):
+        with pytest.raises(D.AnnotationError):
+            D.rle_run_lengths(bad)
 
 
 def test_bad_annotations_are_skipped_and_counted(folder):
