@@ -163,3 +163,15 @@ def test_training_clicks_use_evaluation_pixel_convention():
         b = eval_points(m, 3, np.random.default_rng(seed))
         np.testing.assert_array_equal(a, b)
         assert np.array_equal(a, np.round(a))
+
+
+def test_training_loop_is_split_into_parts_that_read_alone():
+    """engine.train was 215 lines of setup, resume, loop, logging and checkpoints."""
+    import inspect
+
+    from blsam.train import engine, loop
+
+    assert len(inspect.getsource(engine.train).splitlines()) <= 20
+    for fn in (loop.setup, loop.resume, loop.train_step, loop.log_window, loop.save,
+               loop.validate, loop.run_loop, loop.finish):
+        assert len(inspect.getsource(fn).splitlines()) <= 80, fn.__name__
