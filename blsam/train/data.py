@@ -253,7 +253,8 @@ def select_val_records(data: str, exclude: Sequence[Record], n: int, seed: int =
         out += [r for r in index_folder(data, skipped) if r.key not in used_keys]
     if not out:
         raise DataError(f"--val-data {data!r} holds no image outside the training subset: "
-                        f"pass --val-data with other images, or select fewer training images")
+                        f"pass --val-data with other images, select fewer training images, or "
+                        f"--val-every 0 to train without validation")
     out = sorted(out[:n] if len(out) <= n else rng.sample(out, n), key=lambda r: r.key)
     log.info("validation: %d held-out images (%d asked for)", len(out), n)
     return out
