@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import packed_cache
 from .prompts import PROMPT_TYPES, choose_prompt, noisy_box, sample_points
 
 log = logging.getLogger(__name__)
@@ -294,10 +295,8 @@ class SA1BDataset(torch.utils.data.Dataset):
             raise ValueError(f"jpg is {img.shape[:2]}, json says {info['height']}x{info['width']}")
         image, (h, w) = preprocess_image(img, self.img_size)
         sample: Dict[str, Any] = {"image": image, "key": rec.key, "hw": (h, w), "teacher": None}
-        if self.teacher_cache:
-            path = os.path.join(self.teacher_cache, rec.key + ".pt")
-            if os.path.isfile(path):
-                sample["teacher"] = torch.load(path, map_location="cpu", weights_only=True)
+        if self.teacher_cache:  # packed cache: one memory-mapped row, None if absent
+            sample["teacher"] = packed_cache.lookup(self.teacher_cache, rec.key)
         if self.with_targets:
             sample.update(self.targets(meta["annotations"], img.shape[:2], (h, w), epoch, index))
         return sample

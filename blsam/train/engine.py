@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-points", type=int, default=3, help="clicks for the 'points' prompt")
     g.add_argument("--num-workers", type=int, default=2)
     g.add_argument("--teacher-cache", default=None, help="dir from tools/cache_teacher.py")
+    g.add_argument("--teacher-compile", action="store_true",
+                   help="torch.compile the teacher encoder (when no cache covers the data)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="b_t", choices=sorted(TEACHER_OF))
     g.add_argument("--sam-checkpoint", default=None, help="SAM weights: teacher + P-block init")
@@ -324,7 +326,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     # data first: a bad --data must fail before any model is built
     records, index_skipped = select_records(args.data, args.shards, args.data_fraction, args.seed)
     if args.teacher_cache:
-        check_cache(args.teacher_cache, teacher_name, args.img_size)
+        check_cache(args.teacher_cache, teacher_name, args.img_size, args.sam_checkpoint)
     ds = SA1BDataset(records, args.img_size, args.masks_per_image, args.prompt_types,
                      args.max_points, args.seed, args.teacher_cache)
     sampler = EpochBatchSampler(len(ds), args.batch_size, info.rank, info.world_size, args.seed)
@@ -346,7 +348,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if args.grad_checkpoint:
         enable_grad_checkpointing(sam.image_encoder)
     dtype = amp_dtype(args.amp, dev)
-    teacher = Teacher(teacher_name, args.sam_checkpoint, args.img_size, dev, dtype)
+    teacher = Teacher(teacher_name, args.sam_checkpoint, args.img_size, dev, dtype,
+                      compile=args.teacher_compile)
     if not cache_covers(args.teacher_cache, [r.key for r in records]):
         teacher.build()
     elif info.is_main:
