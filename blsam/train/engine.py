@@ -25,10 +25,13 @@ import torch.nn as nn
 from ..build_blsam import TEACHER_OF, blsam_model_registry
 from ..checkpoint import CheckpointError, save_atomic
 from ..utils import dist as du
+from .async_ckpt import AsyncCheckpointWriter, load_checkpoint
 from .data import EpochBatchSampler, SA1BDataset, collate, select_records
 from .losses import feature_loss, mask_losses, total_loss
 from .prompts import PROMPT_TYPES
 from .teacher import Teacher, cache_covers, check_cache
+from .timing import PhaseTimer, StepProfiler, window_record
+from .transfer import endless_loader, unpack_batch
 
 log = logging.getLogger("blsam.train")
 
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, default=None,
                    help="save and exit after this many steps (time-limited jobs; resume later)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g.add_argument("--profile", type=int, default=0,
+                   help="write a torch.profiler trace of this many steps (0: none)")
     return p
 
 
@@ -295,15 +300,9 @@ def _truncate_metrics(path: str, step: int) -> None:
 
 def batch_stream(ds: SA1BDataset, sampler: EpochBatchSampler, num_workers: int, epoch: int,
                  start_batch: int, pin: bool) -> Iterator[Tuple[int, int, Dict[str, Any]]]:
-    """Endless (epoch, batch index, batch) from a data position; one DataLoader per epoch."""
-    while True:
-        sampler.set_position(epoch, start_batch)
-        loader = torch.utils.data.DataLoader(
-            ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-            pin_memory=pin)
-        for b, batch in enumerate(loader, start=start_batch):
-            yield epoch, b, batch
-        epoch, start_batch = epoch + 1, 0
+    """Endless (epoch, batch index, batch) from a data position; one DataLoader for the run
+    (persistent workers); on CUDA batches come packed for one transfer (``unpack_batch``)."""
+    yield from endless_loader(ds, sampler, collate, num_workers, epoch, start_batch, pin)
 
 
 # ---------------------------------------------------------------- training
@@ -320,6 +319,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     for name in ("batch_size", "accum_steps", "log_every", "save_every", "masks_per_image"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.profile < 0:
+        raise ValueError(f"--profile must be >= 0, got {args.profile}")
     info = du.init_distributed(args.device)
     dev = info.device
     teacher_name = TEACHER_OF[args.model]
@@ -364,7 +365,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     step, epoch, batch_in_epoch, read_skipped = 0, 0, 0, 0
     resume_path = find_resume(args.resume, args.output_dir)
     if resume_path:
-        ck = torch.load(resume_path, map_location="cpu", weights_only=True)
+        ck = load_checkpoint(resume_path)  # memory-mapped
         for key in ("model", "img_size"):
             old = ck["config"].get(key)
             if old != getattr(args, key):
@@ -420,21 +421,28 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     window_dev = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=dev)
     t_window = time.perf_counter()
     history: List[Dict[str, Any]] = []
+    timer, prof = PhaseTimer(dev), StepProfiler(args.profile, args.output_dir, info.rank, dev)
+    ckpt_writer = AsyncCheckpointWriter()  # snapshot now, write in a background thread
     while step < total:
         for micro in range(args.accum_steps):
             epoch, b, batch = next(stream)
+            batch = unpack_batch(batch, dev)  # one non-blocking copy per batch (CUDA)
+            timer.lap("data")
             epoch, batch_in_epoch = (epoch, b + 1) if b + 1 < batches_per_epoch else (epoch + 1, 0)
             read_skipped += len(batch["skipped"])
             images = batch["image"].to(dev, non_blocking=True)
             t_emb = teacher.embeddings(images, batch["teacher"])
+            timer.lap("teacher")
             sync = (contextlib.nullcontext() if micro == args.accum_steps - 1
                     or not info.distributed else ddp.no_sync())
             with sync:
                 with torch.autocast(dev.type, dtype=dtype or torch.float32,
                                     enabled=dtype is not None):
                     out = ddp(images, batch, t_emb)
+                timer.lap("forward")
                 loss = out["loss"] / args.accum_steps
                 (scaler.scale(loss) if scaler else loss).backward()
+            timer.lap("backward")
             # summed on the device: no host sync per micro-step, only at log time
             window_dev += torch.stack([out[k].detach().double() for k in METRIC_KEYS])
             window[-2:] += torch.tensor([images.shape[0], 1], dtype=torch.float64)
@@ -449,6 +457,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         lr = sched.get_last_lr()[0]
         sched.step()
         step += 1
+        timer.lap("optimizer")
+        prof.step()
 
         if step % args.log_every == 0 or step == total:
             window[: len(METRIC_KEYS)] = window_dev.cpu()
@@ -464,7 +474,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                    **{k: agg[i].item() / n_micro for i, k in enumerate(METRIC_KEYS)},
                    "lr": lr, "images_per_s": window[-2].item() / max(elapsed, 1e-9),
                    "skipped_read": int(skipped_total.item()),
-                   "skipped_index": len(index_skipped), "time": time.time()}
+                   "skipped_index": len(index_skipped), "time": time.time(),
+                   **window_record(timer.collect(), agg[-2].item())}
             history.append(rec)
             if info.is_main:
                 jsonl.write(json.dumps(rec) + "\n")
@@ -492,12 +503,15 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                     "batch_in_epoch": batch_in_epoch, "skipped_read": read_skipped,
                     "rng": rng_state(), "config": config,
                 }
-                save_training_checkpoint(state, args.output_dir, step,
-                                         step % args.save_every == 0, args.keep_last)
+                ckpt_writer.save(save_training_checkpoint, state, args.output_dir, step,
+                                 step % args.save_every == 0, args.keep_last)
             du.barrier()
+        timer.lap("checkpoint")
         if stop_now:
             break
 
+    prof.stop()
+    ckpt_writer.wait()
     if bar is not None:
         bar.close()
     if step < total:  # --stop-after: the checkpoint is written, --resume continues

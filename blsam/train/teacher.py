@@ -96,6 +96,8 @@ class Teacher:
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if x.device == device:
+        return x
     if device.type == "cuda" and not x.is_pinned():
         x = x.pin_memory()
     return x.to(device, non_blocking=True)
