@@ -421,7 +421,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     window_dev = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=dev)
     t_window = time.perf_counter()
     history: List[Dict[str, Any]] = []
-    timer, prof = PhaseTimer(dev), StepProfiler(args.profile, args.output_dir, info.rank, dev)
+    timer = PhaseTimer(dev)  # per-phase laps; profiler trace on global rank 0 only
+    prof = StepProfiler(args.profile if info.is_main else 0, args.output_dir, info.rank, dev)
     ckpt_writer = AsyncCheckpointWriter()  # snapshot now, write in a background thread
     while step < total:
         for micro in range(args.accum_steps):
