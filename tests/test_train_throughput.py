@@ -106,20 +106,17 @@ def test_pack_unpack_one_buffer_roundtrip():
 
 
 def test_uint8_normalised_on_device_equals_host_preprocessing():
-    from blsam.train.data import PIXEL_MEAN, PIXEL_STD, preprocess_image
     from blsam.testing import real_photo
+    from blsam.train.data import preprocess_image
 
     img = real_photo()[:300, :200]  # portrait: padding on the right
-    ref, (h, w) = preprocess_image(img, 128)
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    resized = ResizeLongestSide(128).apply_image(img)
-    u8 = torch.zeros(1, 3, 128, 128, dtype=torch.uint8)
-    u8[0, :, :h, :w] = torch.from_numpy(resized).permute(2, 0, 1)
-    got = transfer.normalize_on_device(u8, [(h, w)], torch.from_numpy(PIXEL_MEAN),
-                                       torch.from_numpy(PIXEL_STD))
+    ref, hw = preprocess_image(img, 128)
+    u8, hw8 = transfer.preprocess_uint8(img, 128)
+    assert hw8 == hw and u8.dtype == torch.uint8 and u8[:, :, hw[1]:].eq(0).all()
+    got = transfer.normalize_images(u8[None], [hw])
     assert torch.equal(got[0], ref)  # bitwise: caches made either way agree
-    assert u8.element_size() * 4 == got.element_size()  # 4x fewer bytes to transfer
+    assert transfer.normalize_images(ref[None], [hw]) is not None
+    assert torch.equal(transfer.normalize_images(ref[None], [hw]), ref[None])  # float: as is
 
 
 def _write_fake_cache(path, keys, shape):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import packed_cache
+from .transfer import preprocess_uint8
 from .prompts import PROMPT_TYPES, choose_prompt, noisy_box, sample_points
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,7 @@ class SA1BDataset(torch.utils.data.Dataset):
         teacher_cache: Optional[str] = None,
         with_targets: bool = True,
         max_retries: int = 16,
+        uint8_images: bool = False,
     ) -> None:
         bad = [t for t in prompt_types if t not in PROMPT_TYPES]
         if bad or not prompt_types:
@@ -267,6 +269,7 @@ class SA1BDataset(torch.utils.data.Dataset):
         self.teacher_cache = teacher_cache
         self.with_targets = with_targets
         self.max_retries = max_retries
+        self.uint8_images = uint8_images  # normalised on the device (transfer.normalize_images)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -293,7 +296,8 @@ class SA1BDataset(torch.utils.data.Dataset):
         info = meta["image"]
         if (img.shape[0], img.shape[1]) != (int(info["height"]), int(info["width"])):
             raise ValueError(f"jpg is {img.shape[:2]}, json says {info['height']}x{info['width']}")
-        image, (h, w) = preprocess_image(img, self.img_size)
+        image, (h, w) = (preprocess_uint8 if self.uint8_images else preprocess_image)(
+            img, self.img_size)
         sample: Dict[str, Any] = {"image": image, "key": rec.key, "hw": (h, w), "teacher": None}
         if self.teacher_cache:  # packed cache: one memory-mapped row, None if absent
             sample["teacher"] = packed_cache.lookup(self.teacher_cache, rec.key)

@@ -31,7 +31,7 @@ from .losses import feature_loss, mask_losses, total_loss
 from .prompts import PROMPT_TYPES
 from .teacher import Teacher, cache_covers, check_cache
 from .timing import PhaseTimer, StepProfiler, window_record
-from .transfer import endless_loader, unpack_batch
+from .transfer import endless_loader, normalize_images, unpack_batch
 
 log = logging.getLogger("blsam.train")
 
@@ -329,7 +329,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if args.teacher_cache:
         check_cache(args.teacher_cache, teacher_name, args.img_size, args.sam_checkpoint)
     ds = SA1BDataset(records, args.img_size, args.masks_per_image, args.prompt_types,
-                     args.max_points, args.seed, args.teacher_cache)
+                     args.max_points, args.seed, args.teacher_cache, uint8_images=True)
     sampler = EpochBatchSampler(len(ds), args.batch_size, info.rank, info.world_size, args.seed)
     batches_per_epoch = len(sampler)
     total = args.max_steps or max(1, int(args.epochs * batches_per_epoch) // args.accum_steps)
@@ -431,7 +431,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             timer.lap("data")
             epoch, batch_in_epoch = (epoch, b + 1) if b + 1 < batches_per_epoch else (epoch + 1, 0)
             read_skipped += len(batch["skipped"])
-            images = batch["image"].to(dev, non_blocking=True)
+            images = normalize_images(batch["image"].to(dev, non_blocking=True), batch["hw"])
             t_emb = teacher.embeddings(images, batch["teacher"])
             timer.lap("teacher")
             sync = (contextlib.nullcontext() if micro == args.accum_steps - 1
