@@ -54,7 +54,7 @@ def endless_loader(ds: torch.utils.data.Dataset, sampler: Any, collate_fn: Any,
         ds, batch_sampler=endless, collate_fn=PackingCollate(collate_fn) if pin else collate_fn,
         num_workers=num_workers,
         pin_memory=pin, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None)
+        prefetch_factor=2 if num_workers > 0 else None)
     for (e, b), batch in zip(endless.positions(), loader):
         yield e, b, batch
 
