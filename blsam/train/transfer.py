@@ -162,7 +162,10 @@ def normalize_on_device(images: torch.Tensor, hw: List[Tuple[int, int]], mean: t
         1, 3, 1, 1).to(images.device)
     s = images.shape[-1]
     rows = torch.arange(s, device=images.device)
-    h = torch.tensor([v[0] for v in hw], device=images.device).view(-1, 1, 1, 1)
-    w = torch.tensor([v[1] for v in hw], device=images.device).view(-1, 1, 1, 1)
+    sizes = torch.tensor([[v[0], v[1]] for v in hw])
+    if images.is_cuda:  # pinned + non-blocking: no host sync per batch
+        sizes = sizes.pin_memory()
+    sizes = sizes.to(images.device, non_blocking=True)
+    h, w = sizes[:, 0].view(-1, 1, 1, 1), sizes[:, 1].view(-1, 1, 1, 1)
     keep = (rows.view(1, 1, s, 1) < h) & (rows.view(1, 1, 1, s) < w)
     return torch.where(keep, x, torch.zeros((), device=x.device))
