@@ -144,7 +144,7 @@ class DistillModel(nn.Module):
         out["loss_mask"] = sums["loss_mask"].detach() / max(n, 1)
         out["loss_iou"] = sums["loss_iou"].detach() / max(n, 1)
         out["iou"] = sums["iou"] / max(n, 1)
-        out["n_masks"] = torch.tensor(float(n), device=dev)
+        out["n_masks"] = torch.full((), float(n), device=dev)  # a fill: no host-to-device copy
         return out
 
 
