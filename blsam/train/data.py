@@ -35,7 +35,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import packed_cache
 from .prompts import PROMPT_TYPES, choose_prompt, mask_box, noisy_box, sample_points
+from .transfer import preprocess_uint8
 
 log = logging.getLogger(__name__)
 
@@ -403,6 +405,7 @@ class SA1BDataset(torch.utils.data.Dataset):
         max_retries: int = 16,
         max_mask_fraction: float = MAX_MASK_FRACTION,
         val: bool = False,
+        uint8_images: bool = False,
     ) -> None:
         bad = [t for t in prompt_types if t not in PROMPT_TYPES]
         if bad or not prompt_types:
@@ -420,6 +423,7 @@ class SA1BDataset(torch.utils.data.Dataset):
         self.max_retries = max_retries
         self.max_mask_fraction = max_mask_fraction
         self.val = val
+        self.uint8_images = uint8_images  # normalised on the device (transfer.normalize_images)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -446,12 +450,11 @@ class SA1BDataset(torch.utils.data.Dataset):
         info = meta["image"]
         if (img.shape[0], img.shape[1]) != (int(info["height"]), int(info["width"])):
             raise ValueError(f"jpg is {img.shape[:2]}, json says {info['height']}x{info['width']}")
-        image, (h, w) = preprocess_image(img, self.img_size)
+        image, (h, w) = (preprocess_uint8 if self.uint8_images else preprocess_image)(
+            img, self.img_size)
         sample: Dict[str, Any] = {"image": image, "key": rec.key, "hw": (h, w), "teacher": None}
-        if self.teacher_cache:
-            path = os.path.join(self.teacher_cache, rec.key + ".pt")
-            if os.path.isfile(path):
-                sample["teacher"] = torch.load(path, map_location="cpu", weights_only=True)
+        if self.teacher_cache:  # packed cache: one memory-mapped row, None if absent
+            sample["teacher"] = packed_cache.lookup(self.teacher_cache, rec.key)
         if self.with_targets:
             sample.update(self.targets(meta["annotations"], img.shape[:2], (h, w), epoch, index))
         return sample

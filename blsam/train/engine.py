@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "interactive training (error-region clicks, previous logits as mask "
                         "prompt, loss on each; SAM used 11)")
     g.add_argument("--teacher-cache", default=None, help="dir from tools/cache_teacher.py")
+    g.add_argument("--teacher-compile", action="store_true",
+                   help="torch.compile the teacher encoder (when no cache covers the data)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="b_t", choices=sorted(TEACHER_OF))
     g.add_argument("--sam-checkpoint", default=None, help="SAM weights: teacher + P-block init")
@@ -102,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, default=None,
                    help="save and exit after this many steps (time-limited jobs; resume later)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g.add_argument("--async-checkpoint", default="auto", choices=("auto", "on", "off"),
+                   help="write checkpoints in a background thread (auto: on CUDA only; on a "
+                        "CPU run the writer would take the training's cores)")
+    g.add_argument("--profile", type=int, default=0,
+                   help="write a torch.profiler trace of this many steps (0: none)")
     return p
 
 
@@ -128,7 +135,7 @@ def check_args(args: argparse.Namespace) -> None:
         need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, "
              f"got {getattr(args, name)}")
     for name in ("warmup_steps", "keep_last", "val_every", "num_workers", "weight_decay",
-                 "clip_grad", "lambda_fd"):
+                 "clip_grad", "lambda_fd", "profile"):
         need(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, "
              f"got {getattr(args, name)}")
     need(args.img_size >= 16 and args.img_size % 16 == 0,

@@ -32,7 +32,10 @@ from .resume import (COUNTERS, check_resume, clean_stale_temp_files, find_resume
                      load_training_checkpoint, remap_position, restore_counters, rng_state,
                      run_signature, save_training_checkpoint, saved_signature, set_rng_state,
                      truncate_jsonl)
+from .async_ckpt import AsyncCheckpointWriter
 from .teacher import Teacher, cache_covers, check_cache
+from .timing import PhaseTimer, StepProfiler, window_record
+from .transfer import endless_loader, normalize_images, unpack_batch
 from .validation import VAL_KEYS, PromptHead, evaluate
 
 log = logging.getLogger("blsam.train")
@@ -74,6 +77,8 @@ class Run:
     excluded_s: float = 0.0  # save / validation time inside the current log window
     history: List[Dict[str, Any]] = field(default_factory=list)
     val_history: List[Dict[str, Any]] = field(default_factory=list)
+    timer: Optional[PhaseTimer] = None  # per-phase laps, from run_loop on
+    ckpt_writer: Optional[AsyncCheckpointWriter] = None  # set by run_loop
 
     @property
     def dev(self) -> torch.device:
@@ -107,10 +112,10 @@ def setup(args: argparse.Namespace) -> Run:
     records, index_skipped = select_records(args.data, args.shards, args.data_fraction,
                                             args.seed, info=selection)
     if args.teacher_cache:
-        check_cache(args.teacher_cache, teacher_name, args.img_size)
+        check_cache(args.teacher_cache, teacher_name, args.img_size, args.sam_checkpoint)
     ds = SA1BDataset(records, args.img_size, args.masks_per_image, args.prompt_types,
                      args.max_points, args.seed, args.teacher_cache,
-                     max_mask_fraction=args.max_mask_fraction)
+                     max_mask_fraction=args.max_mask_fraction, uint8_images=True)
     sampler = EpochBatchSampler(len(ds), args.batch_size, info.rank, info.world_size, args.seed)
     total = total_steps(args, len(sampler))
     val_loader = None
@@ -148,7 +153,8 @@ def setup(args: argparse.Namespace) -> Run:
     if args.grad_checkpoint:
         enable_grad_checkpointing(sam.image_encoder)
     dtype = amp_dtype(args.amp, dev)
-    teacher = Teacher(teacher_name, args.sam_checkpoint, args.img_size, dev, dtype)
+    teacher = Teacher(teacher_name, args.sam_checkpoint, args.img_size, dev, dtype,
+                      compile=args.teacher_compile)
     if args.val_only:
         pass  # the teacher is built on first use, if the cache lacks a validation image
     elif not cache_covers(args.teacher_cache, [r.key for r in records]):
@@ -321,7 +327,8 @@ def log_window(run: Run, win: Window, mlog: MetricsLog, lr: float) -> None:
            **{k: agg[i].item() / n_micro for i, k in enumerate(METRIC_KEYS)},
            "lr": lr, "images": int(images), "images_per_s": images / train_s,
            **{k: int(agg[nk + 2 + j].item()) for j, k in enumerate(COUNTERS)},
-           "skipped_index": len(run.index_skipped), "time": time.time()}
+           "skipped_index": len(run.index_skipped), "time": time.time(),
+           **window_record(run.timer.collect(), images)}
     run.history.append(rec)
     mlog.write("train", rec, METRIC_KEYS + ("lr", "images_per_s"))
     win.reset()
@@ -333,37 +340,36 @@ def log_window(run: Run, win: Window, mlog: MetricsLog, lr: float) -> None:
 
 def batch_stream(ds: SA1BDataset, sampler: EpochBatchSampler, num_workers: int, epoch: int,
                  start_batch: int, pin: bool) -> Iterator[Tuple[int, int, Dict[str, Any]]]:
-    """Endless (epoch, batch index, batch) from a data position; one DataLoader per epoch."""
-    while True:
-        sampler.set_position(epoch, start_batch)
-        loader = torch.utils.data.DataLoader(
-            ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-            pin_memory=pin)
-        for b, batch in enumerate(loader, start=start_batch):
-            yield epoch, b, batch
-        epoch, start_batch = epoch + 1, 0
+    """Endless (epoch, batch index, batch) from a data position; one DataLoader for the run
+    (persistent workers); on CUDA batches come packed for one transfer (``unpack_batch``)."""
+    yield from endless_loader(ds, sampler, collate, num_workers, epoch, start_batch, pin)
 
 
 def train_step(run: Run, stream: Iterator, win: Window) -> float:
     """``accum_steps`` micro-batches, one optimizer update; returns the LR it used."""
-    args, dev = run.args, run.dev
+    args, dev, timer = run.args, run.dev, run.timer
     for micro in range(args.accum_steps):
         epoch, b, batch = next(stream)
+        batch = unpack_batch(batch, dev)  # one non-blocking copy per batch (CUDA)
+        timer.lap("data")
         run.epoch, run.batch_in_epoch = ((epoch, b + 1) if b + 1 < run.batches_per_epoch
                                          else (epoch + 1, 0))
         run.counters["skipped_read"] += len(batch["skipped"])
         run.counters["bad_ann"] += batch["bad_ann"]
         run.counters["large_ann"] += batch["large_ann"]
-        images = batch["image"].to(dev, non_blocking=True)
+        images = normalize_images(batch["image"].to(dev, non_blocking=True), batch["hw"])
         t_emb = run.teacher.embeddings(images, batch["teacher"])
+        timer.lap("teacher")
         sync = (contextlib.nullcontext() if micro == args.accum_steps - 1
                 or not run.info.distributed else run.ddp.no_sync())
         with sync:
             with torch.autocast(dev.type, dtype=run.dtype or torch.float32,
                                 enabled=run.dtype is not None):
                 out = run.ddp(images, batch, t_emb)
+            timer.lap("forward")
             loss = out["loss"] / args.accum_steps
             (run.scaler.scale(loss) if run.scaler else loss).backward()
+        timer.lap("backward")
         win.dev_sums += torch.stack([out[k].detach().double() for k in METRIC_KEYS])
         win.images += images.shape[0]
         win.micro += 1
@@ -379,6 +385,7 @@ def train_step(run: Run, stream: Iterator, win: Window) -> float:
     lr = run.sched.get_last_lr()[0]
     run.sched.step()
     run.step += 1
+    timer.lap("optimizer")
     return lr
 
 
@@ -399,14 +406,15 @@ def checkpoint_state(run: Run, counters: Dict[str, List[int]]) -> Dict[str, Any]
 
 
 def save(run: Run, numbered: bool) -> None:
-    """Every rank's counters gathered (a collective), rank 0 writes; the time is not counted
-    as training time."""
+    """Every rank's counters gathered (a collective), rank 0 snapshots the state off the device
+    and a background thread writes it (atomic rename, last good file kept); the time is not
+    counted as training time."""
     t0 = time.perf_counter()
     gathered = du.all_gather_objects(dict(run.counters))
     counters = {k: [int(c[k]) for c in gathered] for k in COUNTERS}
     if run.info.is_main:
-        save_training_checkpoint(checkpoint_state(run, counters), run.args.output_dir, run.step,
-                                 numbered, run.args.keep_last)
+        run.ckpt_writer.save(save_training_checkpoint, checkpoint_state(run, counters),
+                             run.args.output_dir, run.step, numbered, run.args.keep_last)
     du.barrier()
     run.excluded_s += time.perf_counter() - t0
 
@@ -437,8 +445,27 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
     win = Window(run.dev)
     if run.val_loader is not None and run.step == 0:
         validate(run, mlog)  # the curve's starting point
+    run.timer = timer = PhaseTimer(run.dev)
+    mode = args.async_checkpoint
+    run.ckpt_writer = AsyncCheckpointWriter(
+        background=mode == "on" or (mode == "auto" and run.dev.type == "cuda"))
+    win.reset()
+    # a profiler trace on global rank 0 only
+    prof = StepProfiler(args.profile if run.info.is_main else 0, args.output_dir, run.info.rank,
+                        run.dev)
+    try:
+        return _steps(run, mlog, stream, win, timer, prof)
+    finally:
+        prof.stop()
+        run.ckpt_writer.wait()  # a failed background write is raised here
+
+
+def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: Window, timer: PhaseTimer,
+           prof: StepProfiler) -> bool:
+    args = run.args
     while run.step < run.total:
         lr = train_step(run, stream, win)
+        prof.step()
         step = run.step
         if step % args.log_every == 0 or step == run.total:
             log_window(run, win, mlog, lr)
@@ -446,9 +473,11 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
             mlog.bar.update(1)
         if run.val_loader is not None and (step % args.val_every == 0 or step == run.total):
             validate(run, mlog)
+        timer.lap("validation")
         stop_now = args.stop_after is not None and args.stop_after <= step < run.total
         if step % args.save_every == 0 or step == run.total or stop_now:
             save(run, step % args.save_every == 0)
+        timer.lap("checkpoint")
         if stop_now:
             return False
     return True

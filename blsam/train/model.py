@@ -115,7 +115,7 @@ class DistillModel(nn.Module):
         out["loss_iou"] = sums["loss_iou"].detach() / max(n, 1)
         out["iou"] = sums["iou"] / max(n, 1)
         out["iou_final"] = sums["iou_final"] / max(n, 1)
-        out["n_masks"] = torch.tensor(float(n), device=dev)
+        out["n_masks"] = torch.full((), float(n), device=dev)  # a fill: no host-to-device copy
         return out
 
     def prompt_losses(self, emb: torch.Tensor, image_pe: torch.Tensor, batch: Dict[str, Any],

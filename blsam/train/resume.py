@@ -174,10 +174,12 @@ def find_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
     """A training checkpoint (model, optimizer, position, signature), read safely."""
+    import zipfile
+
     from ..checkpoint import CheckpointError, load_error_text, safe_load
 
-    try:
-        ck = safe_load(path)
+    try:  # memory-mapped (an h_b checkpoint is ~9 GB); legacy non-zip files cannot be
+        ck = safe_load(path, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 -- any failure means the same thing to the user
         raise CheckpointError(f"could not read --resume {path!r}: {load_error_text(path, e)}"
                               ) from e
