@@ -27,6 +27,7 @@ from .checkpoint import (
     SAM_ENCODER_NAMES,
     CheckpointError,
     adapt_sam_state_dict,
+    check_not_blsam,
     describe_sam_encoder,
     load_strict,
     read_state_dict,
@@ -104,6 +105,7 @@ def _sam_with_encoder(image_encoder: torch.nn.Module, img_size: int) -> Sam:
 
 
 def _check_sam_variant(state_dict: Dict[str, torch.Tensor], variant: str, path: str) -> None:
+    check_not_blsam(state_dict, path)
     found = describe_sam_encoder(state_dict)
     if found is None:
         raise CheckpointError(

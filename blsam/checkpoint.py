@@ -25,14 +25,68 @@ def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> StateD
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_load(path)
     except Exception as e:  # pickle errors, truncated zip, non-tensor payloads
-        raise CheckpointError(f"could not read {what} {path!r}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"could not read {what} {path!r}: {load_error_text(path, e)}"
+                              ) from e
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{what} {path!r} is not a state dict of tensors")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def safe_load(path: str, mmap: bool = False) -> object:
+    """``torch.load(weights_only=True)`` on CPU, without torch's warning that asks users to
+    "file an issue" when a file was pickled with another protocol (a wrong file, not a bug)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def load_error_text(path: str, e: BaseException) -> str:
+    """Why ``torch.load`` failed, in one line of our own words: torch's text asks the user to
+    "file an issue" for what is simply a wrong or damaged file."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as oe:
+        return f"unreadable ({oe})"
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip and head[:1] != b"\x80":
+        return "not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"
+    text = str(e)
+    if "Weights only load failed" in text or "weights_only" in text:
+        return ("it holds Python objects other than tensors and plain containers, which safe "
+                "loading (torch.load(weights_only=True)) refuses, or it is damaged")
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"damaged or not a PyTorch checkpoint ({type(e).__name__}: {first[:200]})"
+
+
+def blsam_variant_of(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """'b_t' / 'h_b' / 'bLViT' when the state dict is a bLViT-SAM (E-blocks or predictors in
+    the image encoder), else None. A bLViT-SAM looks like a SAM of the same width and depth to
+    ``describe_sam_encoder``, so this is what tells the two apart."""
+    if not any(".e_block." in k or k.startswith("image_encoder.predictors.") for k in state_dict):
+        return None
+    found = describe_sam_encoder(state_dict)
+    return {(768, 12): "b_t", (1280, 32): "h_b"}.get(found, "bLViT") if found else "bLViT"
+
+
+def check_not_blsam(state_dict: Mapping[str, torch.Tensor], path: str,
+                    what: str = "SAM checkpoint") -> None:
+    """A trained bLViT-SAM given where an official SAM checkpoint is expected: say what it is."""
+    variant = blsam_variant_of(state_dict)
+    if variant is not None:
+        raise CheckpointError(
+            f"{what} {path!r} is a trained bLViT-SAM checkpoint ({variant}: it has E-blocks "
+            f"and routing predictors), not an official SAM checkpoint: give the SAM weights the "
+            f"student was distilled from (e.g. sam_vit_b_01ec64.pth) and pass this file as "
+            f"--checkpoint or --resume")
 
 
 def save_atomic(obj: object, path: str | os.PathLike) -> str:

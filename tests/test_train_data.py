@@ -179,14 +179,14 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path, sam_vit_b_ckpt, monkey
     with pytest.raises(D.DataError, match="no sa_"):
         D.select_records(str(tmp_path / "empty"))
     # train() fails on the data before building any model
-    from blsam.train import engine
+    from blsam.train import engine, loop
     from tools.train import parse_args
 
     def boom(*a, **k):
         raise AssertionError("a model was built before the data was checked")
 
-    monkeypatch.setitem(engine.blsam_model_registry, "b_t", boom)
-    monkeypatch.setitem(engine.blsam_model_registry, "vit_b", boom)
+    monkeypatch.setitem(loop.blsam_model_registry, "b_t", boom)
+    monkeypatch.setitem(loop.blsam_model_registry, "vit_b", boom)
     args = parse_args(["--data", str(tmp_path / "empty"), "--sam-checkpoint", sam_vit_b_ckpt,
                        "--output-dir", str(tmp_path / "out"), "--img-size", "64"])
     with pytest.raises(D.DataError, match="no sa_"):
@@ -221,7 +221,7 @@ def test_prompts_are_inside_the_mask():
         assert np.all(np.abs(b - mask_box(m)) <= 20 * 64 / 1024 + 1e-6)
     pts = sample_points(m, 5, rng)
     assert pts.shape == (5, 2)
-    assert m[(pts[:, 1] - 0.5).astype(int), (pts[:, 0] - 0.5).astype(int)].all()
+    assert m[pts[:, 1].astype(int), pts[:, 0].astype(int)].all()
 
 
 def test_bad_config_key_is_an_error(tmp_path):

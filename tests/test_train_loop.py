@@ -41,7 +41,7 @@ def _args(tiny, ckpt, out, *extra):
         "--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"),
         "--data", str(tiny / "data"), "--data-fraction", "1", "--sam-checkpoint", ckpt,
         "--output-dir", str(out), "--img-size", IMG, "--batch-size", "2", "--num-workers", "0",
-        "--log-every", "1", "--warmup-steps", "0", "--no-progress", *extra])
+        "--log-every", "1", "--warmup-steps", "0", "--no-progress", "--val-every", "0", *extra])
 
 
 def test_cache_matches_teacher(tiny, sam_vit_b_ckpt):
@@ -87,27 +87,153 @@ def test_every_b_t_parameter_gets_a_gradient(tiny, sam_vit_b_ckpt):
             torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, sam_vit_b_ckpt, tmp_path):
+def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, sam_vit_b_ckpt, tmp_path,
+                                                        monkeypatch, capsys):
+    """Also: validation on the held-out shard moves the right way and ``--val-only`` on
+    final.pth reproduces the last validation; ``images_per_s`` leaves save time out."""
+    import time
+
+    from blsam.train import loop
+
+    real_save = loop.save_training_checkpoint
+
+    def slow_save(*a, **k):  # a slow disk: 3 s per checkpoint
+        real_save(*a, **k)
+        time.sleep(3.0)
+
+    monkeypatch.setattr(loop, "save_training_checkpoint", slow_save)
     out = tmp_path / "run"
     args = _args(tiny, sam_vit_b_ckpt, out, "--shards", "sa_000000", "--max-steps", "8",
                  "--lr", "2e-4", "--masks-per-image", "8", "--prompt-types", "box",
-                 "--teacher-cache", str(tiny / "cache"), "--save-every", "100")
+                 "--teacher-cache", str(tiny / "cache"), "--save-every", "4",
+                 "--val-every", "4", "--val-images", "2", "--val-masks", "8")
     summary = train(args)
-    assert not summary["teacher_built"]  # the cache covers both images
-    hist = summary["history"]
+    assert not summary["teacher_built"]  # the cache covers the training and held-out images
+    hist, val = summary["history"], summary["val_history"]
     first, last = hist[0], hist[-1]
     print(f"\nOVERFIT loss {first['loss']:.4f} -> {last['loss']:.4f}, "
           f"cos_sim {first['cos_sim']:.4f} -> {last['cos_sim']:.4f}, "
           f"images/s {sum(h['images_per_s'] for h in hist[1:]) / (len(hist) - 1):.2f}")
+    for v in val:
+        print("VAL", {k: round(v[k], 4) if isinstance(v[k], float) else v[k]
+                      for k in ("step", "cos_sim", "miou_point", "miou_box",
+                                "miou_teacher_point", "miou_teacher_box", "images", "masks")})
     assert last["loss"] < 0.85 * first["loss"]
     assert last["cos_sim"] > first["cos_sim"] + 0.05
+    # the step after a save: 2 images in well under 3 s of training, the 3 s save left out
+    assert hist[4]["step"] == 5 and hist[4]["images"] == 2 and hist[4]["images_per_s"] > 2 / 3
+    assert [v["step"] for v in val] == [0, 4, 8] and all(v["images"] == 2 for v in val)
+    # held-out images, never trained on: the student's features approach the teacher's. (With
+    # random SAM weights the mask mIoUs carry no meaning; they are checked by the oracle test.)
+    assert val[-1]["cos_sim"] > val[0]["cos_sim"] + 0.02
     lines = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert [ln["step"] for ln in lines] == list(range(1, 9))
     assert {"loss", "loss_mask", "loss_iou", "loss_fd", "cos_sim", "lr", "images_per_s",
-            "skipped_read", "skipped_index", "epoch"} <= set(lines[0])
+            "skipped_read", "skipped_index", "bad_ann", "large_ann", "epoch"} <= set(lines[0])
+    assert [json.loads(ln)["step"] for ln in open(out / "val.jsonl")] == [0, 4, 8]
     assert os.path.isdir(out / "tb")
     sam = blsam_model_registry["b_t"](checkpoint=str(out / "final.pth"), img_size=int(IMG))
     assert state_checksum(sam.state_dict()) == summary["checksums"][0]
+    # --val-only evaluates a checkpoint with the same held-out images and prompts
+    from tools.train import cli
+
+    argv = ["--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"),
+            "--data", str(tiny / "data"), "--shards", "sa_000000", "--data-fraction", "1",
+            "--sam-checkpoint", sam_vit_b_ckpt, "--img-size", IMG, "--batch-size", "2",
+            "--num-workers", "0", "--teacher-cache", str(tiny / "cache"), "--val-only",
+            "--checkpoint", str(out / "final.pth"), "--val-images", "2", "--val-masks", "8"]
+    capsys.readouterr()
+    assert cli(argv) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["images"] == 2 and got["masks"] == val[-1]["masks"]
+    assert got["cos_sim"] == pytest.approx(val[-1]["cos_sim"], abs=1e-4)
+    for k in ("miou_box", "miou_teacher_box"):
+        assert got[k] == pytest.approx(val[-1][k], abs=2e-3), k
+    # a single click takes the argmax of 3 predicted IoUs, which float noise between the two
+    # processes' kernels may flip for one near-tied mask (random weights): at most 1 of the 8
+    for k in ("miou_point", "miou_teacher_point"):
+        assert abs(got[k] - val[-1][k]) <= 1 / got["masks"] + 1e-6, k
+
+
+def test_val_oracle_student_equal_to_teacher(tiny, sam_vit_b_ckpt, tmp_path, capsys):
+    """b_t at keep ratio 1 with untrained E-blocks is exactly SAM: validation must say so."""
+    from tools.train import cli
+
+    init = tmp_path / "init.pth"
+    sam = blsam_model_registry["b_t"](sam_checkpoint=sam_vit_b_ckpt, img_size=int(IMG),
+                                      keep_ratio=1.0)
+    torch.save(sam.state_dict(), init)
+    argv = ["--data", str(tiny / "data"), "--shards", "sa_000000", "--data-fraction", "1",
+            "--sam-checkpoint", sam_vit_b_ckpt, "--img-size", IMG, "--keep-ratio", "1",
+            "--num-workers", "0", "--val-only", "--checkpoint", str(init), "--val-images", "2",
+            "--val-masks", "4", "--device", "cpu"]
+    assert cli(argv) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["cos_sim"] > 0.9999 and got["images"] == 2 and got["masks"] > 2
+    assert got["miou_teacher_point"] > 0.999 and got["miou_teacher_box"] > 0.999
+
+
+def test_interactive_prompts_and_padding_mask(tiny, sam_vit_b_ckpt):
+    """SAM's interactive iterations: the decoder runs prompt_iters times per image, from the
+    second on with the previous logits as mask prompt and error-region clicks; deterministic
+    per sample seed. The feature loss ignores SAM's padding unless asked to include it."""
+    from blsam.train.data import SA1BDataset, collate, select_records
+    from blsam.train.model import click_schedule, error_click
+
+    assert click_schedule(11, 3).count(True) == 8 and click_schedule(11, 3)[-1] is False
+    assert click_schedule(1, 0) == [] and click_schedule(3, 0) == [True, False]
+    logits = torch.full((2, 1, 4, 4), -5.0)
+    logits[0, 0, :2, :2] = 5.0  # predicts the top-left quarter
+    logits[1] = 5.0             # predicts everything
+    gt = torch.zeros(2, 4, 4)
+    gt[0, :2] = 1               # top half: false negatives in the top-right quarter
+    gt[1] = 1
+    gt[1, 3, 3] = 0             # one false positive pixel
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        xy, lab = error_click(logits, gt, g, 16)
+        x, y = xy[0, 0].long().tolist()
+        assert lab[0, 0] == 1 and y // 16 < 2 and x // 16 >= 2
+        assert lab[1, 0] == 0 and (xy[1, 0].long() // 16).tolist() == [3, 3]
+    _, lab = error_click(gt[:, None] * 10 - 5, gt, g, 16)
+    assert lab.tolist() == [[-1], [-1]]  # no error: SAM's "not a point"
+
+    sam = blsam_model_registry["b_t"](sam_checkpoint=sam_vit_b_ckpt, img_size=int(IMG))
+    recs, _ = select_records(str(tiny / "data"))
+    ds = SA1BDataset(recs, int(IMG), masks_per_image=3, prompt_types=["point"],
+                     teacher_cache=str(tiny / "cache"))
+    batch = collate([ds[(0, 0)], ds[(0, 1)]])
+    t_emb = torch.stack(batch["teacher"]).float()
+    calls = []
+    real_pe = sam.prompt_encoder.forward
+
+    def spy(points, boxes, masks):
+        calls.append((None if points is None else points[0].shape[1], masks is not None))
+        return real_pe(points, boxes, masks)
+
+    sam.prompt_encoder.forward = spy
+    model = DistillModel(sam, 2.5, prompt_iters=4)
+    out = model(batch["image"], batch, t_emb)
+    assert calls[:4] == [(1, False), (2, True), (2, True), (2, True)] or \
+        calls[:4] == [(1, False), (1, True), (2, True), (2, True)]
+    assert len(calls) == 8 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    calls.clear()
+    again = model(batch["image"], batch, t_emb)
+    assert again["loss"].item() == pytest.approx(out["loss"].item(), rel=1e-6)
+
+    # padding: a teacher that differs from the student only in SAM's padding
+    hw = batch["hw"]
+    assert any(h < int(IMG) or w < int(IMG) for h, w in hw)
+    with torch.no_grad():
+        emb = sam.image_encoder(batch["image"])
+    from blsam.train.losses import real_positions
+    valid = real_positions(hw, emb.shape[-1], 16)
+    fake = torch.where(valid[:, None], emb, torch.randn_like(emb))
+    with torch.no_grad():
+        ex = DistillModel(sam, 2.5, fd_padding="exclude")(batch["image"], batch, fake)
+        inc = DistillModel(sam, 2.5, fd_padding="include")(batch["image"], batch, fake)
+    assert ex["loss_fd"].item() < 1e-5 < 0.05 < inc["loss_fd"].item()
 
 
 def test_resume_continues_exactly(tiny, sam_vit_b_ckpt, tmp_path):
@@ -119,7 +245,24 @@ def test_resume_continues_exactly(tiny, sam_vit_b_ckpt, tmp_path):
     full = train(_args(tiny, sam_vit_b_ckpt, tmp_path / "a", *common))
     part = train(_args(tiny, sam_vit_b_ckpt, tmp_path / "b", *common, "--stop-after", "1"))
     assert part["stopped"] and not os.path.exists(tmp_path / "b" / "final.pth")
+    # what a kill -9 after step 3's log and during a save leaves behind
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path / "b" / "tb"))
+    for st in (2, 3):
+        w.add_scalar("train/loss", 999.0, st)
+    w.close()
+    stale = [tmp_path / "b" / ".step_0000002.pth.tmp.4242", tmp_path / "b" / ".last.pth.link.7"]
+    for f in stale:
+        f.write_bytes(b"x" * 1000)
     resumed = train(_args(tiny, sam_vit_b_ckpt, tmp_path / "b", *common, "--resume", "auto"))
+    assert not any(f.exists() for f in stale)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "b" / "tb"))
+    acc.Reload()
+    events = acc.Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2, 3] and all(e.value < 999 for e in events)
     a = read_state_dict(tmp_path / "a" / "final.pth")
     b = read_state_dict(tmp_path / "b" / "final.pth")
     for k in a:
@@ -150,7 +293,8 @@ def test_ddp_two_processes_gloo(tiny, sam_vit_b_ckpt, tmp_path):
            "--data", str(tiny / "data"), "--data-fraction", "1",
            "--sam-checkpoint", sam_vit_b_ckpt, "--output-dir", str(out), "--img-size", IMG,
            "--batch-size", "1", "--accum-steps", "2", "--max-steps", "1", "--num-workers", "0",
-           "--device", "cpu", "--log-every", "1", "--no-progress", "--masks-per-image", "2"]
+           "--device", "cpu", "--log-every", "1", "--no-progress", "--masks-per-image", "2",
+           "--shards", "sa_000000", "--val-every", "1", "--val-images", "2", "--val-masks", "2"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -164,3 +308,7 @@ def test_ddp_two_processes_gloo(tiny, sam_vit_b_ckpt, tmp_path):
     assert state_checksum(init.state_dict()) != summary["checksums"][0]  # it did train
     rec = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert len(rec) == 1 and rec[0]["step"] == 1
+    assert rec[0]["images"] == 4  # global: 2 ranks x 2 micro-steps x batch 1, not rank 0's 2
+    val = [json.loads(ln) for ln in open(out / "val.jsonl")]
+    assert [v["step"] for v in val] == [0, 1]
+    assert all(v["images"] == 2 for v in val)  # held-out sa_3, sa_4 split over the 2 ranks

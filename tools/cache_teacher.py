@@ -1,7 +1,8 @@
-"""Cache the SAM teacher's image embeddings for distillation (fp16, one sa_N.pt per image).
+"""Cache the SAM teacher's image embeddings for distillation (packed fp16 parts + index).
 
     python tools/cache_teacher.py --data /data/sa1b --model h_b \
         --sam-checkpoint sam_vit_h_4b8939.pth --output cache/vit_h_1024
+    torchrun --nproc_per_node 8 tools/cache_teacher.py ...   # one part file per rank
     python tools/train.py ... --teacher-cache cache/vit_h_1024
 """
 from __future__ import annotations
@@ -24,8 +25,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from blsam.train.data import DataError
+    from blsam.train.packed_cache import CacheError
+
     try:
         print(cache_teacher(args))
+    except (CacheError, DataError, ValueError, FileNotFoundError) as e:  # user errors: exit 2
+        print(f"cache_teacher.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     finally:
         from blsam.utils.dist import cleanup
 

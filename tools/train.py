@@ -4,10 +4,15 @@
         --sam-checkpoint sam_vit_b_01ec64.pth --output-dir runs/b_t
     torchrun --nproc_per_node 8 tools/train.py --config configs/distill_h_b.yaml ...
     python tools/train.py ... --resume auto
+    python tools/train.py --config ... --val-only --checkpoint runs/b_t/final.pth
+
+A user error (bad option, data, checkpoint or resume) is one ``error:`` line on stderr and exit
+code 2, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -15,12 +20,25 @@ from typing import List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blsam.train.engine import build_parser, train  # noqa: E402
-from blsam.utils.config import parse_args_with_config  # noqa: E402
+from blsam.checkpoint import CheckpointError  # noqa: E402
+from blsam.train.data import DataError  # noqa: E402
+from blsam.train.engine import UsageError, build_parser, train  # noqa: E402
+from blsam.train.resume import ResumeError  # noqa: E402
+from blsam.utils.config import ConfigError, parse_args_with_config  # noqa: E402
+
+USER_ERRORS = (UsageError, DataError, CheckpointError, ResumeError, ConfigError,
+               FileNotFoundError)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    return parse_args_with_config(build_parser(), argv)
+    parser = build_parser()
+
+    def error(message: str) -> None:  # argparse's usage block + error: one line here
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parse_args_with_config(parser, argv)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -28,12 +46,32 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     try:
-        train(args)
+        out = train(args)
+        if args.val_only and rank == 0:
+            print(json.dumps(out))
     finally:
         from blsam.utils.dist import cleanup
 
         cleanup()
 
 
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")).strip() or type(e).__name__
+
+
+def cli(argv: Optional[List[str]] = None) -> int:
+    """Command-line entry: bad input ends with one ``error:`` line and exit code 2."""
+    try:
+        try:
+            args = parse_args(argv)
+        except SystemExit as e:  # --help (0) or a parse error, already printed as one line
+            return int(e.code or 0)
+        main(args)
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(cli())

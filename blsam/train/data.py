@@ -9,12 +9,19 @@ Damaged inputs never stop a run: a truncated tar member is dropped when indexing
 jpg/json is replaced by the next image when read (so every rank still sees full batches and
 DDP stays in step); both are logged with the member name and counted.
 
+Annotations are checked before they become targets: the RLE must add up to height x width
+(an empty or short ``counts`` string would otherwise decode to uninitialised memory), and the
+decoded area and box must agree with the JSON's ``area`` and ``bbox``. A bad annotation is
+skipped and counted; an image with no usable annotation left is replaced like a damaged one.
+Masks covering more than ``max_mask_fraction`` of the image are dropped (SAM's training rule).
+
 Everything random about a sample (which masks, which prompts) is seeded by
 (seed, epoch, index), and the batch sampler is a pure function of (seed, epoch, rank), so a run
 resumed at (epoch, batch) sees exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
@@ -28,7 +35,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .prompts import PROMPT_TYPES, choose_prompt, noisy_box, sample_points
+from . import packed_cache
+from .prompts import PROMPT_TYPES, choose_prompt, mask_box, noisy_box, sample_points
+from .transfer import preprocess_uint8
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +46,34 @@ PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
 LOW_RES_FACTOR = 4  # SAM's decoder predicts masks at img_size / 4 (256 px at 1024)
 
 
+MAX_MASK_FRACTION = 0.9  # SAM drops masks that cover more than 90% of the image
+AREA_TOL, BOX_TOL_PX = 0.01, 2.0  # decoded vs JSON: 1% of the area (>= 2 px), 2 px + 1% of side
+
+
 class DataError(ValueError):
     """``--data`` cannot be used (missing, empty, no shard matches)."""
+
+
+class AnnotationError(ValueError):
+    """One SA-1B annotation whose mask does not match what its JSON claims."""
+
+
+def add_data_args(parser: argparse.ArgumentParser, require_data: bool = False
+                  ) -> argparse._ArgumentGroup:
+    """The image-selection flags, one definition for tools/train.py and tools/cache_teacher.py:
+    the same flags must pick the same images, or the teacher cache misses the training set."""
+    g = parser.add_argument_group("data selection")
+    g.add_argument("--data", required=require_data, default=None,
+                   help="folder of sa_*.tar, folder of jpg/json pairs, or one tar")
+    g.add_argument("--shards", nargs="+", default=None,
+                   help="use only these tar shards (sa_000020 or sa_000020.tar)")
+    g.add_argument("--data-fraction", type=float, default=0.02,
+                   help="seeded fraction of the images: whole shards when it is >= 1 shard's "
+                        "worth, otherwise single images (a warning says so)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="subset, data order, masks, prompts and model init")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
+    return g
 
 
 @dataclass(frozen=True)
@@ -142,13 +177,16 @@ def list_shards(data: str) -> Tuple[List[str], bool]:
 
 
 def select_records(
-    data: str, shards: Optional[Sequence[str]] = None, fraction: float = 1.0, seed: int = 0
+    data: str, shards: Optional[Sequence[str]] = None, fraction: float = 1.0, seed: int = 0,
+    info: Optional[Dict[str, Any]] = None,
 ) -> Tuple[List[Record], List[str]]:
     """Index ``data`` and pick the training subset; returns (records, skipped names).
 
     ``shards``: tar names (``sa_000020`` or ``sa_000020.tar``) to use. ``fraction`` of the
-    images, chosen by ``seed``: with many tars whole shards are drawn first (2% of 1000 SA-1B
-    shards = 20 shards, and only those are opened), otherwise single images; at least one.
+    images, chosen by ``seed``: when it amounts to at least one whole tar, whole shards are drawn
+    (2% of 1000 SA-1B shards = 20 shards, and only those are opened); otherwise single images,
+    with a warning (2% of 20 downloaded shards is 4.4k images, not the paper's 220k). What was
+    selected is logged and, when ``info`` is given, stored in it (shards, images, mode).
     """
     if not 0.0 < fraction <= 1.0:
         raise DataError(f"--data-fraction must be in (0, 1], got {fraction}")
@@ -160,22 +198,130 @@ def select_records(
         if missing:
             raise DataError(f"--shards not found under {data!r}: {sorted(missing)}")
         loose = False
+    n_tars = len(tars)
     rng = random.Random(seed)
+    mode = "all"
     if len(tars) > 1 and not loose and fraction * len(tars) >= 1 and fraction < 1:
         n = max(1, round(fraction * len(tars)))
         tars = sorted(rng.sample(tars, n))
-        fraction = 1.0
+        fraction, mode = 1.0, "shards"
     skipped: List[str] = []
     records = [r for t in tars for r in index_tar(t, skipped)]
     if loose:
         records += index_folder(data, skipped)
     if not records:
         raise DataError(f"--data {data!r}: no usable jpg/json pairs found")
+    n_indexed = len(records)
     if fraction < 1.0:
         n = max(1, round(fraction * len(records)))
         keep = sorted(rng.sample(range(len(records)), n))
         records = [records[i] for i in keep]
+        mode = "images"
+        if n_tars > 1:
+            log.warning(
+                "--data-fraction %g of %d shards is less than one whole shard: selecting %d of "
+                "%d images one by one instead of whole shards (pass --data-fraction 1 to train "
+                "on every downloaded shard)", fraction, n_tars, len(records), n_indexed)
+    log.info("data: %d of %d shards opened, %d images selected (%s)", len(tars), n_tars,
+             len(records), {"all": "everything", "shards": "whole shards",
+                            "images": "single images"}[mode])
+    if info is not None:
+        info.update({"shards_total": n_tars, "shards_selected": len(tars),
+                     "images_indexed": n_indexed, "images": len(records), "mode": mode})
     return records, skipped
+
+
+def select_val_records(data: str, exclude: Sequence[Record], n: int, seed: int = 0
+                       ) -> List[Record]:
+    """``n`` held-out images under ``data``, none of them in ``exclude`` (the training set).
+
+    Shards the training set does not touch are indexed first (one or two usually suffice, so
+    the other 990 are never opened); images of used shards that training left out come last.
+    """
+    tars, loose = list_shards(data)
+    used_keys = {r.key for r in exclude}
+    used_shards = {r.shard for r in exclude}
+    rng = random.Random(seed + 1)
+    fresh = [t for t in tars if os.path.basename(t) not in used_shards]
+    rng.shuffle(fresh)
+    order = fresh + [t for t in tars if os.path.basename(t) in used_shards]
+    out: List[Record] = []
+    skipped: List[str] = []
+    for t in order:
+        out += [r for r in index_tar(t, skipped) if r.key not in used_keys]
+        if len(out) >= n:
+            break
+    if len(out) < n and loose:
+        out += [r for r in index_folder(data, skipped) if r.key not in used_keys]
+    if not out:
+        raise DataError(f"--val-data {data!r} holds no image outside the training subset: "
+                        f"pass --val-data with other images, select fewer training images, or "
+                        f"--val-every 0 to train without validation")
+    out = sorted(out[:n] if len(out) <= n else rng.sample(out, n), key=lambda r: r.key)
+    log.info("validation: %d held-out images (%d asked for)", len(out), n)
+    return out
+
+
+def rle_run_lengths(counts: Any) -> np.ndarray:
+    """Run lengths (int64) of a COCO RLE: a list as is, or the compressed string (pycocotools'
+    format: 6-bit chunks from '0', 0x20 = more chunks follow, 0x10 in the last chunk = negative,
+    runs from the fourth on are deltas to the run two back). Vectorised: SA-1B strings run to
+    thousands of characters and every sampled annotation is checked."""
+    if not isinstance(counts, str):
+        return np.asarray([int(c) for c in counts], np.int64)
+    if not counts:
+        return np.zeros(0, np.int64)
+    c = np.frombuffer(counts.encode("latin-1"), np.uint8).astype(np.int64) - 48
+    if c.min() < 0 or c.max() >= 64:
+        raise AnnotationError("RLE counts has characters outside the RLE alphabet")
+    last = (c & 0x20) == 0  # the chunk that ends a number
+    if not last[-1]:
+        raise AnnotationError("RLE counts string ends inside a number")
+    ends = np.flatnonzero(last)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 12:  # 60 bits: no real run needs more than 7 chunks
+        raise AnnotationError("RLE counts holds an impossibly long number")
+    k = np.arange(len(c)) - np.repeat(starts, lengths)
+    x = np.add.reduceat((c & 0x1F) << (5 * k), starts)  # disjoint bits: sum == or
+    neg = (c[ends] & 0x10) != 0
+    x = np.where(neg, x - (np.int64(1) << (5 * lengths)), x)
+    runs = x.copy()
+    for first in (3, 4):  # runs[m] = x[m] + runs[m - 2] for m >= 3, per parity chain
+        if len(runs) > first:
+            runs[first - 2::2] = np.cumsum(runs[first - 2::2])
+    return runs
+
+
+def check_annotation(ann: Dict[str, Any], hw: Tuple[int, int]) -> None:
+    """Raise ``AnnotationError`` unless the RLE covers exactly h*w pixels and its area and box
+    agree with the JSON's ``area`` and ``bbox`` (tolerances ``AREA_TOL``, ``BOX_TOL_PX``)."""
+    from pycocotools import mask as mask_utils
+
+    seg = ann["segmentation"]
+    h, w = hw
+    if [int(v) for v in seg["size"]] != [h, w]:
+        raise AnnotationError(f"mask size {seg['size']} != image size {[h, w]}")
+    runs = rle_run_lengths(seg["counts"])
+    if len(runs) == 0:
+        raise AnnotationError("empty RLE counts")
+    if runs.min() < 0 or int(runs.sum()) != h * w:
+        raise AnnotationError(f"RLE runs add up to {int(runs.sum())} pixels, not {h}x{w}="
+                              f"{h * w}")
+    area = int(runs[1::2].sum())
+    if area == 0:
+        raise AnnotationError("empty mask")
+    if "area" in ann and abs(area - float(ann["area"])) > max(2.0, AREA_TOL * area):
+        raise AnnotationError(f"decoded area {area} != json area {ann['area']}")
+    if "bbox" in ann:
+        rle = {"size": [h, w], "counts": seg["counts"].encode("ascii")
+               if isinstance(seg["counts"], str) else seg["counts"]}
+        if not isinstance(rle["counts"], bytes):
+            rle = mask_utils.frPyObjects(rle, h, w)
+        box = np.asarray(mask_utils.toBbox(rle), np.float64)
+        tol = BOX_TOL_PX + 0.01 * max(h, w)
+        if np.abs(box - np.asarray(ann["bbox"], np.float64)).max() > tol:
+            raise AnnotationError(f"decoded box {box.tolist()} != json bbox {ann['bbox']}")
 
 
 def decode_rle(segmentation: Dict[str, Any]) -> np.ndarray:
@@ -236,8 +382,14 @@ class SA1BDataset(torch.utils.data.Dataset):
 
     A sample: ``image`` (3, S, S) SAM-normalised and padded; ``masks`` (M, S/4, S/4) float
     {0,1} low-res targets; ``boxes`` (M, 4) XYXY or ``points`` (M, P, 2) + ``labels`` (M, P)
-    in the S-pixel frame; ``kind`` (box | point | points); ``key``; ``teacher`` (cached
-    embedding or None); ``skipped`` (names of damaged items replaced by this one).
+    in the S-pixel frame (integer pixel indices, SAM's convention: its prompt encoder adds the
+    half pixel); ``kind`` (box | point | points, or "val"); ``key``; ``teacher`` (cached
+    embedding or None); ``skipped`` (names of damaged items replaced by this one); ``bad_ann``
+    and ``large_ann`` (annotations skipped as invalid / larger than ``max_mask_fraction``);
+    ``seed`` (for the interactive clicks drawn on the device).
+
+    ``val=True``: every mask gets both an exact box and SAM's centre click (the pixel farthest
+    from the mask boundary), no noise: the same prompts at every validation.
     """
 
     def __init__(
@@ -251,6 +403,9 @@ class SA1BDataset(torch.utils.data.Dataset):
         teacher_cache: Optional[str] = None,
         with_targets: bool = True,
         max_retries: int = 16,
+        max_mask_fraction: float = MAX_MASK_FRACTION,
+        val: bool = False,
+        uint8_images: bool = False,
     ) -> None:
         bad = [t for t in prompt_types if t not in PROMPT_TYPES]
         if bad or not prompt_types:
@@ -266,6 +421,9 @@ class SA1BDataset(torch.utils.data.Dataset):
         self.teacher_cache = teacher_cache
         self.with_targets = with_targets
         self.max_retries = max_retries
+        self.max_mask_fraction = max_mask_fraction
+        self.val = val
+        self.uint8_images = uint8_images  # normalised on the device (transfer.normalize_images)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -292,28 +450,36 @@ class SA1BDataset(torch.utils.data.Dataset):
         info = meta["image"]
         if (img.shape[0], img.shape[1]) != (int(info["height"]), int(info["width"])):
             raise ValueError(f"jpg is {img.shape[:2]}, json says {info['height']}x{info['width']}")
-        image, (h, w) = preprocess_image(img, self.img_size)
+        image, (h, w) = (preprocess_uint8 if self.uint8_images else preprocess_image)(
+            img, self.img_size)
         sample: Dict[str, Any] = {"image": image, "key": rec.key, "hw": (h, w), "teacher": None}
-        if self.teacher_cache:
-            path = os.path.join(self.teacher_cache, rec.key + ".pt")
-            if os.path.isfile(path):
-                sample["teacher"] = torch.load(path, map_location="cpu", weights_only=True)
+        if self.teacher_cache:  # packed cache: one memory-mapped row, None if absent
+            sample["teacher"] = packed_cache.lookup(self.teacher_cache, rec.key)
         if self.with_targets:
             sample.update(self.targets(meta["annotations"], img.shape[:2], (h, w), epoch, index))
         return sample
 
     def targets(self, anns: List[Dict[str, Any]], orig_hw: Tuple[int, int],
                 new_hw: Tuple[int, int], epoch: int, index: int) -> Dict[str, Any]:
-        """Sample masks, decode only those, resize/pad like the image, draw prompts."""
+        """Sample masks, check and decode only those, resize/pad like the image, draw prompts."""
         rng = np.random.default_rng([self.seed, epoch, index])
         s = self.img_size
         order = rng.permutation(len(anns))  # decode lazily: stop once enough masks survive
         masks, full = [], []
+        bad, large = 0, 0
         for a in order:
-            seg = anns[a]["segmentation"]
-            if [int(v) for v in seg["size"]] != [orig_hw[0], orig_hw[1]]:
-                raise ValueError(f"mask size {seg['size']} != image size {list(orig_hw)}")
-            m = resize_mask(decode_rle(seg), new_hw)
+            ann = anns[a]
+            try:
+                check_annotation(ann, orig_hw)
+            except (AnnotationError, KeyError, TypeError, ValueError) as e:
+                log.debug("bad annotation %s: %s", ann.get("id"), e)
+                bad += 1
+                continue
+            m = decode_rle(ann["segmentation"])
+            if m.sum() > self.max_mask_fraction * m.size:
+                large += 1
+                continue
+            m = resize_mask(m, new_hw)
             if not m.any():  # vanished when shrunk
                 continue
             padded = np.zeros((s, s), bool)
@@ -325,29 +491,40 @@ class SA1BDataset(torch.utils.data.Dataset):
             masks.append(low)
             if len(masks) == self.masks_per_image:
                 break
-        kind, n_pts = choose_prompt(rng, self.prompt_types, self.max_points)
-        out: Dict[str, Any] = {
-            "kind": kind,
-            "masks": torch.from_numpy(np.stack(masks)) if masks
-            else torch.zeros(0, s // LOW_RES_FACTOR, s // LOW_RES_FACTOR),
-        }
-        if kind == "box":
-            boxes = [noisy_box(m, rng, s) for m in full]
-            out["boxes"] = torch.from_numpy(np.stack(boxes)) if boxes else torch.zeros(0, 4)
-        else:
-            pts = [sample_points(m, n_pts, rng) for m in full]
-            out["points"] = (torch.from_numpy(np.stack(pts)) if pts
-                             else torch.zeros(0, n_pts, 2))
+        if not masks:
+            raise ValueError(f"no usable annotation ({len(anns)} in the json, {bad} invalid, "
+                             f"{large} larger than {self.max_mask_fraction:g} of the image)")
+        out: Dict[str, Any] = {"masks": torch.from_numpy(np.stack(masks)), "bad_ann": bad,
+                               "large_ann": large}
+        if self.val:
+            from ..evaluation.prompts import center_point
+
+            out["kind"] = "val"
+            out["boxes"] = torch.from_numpy(np.stack([mask_box(m) for m in full]))
+            out["points"] = torch.from_numpy(
+                np.stack([center_point(m) for m in full]).astype(np.float32))
             out["labels"] = torch.ones(out["points"].shape[:2], dtype=torch.int64)
+            return out
+        kind, n_pts = choose_prompt(rng, self.prompt_types, self.max_points)
+        out["kind"] = kind
+        if kind == "box":
+            out["boxes"] = torch.from_numpy(np.stack([noisy_box(m, rng, s) for m in full]))
+        else:
+            out["points"] = torch.from_numpy(np.stack([sample_points(m, n_pts, rng)
+                                                       for m in full]))
+            out["labels"] = torch.ones(out["points"].shape[:2], dtype=torch.int64)
+        out["seed"] = int(rng.integers(2 ** 62))  # interactive clicks (drawn on the device)
         return out
 
 
 def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Stack images (and cached teacher embeddings); keep per-image targets as lists."""
     batch: Dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}
-    for k in ("key", "hw", "teacher", "kind", "masks", "boxes", "points", "labels"):
+    for k in ("key", "hw", "teacher", "kind", "masks", "boxes", "points", "labels", "seed"):
         batch[k] = [s.get(k) for s in samples]
     batch["skipped"] = [n for s in samples for n in s["skipped"]]
+    batch["bad_ann"] = sum(s.get("bad_ann", 0) for s in samples)
+    batch["large_ann"] = sum(s.get("large_ann", 0) for s in samples)
     return batch
 
 

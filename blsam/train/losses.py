@@ -7,7 +7,8 @@ computed in fp32 regardless of autocast.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import math
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +16,30 @@ import torch.nn.functional as F
 FOCAL_WEIGHT, DICE_WEIGHT = 20.0, 1.0  # SAM: focal:dice = 20:1
 
 
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """1 - cosine similarity over channels of (B, C, H, W) embeddings, averaged over B, H, W.
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor,
+                 valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """1 - cosine similarity over channels of (B, C, H, W) embeddings, averaged over the
+    positions where ``valid`` (B, H, W) is true (all of them when ``valid`` is None).
 
     Returns {"loss_fd", "cos_sim"}; identical inputs give 0, negated inputs give 2.
     """
     cos = F.cosine_similarity(student.float(), teacher.float(), dim=1, eps=1e-6)
-    cos_mean = cos.mean()
+    if valid is None:
+        cos_mean = cos.mean()
+    else:
+        v = valid.to(cos.dtype)
+        cos_mean = (cos * v).sum() / v.sum().clamp(min=1.0)
     return {"loss_fd": 1.0 - cos_mean, "cos_sim": cos_mean.detach()}
+
+
+def real_positions(hw: Sequence[Tuple[int, int]], grid: int, patch: int = 16,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """(B, grid, grid) bool: embedding positions whose patch holds image pixels, not SAM's
+    bottom/right zero padding (a patch that is partly image counts as image)."""
+    out = torch.zeros(len(hw), grid, grid, dtype=torch.bool, device=device)
+    for i, (h, w) in enumerate(hw):
+        out[i, : math.ceil(h / patch), : math.ceil(w / patch)] = True
+    return out
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
@@ -63,7 +80,8 @@ def mask_losses(logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Ten
     logits (M, K, h, w) and iou_pred (M, K) from the decoder (K = 1, or 3 with multimask
     output); targets (M, h, w). With K > 1 only the output with the lowest mask loss is
     back-propagated (SAM's rule for ambiguous prompts). IoU head: MSE against the actual IoU of
-    that predicted mask (detached). Returns sums (the caller divides by the mask count).
+    that predicted mask (detached). Returns sums (the caller divides by the mask count), and
+    ``best`` (M,): the index of the output that was back-propagated.
     """
     t = targets.unsqueeze(1).expand_as(logits)
     per = FOCAL_WEIGHT * sigmoid_focal_loss(logits, t) + DICE_WEIGHT * dice_loss(logits, t)
@@ -73,7 +91,7 @@ def mask_losses(logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Ten
     iou_hat = iou_pred.float().gather(1, best).squeeze(1)
     loss_iou = F.mse_loss(iou_hat, iou_true, reduction="none")
     return {"loss_mask": loss_mask.sum(), "loss_iou": loss_iou.sum(),
-            "iou": iou_true.sum().detach()}
+            "iou": iou_true.sum().detach(), "best": best.squeeze(1)}
 
 
 def total_loss(supervised: Optional[torch.Tensor], loss_fd: torch.Tensor, lambda_fd: float

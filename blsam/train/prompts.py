@@ -2,7 +2,10 @@
 
 Boxes: the mask's tight box with Gaussian noise of std 10% of the box side per coordinate,
 clipped to 20 px at 1024 px (scaled with the image size, so tiny test images see the same
-relative noise). Points: uniform samples inside the mask (pixel centres), all foreground.
+relative noise). Points: uniform samples inside the mask, all foreground, as integer pixel
+indices (x, y) -- SAM's convention, the one evaluation uses: SAM's prompt encoder adds the
+half-pixel shift itself, so adding 0.5 here would put every training click half a pixel off
+the evaluation clicks.
 All sampling takes an explicit ``numpy.random.Generator`` so a resumed run draws the same prompts.
 """
 from __future__ import annotations
@@ -42,12 +45,12 @@ def noisy_box(
 
 
 def sample_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` (x, y) pixel centres drawn uniformly inside ``mask`` (with replacement if tiny)."""
+    """``n`` (x, y) pixel indices drawn uniformly inside ``mask`` (with replacement if tiny)."""
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
-        return np.full((n, 2), 0.5, np.float32)
+        return np.zeros((n, 2), np.float32)
     pick = rng.choice(len(xs), size=n, replace=len(xs) < n)
-    return np.stack([xs[pick] + 0.5, ys[pick] + 0.5], axis=-1).astype(np.float32)
+    return np.stack([xs[pick], ys[pick]], axis=-1).astype(np.float32)
 
 
 def choose_prompt(rng: np.random.Generator, types: Sequence[str], max_points: int

@@ -1,0 +1,529 @@
+"""The training run in parts that read alone: ``setup`` (data, models, optimizer), ``resume``,
+``train_step`` (one optimizer update), ``MetricsLog`` (JSONL, TensorBoard, progress bar),
+``save`` (checkpoint), ``validate``, ``run_loop`` and ``finish``. ``blsam.train.engine.train``
+chains them. State that changes while training lives in one ``Run`` object, so a hook (for
+example an asynchronous checkpoint writer) needs only that object.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..build_blsam import TEACHER_OF, blsam_model_registry
+from ..checkpoint import load_strict, read_state_dict, save_atomic
+from ..utils import dist as du
+from .data import (EpochBatchSampler, SA1BDataset, collate, select_records,
+                   select_val_records)
+from .model import (METRIC_KEYS, DistillModel, amp_dtype, enable_grad_checkpointing,
+                    lr_lambda, make_optimizer, set_trainable, state_checksum)
+from .resume import (COUNTERS, check_resume, clean_stale_temp_files, find_resume,
+                     load_training_checkpoint, remap_position, restore_counters, rng_state,
+                     run_signature, save_training_checkpoint, saved_signature, set_rng_state,
+                     truncate_jsonl)
+from .async_ckpt import AsyncCheckpointWriter
+from .teacher import Teacher, cache_covers, check_cache
+from .timing import PhaseTimer, StepProfiler, window_record
+from .transfer import endless_loader, normalize_images, unpack_batch
+from .validation import VAL_KEYS, PromptHead, evaluate
+
+log = logging.getLogger("blsam.train")
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; the loop's parts read and update it."""
+
+    args: argparse.Namespace
+    info: du.DistInfo
+    dtype: Optional[torch.dtype]
+    records: list
+    index_skipped: List[str]
+    selection: Dict[str, Any]
+    ds: SA1BDataset
+    sampler: EpochBatchSampler
+    total: int
+    sam: nn.Module
+    parts: List[str]
+    teacher: Teacher
+    head: PromptHead
+    model: DistillModel
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: Optional[torch.amp.GradScaler]
+    signature: Dict[str, Any]
+    val_loader: Optional[Any] = None
+    ddp: Optional[nn.Module] = None
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    images_seen: int = 0
+    resumed_from: Optional[str] = None
+    resume_path: Optional[str] = None  # checked in setup, loaded by resume()
+    resume_ck: Optional[Dict[str, Any]] = None
+    resume_diffs: List[str] = field(default_factory=list)
+    counters: Dict[str, int] = field(default_factory=lambda: {k: 0 for k in COUNTERS})
+    excluded_s: float = 0.0  # save / validation time inside the current log window
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    val_history: List[Dict[str, Any]] = field(default_factory=list)
+    timer: Optional[PhaseTimer] = None  # per-phase laps, from run_loop on
+    ckpt_writer: Optional[AsyncCheckpointWriter] = None  # set by run_loop
+
+    @property
+    def dev(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def global_batch(self) -> int:
+        a = self.args
+        return self.info.world_size * a.batch_size * a.accum_steps
+
+
+# ---------------------------------------------------------------- setup
+
+
+def total_steps(args: argparse.Namespace, batches_per_epoch: int) -> int:
+    return args.max_steps or max(1, int(args.epochs * batches_per_epoch) // args.accum_steps)
+
+
+def setup(args: argparse.Namespace) -> Run:
+    """Data first (a bad --data fails before any model is built), then the student (P-blocks
+    from SAM), a frozen copy of SAM's prompt encoder + decoder for validation, the teacher,
+    optimizer and schedule."""
+    info = du.init_distributed(args.device)
+    dev = info.device
+    teacher_name = TEACHER_OF[args.model]
+    selection: Dict[str, Any] = {}
+    records, index_skipped = select_records(args.data, args.shards, args.data_fraction,
+                                            args.seed, info=selection)
+    if args.teacher_cache:
+        check_cache(args.teacher_cache, teacher_name, args.img_size, args.sam_checkpoint)
+    ds = SA1BDataset(records, args.img_size, args.masks_per_image, args.prompt_types,
+                     args.max_points, args.seed, args.teacher_cache,
+                     max_mask_fraction=args.max_mask_fraction, uint8_images=True)
+    sampler = EpochBatchSampler(len(ds), args.batch_size, info.rank, info.world_size, args.seed)
+    total = total_steps(args, len(sampler))
+    val_loader = None
+    if args.val_every or args.val_only:
+        val_records = select_val_records(args.val_data or args.data, records, args.val_images,
+                                         args.seed)
+        val_ds = SA1BDataset(val_records[info.rank::info.world_size], args.img_size,
+                             args.val_masks, seed=args.seed, teacher_cache=args.teacher_cache,
+                             max_mask_fraction=args.max_mask_fraction, val=True)
+        val_loader = torch.utils.data.DataLoader(
+            val_ds, batch_size=args.batch_size, collate_fn=collate, num_workers=0,
+            sampler=[(0, i) for i in range(len(val_ds))])
+    if info.is_main:
+        log.info("%d images (%d damaged items skipped while indexing), %d batches/epoch/rank, "
+                 "%d steps, world size %d", len(ds), len(index_skipped), len(sampler), total,
+                 info.world_size)
+    signature = run_signature(args, info.world_size, total, [r.key for r in records])
+    resume_path, resume_ck, resume_diffs = None, None, []
+    if not args.val_only:  # a checkpoint of another run is refused before any model is built
+        resume_path = find_resume(args.resume, args.output_dir)
+        if resume_path:
+            resume_ck = load_training_checkpoint(resume_path)
+            resume_diffs = check_resume(resume_path, saved_signature(resume_ck), signature,
+                                        args.resume_remap)
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    sam = blsam_model_registry[args.model](
+        sam_checkpoint=args.sam_checkpoint, keep_ratio=args.keep_ratio, img_size=args.img_size)
+    head = PromptHead(copy.deepcopy(sam.prompt_encoder), copy.deepcopy(sam.mask_decoder))
+    head.to(dev)
+    parts = set_trainable(sam, args.trainable)
+    sam.to(dev).train()
+    if args.grad_checkpoint:
+        enable_grad_checkpointing(sam.image_encoder)
+    dtype = amp_dtype(args.amp, dev)
+    teacher = Teacher(teacher_name, args.sam_checkpoint, args.img_size, dev, dtype,
+                      compile=args.teacher_compile)
+    if args.val_only:
+        pass  # the teacher is built on first use, if the cache lacks a validation image
+    elif not cache_covers(args.teacher_cache, [r.key for r in records]):
+        teacher.build()
+    elif info.is_main:
+        log.info("teacher cache covers every image: no teacher model built")
+
+    model = DistillModel(sam, args.lambda_fd, args.prompt_iters, args.fd_padding)
+    opt = make_optimizer(sam, args)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(args.warmup_steps, total, args.min_lr_ratio))
+    scaler = torch.amp.GradScaler(dev.type) if dtype == torch.float16 else None
+    return Run(args, info, dtype, records, index_skipped, selection, ds, sampler, total, sam,
+               parts, teacher, head, model, opt, sched, scaler, signature, val_loader,
+               resume_path=resume_path, resume_ck=resume_ck, resume_diffs=resume_diffs)
+
+
+# ---------------------------------------------------------------- resume
+
+
+def resume(run: Run) -> None:
+    """Continue from ``--resume``: exactly when the run's signature matches the checkpoint's,
+    by images seen with ``--resume-remap``, refused otherwise. Also cleans stale temp files and
+    the log lines the checkpoint does not cover."""
+    args, info = run.args, run.info
+    if info.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        clean_stale_temp_files(args.output_dir)
+    path, ck, diffs = run.resume_path, run.resume_ck, run.resume_diffs
+    if not path:
+        if info.is_main:
+            if args.resume:
+                log.info("--resume %s: no checkpoint in %s, starting fresh", args.resume,
+                         args.output_dir)
+            elif os.path.isfile(os.path.join(args.output_dir, "last.pth")):
+                log.warning("%s holds a checkpoint but --resume was not given: starting from "
+                            "scratch and overwriting it", args.output_dir)
+            for name in ("metrics.jsonl", "val.jsonl"):  # a fresh log
+                truncate_jsonl(os.path.join(args.output_dir, name), 0)
+        return
+    run.sam.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    if run.scaler is not None and ck.get("scaler"):
+        run.scaler.load_state_dict(ck["scaler"])
+    if not diffs:
+        run.sched.load_state_dict(ck["scheduler"])
+        run.step, run.epoch, run.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
+        run.images_seen = int(ck.get("images_seen", run.step * run.global_batch))
+        set_rng_state(ck["rng"])
+    else:
+        pos = remap_position(ck, run.global_batch, run.batches_per_epoch)
+        run.step, run.epoch, run.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
+        run.images_seen = pos["images_seen"]
+        f = lr_lambda(args.warmup_steps, run.total, args.min_lr_ratio)
+        for g in run.opt.param_groups:  # the new schedule at the new step, from --lr
+            g["initial_lr"] = args.lr
+            g["lr"] = args.lr * f(run.step)
+        run.sched.base_lrs = [args.lr] * len(run.opt.param_groups)
+        run.sched.last_epoch = run.step
+        run.sched._last_lr = [g["lr"] for g in run.opt.param_groups]
+        if info.is_main:
+            log.warning("--resume-remap: %s was written by another run geometry (%s); "
+                        "continuing by images seen (%d): step %d -> %d, data position epoch %d "
+                        "batch %d. This is NOT the run the checkpoint started.", path,
+                        "; ".join(diffs), run.images_seen, ck["step"], run.step, run.epoch,
+                        run.batch_in_epoch)
+    run.counters = restore_counters(ck, info.rank, info.world_size, exact=not diffs)
+    run.resumed_from = path
+    run.resume_ck = None  # free the checkpoint's memory
+    if info.is_main:
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.step, run.epoch,
+                 run.batch_in_epoch)
+        for name in ("metrics.jsonl", "val.jsonl"):
+            truncate_jsonl(os.path.join(args.output_dir, name), run.step)
+
+
+def wrap_ddp(run: Run) -> None:
+    if run.info.distributed:
+        dev = run.dev
+        run.ddp = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[dev.index] if dev.type == "cuda" else None,
+            # the prompt encoder has embeddings no prompt kind uses (mask_downscaling, ...)
+            find_unused_parameters="prompt_encoder" in run.parts)
+    else:
+        run.ddp = run.model
+
+
+# ---------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """metrics.jsonl / val.jsonl and TensorBoard on rank 0. After a resume TensorBoard purges
+    the events the killed run wrote past the checkpoint (``purge_step``), so no step shows
+    twice."""
+
+    def __init__(self, run: Run) -> None:
+        self.writer = None
+        self.train_f = self.val_f = None
+        self.bar = None
+        args = run.args
+        if not run.info.is_main:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(args.output_dir, "tb"),
+                                        purge_step=run.step + 1 if run.resumed_from else None)
+        except ImportError:
+            log.info("tensorboard not installed: no TensorBoard scalars (metrics.jsonl only)")
+        self.train_f = open(os.path.join(args.output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self.val_f = open(os.path.join(args.output_dir, "val.jsonl"), "a", encoding="utf-8")
+        if not args.no_progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=run.total, initial=run.step, dynamic_ncols=True, desc="train")
+
+    def write(self, split: str, rec: Dict[str, Any], keys: Tuple[str, ...]) -> None:
+        f = self.train_f if split == "train" else self.val_f
+        if f is None:
+            return
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        if self.writer is not None:
+            for k in keys:
+                self.writer.add_scalar(f"{split}/{k}", rec[k], rec["step"])
+            self.writer.flush()
+        if self.bar is not None and split == "train":
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", cos=f"{rec['cos_sim']:.3f}",
+                                 img_s=f"{rec['images_per_s']:.2f}")
+
+    def close(self) -> None:
+        for f in (self.train_f, self.val_f):
+            if f is not None:
+                f.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Window:
+    """Metrics summed over the steps since the last log line (on the device: no host sync per
+    step), images, micro-steps and the wall time excluding saves and validation."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev_sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=dev)
+        self.images = 0
+        self.micro = 0
+        self.t0 = time.perf_counter()
+
+    def reset(self) -> None:
+        self.dev_sums.zero_()
+        self.images = self.micro = 0
+        self.t0 = time.perf_counter()
+
+
+def log_window(run: Run, win: Window, mlog: MetricsLog, lr: float) -> None:
+    """One train record: metrics averaged over every rank's micro-steps; ``images_per_s`` is
+    the global rate (all ranks) over the window's training time (saves, validation excluded)."""
+    counts = [float(run.counters[k]) for k in COUNTERS]
+    agg = torch.cat([win.dev_sums.double().cpu(),
+                     torch.tensor([win.images, win.micro] + counts, dtype=torch.float64)])
+    if run.info.distributed:  # on the process group's device (nccl reduces CUDA tensors)
+        agg = agg.to(run.dev)
+        torch.distributed.all_reduce(agg)
+        agg = agg.cpu()
+    nk = len(METRIC_KEYS)
+    images, n_micro = agg[nk].item(), max(agg[nk + 1].item(), 1.0)
+    train_s = max(time.perf_counter() - win.t0 - run.excluded_s, 1e-9)
+    rec = {"step": run.step,
+           "epoch": round(run.epoch + run.batch_in_epoch / run.batches_per_epoch, 4),
+           **{k: agg[i].item() / n_micro for i, k in enumerate(METRIC_KEYS)},
+           "lr": lr, "images": int(images), "images_per_s": images / train_s,
+           **{k: int(agg[nk + 2 + j].item()) for j, k in enumerate(COUNTERS)},
+           "skipped_index": len(run.index_skipped), "time": time.time(),
+           **window_record(run.timer.collect(), images)}
+    run.history.append(rec)
+    mlog.write("train", rec, METRIC_KEYS + ("lr", "images_per_s"))
+    win.reset()
+    run.excluded_s = 0.0
+
+
+# ---------------------------------------------------------------- one step
+
+
+def batch_stream(ds: SA1BDataset, sampler: EpochBatchSampler, num_workers: int, epoch: int,
+                 start_batch: int, pin: bool) -> Iterator[Tuple[int, int, Dict[str, Any]]]:
+    """Endless (epoch, batch index, batch) from a data position; one DataLoader for the run
+    (persistent workers); on CUDA batches come packed for one transfer (``unpack_batch``)."""
+    yield from endless_loader(ds, sampler, collate, num_workers, epoch, start_batch, pin)
+
+
+def train_step(run: Run, stream: Iterator, win: Window) -> float:
+    """``accum_steps`` micro-batches, one optimizer update; returns the LR it used."""
+    args, dev, timer = run.args, run.dev, run.timer
+    for micro in range(args.accum_steps):
+        epoch, b, batch = next(stream)
+        batch = unpack_batch(batch, dev)  # one non-blocking copy per batch (CUDA)
+        timer.lap("data")
+        run.epoch, run.batch_in_epoch = ((epoch, b + 1) if b + 1 < run.batches_per_epoch
+                                         else (epoch + 1, 0))
+        run.counters["skipped_read"] += len(batch["skipped"])
+        run.counters["bad_ann"] += batch["bad_ann"]
+        run.counters["large_ann"] += batch["large_ann"]
+        images = normalize_images(batch["image"].to(dev, non_blocking=True), batch["hw"])
+        t_emb = run.teacher.embeddings(images, batch["teacher"])
+        timer.lap("teacher")
+        sync = (contextlib.nullcontext() if micro == args.accum_steps - 1
+                or not run.info.distributed else run.ddp.no_sync())
+        with sync:
+            with torch.autocast(dev.type, dtype=run.dtype or torch.float32,
+                                enabled=run.dtype is not None):
+                out = run.ddp(images, batch, t_emb)
+            timer.lap("forward")
+            loss = out["loss"] / args.accum_steps
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
+        timer.lap("backward")
+        win.dev_sums += torch.stack([out[k].detach().double() for k in METRIC_KEYS])
+        win.images += images.shape[0]
+        win.micro += 1
+        run.images_seen += images.shape[0] * run.info.world_size
+    if run.scaler:
+        run.scaler.unscale_(run.opt)
+    if args.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(run.sam.parameters(), args.clip_grad)
+    (run.scaler.step(run.opt) if run.scaler else run.opt.step())
+    if run.scaler:
+        run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    lr = run.sched.get_last_lr()[0]
+    run.sched.step()
+    run.step += 1
+    timer.lap("optimizer")
+    return lr
+
+
+# ---------------------------------------------------------------- checkpoint, validation
+
+
+def checkpoint_state(run: Run, counters: Dict[str, List[int]]) -> Dict[str, Any]:
+    return {
+        "model": run.sam.state_dict(), "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler else None,
+        "step": run.step, "total_steps": run.total, "epoch": run.epoch,
+        "batch_in_epoch": run.batch_in_epoch, "batches_per_epoch": run.batches_per_epoch,
+        "images_seen": run.images_seen, "counters": counters,
+        "skipped_read": sum(counters["skipped_read"]),
+        "rng": rng_state(), "config": dict(vars(run.args)), "run": run.signature,
+    }
+
+
+def save(run: Run, numbered: bool) -> None:
+    """Every rank's counters gathered (a collective), rank 0 snapshots the state off the device
+    and a background thread writes it (atomic rename, last good file kept); the time is not
+    counted as training time."""
+    t0 = time.perf_counter()
+    gathered = du.all_gather_objects(dict(run.counters))
+    counters = {k: [int(c[k]) for c in gathered] for k in COUNTERS}
+    if run.info.is_main:
+        run.ckpt_writer.save(save_training_checkpoint, checkpoint_state(run, counters),
+                             run.args.output_dir, run.step, numbered, run.args.keep_last)
+    du.barrier()
+    run.excluded_s += time.perf_counter() - t0
+
+
+def validate(run: Run, mlog: Optional[MetricsLog]) -> Dict[str, Any]:
+    t0 = time.perf_counter()
+    res = evaluate(run.sam, run.head, run.teacher, run.val_loader, run.dev, run.dtype,
+                   run.args.fd_padding)
+    rec = {"step": run.step, **res, "time": time.time()}
+    run.val_history.append(rec)
+    if mlog is not None:
+        mlog.write("val", rec, VAL_KEYS)
+    if run.info.is_main:
+        log.info("validation at step %d: %s", run.step,
+                 ", ".join(f"{k} {res[k]:.4f}" for k in VAL_KEYS))
+    run.excluded_s += time.perf_counter() - t0
+    return rec
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def run_loop(run: Run, mlog: MetricsLog) -> bool:
+    """Steps until ``total`` (True) or ``--stop-after`` (False; the checkpoint is written)."""
+    args = run.args
+    stream = batch_stream(run.ds, run.sampler, args.num_workers, run.epoch, run.batch_in_epoch,
+                          pin=run.dev.type == "cuda")
+    win = Window(run.dev)
+    if run.val_loader is not None and run.step == 0:
+        validate(run, mlog)  # the curve's starting point
+    run.timer = timer = PhaseTimer(run.dev)
+    mode = args.async_checkpoint
+    run.ckpt_writer = AsyncCheckpointWriter(
+        background=mode == "on" or (mode == "auto" and run.dev.type == "cuda"))
+    win.reset()
+    # a profiler trace on global rank 0 only
+    prof = StepProfiler(args.profile if run.info.is_main else 0, args.output_dir, run.info.rank,
+                        run.dev)
+    try:
+        return _steps(run, mlog, stream, win, timer, prof)
+    finally:
+        prof.stop()
+        run.ckpt_writer.wait()  # a failed background write is raised here
+
+
+def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: Window, timer: PhaseTimer,
+           prof: StepProfiler) -> bool:
+    args = run.args
+    while run.step < run.total:
+        lr = train_step(run, stream, win)
+        prof.step()
+        step = run.step
+        if step % args.log_every == 0 or step == run.total:
+            log_window(run, win, mlog, lr)
+        if mlog.bar is not None:
+            mlog.bar.update(1)
+        if run.val_loader is not None and (step % args.val_every == 0 or step == run.total):
+            validate(run, mlog)
+        timer.lap("validation")
+        stop_now = args.stop_after is not None and args.stop_after <= step < run.total
+        if step % args.save_every == 0 or step == run.total or stop_now:
+            save(run, step % args.save_every == 0)
+        timer.lap("checkpoint")
+        if stop_now:
+            return False
+    return True
+
+
+def finish(run: Run, completed: bool) -> Dict[str, Any]:
+    """Final weights and summary.json; checks every rank ended with the same weights."""
+    args, info = run.args, run.info
+    base = {"steps": run.step, "history": run.history, "val_history": run.val_history,
+            "selection": run.selection}
+    if not completed:
+        if info.is_main:
+            log.info("stopped after step %d of %d (--stop-after); resume with --resume auto",
+                     run.step, run.total)
+        return {**base, "stopped": True}
+    checksum = state_checksum(run.sam.state_dict())
+    checksums = du.all_gather_objects(checksum)
+    summary = {**base, "world_size": info.world_size, "checksums": checksums,
+               "ranks_in_sync": len(set(checksums)) == 1,
+               "teacher_images_computed": run.teacher.images_computed,
+               "teacher_built": run.teacher.encoder is not None, "run": run.signature}
+    if info.is_main:
+        save_atomic(run.sam.state_dict(), os.path.join(args.output_dir, "final.pth"))
+        with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in summary.items() if k not in ("history", "val_history")},
+                      f, indent=1)
+    if not summary["ranks_in_sync"]:
+        raise RuntimeError(f"ranks ended with different weights: {checksums}")
+    du.barrier()
+    return summary
+
+
+def val_only(run: Run) -> Dict[str, Any]:
+    """``--val-only --checkpoint X``: load X into the student (strict), validate, report."""
+    path = run.args.checkpoint
+    load_strict(run.sam, read_state_dict(path, "--checkpoint"), f"--checkpoint {path!r}")
+    rec = validate(run, None)
+    out = {"checkpoint": path, **rec, "run": run.signature}
+    if run.info.is_main and run.args.output_dir:
+        os.makedirs(run.args.output_dir, exist_ok=True)
+        save_atomic_json(out, os.path.join(run.args.output_dir, "val_only.json"))
+    return out
+
+
+def save_atomic_json(obj: Dict[str, Any], path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,250 @@
+"""Packed teacher cache: fp16 embeddings in a few large files, read through ``np.memmap``.
+
+Why: one file per image means ~220k files for 2% of SA-1B, a stat of each of them on every rank
+at start, and nothing tying the numbers to the teacher that made them. Here each writer rank
+appends raw fp16 rows to one part file, and a single ``index.json`` (written last, atomically,
+by rank 0) names the parts, their keys and the provenance: teacher variant, sha256 of the
+teacher checkpoint file, img_size, row shape. A reader maps each part once and copies out one
+row (2 MiB at 1024 px) per image; nothing is loaded whole.
+
+Layout of ``<dir>``::
+
+    index.json                    {"format", "teacher", "teacher_sha256", "img_size", "shape",
+                                   "dtype", "parts": [{"file", "count"}], "keys": [[...], ...]}
+    part_00000-of-00008.bin       rank 0's rows, C-contiguous fp16 (count, 256, S/16, S/16)
+    part_00000-of-00008.json      rank 0's keys and provenance (lets an interrupted run resume)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+FORMAT = "blsam-teacher-cache/1"
+INDEX = "index.json"
+DTYPE = np.float16
+EMBED_DIM = 256  # SAM's neck output channels
+_HASHES: Dict[Tuple[str, int, float], str] = {}
+
+
+class CacheError(ValueError):
+    """A teacher cache that is missing, damaged, or made by another teacher / image size."""
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, memoised per (path, size, mtime): a ViT-H checkpoint is 2.5 GB."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def provenance(teacher: str, sam_checkpoint: str, img_size: int) -> Dict[str, Any]:
+    """What a cache must have been made with to be valid for a run."""
+    return {"format": FORMAT, "teacher": teacher, "teacher_sha256": file_sha256(sam_checkpoint),
+            "img_size": int(img_size), "shape": [EMBED_DIM, img_size // 16, img_size // 16],
+            "dtype": "float16"}
+
+
+def _part_name(rank: int, world: int) -> str:
+    return f"part_{rank:05d}-of-{world:05d}"
+
+
+def _atomic_json(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _mismatch(what: str, have: Dict[str, Any], want: Dict[str, Any]) -> Optional[str]:
+    keys = ("format", "teacher", "teacher_sha256", "img_size", "shape", "dtype")
+    diff = [k for k in keys if have.get(k) != want.get(k)]
+    if not diff:
+        return None
+    return (f"{what} was made with " + ", ".join(f"{k}={have.get(k)!r}" for k in diff)
+            + "; this run needs " + ", ".join(f"{k}={want.get(k)!r}" for k in diff))
+
+
+class PartWriter:
+    """One rank's part: rows appended to a temp file, renamed into place by ``close``."""
+
+    def __init__(self, cache_dir: str, rank: int, world: int, meta: Dict[str, Any]) -> None:
+        os.makedirs(cache_dir, exist_ok=True)
+        self.name = _part_name(rank, world)
+        self.bin = os.path.join(cache_dir, self.name + ".bin")
+        self.tmp = f"{self.bin}.tmp.{os.getpid()}"
+        self.meta, self.keys = meta, []  # type: Dict[str, Any], List[str]
+        self.row_bytes = int(np.prod(meta["shape"])) * np.dtype(DTYPE).itemsize
+        self.f = open(self.tmp, "wb")
+
+    def append(self, key: str, emb: torch.Tensor) -> None:
+        arr = emb.detach().to("cpu", torch.float16).contiguous().numpy()
+        if list(arr.shape) != self.meta["shape"]:
+            raise ValueError(f"embedding for {key} is {list(arr.shape)}, "
+                             f"cache rows are {self.meta['shape']}")
+        self.f.write(arr.tobytes())
+        self.keys.append(key)
+
+    def close(self) -> str:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.bin)
+        _atomic_json({**self.meta, "keys": self.keys}, self.bin[:-4] + ".json")
+        return self.bin
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def finished_part(cache_dir: str, rank: int, world: int, meta: Dict[str, Any]) -> bool:
+    """True when this rank's part is already complete for the same teacher and the same
+    assigned images (``meta["assigned_sha256"]``): an interrupted cache run skips it."""
+    base = os.path.join(cache_dir, _part_name(rank, world))
+    try:
+        with open(base + ".json", "r", encoding="utf-8") as f:
+            have = json.load(f)
+        size = os.path.getsize(base + ".bin")
+    except (OSError, ValueError):
+        return False
+    row = int(np.prod(meta["shape"])) * np.dtype(DTYPE).itemsize
+    return (_mismatch("", have, meta) is None
+            and have.get("assigned_sha256") == meta.get("assigned_sha256")
+            and size == row * len(have.get("keys", ())))
+
+
+def write_index(cache_dir: str, world: int, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """Rank 0, after every part is closed: gather the parts into ``index.json`` (atomic)."""
+    parts, keys, seen = [], [], set()  # type: List[Dict[str, Any]], List[List[str]], set
+    for rank in range(world):
+        name = _part_name(rank, world)
+        with open(os.path.join(cache_dir, name + ".json"), "r", encoding="utf-8") as f:
+            part = json.load(f)
+        bad = _mismatch(f"part {name}", part, meta)
+        if bad:
+            raise CacheError(bad)
+        dup = seen.intersection(part["keys"])
+        if dup:
+            raise CacheError(f"part {name} repeats keys of an earlier part: {sorted(dup)[:5]}")
+        seen.update(part["keys"])
+        parts.append({"file": name + ".bin", "count": len(part["keys"])})
+        keys.append(part["keys"])
+    index = {**meta, "parts": parts, "keys": keys}
+    _atomic_json(index, os.path.join(cache_dir, INDEX))
+    return index
+
+
+def read_index(cache_dir: str) -> Dict[str, Any]:
+    path = os.path.join(cache_dir, INDEX)
+    if not os.path.isfile(path):
+        old = os.path.isfile(os.path.join(cache_dir, "meta.json"))
+        raise CacheError(
+            f"--teacher-cache {cache_dir!r} has no {INDEX}: "
+            + ("an old one-file-per-image cache; rebuild it with tools/cache_teacher.py" if old
+               else "not a teacher cache (or its writing never finished)"))
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            index = json.load(f)
+        except ValueError as e:
+            raise CacheError(f"--teacher-cache {cache_dir!r}: {INDEX} is not JSON ({e})") from e
+    if index.get("format") != FORMAT:
+        raise CacheError(f"--teacher-cache {cache_dir!r}: format {index.get('format')!r}, "
+                         f"this code reads {FORMAT!r}")
+    return index
+
+
+def check_provenance(cache_dir: str, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """Refuse a cache whose teacher checkpoint hash, variant or img_size differ from ``meta``."""
+    index = read_index(cache_dir)
+    bad = _mismatch(f"--teacher-cache {cache_dir!r}", index, meta)
+    if bad:
+        raise CacheError(bad + " (rebuild it with tools/cache_teacher.py, or pass the "
+                         "--sam-checkpoint / --img-size it was made with)")
+    return index
+
+
+class PackedCache:
+    """Reader: ``get(key)`` copies one fp16 row out of a memory-mapped part (None if absent).
+
+    Part sizes are checked against what the index claims when opened. The maps are opened
+    lazily and dropped when pickled, so each DataLoader worker maps the files itself.
+    """
+
+    def __init__(self, cache_dir: str) -> None:
+        self.dir = cache_dir
+        self.index = read_index(cache_dir)
+        self.shape = tuple(int(v) for v in self.index["shape"])
+        self.where: Dict[str, Tuple[int, int]] = {}
+        for p, keys in enumerate(self.index["keys"]):
+            if len(keys) != self.index["parts"][p]["count"]:
+                raise CacheError(f"{cache_dir!r}: part {p} lists {len(keys)} keys, "
+                                 f"index says {self.index['parts'][p]['count']}")
+            for row, k in enumerate(keys):
+                self.where[k] = (p, row)
+        self._maps: Dict[int, np.memmap] = {}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**self.__dict__, "_maps": {}}
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def covers(self, keys: Iterable[str]) -> bool:
+        return all(k in self.where for k in keys)
+
+    def _map(self, p: int) -> np.memmap:
+        if p not in self._maps:
+            part = self.index["parts"][p]
+            path = os.path.join(self.dir, part["file"])
+            count = int(part["count"])
+            want = count * int(np.prod(self.shape)) * np.dtype(DTYPE).itemsize
+            size = os.path.getsize(path)
+            if size != want:
+                raise CacheError(f"{path!r} is {size} bytes; the index claims {count} rows of "
+                                 f"{list(self.shape)} fp16 = {want} bytes")
+            self._maps[p] = np.memmap(path, dtype=DTYPE, mode="r", shape=(count, *self.shape))
+        return self._maps[p]
+
+    def get(self, key: str) -> Optional[torch.Tensor]:
+        loc = self.where.get(key)
+        if loc is None:
+            return None
+        return torch.from_numpy(np.array(self._map(loc[0])[loc[1]]))
+
+
+_READERS: Dict[str, PackedCache] = {}
+
+
+def lookup(cache_dir: str, key: str) -> Optional[torch.Tensor]:
+    """The cached embedding of ``key`` (fp16, (256, S/16, S/16)) or None; one reader per
+    process and folder, so dataset code needs no extra state."""
+    reader = _READERS.get(cache_dir)
+    if reader is None:
+        reader = _READERS[cache_dir] = PackedCache(cache_dir)
+    return reader.get(key)
+
+
+def forget(cache_dir: Optional[str] = None) -> None:
+    """Drop open readers (after a cache folder was rewritten in the same process)."""
+    if cache_dir is None:
+        _READERS.clear()
+    else:
+        _READERS.pop(cache_dir, None)

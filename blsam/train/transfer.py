@@ -1,0 +1,171 @@
+"""Host-to-device traffic of the training loop: one loader for the whole run, one transfer per
+batch.
+
+* ``endless_loader``: a single DataLoader whose batch sampler runs on from a data position
+  through every later epoch, so workers start once (they are never rebuilt per epoch) and keep
+  prefetching across epoch boundaries. Samples are functions of (seed, epoch, index), not of
+  worker state, so a resumed run still sees exactly the batches the uninterrupted one saw.
+* ``pack_batch`` / ``unpack_batch``: every tensor of a batch (images, masks, boxes, points,
+  labels, cached teacher rows) is packed into one byte buffer by the loader worker, pinned by
+  the loader, copied to the GPU with one non-blocking transfer and viewed apart there. CPU
+  runs skip the packing (nothing to transfer).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Tuple
+
+import torch
+
+ALIGN = 64  # bytes: every piece starts aligned for any dtype's view
+
+
+class EndlessBatchSampler(torch.utils.data.Sampler):
+    """Batches of an epoch batch sampler (``set_position(epoch, start)`` + iteration, like
+    ``data.EpochBatchSampler``) from (epoch, start_batch) on, epoch after epoch."""
+
+    def __init__(self, sampler: Any, epoch: int, start_batch: int) -> None:
+        self.sampler, self.epoch, self.start_batch = sampler, epoch, start_batch
+
+    def positions(self) -> Iterator[Tuple[int, int]]:
+        """(epoch, batch index) of each batch ``__iter__`` yields, in the same order."""
+        epoch, start = self.epoch, self.start_batch
+        while True:
+            for b in range(start, len(self.sampler)):
+                yield epoch, b
+            epoch, start = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[List[Any]]:
+        epoch, start = self.epoch, self.start_batch
+        while True:
+            self.sampler.set_position(epoch, start)
+            yield from iter(self.sampler)
+            epoch, start = epoch + 1, 0
+
+
+def endless_loader(ds: torch.utils.data.Dataset, sampler: Any, collate_fn: Any,
+                   num_workers: int, epoch: int, start_batch: int, pin: bool
+                   ) -> Iterator[Tuple[int, int, Dict[str, Any]]]:
+    """Endless (epoch, batch index, batch) from a data position, one DataLoader for the run.
+
+    ``pin`` (CUDA runs): batches come packed (``pack_batch``) and pinned; pass each through
+    ``unpack_batch(batch, device)``."""
+    endless = EndlessBatchSampler(sampler, epoch, start_batch)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=endless, collate_fn=PackingCollate(collate_fn) if pin else collate_fn,
+        num_workers=num_workers,
+        pin_memory=pin, persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None)
+    for (e, b), batch in zip(endless.positions(), loader):
+        yield e, b, batch
+
+
+def _tensors(obj: Any, path: Tuple[Any, ...], out: List[Tuple[Tuple[Any, ...], torch.Tensor]]
+             ) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append((path, obj))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _tensors(v, path + (k,), out)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _tensors(v, path + (i,), out)
+
+
+def _set(obj: Any, path: Tuple[Any, ...], value: Any) -> None:
+    for p in path[:-1]:
+        obj = obj[p]
+    obj[path[-1]] = value
+
+
+PACKED = "_packed"
+
+
+def pack_batch(batch: Dict[str, Any]) -> Dict[str, Any]:
+    """Move every tensor of ``batch`` into one flat uint8 buffer (``batch["_packed"]``), leaving
+    None in its place. Runs in the loader workers, so the main process only pins (the loader's
+    pin-memory thread) and copies one tensor."""
+    found: List[Tuple[Tuple[Any, ...], torch.Tensor]] = []
+    _tensors(batch, (), found)
+    specs, n = [], 0
+    for path, t in found:
+        specs.append((path, t.dtype, tuple(t.shape), n))
+        n += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    flat = torch.empty(n, dtype=torch.uint8)
+    for (path, t), (_, _, _, off) in zip(found, specs):
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
+            flat[off:off + nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
+        _set(batch, path, None)
+    batch[PACKED] = {"flat": flat, "specs": specs}
+    return batch
+
+
+def unpack_batch(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """Inverse of ``pack_batch`` with ONE (non-blocking, from pinned memory) copy to ``device``;
+    a batch that was not packed is returned as is."""
+    packed = batch.pop(PACKED, None)
+    if packed is None:
+        return batch
+    flat = packed["flat"]
+    if device.type == "cuda" and not flat.is_pinned():
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    for path, dtype, shape, off in packed["specs"]:
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        _set(batch, path, flat[off:off + nbytes].view(dtype).view(shape))
+    return batch
+
+
+class PackingCollate:
+    """``collate_fn`` then ``pack_batch`` (a class, so spawned workers can pickle it)."""
+
+    def __init__(self, collate_fn: Any) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: List[Any]) -> Dict[str, Any]:
+        return pack_batch(self.collate_fn(samples))
+
+
+def preprocess_uint8(img: Any, img_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """SAM's ResizeLongestSide + zero padding, kept uint8 (3, S, S): a quarter of the fp32
+    bytes through worker queues, pinning and the host-to-device copy. ``normalize_images``
+    finishes SAM's preprocessing on the device."""
+    import numpy as np
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    resized = ResizeLongestSide(img_size).apply_image(img)
+    h, w = resized.shape[:2]
+    out = np.zeros((img_size, img_size, 3), np.uint8)
+    out[:h, :w] = resized
+    return torch.from_numpy(out).permute(2, 0, 1).contiguous(), (h, w)
+
+
+def normalize_images(images: torch.Tensor, hw: List[Tuple[int, int]]) -> torch.Tensor:
+    """Batch images as the models want them: uint8 ones are normalised where they are (with
+    SAM's mean/std, padding at 0); float ones are returned as they are."""
+    if images.dtype != torch.uint8:
+        return images
+    from .data import PIXEL_MEAN, PIXEL_STD
+
+    return normalize_on_device(images, hw, torch.from_numpy(PIXEL_MEAN),
+                               torch.from_numpy(PIXEL_STD))
+
+
+def normalize_on_device(images: torch.Tensor, hw: List[Tuple[int, int]], mean: torch.Tensor,
+                        std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) images, resized and zero-padded on the host, -> SAM-normalised fp32
+    with the padding at 0 (SAM pads after normalising), computed where ``images`` lives.
+
+    Bitwise equal to normalising on the host in fp32 ((x - mean) / std), so a teacher cache
+    made either way still matches."""
+    x = (images.float() - mean.view(1, 3, 1, 1).to(images.device)) / std.view(
+        1, 3, 1, 1).to(images.device)
+    s = images.shape[-1]
+    rows = torch.arange(s, device=images.device)
+    sizes = torch.tensor([[v[0], v[1]] for v in hw])
+    if images.is_cuda:  # pinned + non-blocking: no host sync per batch
+        sizes = sizes.pin_memory()
+    sizes = sizes.to(images.device, non_blocking=True)
+    h, w = sizes[:, 0].view(-1, 1, 1, 1), sizes[:, 1].view(-1, 1, 1, 1)
+    keep = (rows.view(1, 1, s, 1) < h) & (rows.view(1, 1, 1, s) < w)
+    return torch.where(keep, x, torch.zeros((), device=x.device))
