@@ -184,9 +184,11 @@ def _route_content(
     pos_w = (win % nww) * ws + slot % ws
     real = ok & (pos_h < h) & (pos_w < w)
     share = real.flatten(1).sum(1).float() / content.flatten(1).sum(1).float()
+    all_real = False
     if all(len(x) == len(counts) for x, counts in zip(wins, cnt_host)):
         windows = None  # every window has content: the (cheaper) all-windows K/V path
-    return _finish(scores, slot, pos_h, pos_w, real, k, windows, share, all_real=False)
+        all_real = bool(real.all())  # e.g. a square photo: exactly the paper's routing
+    return _finish(scores, slot, pos_h, pos_w, real, k, windows, share, all_real=all_real)
 
 
 def _finish(
