@@ -45,7 +45,7 @@ def _target(keep_ratio: float, n: int) -> int:
 
 def window_counts(grid: Tuple[int, int], window_size: int) -> List[int]:
     """Real tokens of every window of the padded grid, window-major (row of windows first)."""
-    h, w = grid
+    h, w = int(grid[0]), int(grid[1])  # int(): the ONNX exporter traces shapes as tensors
     ws = window_size
     rows = [min(ws, h - i) for i in range(0, h, ws)]
     cols = [min(ws, w - j) for j in range(0, w, ws)]
@@ -58,7 +58,7 @@ def tokens_per_window(keep_ratio: float, grid: Tuple[int, int], window_size: int
     if keep_ratio >= 1.0:
         return area
     counts = window_counts(grid, window_size)
-    return _k_for_budget(counts, _target(keep_ratio, grid[0] * grid[1]), area)
+    return _k_for_budget(counts, _target(keep_ratio, int(grid[0]) * int(grid[1])), area)
 
 
 @dataclass
