@@ -134,9 +134,11 @@ def build_vanilla_sam(
     keep_ratio: float = 0.25,
     img_size: int = 1024,
     fused: bool = False,
+    skip_padding: bool = False,
 ) -> Sam:
     """Vanilla SAM; ``fused=True`` swaps in our SDPA encoder (same weights, same names)."""
-    del keep_ratio  # vanilla SAM routes nothing; accepted so every builder is interchangeable
+    # vanilla SAM routes nothing; accepted so every builder is interchangeable
+    del keep_ratio, skip_padding
     dim, depth, heads, glob = VIT_CONFIGS[variant]
     if fused:
         encoder: torch.nn.Module = BLViTImageEncoder(dense_spec(variant), img_size=img_size)
@@ -186,9 +188,14 @@ def build_blsam(
     sam_checkpoint: PathLike = None,
     keep_ratio: float = 0.25,
     img_size: int = 1024,
+    skip_padding: bool = False,
 ) -> Sam:
-    """bLViT-SAM. ``checkpoint``: a trained bLViT-SAM (strict); ``sam_checkpoint``: SAM init."""
-    encoder = BLViTImageEncoder(BLSAM_SPECS[variant](), img_size=img_size, keep_ratio=keep_ratio)
+    """bLViT-SAM. ``checkpoint``: a trained bLViT-SAM (strict); ``sam_checkpoint``: SAM init.
+
+    ``skip_padding=True``: padding-aware routing (beyond the paper; see ``BLViTImageEncoder``).
+    """
+    encoder = BLViTImageEncoder(BLSAM_SPECS[variant](), img_size=img_size, keep_ratio=keep_ratio,
+                                skip_padding=skip_padding)
     sam = _sam_with_encoder(encoder, img_size)
     if checkpoint is not None and sam_checkpoint is not None:
         raise ValueError("give either checkpoint (trained bLViT-SAM) or sam_checkpoint, not both")
@@ -222,6 +229,7 @@ def build_model(
     sam_checkpoint: PathLike = None,
     keep_ratio: float = 0.25,
     img_size: int = 1024,
+    skip_padding: bool = False,
 ) -> Sam:
     """Registry lookup for scripts with ``--model/--checkpoint/--sam-checkpoint`` flags.
 
@@ -235,4 +243,5 @@ def build_model(
         return blsam_model_registry[name](checkpoint if checkpoint is not None else sam_checkpoint,
                                           img_size=img_size)
     return blsam_model_registry[name](checkpoint, sam_checkpoint=sam_checkpoint,
-                                      keep_ratio=keep_ratio, img_size=img_size)
+                                      keep_ratio=keep_ratio, img_size=img_size,
+                                      skip_padding=skip_padding)

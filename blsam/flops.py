@@ -18,6 +18,7 @@ counted like SAM's explicit one. Use this one to predict wall-clock cost.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
@@ -67,11 +68,6 @@ class _Counter:
         self._mode: FlopCounterMode | None = None
 
     def __enter__(self) -> "_Counter":
-        # FlopCounterMode's module tracker trips over views of trainable parameters made under
-        # no_grad (the prompt encoder returns some): count with gradients switched off
-        self._trainable = [p for p in self.sam.parameters() if p.requires_grad]
-        for p in self._trainable:
-            p.requires_grad_(False)
         if self.convention == "paper":
             def hook(m: nn.Module, _inp: Tuple, out: torch.Tensor) -> None:
                 self._paper += _paper_macs(m, out)
@@ -88,8 +84,6 @@ class _Counter:
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
-        for p in self._trainable:
-            p.requires_grad_(True)
 
 
 class _Part:
@@ -120,30 +114,44 @@ def count_flops(
 
     ``part="sam"``: image encoder + prompt encoder + mask decoder for one point prompt with
     multimask output (what ``SamPredictor.predict`` runs); ``"image_encoder"``: the encoder only.
-    The encoder runs on the meta device: instant even for ViT-H, and ``sam`` is not touched.
+    The encoder runs on the meta device (instant even for ViT-H) and the prompt encoder and
+    decoder on copies: ``sam`` is left exactly as it was found (parameters, ``requires_grad``,
+    the encoder's ``last_routing``).
     """
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     enc = sam.image_encoder
     size = enc.img_size
     x = torch.empty(batch_size, 3, size, size, device="meta")
-    with _Counter(sam, convention) as counter:
-        with counter.part("image_encoder"):
-            emb = functional_call(enc, _meta_like(enc), (x,))
-        if part == "sam":
-            # prompt encoder and decoder are small and index by label values (no meta kernel):
-            # run them for real, on a zero embedding of the encoder's output shape
-            pe, md = sam.prompt_encoder, sam.mask_decoder
-            dev = next(md.parameters()).device
-            emb = torch.zeros(emb.shape, device=dev)
-            coords = torch.full((batch_size, 1, 2), size / 2, device=dev)
-            labels = torch.ones(batch_size, 1, dtype=torch.int, device=dev)
-            with counter.part("prompt_encoder"):
-                sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
-                dense_pe = pe.get_dense_pe()
-            with counter.part("mask_decoder"):
-                md(image_embeddings=emb, image_pe=dense_pe, sparse_prompt_embeddings=sparse,
-                   dense_prompt_embeddings=dense, multimask_output=True)
+    # the prompt encoder and decoder run for real on detached copies: FlopCounterMode's module
+    # tracker trips over views of trainable parameters made under no_grad, and switching
+    # requires_grad off and on again on the caller's model is a change others could observe
+    small = nn.ModuleDict({"pe": sam.prompt_encoder, "md": sam.mask_decoder})
+    small = copy.deepcopy(small).requires_grad_(False) if part == "sam" else None
+    counted = nn.ModuleDict({"enc": enc, **(dict(small) if small is not None else {})})
+    saved = dict(vars(enc))  # the forward records e.g. ``last_routing``; it must not stay meta
+    try:
+        with _Counter(counted, convention) as counter:
+            with counter.part("image_encoder"):
+                emb = functional_call(enc, _meta_like(enc), (x,))
+            if small is not None:
+                # small and index by label values (no meta kernel): real zero embedding
+                pe, md = small["pe"], small["md"]
+                dev = next(md.parameters()).device
+                dt = next(md.parameters()).dtype
+                emb = torch.zeros(emb.shape, device=dev, dtype=dt)
+                coords = torch.full((batch_size, 1, 2), size / 2, device=dev)
+                labels = torch.ones(batch_size, 1, dtype=torch.int, device=dev)
+                with counter.part("prompt_encoder"):
+                    sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
+                    dense_pe = pe.get_dense_pe()
+                with counter.part("mask_decoder"):
+                    md(image_embeddings=emb, image_pe=dense_pe, sparse_prompt_embeddings=sparse,
+                       dense_prompt_embeddings=dense, multimask_output=True)
+    finally:
+        for k in [k for k in vars(enc) if k not in saved]:
+            delattr(enc, k)
+        vars(enc).update(saved)
     by_part = {k: v / 1e9 for k, v in counter.by_part.items()}
     return FlopReport(convention, sum(by_part.values()), by_part)
 

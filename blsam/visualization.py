@@ -38,26 +38,54 @@ def routing_masks_on_image(
     return out
 
 
+def padded_canvas(image: np.ndarray, img_size: int, pad_value: int = 96) -> np.ndarray:
+    """The encoder's view of ``image``: long side resized to ``img_size``, the bottom/right
+    padding drawn in gray (SamPredictor pads with zeros after normalisation)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    scale = img_size / max(h, w)
+    rh, rw = int(h * scale + 0.5), int(w * scale + 0.5)
+    canvas = np.full((img_size, img_size, 3), pad_value, np.uint8)
+    canvas[:rh, :rw] = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_AREA)
+    return canvas
+
+
 def save_routing_figure(
     image: np.ndarray,
     routing: Sequence[Dict[str, Union[torch.Tensor, int]]],
     img_size: int,
     path: str,
     title: str = "",
+    show_padding: bool = False,
 ) -> None:
-    """One panel per predictor stage: routed (P-block) tokens bright, the rest dimmed."""
+    """One panel per predictor stage: routed (P-block) tokens bright, the rest dimmed.
+
+    ``show_padding``: draw the encoder's padded square input, so tokens routed on the padding
+    (the paper's per-window top-k spends some there; ``skip_padding`` does not) are visible.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    masks = routing_masks_on_image(routing, image.shape[:2], img_size)
+    if show_padding:
+        import cv2
+
+        image = padded_canvas(image, img_size)
+        masks = [cv2.resize(s["mask"][0].float().cpu().numpy(), (img_size, img_size),
+                            interpolation=cv2.INTER_NEAREST) > 0.5 for s in routing]
+    else:
+        masks = routing_masks_on_image(routing, image.shape[:2], img_size)
     n = len(masks)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
     for ax, stage, m in zip(axes[0], routing, masks):
         shown = (image * np.where(m[..., None], 1.0, 0.25)).astype(np.uint8)
         ax.imshow(shown)
-        ax.set_title(f"after layer {stage['after_layer']}: k={stage['k']}/window", fontsize=9)
+        share = stage.get("share")
+        extra = f", {float(share[0]):.0%} routed" if share is not None else ""
+        ax.set_title(f"after layer {stage['after_layer']}: k={stage['k']}/window{extra}",
+                     fontsize=9)
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)

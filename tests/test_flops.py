@@ -40,14 +40,31 @@ def test_full_flops_ratio_and_monotonic_in_keep_ratio():
 
 
 def test_counting_leaves_model_untouched():
+    """count_flops must leave the model exactly as it found it: parameters, requires_grad (also
+    while counting: another thread may train), the encoder's last_routing (no meta tensors)."""
     sam = blsam_model_registry["b_t"](img_size=128)
+    with torch.no_grad():
+        sam.image_encoder(torch.randn(1, 3, 128, 128))
+    routing = sam.image_encoder.last_routing
     before = {k: v.clone() for k, v in sam.state_dict().items()}
     sam.mask_decoder.requires_grad_(False)
-    rep = count_flops(sam, "full")
-    assert set(rep.by_part) == {"image_encoder", "prompt_encoder", "mask_decoder"}
-    assert rep.total == pytest.approx(sum(rep.by_part.values()))
+    params = dict(sam.named_parameters())  # the objects: functional_call swaps them while counting
+    flags = {n: p.requires_grad for n, p in params.items()}
+    seen = []
+    hook = sam.image_encoder.register_forward_hook(
+        lambda *_: seen.append({n: p.requires_grad for n, p in params.items()}))
+    for convention in ("full", "paper"):
+        rep = count_flops(sam, convention)
+        assert set(rep.by_part) == {"image_encoder", "prompt_encoder", "mask_decoder"}
+        assert rep.total == pytest.approx(sum(rep.by_part.values()))
+    hook.remove()
+    assert len(seen) == 2 and all(s == flags for s in seen)
+    assert {n: p.requires_grad for n, p in sam.named_parameters()} == flags
     assert all(torch.equal(before[k], v) for k, v in sam.state_dict().items())
-    assert all(p.requires_grad for p in sam.image_encoder.parameters())
-    assert not any(p.requires_grad for p in sam.mask_decoder.parameters())
+    assert sam.image_encoder.last_routing is routing
+    assert all(s["mask"].device.type == "cpu" for s in sam.image_encoder.last_routing)
+    fresh = blsam_model_registry["b_t"](img_size=128)
+    count_flops(fresh, "full", part="image_encoder")
+    assert fresh.image_encoder.last_routing == []
     with pytest.raises(ValueError, match="convention"):
         count_flops(sam, "thop")

@@ -27,6 +27,20 @@ def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
     assert data["environment"]["threads"] == 2 and len(data["results"]) == 4
     assert "| b_t@0.5 | cpu | fp32 | 1 |" in (out / "benchmark.md").read_text()
     assert os.path.getsize(out / "benchmark.png") > 5000
+    assert data["environment"]["gemm_gmacs_per_s"] > 0
+    assert all(r["frac_of_gemm_rate"] > 0 for r in data["results"])
+
+
+def test_benchmark_photo_rows_count_padding_queries(tmp_path):
+    args = benchmark.parse_args([
+        "--img-size", "64", "--keep-ratios", "0.5", "--warmup", "0", "--repeats", "1",
+        "--devices", "cpu", "--gemm-rate", "skip", "--skip-models", "--photos", "16:9",
+        "--output-dir", str(tmp_path)])
+    rows = benchmark.main(args)
+    assert [(r.model, r.skip_padding) for r in rows] == [
+        ("vit_b", False), ("b_t@0.5", False), ("b_t@0.5+skip_padding", True)]
+    assert rows[2].padding_queries == 0 and rows[2].routed_queries > 0
+    assert rows[1].routed_queries > 0 and "16:9" in rows[1].photo
 
 
 def test_benchmark_cpu_memory_probe_in_fresh_process():
@@ -51,6 +65,10 @@ def test_visualize_routing_png(tmp_path, sam_vit_b_ckpt):
     out = visualize_routing.main(visualize_routing.parse_args([
         str(img), "--sam-checkpoint", sam_vit_b_ckpt, "--img-size", "256",
         "--output", str(tmp_path / "routing.png")]))
+    assert os.path.getsize(out) > 5000
+    out = visualize_routing.main(visualize_routing.parse_args([
+        str(img), "--sam-checkpoint", sam_vit_b_ckpt, "--img-size", "256", "--skip-padding",
+        "--show-padding", "--output", str(tmp_path / "routing_pad.png")]))
     assert os.path.getsize(out) > 5000
     with pytest.raises(FileNotFoundError, match="image not found"):
         visualize_routing.main(visualize_routing.parse_args([str(tmp_path / "missing.jpg")]))

@@ -78,6 +78,12 @@ class Result:
     ratio_latency_vs_official: float = float("nan")
     ratio_latency_vs_fused: float = float("nan")
     ratio_gflops_full_vs_official: float = float("nan")
+    gmacs_per_s: float = float("nan")  # full encoder GMACs x batch / median latency
+    frac_of_gemm_rate: float = float("nan")  # of this machine's measured dense GEMM rate
+    skip_padding: bool = False
+    photo: Optional[str] = None  # set_image rows: which photo (aspect ratio)
+    padding_queries: float = float("nan")  # routed tokens on all-padding patches, all stages
+    routed_queries: float = float("nan")  # routed tokens, all stages
     error: Optional[str] = None
 
 
@@ -217,6 +223,155 @@ def _quantile(xs: List[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def gemm_shapes(img_size: int) -> Dict[tuple, int]:
+    """(M, K, N) -> count of the matmuls b_t runs in one fp32 forward at ``img_size``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Dict[tuple, int] = {}
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            a = b = None
+            if func is torch.ops.aten.linear.default:  # weight is (N, K)
+                a, b = args[0], args[1].t()
+            elif func in (torch.ops.aten.mm.default, torch.ops.aten.matmul.default,
+                          torch.ops.aten.bmm.default):
+                a, b = args[0], args[1]
+            elif func is torch.ops.aten.addmm.default:
+                a, b = args[1], args[2]
+            if a is not None:
+                m = a.numel() // a.shape[-1]  # batch dims folded into M
+                if b.dim() > 2:  # batched matmul: fold b's batch into the count
+                    m = a.shape[-2]
+                    n_batch = b.numel() // (b.shape[-2] * b.shape[-1])
+                else:
+                    n_batch = 1
+                key = (m, a.shape[-1], b.shape[-1])
+                counts[key] = counts.get(key, 0) + n_batch
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    enc = blsam_model_registry["b_t"](img_size=img_size).eval().image_encoder
+    with torch.inference_mode(), Log():
+        enc(torch.randn(1, 3, img_size, img_size))
+    return counts
+
+
+def measure_gemm_rate(img_size: int, repeats: int = 3) -> Dict[str, float]:
+    """This machine's dense fp32 GEMM rate on the matmul shapes b_t uses (GMAC/s).
+
+    Each distinct (M, K, N) is timed alone with ``torch.mm`` (best of ``repeats``); the rate is
+    the MAC-weighted one: all of b_t's GEMM MACs over the time they take at those speeds."""
+    counts = gemm_shapes(img_size)
+    total_macs, total_s = 0.0, 0.0
+    for (m, k, n), c in counts.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        total_macs += c * m * k * n
+        total_s += c * best
+    return {"gemm_gmacs_per_s": total_macs / total_s / 1e9, "gemm_gmacs": total_macs / 1e9,
+            "gemm_shapes": len(counts)}
+
+
+PHOTOS = {  # aspect -> (skimage.data image, crop rows/cols to that aspect ratio)
+    "1:1": "astronaut", "4:3": "chelsea", "16:9": "coffee",
+}
+
+
+def photo(aspect: str):
+    """A real photo from scikit-image's bundled data, centre-cropped to ``aspect``."""
+    import numpy as np
+    from skimage import data
+
+    img = getattr(data, PHOTOS[aspect])()
+    h, w = img.shape[:2]
+    aw, ah = (int(v) for v in aspect.split(":"))
+    if w * ah > h * aw:  # too wide: crop columns
+        nw = h * aw // ah
+        img = img[:, (w - nw) // 2:(w - nw) // 2 + nw]
+    else:
+        nh = w * ah // aw
+        img = img[(h - nh) // 2:(h - nh) // 2 + nh]
+    return np.ascontiguousarray(img)
+
+
+def photo_rows(args: argparse.Namespace) -> List[Result]:
+    """``SamPredictor.set_image`` on real photos of three aspect ratios: official ViT-B vs b_t
+    with the paper's routing and with ``skip_padding``; counts P-block queries on padding."""
+    from segment_anything import SamPredictor
+
+    rows: List[Result] = []
+    variants = [("vit_b", "official", None, False)]
+    for r in args.keep_ratios:
+        variants += [(f"b_t@{r:g}", "blsam", r, False),
+                     (f"b_t@{r:g}+skip_padding", "blsam", r, True)]
+    for name, kind, keep, skip in variants:
+        torch.manual_seed(0)
+        if kind == "official":
+            sam = build_vanilla_sam("vit_b", img_size=args.img_size).eval()
+        else:
+            sam = blsam_model_registry["b_t"](img_size=args.img_size, keep_ratio=keep,
+                                              skip_padding=skip).eval()
+        full = count_flops(sam, "full", part="image_encoder").total
+        predictor = SamPredictor(sam)
+        for aspect in args.photos:
+            img = photo(aspect)
+            with torch.inference_mode():
+                for _ in range(args.warmup):
+                    predictor.set_image(img)
+                times = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    predictor.set_image(img)
+                    times.append((time.perf_counter() - t0) * 1e3)
+            res = Result(name, "b", kind, keep, "cpu", "fp32", 1, float("nan"), full,
+                         skip_padding=skip, photo=f"{aspect} {PHOTOS[aspect]} {img.shape[1]}x"
+                                                  f"{img.shape[0]}")
+            res.times_ms = [round(v, 3) for v in times]
+            res.latency_ms_median = statistics.median(times)
+            res.latency_ms_min, res.latency_ms_max = min(times), max(times)
+            res.images_per_s = 1e3 / res.latency_ms_median
+            if kind == "blsam":
+                h, w = predictor.input_size
+                g = args.img_size // 16
+                content = torch.zeros(g, g, dtype=torch.bool)
+                content[: -(-h // 16), : -(-w // 16)] = True
+                masks = [s["mask"][0] for s in sam.image_encoder.last_routing]
+                res.padding_queries = float(sum(int((m & ~content).sum()) for m in masks))
+                res.routed_queries = float(sum(int(m.sum()) for m in masks))
+            rows.append(res)
+        del sam, predictor
+        gc.collect()
+    off = {r.photo: r for r in rows if r.kind == "official"}
+    for r in rows:
+        r.ratio_latency_vs_official = r.latency_ms_median / off[r.photo].latency_ms_median
+    return rows
+
+
+def photo_table(rows: List[Result]) -> str:
+    lines = [
+        "`SamPredictor.set_image` on real photos (skimage.data, centre-cropped to the aspect "
+        "ratio; SamPredictor resizes the long side to the encoder size and pads with zeros)",
+        "",
+        "| model | photo | skip_padding | latency ms (median) | min–max | latency / official "
+        "| P-block queries on padding | of all routed |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        frac = r.padding_queries / r.routed_queries  # nan for the official encoder
+        lines.append(
+            f"| {r.model} | {r.photo} | {r.skip_padding} | {r.latency_ms_median:.1f} "
+            f"| {r.latency_ms_min:.0f}–{r.latency_ms_max:.0f} "
+            f"| {fmt(r.ratio_latency_vs_official)} "
+            f"| {fmt(r.padding_queries, 0)} | {fmt(frac)} |")
+    return "\n".join(lines) + "\n"
+
+
 def add_ratios(results: List[Result]) -> None:
     """Ratios to the official and the fused vanilla encoder of the same family/device/dtype/batch."""
     ref: Dict[tuple, Result] = {}
@@ -264,21 +419,27 @@ def markdown_table(results: List[Result], env: Dict[str, object]) -> str:
         "",
         "| model | device | dtype | batch | GFLOPs paper (SAM) | GFLOPs full (encoder) "
         "| full FLOPs / official | latency ms (median) | min–max | img/s | peak MiB "
-        "| latency / official | latency / fused |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| latency / official | latency / fused | GMAC/s | of GEMM rate |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.error:
             lines.append(f"| {r.model} | {r.device} | {r.dtype} | {r.batch_size} | "
-                         f"{r.error} |" + " |" * 8)
+                         f"{r.error} |" + " |" * 10)
             continue
         lines.append(
             f"| {r.model} | {r.device} | {r.dtype} | {r.batch_size} | {r.gflops_paper_sam:.1f} "
             f"| {r.gflops_full_encoder:.1f} | {fmt(r.ratio_gflops_full_vs_official)} "
             f"| {r.latency_ms_median:.1f} | {r.latency_ms_min:.0f}–{r.latency_ms_max:.0f} "
             f"| {r.images_per_s:.2f} | {fmt(r.peak_mem_mib, 0)} "
-            f"| {fmt(r.ratio_latency_vs_official)} | {fmt(r.ratio_latency_vs_fused)} |"
+            f"| {fmt(r.ratio_latency_vs_official)} | {fmt(r.ratio_latency_vs_fused)} "
+            f"| {fmt(r.gmacs_per_s, 1)} | {fmt(r.frac_of_gemm_rate)} |"
         )
+    if "gemm_gmacs_per_s" in env:
+        lines += ["", f"Dense fp32 GEMM rate of this machine on b_t's {env['gemm_shapes']} matmul "
+                      f"shapes ({env['gemm_gmacs']:.1f} GMAC per forward), each timed alone: "
+                      f"**{env['gemm_gmacs_per_s']:.1f} GMAC/s**; \"of GEMM rate\" = full "
+                      f"encoder GMACs / latency / that rate (CPU fp32 rows)."]
     return "\n".join(lines) + "\n"
 
 
@@ -345,6 +506,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="ViT-B family, keep 0.25 and 1.0, fp32, batch 1, 1 warm-up, 3 runs")
     p.add_argument("--cpu-memory", choices=["probe", "skip"], default="probe",
                    help="probe: CPU peak memory of each model in a fresh process (one forward)")
+    p.add_argument("--gemm-rate", choices=["measure", "skip"], default="measure",
+                   help="measure this machine's dense fp32 GEMM rate on b_t's matmul shapes")
+    p.add_argument("--photos", nargs="*", default=[], choices=sorted(PHOTOS),
+                   help="also time SamPredictor.set_image on real photos of these aspect "
+                        "ratios: official ViT-B vs b_t with and without skip_padding")
+    p.add_argument("--skip-models", action="store_true",
+                   help="only the --photos rows (and the GEMM rate)")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--output-dir", default="outputs/benchmark")
     args = p.parse_args(argv)
@@ -373,8 +541,10 @@ def main(args: argparse.Namespace) -> List[Result]:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on every device
     torch.backends.cudnn.allow_tf32 = False
     env = environment(args, malloc_tuned)
+    if args.gemm_rate == "measure" and "cpu" in devices:
+        env.update(measure_gemm_rate(args.img_size))
     print(json.dumps(env))
-    specs = model_specs(args.families, args.keep_ratios)
+    specs = [] if args.skip_models else model_specs(args.families, args.keep_ratios)
     plan = []
     for dev in devices:
         dtypes = args.cpu_dtypes if dev == "cpu" and args.cpu_dtypes else args.dtypes
@@ -421,17 +591,29 @@ def main(args: argparse.Namespace) -> List[Result]:
                 print(f"warning: {spec.name}: {e}", file=sys.stderr)
         results.append(res)
     add_ratios(results)
+    for r in results:
+        if r.error is None:
+            r.gmacs_per_s = r.gflops_full_encoder * r.batch_size / (r.latency_ms_median / 1e3)
+            if r.device == "cpu" and r.dtype == "fp32" and "gemm_gmacs_per_s" in env:
+                r.frac_of_gemm_rate = r.gmacs_per_s / env["gemm_gmacs_per_s"]
+    photos = photo_rows(args) if args.photos else []
+    for r in photos:
+        r.gmacs_per_s = r.gflops_full_encoder / (r.latency_ms_median / 1e3)
     os.makedirs(args.output_dir, exist_ok=True)
-    table = markdown_table(results, env)
+    table = markdown_table(results, env) if results else ""
+    if photos:
+        table += "\n" + photo_table(photos)
     with open(os.path.join(args.output_dir, "benchmark.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.output_dir, "benchmark.json"), "w") as f:
         json.dump({"environment": env, "args": vars(args),
-                   "results": [asdict(r) for r in results]}, f, indent=1)
-    plot(results, os.path.join(args.output_dir, "benchmark.png"))
+                   "results": [asdict(r) for r in results],
+                   "photo_results": [asdict(r) for r in photos]}, f, indent=1)
+    if results:
+        plot(results, os.path.join(args.output_dir, "benchmark.png"))
     print(table)
     print(f"wrote {args.output_dir}/benchmark.{{md,json,png}}")
-    return results
+    return results + photos
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("image", nargs="?", default=None,
                    help="RGB image file; default: the bundled astronaut photo")
     add_model_args(p, choices=["b_t", "h_b"])
+    p.add_argument("--skip-padding", action="store_true",
+                   help="padding-aware routing: never route the zero padding SamPredictor "
+                        "adds (beyond the paper; default: the paper's per-window top-k)")
+    p.add_argument("--show-padding", action="store_true",
+                   help="draw the encoder's padded square input, padding included")
     p.add_argument("--output", default="outputs/routing.png")
     return p.parse_args(argv)
 
@@ -37,15 +42,17 @@ def main(args: argparse.Namespace) -> str:
         warnings.warn("no --checkpoint/--sam-checkpoint: random predictors, the routing is "
                       "arbitrary (a trained bLViT-SAM checkpoint shows the learned one)")
     sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
-                      args.img_size).to(args.device).eval()
+                      args.img_size, skip_padding=args.skip_padding).to(args.device).eval()
     predictor = SamPredictor(sam)
     predictor.set_image(image)  # SAM's own preprocessing; the encoder records its routing
     routing = sam.image_encoder.last_routing
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     name = os.path.basename(args.image) if args.image else "astronaut"
+    mode = ", skip_padding" if args.skip_padding else ""
     save_routing_figure(image, routing, args.img_size, args.output,
                         title=f"{args.model} on {name}: tokens routed to P-blocks "
-                              f"(keep {args.keep_ratio:g})")
+                              f"(keep {args.keep_ratio:g}{mode})",
+                        show_padding=args.show_padding)
     print(f"wrote {args.output} ({len(routing)} predictor stages)")
     return args.output
 

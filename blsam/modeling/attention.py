@@ -118,15 +118,27 @@ class Attention(nn.Module):
         return t.view(b, n, n_parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
     def _project_windows(
-        self, xn: torch.Tensor, rows: slice, window_size: int
+        self,
+        xn: torch.Tensor,
+        rows: slice,
+        window_size: int,
+        windows: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """Project real tokens with qkv rows ``rows``, then pad/partition and add the bias.
 
-        Returns (B*nW or B, N, width) tokens and the key grid.
+        ``windows`` (B, M): only these windows (padding-aware routing skips the others); their
+        tokens are partitioned first and projected with the bias (a zero pad token then
+        projects to the bias exactly, as above).
+        Returns (B*nW or B*M or B, N, width) tokens and the key grid.
         """
-        b, h, wd, _ = xn.shape
+        b, h, wd, c = xn.shape
         if window_size <= 0:
             return self.qkv(xn, rows).flatten(1, 2), (h, wd)
+        if windows is not None:
+            area = window_size * window_size
+            parts = window_partition(xn, window_size)[0].view(b, -1, area * c)
+            parts = parts.gather(1, windows.unsqueeze(-1).expand(-1, -1, area * c))
+            return self.qkv(parts.view(-1, area, c), rows), (window_size, window_size)
         t = self.qkv(xn, rows, add_bias=False)  # pad tokens are zero: they project to the bias
         t = window_partition(t, window_size)[0].flatten(1, 2)
         if self.qkv.bias is not None:
@@ -174,6 +186,7 @@ class Attention(nn.Module):
         q_w: torch.Tensor,
         window_size: int = 0,
         workspace: Workspace = None,
+        windows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Semi-cross attention of routed tokens over all tokens of their window (or image).
 
@@ -181,12 +194,15 @@ class Attention(nn.Module):
             xn: (B, H, W, C) normalised tokens (keys/values for all, queries for the routed).
             gather_idx: (B, n) flat H*W index of every routed token (window-major order).
             q_h, q_w: (B*nW, k) positions inside the window, or (B, n) in the image if global.
+            windows: (B, M) the windows the queries come from, if not all of them (window
+                layers with padding-aware routing): only their K/V are projected.
         Returns:
             (B, n, out_dim) outputs of the routed tokens.
         """
         b, h, w, c = xn.shape
         d = self.dim
-        kv, grid = self._project_windows(xn, slice(d, None), window_size)
+        kv, grid = self._project_windows(
+            xn, slice(d, None), window_size, windows if window_size > 0 else None)
         k, v = self._heads(kv, 2).unbind(0)
         xq = xn.reshape(b, h * w, c).gather(1, gather_idx.unsqueeze(-1).expand(-1, -1, c))
         q = self.qkv(xq, slice(None, d))

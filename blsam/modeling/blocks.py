@@ -137,7 +137,7 @@ class BigLittleBlock(nn.Module):
             q_h, q_w = r.slot // ws, r.slot % ws
         else:  # pad slots (routed only when a window has < k real tokens) are computed, dropped
             q_h, q_w = r.pos_h.clamp(max=x.shape[1] - 1), r.pos_w.clamp(max=x.shape[2] - 1)
-        return self.attn.forward_semi(xn, r.gather_idx, q_h, q_w, ws, workspace)
+        return self.attn.forward_semi(xn, r.gather_idx, q_h, q_w, ws, workspace, r.windows)
 
     @staticmethod
     def _fuse(

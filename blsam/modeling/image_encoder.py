@@ -47,10 +47,21 @@ class BLViTImageEncoder(nn.Module):
 
     ``keep_ratio`` (0 < r <= 1) can be changed at run time; r = 1 routes every token.
     After each forward ``last_routing`` holds, per predictor stage, the routed-token mask
-    (B, H, W), the scores and k (detached), for visualisation.
+    (B, H, W), the scores, k and the achieved ``share`` (B,) of routed tokens (detached).
+
+    ``skip_padding`` (default False, the paper's routing): tokens whose input patch is exactly
+    zero -- the padding ``SamPredictor`` adds after normalisation -- are never routed, and the
+    budget (keep_ratio of the content tokens) goes to windows with image content. A real
+    photo never produces an exact-zero patch (SAM's pixel mean is not an integer).
     """
 
-    def __init__(self, spec: EncoderSpec, img_size: int = 1024, keep_ratio: float = 0.25) -> None:
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        img_size: int = 1024,
+        keep_ratio: float = 0.25,
+        skip_padding: bool = False,
+    ) -> None:
         super().__init__()
         if img_size % spec.patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of {spec.patch_size}")
@@ -89,6 +100,7 @@ class BLViTImageEncoder(nn.Module):
             LayerNorm2d(spec.out_chans),
         )
         self.keep_ratio = keep_ratio
+        self.skip_padding = skip_padding
         self.last_routing: List[Dict[str, Union[torch.Tensor, int]]] = []
 
     @property
@@ -101,6 +113,22 @@ class BLViTImageEncoder(nn.Module):
         if not (0.0 < value <= 1.0):  # also rejects NaN
             raise ValueError(f"keep_ratio must be in (0, 1], got {value}")
         self._keep_ratio = value
+
+    @property
+    def skip_padding(self) -> bool:
+        return self._skip_padding
+
+    @skip_padding.setter
+    def skip_padding(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"skip_padding must be a bool, got {value!r}")
+        self._skip_padding = value
+
+    def content_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) input -> (B, S/16, S/16) bool: the patch has a nonzero pixel."""
+        b, _, s, _ = x.shape
+        p = self.spec.patch_size
+        return x.ne(0).any(1).view(b, s // p, p, s // p, p).any(4).any(2)
 
     @property
     def tokens_per_window(self) -> int:
@@ -124,6 +152,12 @@ class BLViTImageEncoder(nn.Module):
         self._check_input(x)
         # PatchEmbed returns a permuted (NCHW-strided) view; without .contiguous() every later
         # LayerNorm and reshape of the residual stream would copy it again.
+        content = None
+        if self.skip_padding and self.keep_ratio < 1.0 and x.device.type != "meta":
+            if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+                raise RuntimeError("skip_padding routing has data-dependent shapes and cannot "
+                                   "be exported; set encoder.skip_padding = False")
+            content = self.content_mask(x)
         x = (self.patch_embed(x) + self.pos_embed).contiguous()
         routing = None
         stages: List[Routing] = []
@@ -134,14 +168,16 @@ class BLViTImageEncoder(nn.Module):
             x = blk(x, routing, workspace)
             j = self._predictor_at.get(i)
             if j is not None:
-                routing = route_tokens(self.predictors[j](x), self.keep_ratio, self.window_size)
+                routing = route_tokens(self.predictors[j](x), self.keep_ratio, self.window_size,
+                                       content)
                 stages.append(routing)
         feats = self.neck(x.permute(0, 3, 1, 2))
         if exporting:
             return (feats, stages) if return_routing else feats  # exported graphs: features only
         self.last_routing = [
             {"after_layer": self.spec.predictor_after[j] + 1, "mask": r.mask,
-             "scores": r.score_map, "k": r.k}
+             "scores": r.score_map, "k": r.k, "share": r.share,
+             "skip_padding": content is not None}
             for j, r in enumerate(stages)
         ]
         return (feats, stages) if return_routing else feats
