@@ -7,8 +7,8 @@ written) and a single background thread does the ``torch.save`` with the usual a
 keeping the last good file. A new save, or ``wait``, first finishes the previous one, and an
 error in the writer surfaces in the training thread at the next save/wait, never silently.
 
-Loading uses ``torch.load(mmap=True)``: tensors are paged in as ``load_state_dict`` copies them
-instead of reading the whole file into memory first.
+Resuming loads memory-mapped (``blsam.train.resume.load_training_checkpoint``): tensors are
+paged in as ``load_state_dict`` copies them instead of reading the whole file into memory first.
 """
 from __future__ import annotations
 
@@ -85,8 +85,3 @@ class AsyncCheckpointWriter:
         if self._error is not None:
             err, self._error = self._error, None
             raise RuntimeError(f"background checkpoint write failed: {err}") from err
-
-
-def load_checkpoint(path: str) -> Any:
-    """A training checkpoint, memory-mapped (``weights_only=True``, on the CPU)."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
