@@ -74,7 +74,6 @@ class Run:
     resume_ck: Optional[Dict[str, Any]] = None
     resume_diffs: List[str] = field(default_factory=list)
     counters: Dict[str, int] = field(default_factory=lambda: {k: 0 for k in COUNTERS})
-    excluded_s: float = 0.0  # save / validation time inside the current log window
     history: List[Dict[str, Any]] = field(default_factory=list)
     val_history: List[Dict[str, Any]] = field(default_factory=list)
     timer: Optional[PhaseTimer] = None  # per-phase laps, from run_loop on
@@ -295,23 +294,22 @@ class MetricsLog:
 
 class Window:
     """Metrics summed over the steps since the last log line (on the device: no host sync per
-    step), images, micro-steps and the wall time excluding saves and validation."""
+    step), images and micro-steps; the window's time comes from ``run.timer``'s laps."""
 
     def __init__(self, dev: torch.device) -> None:
         self.dev_sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=dev)
         self.images = 0
         self.micro = 0
-        self.t0 = time.perf_counter()
 
     def reset(self) -> None:
         self.dev_sums.zero_()
         self.images = self.micro = 0
-        self.t0 = time.perf_counter()
 
 
 def log_window(run: Run, win: Window, mlog: MetricsLog, lr: float) -> None:
     """One train record: metrics averaged over every rank's micro-steps; ``images_per_s`` is
-    the global rate (all ranks) over the window's training time (saves, validation excluded)."""
+    the global rate (all ranks) over the window's training time: the timer's laps without the
+    checkpoint and validation phases (``global_images_per_s``, the same number)."""
     counts = [float(run.counters[k]) for k in COUNTERS]
     agg = torch.cat([win.dev_sums.double().cpu(),
                      torch.tensor([win.images, win.micro] + counts, dtype=torch.float64)])
@@ -321,18 +319,16 @@ def log_window(run: Run, win: Window, mlog: MetricsLog, lr: float) -> None:
         agg = agg.cpu()
     nk = len(METRIC_KEYS)
     images, n_micro = agg[nk].item(), max(agg[nk + 1].item(), 1.0)
-    train_s = max(time.perf_counter() - win.t0 - run.excluded_s, 1e-9)
+    timing = window_record(run.timer.collect(), images)
     rec = {"step": run.step,
            "epoch": round(run.epoch + run.batch_in_epoch / run.batches_per_epoch, 4),
            **{k: agg[i].item() / n_micro for i, k in enumerate(METRIC_KEYS)},
-           "lr": lr, "images": int(images), "images_per_s": images / train_s,
+           "lr": lr, "images": int(images), "images_per_s": timing["global_images_per_s"],
            **{k: int(agg[nk + 2 + j].item()) for j, k in enumerate(COUNTERS)},
-           "skipped_index": len(run.index_skipped), "time": time.time(),
-           **window_record(run.timer.collect(), images)}
+           "skipped_index": len(run.index_skipped), "time": time.time(), **timing}
     run.history.append(rec)
     mlog.write("train", rec, METRIC_KEYS + ("lr", "images_per_s"))
     win.reset()
-    run.excluded_s = 0.0
 
 
 # ---------------------------------------------------------------- one step
@@ -407,20 +403,17 @@ def checkpoint_state(run: Run, counters: Dict[str, List[int]]) -> Dict[str, Any]
 
 def save(run: Run, numbered: bool) -> None:
     """Every rank's counters gathered (a collective), rank 0 snapshots the state off the device
-    and a background thread writes it (atomic rename, last good file kept); the time is not
-    counted as training time."""
-    t0 = time.perf_counter()
+    and a background thread writes it (atomic rename, last good file kept); the loop times it
+    as the "checkpoint" phase, which is not training time."""
     gathered = du.all_gather_objects(dict(run.counters))
     counters = {k: [int(c[k]) for c in gathered] for k in COUNTERS}
     if run.info.is_main:
         run.ckpt_writer.save(save_training_checkpoint, checkpoint_state(run, counters),
                              run.args.output_dir, run.step, numbered, run.args.keep_last)
     du.barrier()
-    run.excluded_s += time.perf_counter() - t0
 
 
 def validate(run: Run, mlog: Optional[MetricsLog]) -> Dict[str, Any]:
-    t0 = time.perf_counter()
     res = evaluate(run.sam, run.head, run.teacher, run.val_loader, run.dev, run.dtype,
                    run.args.fd_padding)
     rec = {"step": run.step, **res, "time": time.time()}
@@ -430,7 +423,6 @@ def validate(run: Run, mlog: Optional[MetricsLog]) -> Dict[str, Any]:
     if run.info.is_main:
         log.info("validation at step %d: %s", run.step,
                  ", ".join(f"{k} {res[k]:.4f}" for k in VAL_KEYS))
-    run.excluded_s += time.perf_counter() - t0
     return rec
 
 
@@ -449,7 +441,6 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
     mode = args.async_checkpoint
     run.ckpt_writer = AsyncCheckpointWriter(
         background=mode == "on" or (mode == "auto" and run.dev.type == "cuda"))
-    win.reset()
     # a profiler trace on global rank 0 only
     prof = StepProfiler(args.profile if run.info.is_main else 0, args.output_dir, run.info.rank,
                         run.dev)
