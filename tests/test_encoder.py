@@ -235,9 +235,11 @@ def test_flops_budget_is_below_vit_b():
 
 
 def test_every_projection_is_an_nn_linear_call():
-    """Module-hook FLOP counters must see every projection (Q-only and K/V-only included):
-    hook MACs (output elements x in_features) equal the aten-level matmul count."""
+    """Module-hook FLOP counters must see every projection (Q-only and K/V-only included, and
+    the patch embedding, a conv computed as a GEMM): hook MACs equal the aten-level count."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from blsam.modeling.image_encoder import PatchProj
 
     enc = blsam_model_registry["b_t"](img_size=128).image_encoder
     macs = []
@@ -246,6 +248,10 @@ def test_every_projection_is_an_nn_linear_call():
         for m in enc.modules()
         if isinstance(m, torch.nn.Linear)
     ]
+    patch = enc.patch_embed.proj
+    assert isinstance(patch, PatchProj)
+    hooks.append(patch.register_forward_hook(
+        lambda m, i, o: macs.append(o.numel() * m.weight[0].numel())))
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         enc(torch.randn(1, 3, 128, 128))
     for h in hooks:

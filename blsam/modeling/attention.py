@@ -9,8 +9,10 @@ official checkpoint loads unchanged. Two entry points share one kernel path:
   and all tokens are keys/values. Q is projected for the routed tokens only.
 
 Projections run on the real tokens only: a zero pad token projects to the bias alone, so the
-padded K/V (and Q) are the bias, added after partitioning. This is exactly SAM's arithmetic
-without spending matmuls on the 16% pad tokens of a 1024-px image.
+padded K/V (and Q) are the bias, one extra row that the window layout gathers for every pad
+slot. This is exactly SAM's arithmetic without spending matmuls on the 16% pad tokens of a
+1024-px image. Window partition and un-partition are single row gathers (``index_select``)
+rather than SAM's pad + permute copies.
 
 The relative-position bias is built per *query position* and passed to
 ``F.scaled_dot_product_attention`` as an additive mask; that equals SAM's
@@ -23,7 +25,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+from .routing import select_rows
 
 Workspace = Optional[Dict[tuple, torch.Tensor]]
 
@@ -71,15 +73,58 @@ def rel_pos_bias(
 
 
 class RowSliceLinear(nn.Linear):
-    """``nn.Linear`` that can apply one row block of its weight (Q only, or K/V only) and skip
-    its bias. It is still called as a module, so forward hooks and module-based FLOP counters
-    see every projection, and its parameters keep SAM's names (``qkv.weight``, ``qkv.bias``)."""
+    """``nn.Linear`` that can apply one row block of its weight (Q only, or K/V only), skip its
+    bias, or write into ``out`` (a 2-D slice of a larger buffer; inference only). It is still
+    called as a module, so forward hooks and module-based FLOP counters see every projection,
+    and its parameters keep SAM's names (``qkv.weight``, ``qkv.bias``)."""
 
     def forward(
-        self, x: torch.Tensor, rows: slice = slice(None), add_bias: bool = True
+        self,
+        x: torch.Tensor,
+        rows: slice = slice(None),
+        add_bias: bool = True,
+        out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         bias = self.bias[rows] if add_bias and self.bias is not None else None
-        return F.linear(x, self.weight[rows], bias)
+        if out is None:
+            return F.linear(x, self.weight[rows], bias)
+        if bias is None:
+            return torch.mm(x, self.weight[rows].t(), out=out)
+        return torch.addmm(bias, x, self.weight[rows].t(), out=out)
+
+
+def _padded(n: int, ws: int) -> int:
+    # (not -(-n // ws)): exporters lower integer division as truncation, not floor
+    return (n + ws - 1) // ws * ws
+
+
+def window_rows(b: int, h: int, w: int, ws: int, device: torch.device) -> torch.Tensor:
+    """(B*nW*ws*ws,) for every slot of SAM's padded window partition, its row in the flattened
+    (B*H*W + 1, C) tokens; pad slots read the extra last row (B*H*W)."""
+    hp, wp = _padded(h, ws), _padded(w, ws)
+    n = b * h * w
+    idx = torch.arange(n, device=device).view(b, h, w)
+    idx = F.pad(idx, (0, wp - w, 0, hp - h), value=n)
+    return idx.view(b, hp // ws, ws, wp // ws, ws).permute(0, 1, 3, 2, 4).reshape(-1)
+
+
+def unwindow_rows(b: int, h: int, w: int, ws: int, device: torch.device) -> torch.Tensor:
+    """(B*H*W,) the window-partition slot of every real token (the inverse of window_rows)."""
+    hp, wp = _padded(h, ws), _padded(w, ws)
+    slot = torch.arange(b * hp * wp, device=device)
+    slot = slot.view(b, hp // ws, wp // ws, ws, ws).permute(0, 1, 3, 2, 4).reshape(b, hp, wp)
+    return slot[:, :h, :w].reshape(-1)
+
+
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _plain_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Eager, no autograd, no autocast, one dtype: ``out=`` kernels are allowed."""
+    if torch.is_grad_enabled() or _exporting() or x.dtype != weight.dtype:
+        return False
+    return x.device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(x.device.type)
 
 
 class Attention(nn.Module):
@@ -124,26 +169,38 @@ class Attention(nn.Module):
         window_size: int,
         windows: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Project real tokens with qkv rows ``rows``, then pad/partition and add the bias.
+        """Project tokens with qkv rows ``rows`` into SAM's padded window partition.
 
         ``windows`` (B, M): only these windows (padding-aware routing skips the others); their
-        tokens are partitioned first and projected with the bias (a zero pad token then
-        projects to the bias exactly, as above).
+        slots are gathered first (pad slots as zero tokens) and projected with the bias.
         Returns (B*nW or B*M or B, N, width) tokens and the key grid.
         """
         b, h, wd, c = xn.shape
         if window_size <= 0:
             return self.qkv(xn, rows).flatten(1, 2), (h, wd)
+        n = b * h * wd
+        area = window_size * window_size
+        idx = window_rows(b, h, wd, window_size, xn.device)
         if windows is not None:
-            area = window_size * window_size
-            parts = window_partition(xn, window_size)[0].view(b, -1, area * c)
-            parts = parts.gather(1, windows.unsqueeze(-1).expand(-1, -1, area * c))
-            return self.qkv(parts.view(-1, area, c), rows), (window_size, window_size)
-        t = self.qkv(xn, rows, add_bias=False)  # pad tokens are zero: they project to the bias
-        t = window_partition(t, window_size)[0].flatten(1, 2)
-        if self.qkv.bias is not None:
-            t = t + self.qkv.bias[rows]
-        return t, (window_size, window_size)
+            idx = idx.view(b, -1, area).gather(1, windows.unsqueeze(-1).expand(-1, -1, area))
+            xz = torch.cat([xn.reshape(n, c), xn.new_zeros(1, c)])
+            parts = xz.index_select(0, idx.reshape(-1)).view(-1, area, c)
+            return self.qkv(parts, rows), (window_size, window_size)
+        # SAM pads *after* norm1, so a pad token projects to the bias alone: project the real
+        # tokens (bias included), append one bias row, and lay every window slot out with one
+        # row gather (instead of pad + partition copies and a bias add over all slots)
+        width = self.qkv.weight[rows].shape[0]
+        bias = self.qkv.bias[rows] if self.qkv.bias is not None else None
+        x2 = xn.reshape(n, c)
+        if not _plain_inference(xn, self.qkv.weight):
+            t = self.qkv(x2, rows)
+            pad = bias.to(t.dtype).unsqueeze(0) if bias is not None else t.new_zeros(1, width)
+            t = torch.cat([t, pad])
+        else:  # inference: project straight into the buffer that holds the bias row
+            t = torch.empty(n + 1, width, dtype=xn.dtype, device=xn.device)
+            self.qkv(x2, rows, out=t[:n])
+            t[n] = 0 if bias is None else bias
+        return t.index_select(0, idx).view(-1, area, width), (window_size, window_size)
 
     def _attend(
         self,
@@ -170,12 +227,9 @@ class Attention(nn.Module):
         q, k, v = self._heads(qkv, 3).unbind(0)
         pos = torch.arange(grid[0] * grid[1], device=xn.device).unsqueeze(0)
         out = self._attend(q, k, v, pos // grid[1], pos % grid[1], grid, workspace)
-        if window_size > 0:  # drop pad tokens before the output projection
-            # (not -(-h // ws)): exporters lower integer division as truncation, not floor
-            hp = (h + window_size - 1) // window_size * window_size
-            wp = (w + window_size - 1) // window_size * window_size
-            out = out.view(-1, window_size, window_size, self.dim)
-            out = window_unpartition(out, window_size, (hp, wp), (h, w))
+        if window_size > 0:  # back to the image layout, pad slots dropped, before ``proj``
+            out = out.reshape(-1, self.dim).index_select(
+                0, unwindow_rows(b, h, w, window_size, xn.device))
         return self.proj(out.reshape(b, h, w, self.dim))
 
     def forward_semi(
@@ -204,8 +258,7 @@ class Attention(nn.Module):
         kv, grid = self._project_windows(
             xn, slice(d, None), window_size, windows if window_size > 0 else None)
         k, v = self._heads(kv, 2).unbind(0)
-        xq = xn.reshape(b, h * w, c).gather(1, gather_idx.unsqueeze(-1).expand(-1, -1, c))
-        q = self.qkv(xq, slice(None, d))
+        q = self.qkv(select_rows(xn.reshape(b, h * w, c), gather_idx), slice(None, d))
         q = q.reshape(k.shape[0], -1, d)  # (B*nW, k, C) for windows, (B, n, C) if global
         q = self._heads(q, 1)[0]
         out = self._attend(q, k, v, q_h, q_w, grid, workspace)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import MLPBlock
 
 from .attention import Attention, Workspace
-from .routing import Routing
+from .routing import Routing, select_rows
 
 LAYER_MODES = ("full", "big_little", "p_only")
 
@@ -117,16 +117,15 @@ class BigLittleBlock(nn.Module):
             raise RuntimeError("a routed block needs the routing of a preceding predictor")
         b, h, w, c = x.shape
         r = routing
-        gidx = r.gather_idx.unsqueeze(-1).expand(-1, -1, c)
         s = r.scores.unsqueeze(-1)
 
         p = self._p_attention(x, r, workspace) * (self.alpha_attn * s + 1)
         e = self.e_block.attention(x, workspace) if self.mode == "big_little" else None
-        xf = self._fuse(x.reshape(b, h * w, c), p, e, r, gidx, getattr(self, "gamma_attn", None))
+        xf = self._fuse(x.reshape(b, h * w, c), p, e, r, getattr(self, "gamma_attn", None))
 
-        p = self.mlp(self.norm2(xf.gather(1, gidx))) * (self.alpha_mlp * s + 1)
+        p = self.mlp(self.norm2(select_rows(xf, r.gather_idx))) * (self.alpha_mlp * s + 1)
         e = self.e_block.ffn(xf) if self.mode == "big_little" else None
-        xf = self._fuse(xf, p, e, r, gidx, getattr(self, "gamma_mlp", None))
+        xf = self._fuse(xf, p, e, r, getattr(self, "gamma_mlp", None))
         return xf.view(b, h, w, c)
 
     def _p_attention(self, x: torch.Tensor, r: Routing, workspace: Workspace) -> torch.Tensor:
@@ -145,20 +144,22 @@ class BigLittleBlock(nn.Module):
         p: torch.Tensor,
         e: Optional[torch.Tensor],
         r: Routing,
-        gidx: torch.Tensor,
         gamma: Optional[torch.Tensor],
     ) -> torch.Tensor:
         """Residual + fusion (Algorithm 1): routed x_p + gamma*x_e, others x_e (or unchanged)."""
         b, n, c = xf.shape
         if e is None:
-            upd = p * r.real.unsqueeze(-1)
-            return xf.scatter_add(1, gidx, upd.to(xf.dtype))
+            upd = (p * r.real.unsqueeze(-1)).to(xf.dtype)
+            return xf.reshape(-1, c).index_add(0, r.take_rows, upd.reshape(-1, c)).view(b, n, c)
         e = e.reshape(b, n, c)
-        upd = p + gamma * e.gather(1, gidx)
+        upd = p + gamma * select_rows(e, r.gather_idx)
         if r.all_real:  # common case: write the routed rows over x + x_e in place
-            out = xf + e
-            return out.scatter_(1, gidx, (xf.gather(1, gidx) + upd).to(out.dtype))
-        # one trash row takes the pad slots, so scatter never writes a real token twice
-        sidx = r.scatter_idx.unsqueeze(-1).expand(-1, -1, c)
-        delta = F.pad(e, (0, 0, 0, 1)).scatter(1, sidx, upd.to(e.dtype))
-        return xf + delta[:, :n]
+            out = (xf + e).view(-1, c)
+            new = (select_rows(xf, r.gather_idx) + upd).to(out.dtype).reshape(-1, c)
+            if torch.jit.is_tracing():  # the ONNX tracer mis-exports in-place writes to views
+                return out.index_copy(0, r.take_rows, new).view(b, n, c)
+            return out.index_copy_(0, r.take_rows, new).view(b, n, c)
+        # one trash row per image takes the pad slots, so no real token is written twice
+        delta = F.pad(e, (0, 0, 0, 1)).reshape(-1, c)
+        delta = delta.index_copy(0, r.put_rows, upd.to(e.dtype).reshape(-1, c))
+        return xf + delta.view(b, n + 1, c)[:, :n]

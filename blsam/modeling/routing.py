@@ -85,6 +85,11 @@ class Routing:
     windows: Optional[torch.Tensor] = None
     # (B,) routed tokens / eligible tokens (real tokens, or content tokens if padding-aware)
     share: Optional[torch.Tensor] = None
+    # (B*n,) ``gather_idx`` / ``scatter_idx`` as rows of the flattened batch ((B*H*W, C) and
+    # (B*(H*W+1), C)): whole-row index_copy/index_add instead of scatter with an index
+    # expanded over channels, which reads one int64 per element (several times slower)
+    take_rows: Optional[torch.Tensor] = None
+    put_rows: Optional[torch.Tensor] = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -94,6 +99,14 @@ class Routing:
         m = torch.zeros(b, h * w + 1, dtype=torch.bool, device=self.real.device)
         m.scatter_(1, self.scatter_idx, torch.ones_like(self.scatter_idx, dtype=torch.bool))
         return m[:, : h * w].view(b, h, w)
+
+
+def select_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) tokens, (B, n) per-image token index -> (B, n, C), as whole-row copies."""
+    b, n, c = x.shape
+    if b > 1:
+        idx = idx + torch.arange(b, device=idx.device).unsqueeze(1) * n
+    return x.reshape(-1, c).index_select(0, idx.reshape(-1)).view(b, -1, c)
 
 
 def _windowed(t: torch.Tensor, ws: int, value: float) -> torch.Tensor:
@@ -207,6 +220,7 @@ def _finish(
     gather_idx = torch.where(real, flat, torch.zeros_like(flat)).reshape(b, -1)
     scatter_idx = torch.where(real, flat, torch.full_like(flat, h * w)).reshape(b, -1)
     sel_scores = scores.reshape(b, h * w).float().gather(1, gather_idx)
+    base = torch.arange(b, device=scores.device).unsqueeze(1)
     return Routing(
         slot=slot.reshape(-1, k),
         pos_h=pos_h.reshape(b, -1),
@@ -221,4 +235,6 @@ def _finish(
         all_real=all_real,
         windows=windows,
         share=share,
+        take_rows=(gather_idx + base * (h * w)).reshape(-1),
+        put_rows=(scatter_idx + base * (h * w + 1)).reshape(-1),
     )
