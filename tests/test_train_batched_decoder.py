@@ -119,6 +119,20 @@ def _run(sam, fn, batch) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
     return {k: out[k].item() for k in KEYS}, grads
 
 
+def _forms(batch: Dict[str, Any], iters: int) -> int:
+    """Decoder calls expected: distinct (multimask, box, click count) per iteration."""
+    forms: List[set] = [set() for _ in range(iters)]
+    for i, kind in enumerate(batch["kind"]):
+        if batch["masks"][i].shape[0] == 0:
+            continue
+        clicks = click_schedule(iters, batch["seed"][i]) + [False]
+        n_pts = 0 if kind == "box" else batch["points"][i].shape[1]
+        for it in range(iters):
+            forms[it].add((kind == "point" and it == 0, kind == "box", n_pts))
+            n_pts += clicks[it]
+    return sum(len(f) for f in forms)
+
+
 # one click (multimask), a box, no masks, 2 clicks, another box and another click: with 5
 # iterations the random click-less iteration differs per image, so the groups change
 SPECS = [("point", 3, 1), ("box", 2, 0), ("point", 0, 1), ("points", 4, 2), ("box", 5, 0),
@@ -138,7 +152,14 @@ def test_batched_equals_per_image_oracle(sam, sam64, dtype, iters):
     for k in ("boxes", "points"):
         batch[k] = [None if x is None else x.to(dt) for x in batch[k]]
     model = DistillModel(model_sam, 2.5, prompt_iters=iters)
-    got, g_got = _run(model_sam, lambda b: model(b["image"], b, b["teacher"]), batch)
+    calls: List[int] = []
+    hook = model_sam.mask_decoder.transformer.register_forward_hook(
+        lambda mod, args, out: calls.append(args[0].shape[0]))
+    try:
+        got, g_got = _run(model_sam, lambda b: model(b["image"], b, b["teacher"]), batch)
+    finally:
+        hook.remove()
+    assert len(calls) == _forms(batch, iters) and sum(calls) == 16 * iters
     want, g_want = _run(model_sam, lambda b: _oracle(model, b), batch)
     assert want["n_masks"] == 16 and want["loss_mask"] > 0
     assert got == pytest.approx(want, rel=1e-5, abs=1e-7)

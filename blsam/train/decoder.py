@@ -25,7 +25,7 @@ def decode_masks(decoder: nn.Module, image_embeddings: torch.Tensor, image_index
     n = sparse.shape[0]
     out_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
     tokens = torch.cat([out_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
-    src = image_embeddings[image_index] + dense
+    src = image_embeddings.index_select(0, image_index) + dense
     b, c, h, w = src.shape
     hs, src = d.transformer(src, image_pe.expand(n, -1, -1, -1), tokens)
     iou_out, mask_out = hs[:, 0, :], hs[:, 1:1 + d.num_mask_tokens, :]
