@@ -8,18 +8,24 @@ negative, negative in a false positive); the loss is taken on every iteration. S
 iterations: the first prompt, 8 with a new click, and 2 with none (one at a random place among
 them, one last). Clicks are drawn on the device from a generator seeded per image by the data
 pipeline, so a resumed run draws the same clicks and no host sync is needed.
+
+The prompt encoder and mask decoder run once per iteration over all images' masks, one call per
+group of prompts of the same form (multimask or not, box or not, click count), through
+``decoder.decode_masks``: SAM's decoder repeats one image's embedding for its prompts.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .decoder import decode_masks
 from .losses import feature_loss, mask_losses, real_positions, total_loss
 
 TRAINABLE_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
@@ -62,6 +68,38 @@ def error_click(logits: torch.Tensor, targets: torch.Tensor, gen: torch.Generato
     return xy[:, None].float(), label[:, None]
 
 
+@dataclass
+class ImagePrompts:
+    """One image's masks and their prompts through the interactive iterations."""
+    index: torch.Tensor  # (M,) the image's place in the batch, once per mask
+    targets: torch.Tensor  # (M, h, w) low-res GT
+    multimask: bool  # one click: 3 outputs on the first iteration (SAM's ambiguity rule)
+    boxes: Optional[torch.Tensor]  # (M, 4)
+    points: Optional[Tuple[torch.Tensor, torch.Tensor]]  # (M, P, 2), (M, P)
+    clicks: List[bool]  # click_schedule: whether iteration it + 1 adds a click
+    gen: Optional[torch.Generator]  # the image's own click generator
+    mask_in: Optional[torch.Tensor] = None  # (M, 1, h, w) previous logits, detached
+
+    def form(self, it: int) -> Tuple[bool, bool, int]:
+        """Prompts of the same form (outputs, box, click count) batch in one decoder call."""
+        return (self.multimask and it == 0, self.boxes is not None,
+                0 if self.points is None else self.points[1].shape[1])
+
+    def add_click(self, click: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        if self.points is None:
+            self.points = click
+        else:
+            self.points = (torch.cat([self.points[0], click[0]], 1),
+                           torch.cat([self.points[1], click[1]], 1))
+
+
+def _cat(xs: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """Concatenate along masks (None for absent prompts; no copy for one image)."""
+    if xs[0] is None:
+        return None
+    return xs[0] if len(xs) == 1 else torch.cat(xs)
+
+
 class DistillModel(nn.Module):
     """Student forward + all losses in one module, so DDP sees every trainable parameter.
 
@@ -92,21 +130,14 @@ class DistillModel(nn.Module):
                                    images.device)
         out = feature_loss(emb, teacher_emb, valid)
         dev = images.device
-        image_pe = sam.prompt_encoder.get_dense_pe()
-        keys = ("loss_mask", "loss_iou", "iou", "iou_final")
-        sums = {k: torch.zeros((), device=dev) for k in keys}
-        n = 0
-        for i, masks in enumerate(batch["masks"]):
-            if masks is None or masks.shape[0] == 0:
-                continue
-            r = self.prompt_losses(emb[i:i + 1], image_pe, batch, i, masks.to(dev),
-                                   images.shape[-1])
-            for k in keys:
-                sums[k] = sums[k] + r[k]
-            n += masks.shape[0]
+        prompts = self.image_prompts(batch, dev)
+        n = sum(p.targets.shape[0] for p in prompts)
         if n:
+            sums = self.prompt_losses(emb, prompts, images.shape[-1])
             supervised = (sums["loss_mask"] + sums["loss_iou"]) / n
         else:  # keep trainable decoder params in the graph so DDP's reducer does not stall
+            sums = {k: torch.zeros((), device=dev)
+                    for k in ("loss_mask", "loss_iou", "iou", "iou_final")}
             supervised = sum((p.sum() * 0 for n_, p in sam.named_parameters()
                               if p.requires_grad and not n_.startswith("image_encoder.")),
                              torch.zeros((), device=dev))
@@ -118,48 +149,71 @@ class DistillModel(nn.Module):
         out["n_masks"] = torch.full((), float(n), device=dev)  # a fill: no host-to-device copy
         return out
 
-    def prompt_losses(self, emb: torch.Tensor, image_pe: torch.Tensor, batch: Dict[str, Any],
-                      i: int, targets: torch.Tensor, img_size: int) -> Dict[str, torch.Tensor]:
-        """One image's masks through ``prompt_iters`` prompt/decoder iterations; mask and IoU
+    def image_prompts(self, batch: Dict[str, Any], dev: torch.device) -> List[ImagePrompts]:
+        """The batch's images with masks (others are skipped), their prompts on ``dev``."""
+        out = []
+        seeds = batch.get("seed") or [None] * len(batch["masks"])
+        for i, masks in enumerate(batch["masks"]):
+            if masks is None or masks.shape[0] == 0:
+                continue
+            kind, seed = batch["kind"][i], seeds[i] or 0
+            gen = None
+            if self.prompt_iters > 1:
+                gen = torch.Generator(device=dev)
+                gen.manual_seed(int(seed) % (2 ** 63))
+            out.append(ImagePrompts(
+                index=torch.full((masks.shape[0],), i, dtype=torch.long, device=dev),
+                targets=masks.to(dev), multimask=(kind == "point"),
+                boxes=batch["boxes"][i].to(dev) if kind == "box" else None,
+                points=None if kind == "box" else (batch["points"][i].to(dev),
+                                                   batch["labels"][i].to(dev)),
+                clicks=click_schedule(self.prompt_iters, seed), gen=gen))
+        return out
+
+    def prompt_losses(self, emb: torch.Tensor, prompts: List[ImagePrompts], img_size: int
+                      ) -> Dict[str, torch.Tensor]:
+        """All images' masks through ``prompt_iters`` prompt/decoder iterations: mask and IoU
         losses summed over masks and averaged over iterations (so their scale does not depend
-        on the iteration count); ``iou`` after the first prompt, ``iou_final`` after the last."""
-        sam, dev, kind = self.sam, emb.device, batch["kind"][i]
-        boxes = batch["boxes"][i].to(dev) if kind == "box" else None
-        points = None
-        if kind != "box":
-            points = (batch["points"][i].to(dev), batch["labels"][i].to(dev))
-        iters = self.prompt_iters
-        seed = batch.get("seed", [None] * (i + 1))[i]
-        clicks = click_schedule(iters, seed or 0)
-        gen = None
-        if iters > 1:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(int(seed or 0) % (2 ** 63))
-        mask_in: Optional[torch.Tensor] = None
+        on the iteration count); ``iou`` summed after the first prompt, ``iou_final`` after the
+        last. Each iteration runs the prompt encoder and the decoder once per group of masks
+        whose prompts have the same form (see ``ImagePrompts.form``), not once per image."""
+        sam, dev, iters = self.sam, emb.device, self.prompt_iters
+        image_pe = sam.prompt_encoder.get_dense_pe()
         acc = {k: torch.zeros((), device=dev) for k in ("loss_mask", "loss_iou")}
         first_iou = last_iou = torch.zeros((), device=dev)
         for it in range(iters):
-            sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=mask_in)
-            logits, iou_pred = sam.mask_decoder(
-                image_embeddings=emb, image_pe=image_pe, sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense, multimask_output=(kind == "point" and it == 0))
-            r = mask_losses(logits, iou_pred, targets)
-            acc["loss_mask"] = acc["loss_mask"] + r["loss_mask"]
-            acc["loss_iou"] = acc["loss_iou"] + r["loss_iou"]
+            groups: Dict[Tuple[bool, bool, int], List[ImagePrompts]] = {}
+            for p in prompts:
+                groups.setdefault(p.form(it), []).append(p)
+            iou = torch.zeros((), device=dev)
+            for (multimask, _, _), members in groups.items():
+                boxes = _cat([p.boxes for p in members])
+                points = None
+                if members[0].points is not None:
+                    points = (_cat([p.points[0] for p in members]),
+                              _cat([p.points[1] for p in members]))
+                masks = None if it == 0 else _cat([p.mask_in for p in members])
+                sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+                logits, iou_pred = decode_masks(
+                    sam.mask_decoder, emb, _cat([p.index for p in members]), image_pe, sparse,
+                    dense, multimask)
+                r = mask_losses(logits, iou_pred, _cat([p.targets for p in members]))
+                acc["loss_mask"] = acc["loss_mask"] + r["loss_mask"]
+                acc["loss_iou"] = acc["loss_iou"] + r["loss_iou"]
+                iou = iou + r["iou"]
+                if it == iters - 1:
+                    continue
+                h, w = logits.shape[-2:]
+                chosen = logits.gather(1, r["best"][:, None, None, None].expand(-1, 1, h, w))
+                # SAM feeds back the unthresholded logits
+                chosen = chosen.detach().split([p.targets.shape[0] for p in members])
+                for p, mask_in in zip(members, chosen):
+                    p.mask_in = mask_in
+                    if p.clicks[it]:  # the image's own generator: draws independent of batching
+                        p.add_click(error_click(mask_in, p.targets, p.gen, img_size // h))
             if it == 0:
-                first_iou = r["iou"]
-            last_iou = r["iou"]
-            if it == iters - 1:
-                break
-            h, w = logits.shape[-2:]
-            chosen = logits.gather(1, r["best"][:, None, None, None].expand(-1, 1, h, w))
-            mask_in = chosen.detach()  # SAM feeds back the unthresholded logits
-            if clicks[it]:
-                xy, lab = error_click(mask_in, targets, gen, img_size // h)
-                if points is None:
-                    points = (xy, lab)
-                else:
-                    points = (torch.cat([points[0], xy], 1), torch.cat([points[1], lab], 1))
+                first_iou = iou
+            last_iou = iou
         return {"loss_mask": acc["loss_mask"] / iters, "loss_iou": acc["loss_iou"] / iters,
                 "iou": first_iou, "iou_final": last_iou}
 
