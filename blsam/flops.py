@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -108,7 +108,11 @@ class _Part:
 
 @torch.no_grad()
 def count_flops(
-    sam: nn.Module, convention: str = "paper", part: str = "sam", batch_size: int = 1
+    sam: nn.Module,
+    convention: str = "paper",
+    part: str = "sam",
+    batch_size: int = 1,
+    images: Optional[torch.Tensor] = None,
 ) -> FlopReport:
     """Count GFLOPs of ``sam`` (a ``segment_anything`` ``Sam``) at its encoder's ``img_size``.
 
@@ -117,12 +121,24 @@ def count_flops(
     The encoder runs on the meta device (instant even for ViT-H) and the prompt encoder and
     decoder on copies: ``sam`` is left exactly as it was found (parameters, ``requires_grad``,
     the encoder's ``last_routing``).
+
+    The meta run cannot see image content, so for an encoder with ``skip_padding`` it counts
+    the paper's routing. ``images`` (B, 3, S, S), SAM-preprocessed (zero padding included):
+    the encoder runs for real on them (``batch_size`` is then B), which counts what
+    padding-aware routing does on exactly those images.
     """
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     enc = sam.image_encoder
     size = enc.img_size
-    x = torch.empty(batch_size, 3, size, size, device="meta")
+    if images is None:
+        x, weights = torch.empty(batch_size, 3, size, size, device="meta"), _meta_like(enc)
+    else:
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"images must be (B, 3, {size}, {size}), got {tuple(images.shape)}")
+        x, batch_size = images, images.shape[0]
+        weights = {k: v.detach() for k, v in list(enc.named_parameters())
+                   + list(enc.named_buffers())}
     # the prompt encoder and decoder run for real on detached copies: FlopCounterMode's module
     # tracker trips over views of trainable parameters made under no_grad, and switching
     # requires_grad off and on again on the caller's model is a change others could observe
@@ -133,7 +149,7 @@ def count_flops(
     try:
         with _Counter(counted, convention) as counter:
             with counter.part("image_encoder"):
-                emb = functional_call(enc, _meta_like(enc), (x,))
+                emb = functional_call(enc, weights, (x,))
             if small is not None:
                 # small and index by label values (no meta kernel): real zero embedding
                 pe, md = small["pe"], small["md"]
@@ -157,7 +173,11 @@ def count_flops(
 
 
 def count_gflops(
-    sam: nn.Module, convention: str = "paper", part: str = "sam", batch_size: int = 1
+    sam: nn.Module,
+    convention: str = "paper",
+    part: str = "sam",
+    batch_size: int = 1,
+    images: Optional[torch.Tensor] = None,
 ) -> float:
     """Total GFLOPs (GMACs) of ``sam``; see ``count_flops``."""
-    return count_flops(sam, convention, part, batch_size).total
+    return count_flops(sam, convention, part, batch_size, images).total

@@ -68,3 +68,29 @@ def test_counting_leaves_model_untouched():
     assert fresh.image_encoder.last_routing == []
     with pytest.raises(ValueError, match="convention"):
         count_flops(sam, "thop")
+
+
+def test_skip_padding_flops_counted_on_the_images_given():
+    """The meta count cannot see content: with ``images`` the padding-aware routing is counted
+    on them (a half-padded image costs less; a full one costs what the paper routing costs),
+    and the model is left as it was."""
+    torch.manual_seed(0)
+    sam = blsam_model_registry["b_t"](img_size=256, skip_padding=True)
+    enc = sam.image_encoder
+    full_img = torch.randn(1, 3, 256, 256)
+    half = full_img.clone()
+    half[..., 128:] = 0  # SamPredictor's zero padding of a 1:2 photo
+    meta = count_gflops(sam, "full", part="image_encoder")
+    assert count_gflops(sam, "full", part="image_encoder", images=full_img) == pytest.approx(
+        meta, rel=1e-9)
+    assert count_gflops(sam, "full", part="image_encoder", images=half) < 0.8 * meta
+    for convention in ("full", "paper"):
+        both = count_gflops(sam, convention, images=torch.cat([full_img, half]))
+        one = count_gflops(sam, convention, images=full_img)
+        assert one < both < 2 * one
+    assert enc.last_routing == []
+    enc.keep_ratio = 1.0  # everything routed: content does not matter
+    assert count_gflops(sam, "full", part="image_encoder", images=half) == pytest.approx(
+        count_gflops(sam, "full", part="image_encoder"), rel=1e-9)
+    with pytest.raises(ValueError, match="images must be"):
+        count_flops(sam, images=torch.randn(3, 256, 256))

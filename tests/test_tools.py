@@ -41,6 +41,8 @@ def test_benchmark_photo_rows_count_padding_queries(tmp_path):
         ("vit_b", False), ("b_t@0.5", False), ("b_t@0.5+skip_padding", True)]
     assert rows[2].padding_queries == 0 and rows[2].routed_queries > 0
     assert rows[1].routed_queries > 0 and "16:9" in rows[1].photo
+    # FLOPs per photo: padding-aware routing spends less on a padded photo
+    assert rows[2].gflops_full_encoder < rows[1].gflops_full_encoder
 
 
 def test_benchmark_cpu_memory_probe_in_fresh_process():

@@ -330,7 +330,12 @@ def photo_rows(args: argparse.Namespace) -> List[Result]:
                     t0 = time.perf_counter()
                     predictor.set_image(img)
                     times.append((time.perf_counter() - t0) * 1e3)
-            res = Result(name, "b", kind, keep, "cpu", "fp32", 1, float("nan"), full,
+            gflops = full
+            if kind == "blsam":  # padding-aware routing's cost depends on the photo
+                x = torch.as_tensor(predictor.transform.apply_image(img)).permute(2, 0, 1)
+                x = sam.preprocess(x[None].float())
+                gflops = count_flops(sam, "full", part="image_encoder", images=x).total
+            res = Result(name, "b", kind, keep, "cpu", "fp32", 1, float("nan"), gflops,
                          skip_padding=skip, photo=f"{aspect} {PHOTOS[aspect]} {img.shape[1]}x"
                                                   f"{img.shape[0]}")
             res.times_ms = [round(v, 3) for v in times]
@@ -359,14 +364,15 @@ def photo_table(rows: List[Result]) -> str:
         "`SamPredictor.set_image` on real photos (skimage.data, centre-cropped to the aspect "
         "ratio; SamPredictor resizes the long side to the encoder size and pads with zeros)",
         "",
-        "| model | photo | skip_padding | latency ms (median) | min–max | latency / official "
-        "| P-block queries on padding | of all routed |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| model | photo | skip_padding | GFLOPs full (this photo) | latency ms (median) "
+        "| min–max | latency / official | P-block queries on padding | of all routed |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         frac = r.padding_queries / r.routed_queries  # nan for the official encoder
         lines.append(
-            f"| {r.model} | {r.photo} | {r.skip_padding} | {r.latency_ms_median:.1f} "
+            f"| {r.model} | {r.photo} | {r.skip_padding} | {r.gflops_full_encoder:.1f} "
+            f"| {r.latency_ms_median:.1f} "
             f"| {r.latency_ms_min:.0f}–{r.latency_ms_max:.0f} "
             f"| {fmt(r.ratio_latency_vs_official)} "
             f"| {fmt(r.padding_queries, 0)} | {fmt(frac)} |")
