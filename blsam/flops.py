@@ -18,6 +18,7 @@ counted like SAM's explicit one. Use this one to predict wall-clock cost.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -106,6 +107,16 @@ class _Part:
         self.c.by_part[self.name] = self.c.by_part.get(self.name, 0) + macs
 
 
+def _countable_attention(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """On a real device, SDPA through its math backend (matmuls FlopCounterMode sees; fused CPU
+    kernels have no FLOP formula and would count as zero). Meta runs decompose anyway."""
+    if x.device.type == "meta":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 @torch.no_grad()
 def count_flops(
     sam: nn.Module,
@@ -148,7 +159,7 @@ def count_flops(
     saved = dict(vars(enc))  # the forward records e.g. ``last_routing``; it must not stay meta
     try:
         with _Counter(counted, convention) as counter:
-            with counter.part("image_encoder"):
+            with counter.part("image_encoder"), _countable_attention(x):
                 emb = functional_call(enc, weights, (x,))
             if small is not None:
                 # small and index by label values (no meta kernel): real zero embedding

@@ -83,7 +83,7 @@ def test_skip_padding_flops_counted_on_the_images_given():
     meta = count_gflops(sam, "full", part="image_encoder")
     assert count_gflops(sam, "full", part="image_encoder", images=full_img) == pytest.approx(
         meta, rel=1e-9)
-    assert count_gflops(sam, "full", part="image_encoder", images=half) < 0.8 * meta
+    assert count_gflops(sam, "full", part="image_encoder", images=half) < 0.9 * meta
     for convention in ("full", "paper"):
         both = count_gflops(sam, convention, images=torch.cat([full_img, half]))
         one = count_gflops(sam, convention, images=full_img)
