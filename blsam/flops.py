@@ -166,15 +166,17 @@ def count_flops(
                 pe, md = small["pe"], small["md"]
                 dev = next(md.parameters()).device
                 dt = next(md.parameters()).dtype
-                emb = torch.zeros(emb.shape, device=dev, dtype=dt)
-                coords = torch.full((batch_size, 1, 2), size / 2, device=dev)
-                labels = torch.ones(batch_size, 1, dtype=torch.int, device=dev)
-                with counter.part("prompt_encoder"):
-                    sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
-                    dense_pe = pe.get_dense_pe()
-                with counter.part("mask_decoder"):
-                    md(image_embeddings=emb, image_pe=dense_pe, sparse_prompt_embeddings=sparse,
-                       dense_prompt_embeddings=dense, multimask_output=True)
+                emb = torch.zeros((1, *emb.shape[1:]), device=dev, dtype=dt)
+                coords = torch.full((1, 1, 2), size / 2, device=dev)
+                labels = torch.ones(1, 1, dtype=torch.int, device=dev)
+                for _ in range(batch_size):  # SAM's decoder takes one image per call
+                    with counter.part("prompt_encoder"):
+                        sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
+                        dense_pe = pe.get_dense_pe()
+                    with counter.part("mask_decoder"):
+                        md(image_embeddings=emb, image_pe=dense_pe,
+                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                           multimask_output=True)
     finally:
         for k in [k for k in vars(enc) if k not in saved]:
             delattr(enc, k)
