@@ -168,16 +168,18 @@ class Attention(nn.Module):
         rows: slice,
         window_size: int,
         windows: Optional[torch.Tensor] = None,
+        add_bias: bool = True,
     ) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """Project tokens with qkv rows ``rows`` into SAM's padded window partition.
 
         ``windows`` (B, M): only these windows (padding-aware routing skips the others); their
-        slots are gathered first (pad slots as zero tokens) and projected with the bias.
+        slots are gathered first (pad slots as zero tokens), then projected.
+        ``add_bias=False``: no bias anywhere (pad slots are then zero rows).
         Returns (B*nW or B*M or B, N, width) tokens and the key grid.
         """
         b, h, wd, c = xn.shape
         if window_size <= 0:
-            return self.qkv(xn, rows).flatten(1, 2), (h, wd)
+            return self.qkv(xn, rows, add_bias).flatten(1, 2), (h, wd)
         n = b * h * wd
         area = window_size * window_size
         idx = window_rows(b, h, wd, window_size, xn.device)
@@ -185,20 +187,20 @@ class Attention(nn.Module):
             idx = idx.view(b, -1, area).gather(1, windows.unsqueeze(-1).expand(-1, -1, area))
             xz = torch.cat([xn.reshape(n, c), xn.new_zeros(1, c)])
             parts = xz.index_select(0, idx.reshape(-1)).view(-1, area, c)
-            return self.qkv(parts, rows), (window_size, window_size)
+            return self.qkv(parts, rows, add_bias), (window_size, window_size)
         # SAM pads *after* norm1, so a pad token projects to the bias alone: project the real
-        # tokens (bias included), append one bias row, and lay every window slot out with one
-        # row gather (instead of pad + partition copies and a bias add over all slots)
+        # tokens, append one bias row, and lay every window slot out with one row gather
+        # (instead of pad + partition copies and a bias add over all slots)
         width = self.qkv.weight[rows].shape[0]
-        bias = self.qkv.bias[rows] if self.qkv.bias is not None else None
+        bias = self.qkv.bias[rows] if add_bias and self.qkv.bias is not None else None
         x2 = xn.reshape(n, c)
         if not _plain_inference(xn, self.qkv.weight):
-            t = self.qkv(x2, rows)
+            t = self.qkv(x2, rows, add_bias)
             pad = bias.to(t.dtype).unsqueeze(0) if bias is not None else t.new_zeros(1, width)
             t = torch.cat([t, pad])
         else:  # inference: project straight into the buffer that holds the bias row
             t = torch.empty(n + 1, width, dtype=xn.dtype, device=xn.device)
-            self.qkv(x2, rows, out=t[:n])
+            self.qkv(x2, rows, add_bias, out=t[:n])
             t[n] = 0 if bias is None else bias
         return t.index_select(0, idx).view(-1, area, width), (window_size, window_size)
 
@@ -255,11 +257,16 @@ class Attention(nn.Module):
         """
         b, h, w, c = xn.shape
         d = self.dim
+        # K/V without bias: K's bias adds q.b_k to every logit of a query (softmax ignores a
+        # constant) and V's adds b_v to every output (the weights sum to 1), so b_v goes onto
+        # the n routed outputs instead of every key slot (pad slots, all bias, become zeros)
         kv, grid = self._project_windows(
-            xn, slice(d, None), window_size, windows if window_size > 0 else None)
+            xn, slice(d, None), window_size, windows if window_size > 0 else None, False)
         k, v = self._heads(kv, 2).unbind(0)
         q = self.qkv(select_rows(xn.reshape(b, h * w, c), gather_idx), slice(None, d))
         q = q.reshape(k.shape[0], -1, d)  # (B*nW, k, C) for windows, (B, n, C) if global
         q = self._heads(q, 1)[0]
         out = self._attend(q, k, v, q_h, q_w, grid, workspace)
+        if self.qkv.bias is not None:
+            out = out + self.qkv.bias[2 * d:].to(out.dtype)
         return self.proj(out.reshape(b, -1, d))
