@@ -79,8 +79,7 @@ class Result:
     ratio_latency_vs_fused: float = float("nan")
     ratio_gflops_full_vs_official: float = float("nan")
     gmacs_per_s: float = float("nan")  # full encoder GMACs x batch / median latency
-    # full encoder GMACs x batch / best latency, over this machine's measured dense GEMM rate
-    frac_of_gemm_rate: float = float("nan")
+    frac_of_gemm_rate: float = float("nan")  # of this machine's measured dense GEMM rate
     skip_padding: bool = False
     photo: Optional[str] = None  # set_image rows: which photo (aspect ratio)
     padding_queries: float = float("nan")  # routed tokens on all-padding patches, all stages
@@ -446,8 +445,7 @@ def markdown_table(results: List[Result], env: Dict[str, object]) -> str:
         lines += ["", f"Dense fp32 GEMM rate of this machine on b_t's {env['gemm_shapes']} matmul "
                       f"shapes ({env['gemm_gmacs']:.1f} GMAC per forward), each timed alone "
                       f"(best of 3): **{env['gemm_gmacs_per_s']:.1f} GMAC/s**; \"of GEMM rate\" "
-                      f"= full encoder GMACs / best latency / that rate (CPU fp32 rows; best "
-                      f"against best, as a shared machine's noise only ever slows runs down)."]
+                      f"= full encoder GMACs / median latency / that rate (CPU fp32 rows)."]
     return "\n".join(lines) + "\n"
 
 
@@ -603,10 +601,8 @@ def main(args: argparse.Namespace) -> List[Result]:
         if r.error is None:
             r.gmacs_per_s = r.gflops_full_encoder * r.batch_size / (r.latency_ms_median / 1e3)
             if r.device == "cpu" and r.dtype == "fp32" and "gemm_gmacs_per_s" in env:
-                # best run against the best-of-repeats GEMM rate: the same statistic on both
-                # sides, so a noisy neighbour on a shared machine does not decide the ratio
-                best = r.gflops_full_encoder * r.batch_size / (r.latency_ms_min / 1e3)
-                r.frac_of_gemm_rate = best / env["gemm_gmacs_per_s"]
+                r.frac_of_gemm_rate = r.gmacs_per_s / env["gemm_gmacs_per_s"]
+
     photos = photo_rows(args) if args.photos else []
     for r in photos:
         r.gmacs_per_s = r.gflops_full_encoder / (r.latency_ms_median / 1e3)
