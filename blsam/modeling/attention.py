@@ -116,13 +116,15 @@ def unwindow_rows(b: int, h: int, w: int, ws: int, device: torch.device) -> torc
     return slot[:, :h, :w].reshape(-1)
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
+    """Being traced or exported (ONNX): no ``out=`` kernels, no in-place writes to views, no
+    data-dependent shapes."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def _plain_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Eager, no autograd, no autocast, one dtype: ``out=`` kernels are allowed."""
-    if torch.is_grad_enabled() or _exporting() or x.dtype != weight.dtype:
+    if torch.is_grad_enabled() or exporting() or x.dtype != weight.dtype:
         return False
     return x.device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(x.device.type)
 

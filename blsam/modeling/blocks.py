@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling.common import MLPBlock
 
-from .attention import Attention, Workspace
+from .attention import Attention, Workspace, exporting
 from .routing import Routing, select_rows
 
 LAYER_MODES = ("full", "big_little", "p_only")
@@ -156,7 +156,7 @@ class BigLittleBlock(nn.Module):
         if r.all_real:  # common case: write the routed rows over x + x_e in place
             out = (xf + e).view(-1, c)
             new = (select_rows(xf, r.gather_idx) + upd).to(out.dtype).reshape(-1, c)
-            if torch.jit.is_tracing():  # the ONNX tracer mis-exports in-place writes to views
+            if exporting():  # the ONNX tracer mis-exports in-place writes to views
                 return out.index_copy(0, r.take_rows, new).view(b, n, c)
             return out.index_copy_(0, r.take_rows, new).view(b, n, c)
         # one trash row per image takes the pad slots, so no real token is written twice

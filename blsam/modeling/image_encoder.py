@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import PatchEmbed
 
+from .attention import exporting
 from .blocks import BigLittleBlock
 from .predictor import TokenPredictor
 from .routing import Routing, route_tokens, tokens_per_window
@@ -174,16 +175,16 @@ class BLViTImageEncoder(nn.Module):
         # PatchEmbed permutes PatchProj's NCHW view back to its NHWC memory: contiguous already
         content = None
         if self.skip_padding and self.keep_ratio < 1.0 and x.device.type != "meta":
-            if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            if exporting():
                 raise RuntimeError("skip_padding routing has data-dependent shapes and cannot "
                                    "be exported; set encoder.skip_padding = False")
             content = self.content_mask(x)
         x = (self.patch_embed(x) + self.pos_embed).contiguous()
         routing = None
         stages: List[Routing] = []
-        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        export = exporting()
         # reused attention-bias buffers (eager inference only: out= ops don't export)
-        workspace: Optional[dict] = None if exporting else {}
+        workspace: Optional[dict] = None if export else {}
         for i, blk in enumerate(self.blocks):
             x = blk(x, routing, workspace)
             j = self._predictor_at.get(i)
@@ -192,7 +193,7 @@ class BLViTImageEncoder(nn.Module):
                                        content)
                 stages.append(routing)
         feats = self.neck(x.permute(0, 3, 1, 2))
-        if exporting:
+        if export:
             return (feats, stages) if return_routing else feats  # exported graphs: features only
         self.last_routing = [
             {"after_layer": self.spec.predictor_after[j] + 1, "mask": r.mask,
