@@ -81,6 +81,30 @@ def test_semi_cross_attention_equals_rows_of_full_attention(grid):
     assert (semi - expected).abs().max().item() < 1e-5
 
 
+def test_shared_bias_workspace_equals_fresh_buffers():
+    """Inference reuses one rel-pos bias buffer for every layer (P and E, window and global):
+    outputs must equal those computed without the workspace, whatever the order of shapes."""
+    torch.manual_seed(2)
+    grid = (16, 16)
+    layers = [Attention(64, 4, grid), Attention(32, 2, grid, in_dim=64, out_dim=64),
+              Attention(64, 4, (14, 14))]
+    for m in layers:
+        randomize_(m)
+    x = torch.randn(1, *grid, 64)
+    idx = torch.randperm(256)[:40].unsqueeze(0)
+    calls = [lambda m=layers[0], ws=None: m(x, 0, ws),
+             lambda m=layers[1], ws=None: m(x, 0, ws),
+             lambda m=layers[0], ws=None: m.forward_semi(x, idx, idx // 16, idx % 16, 0, ws),
+             lambda m=layers[2], ws=None: m(x, 14, ws)]
+    workspace: dict = {}
+    with torch.inference_mode():
+        fresh = [f() for f in calls]
+        for _ in range(2):  # the buffer grows once, then is reused in any order
+            for f, ref in zip(calls[::-1], fresh[::-1]):
+                assert torch.equal(f(ws=workspace), ref)
+    assert len(workspace) == 1
+
+
 def test_tokens_per_window_matches_paper_budget():
     assert tokens_per_window(0.25, (64, 64), 14) == 41  # not round(0.25 * 196) = 49
     assert tokens_per_window(1.0, (64, 64), 14) == 196

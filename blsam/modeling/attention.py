@@ -46,8 +46,9 @@ def rel_pos_bias(
         q_h, q_w: (B or 1, Nq) integer row/column of every query in the key grid.
         rel_pos_h, rel_pos_w: (2*kh-1, hd) and (2*kw-1, hd) tables.
         k_size: (kh, kw) key grid.
-        workspace: inference only; a dict in which the (large) bias buffer of global layers is
-            reused across layers instead of freshly allocated (and page-faulted) every time.
+        workspace: inference only; a dict holding one bias buffer that every layer reuses
+            (P and E, window and global: each bias is dead once its attention has run), instead
+            of a fresh 200 MB allocation (page-faulted on CPU) per global-layer kind.
     Returns:
         (B, heads, Nq, kh*kw) bias, bias[q, (i, j)] = <q, Rh[qh-i+kh-1]> + <q, Rw[qw-j+kw-1]>.
     """
@@ -65,11 +66,13 @@ def rel_pos_bias(
     rel_w = tw.gather(-1, idx_w).unsqueeze(-2)
     if workspace is None or torch.is_grad_enabled():
         return (rel_h + rel_w).reshape(b, nh, nq, kh * kw)
-    key = (b, nh, nq, kh, kw, q.dtype, q.device)
+    key = ("rel_pos_bias", q.dtype, q.device)
+    numel = b * nh * nq * kh * kw
     buf = workspace.get(key)
-    if buf is None:
-        buf = workspace[key] = torch.empty(b, nh, nq, kh, kw, dtype=q.dtype, device=q.device)
-    return torch.add(rel_h, rel_w, out=buf).view(b, nh, nq, kh * kw)
+    if buf is None or buf.numel() < numel:
+        buf = workspace[key] = torch.empty(numel, dtype=q.dtype, device=q.device)
+    out = buf[:numel].view(b, nh, nq, kh, kw)
+    return torch.add(rel_h, rel_w, out=out).view(b, nh, nq, kh * kw)
 
 
 class RowSliceLinear(nn.Linear):
