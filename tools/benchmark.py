@@ -292,26 +292,23 @@ class GemmReplay:
         return time.perf_counter() - t0
 
 
-def measure_gemm_rate(img_size: int, repeats: int = 3) -> Dict[str, float]:
+def measure_gemm_rate(replay: GemmReplay, repeats: int = 3) -> Dict[str, float]:
     """This machine's *burst* dense fp32 GEMM rate on the matmul shapes b_t uses (GMAC/s).
 
-    Each distinct (M, K, N) is timed alone with ``torch.mm`` (best of ``repeats``); the rate is
+    Each of the replay's distinct (M, K, N) is timed alone (best of ``repeats``); the rate is
     the MAC-weighted one: all of b_t's GEMM MACs over the time they take at those speeds. A
-    peak: see ``GemmReplay`` for the sustained rate the "of GEMM rate" column uses."""
-    counts = gemm_shapes(img_size)
-    total_macs, total_s = 0.0, 0.0
-    for (m, k, n), c in counts.items():
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        torch.mm(a, b)
+    peak: the "of GEMM rate" column uses the sustained rate of the whole replay instead."""
+    total_s = 0.0
+    for a, w, c in replay.ops:
+        torch.mm(a, w.t())
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
-            torch.mm(a, b)
+            torch.mm(a, w.t())
             best = min(best, time.perf_counter() - t0)
-        total_macs += c * m * k * n
         total_s += c * best
-    return {"gemm_burst_gmacs_per_s": total_macs / total_s / 1e9, "gemm_gmacs": total_macs / 1e9,
-            "gemm_shapes": len(counts)}
+    return {"gemm_burst_gmacs_per_s": replay.gmacs / total_s, "gemm_gmacs": replay.gmacs,
+            "gemm_shapes": len(replay.ops), "gemm_operands": "x @ W.t(), W (N, K) as nn.Linear"}
 
 
 PHOTOS = {  # aspect -> (skimage.data image, crop rows/cols to that aspect ratio)
@@ -594,8 +591,8 @@ def main(args: argparse.Namespace) -> List[Result]:
     env = environment(args, malloc_tuned)
     replay: Optional[GemmReplay] = None
     if args.gemm_rate == "measure" and "cpu" in devices:
-        env.update(measure_gemm_rate(args.img_size))
         replay = GemmReplay(args.img_size)
+        env.update(measure_gemm_rate(replay))
     print(json.dumps(env))
     specs = [] if args.skip_models else model_specs(args.families, args.keep_ratios)
     plan = []
