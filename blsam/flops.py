@@ -147,6 +147,9 @@ def count_flops(
     else:
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(f"images must be (B, 3, {size}, {size}), got {tuple(images.shape)}")
+        if batch_size not in (1, images.shape[0]):  # 1: the default, i.e. not given
+            raise ValueError(f"batch_size {batch_size} contradicts the {images.shape[0]} images "
+                             "given; leave it out when passing images")
         x, batch_size = images, images.shape[0]
         weights = {k: v.detach() for k, v in list(enc.named_parameters())
                    + list(enc.named_buffers())}

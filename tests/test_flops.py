@@ -94,3 +94,5 @@ def test_skip_padding_flops_counted_on_the_images_given():
         count_gflops(sam, "full", part="image_encoder"), rel=1e-9)
     with pytest.raises(ValueError, match="images must be"):
         count_flops(sam, images=torch.randn(3, 256, 256))
+    with pytest.raises(ValueError, match="contradicts"):
+        count_flops(sam, batch_size=3, images=torch.cat([full_img, half]))

@@ -276,12 +276,12 @@ class GemmReplay:
     one probe taken at the start of the run."""
 
     def __init__(self, img_size: int) -> None:
-        self.counts = gemm_shapes(img_size)
+        counts = gemm_shapes(img_size)
         g = torch.Generator().manual_seed(0)
         # weights stored (N, K) and used transposed, like nn.Linear's
         self.ops = [(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), c)
-                    for (m, k, n), c in self.counts.items()]
-        self.gmacs = sum(c * m * k * n for (m, k, n), c in self.counts.items()) / 1e9
+                    for (m, k, n), c in counts.items()]
+        self.gmacs = sum(c * m * k * n for (m, k, n), c in counts.items()) / 1e9
 
     def __call__(self) -> float:
         """Seconds one forward's worth of GEMMs takes now."""
