@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-all setup clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) tools/demo.py --output-dir outputs/demo
 
+# fast tier: tiny architectures, a few minutes on 2 CPU cores
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
+
+# everything: fast tier + full-width models, torchrun and precision (what CI runs)
+test-all: setup
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) outputs

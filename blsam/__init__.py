@@ -1,14 +1,8 @@
 """blsam: big.LITTLE Vision Transformer image encoders for Segment Anything."""
-from .build_blsam import (
-    TEACHER_OF,
-    blsam_model_registry,
-    build_blsam,
-    build_model,
-    build_vanilla_sam,
-    dense_spec,
-)
+from .build_blsam import blsam_model_registry, build_blsam, build_model, build_vanilla_sam
 from .checkpoint import CheckpointError
 from .modeling import BLViTImageEncoder
+from .specs import MODEL_SPECS, TEACHER_OF, ModelSpec, dense_spec, get_spec
 
 __all__ = [
     "TEACHER_OF",
@@ -19,5 +13,8 @@ __all__ = [
     "dense_spec",
     "CheckpointError",
     "BLViTImageEncoder",
+    "MODEL_SPECS",
+    "ModelSpec",
+    "get_spec",
 ]
 __version__ = "0.1.0"

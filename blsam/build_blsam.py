@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from segment_anything.modeling import (
@@ -32,49 +32,17 @@ from .checkpoint import (
     load_strict,
     read_state_dict,
 )
-from .modeling import BLViTImageEncoder, EncoderSpec
+from .modeling import BLViTImageEncoder
+from .specs import (
+    DEFAULT_MODEL,
+    MODEL_SPECS,
+    check_img_size,
+    check_keep_ratio,
+    dense_spec,
+    get_spec,
+)
 
-PathLike = Optional[os.PathLike | str]
-
-VIT_CONFIGS = {  # embed_dim, depth, heads, global attention blocks (SAM's)
-    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
-    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
-    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
-}
-
-
-def _b_t_spec() -> EncoderSpec:
-    dim, depth, heads, glob = VIT_CONFIGS["vit_b"]
-    return EncoderSpec(
-        embed_dim=dim, depth=depth, num_heads=heads, global_attn_indexes=glob,
-        layer_modes=("full",) + ("big_little",) * 11,
-        predictor_after=(0, 3, 6, 9),  # after layers 1, 4, 7, 10
-        e_dim=192, e_heads=3, name="b_t",
-    )
-
-
-def _h_b_spec() -> EncoderSpec:
-    dim, depth, heads, glob = VIT_CONFIGS["vit_h"]
-    # layers 1-9 full; from layer 10 big.LITTLE on even layers, P-only on odd layers
-    modes = tuple(
-        "full" if i < 9 else ("big_little" if (i + 1) % 2 == 0 else "p_only") for i in range(depth)
-    )
-    return EncoderSpec(
-        embed_dim=dim, depth=depth, num_heads=heads, global_attn_indexes=glob,
-        layer_modes=modes,
-        predictor_after=(7, 15, 23),  # after layers 8, 16, 24
-        e_dim=768, e_heads=12, name="h_b",
-    )
-
-
-def dense_spec(variant: str) -> EncoderSpec:
-    """A vanilla SAM ViT as an ``EncoderSpec``: our fused-attention version of ``variant``."""
-    dim, depth, heads, glob = VIT_CONFIGS[variant]
-    return EncoderSpec(dim, depth, heads, glob, ("full",) * depth, name=f"{variant}_sdpa")
-
-
-BLSAM_SPECS: Dict[str, Callable[[], EncoderSpec]] = {"b_t": _b_t_spec, "h_b": _h_b_spec}
-TEACHER_OF = {"b_t": "vit_b", "h_b": "vit_h"}  # the SAM whose blocks initialise the P-blocks
+PathLike = Optional[Union[str, "os.PathLike[str]"]]
 
 
 def _sam_with_encoder(image_encoder: torch.nn.Module, img_size: int) -> Sam:
@@ -104,26 +72,34 @@ def _sam_with_encoder(image_encoder: torch.nn.Module, img_size: int) -> Sam:
     return sam
 
 
-def _check_sam_variant(state_dict: Dict[str, torch.Tensor], variant: str, path: str) -> None:
+def check_sam_variant(state_dict: Dict[str, torch.Tensor], variant: str, path: str) -> None:
+    """Refuse a state dict that is not an official SAM of ``variant``'s width and depth."""
     check_not_blsam(state_dict, path)
     found = describe_sam_encoder(state_dict)
     if found is None:
         raise CheckpointError(
             f"{path!r} is not a SAM checkpoint: no 'image_encoder.patch_embed.proj.weight' key"
         )
-    dim, depth, _, _ = VIT_CONFIGS[variant]
-    if found != (dim, depth):
+    enc = get_spec(variant).encoder
+    want = (enc.embed_dim, enc.depth)
+    if found != want:
         name = SAM_ENCODER_NAMES.get(found, f"embed dim {found[0]}, {found[1]} blocks")
-        want = SAM_ENCODER_NAMES[(dim, depth)]
         raise CheckpointError(
-            f"{path!r} holds a SAM {name} image encoder, but this model needs SAM {want} "
-            f"(embed dim {dim}, {depth} blocks)"
+            f"{path!r} holds a SAM {name} image encoder, but this model needs SAM "
+            f"{SAM_ENCODER_NAMES[want]} (embed dim {want[0]}, {want[1]} blocks)"
         )
 
 
-def _load_checkpoint(sam: Sam, path: str, what: str) -> None:
-    sd = read_state_dict(path, what)
-    load_strict(sam, adapt_sam_state_dict(sd, sam.state_dict()), f"{what} {path!r}")
+def _check_build_args(variant: str, want_blvit: bool, keep_ratio: float, img_size: int,
+                      skip_padding: bool) -> None:
+    """Every argument checked before a block is built (an h_b costs seconds to build)."""
+    if get_spec(variant).is_blvit != want_blvit:
+        kind = "bLViT" if want_blvit else "vanilla SAM"
+        raise ValueError(f"{variant!r} is not a {kind} model")
+    check_keep_ratio(keep_ratio)
+    check_img_size(img_size)
+    if not isinstance(skip_padding, bool):
+        raise TypeError(f"skip_padding must be a bool, got {skip_padding!r}")
 
 
 def build_vanilla_sam(
@@ -137,25 +113,26 @@ def build_vanilla_sam(
     skip_padding: bool = False,
 ) -> Sam:
     """Vanilla SAM; ``fused=True`` swaps in our SDPA encoder (same weights, same names)."""
-    # vanilla SAM routes nothing; accepted so every builder is interchangeable
-    del keep_ratio, skip_padding
-    dim, depth, heads, glob = VIT_CONFIGS[variant]
+    # vanilla SAM routes nothing; the arguments are accepted so every builder is interchangeable
+    _check_build_args(variant, False, keep_ratio, img_size, skip_padding)
+    if checkpoint is not None and sam_checkpoint is not None:
+        raise ValueError("give either checkpoint or sam_checkpoint, not both")
+    enc = get_spec(variant).encoder
     if fused:
         encoder: torch.nn.Module = BLViTImageEncoder(dense_spec(variant), img_size=img_size)
     else:
         encoder = ImageEncoderViT(
-            depth=depth, embed_dim=dim, img_size=img_size, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=16,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=glob, window_size=14,
-            out_chans=256,
+            depth=enc.depth, embed_dim=enc.embed_dim, img_size=img_size, mlp_ratio=enc.mlp_ratio,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=enc.num_heads,
+            patch_size=enc.patch_size, qkv_bias=True, use_rel_pos=True,
+            global_attn_indexes=enc.global_attn_indexes, window_size=enc.window_size,
+            out_chans=enc.out_chans,
         )
     sam = _sam_with_encoder(encoder, img_size)
-    if checkpoint is not None and sam_checkpoint is not None:
-        raise ValueError("give either checkpoint or sam_checkpoint, not both")
     path = checkpoint if checkpoint is not None else sam_checkpoint
     if path is not None:
         sd = read_state_dict(path, "SAM checkpoint")
-        _check_sam_variant(sd, variant, os.fspath(path))
+        check_sam_variant(sd, variant, os.fspath(path))
         load_strict(sam, adapt_sam_state_dict(sd, sam.state_dict()), f"SAM checkpoint {path!r}")
     return sam
 
@@ -165,7 +142,7 @@ def load_sam_into_blsam(sam: Sam, path: PathLike, variant: str) -> None:
     prompt encoder, mask decoder); E-blocks, predictors, alpha and gamma keep their init."""
     path = os.fspath(path)
     sd = read_state_dict(path, "SAM checkpoint")
-    _check_sam_variant(sd, variant, path)
+    check_sam_variant(sd, variant, path)
     own = sam.state_dict()
     sd = adapt_sam_state_dict(sd, own)
     unexpected = sorted(k for k in sd if k not in own)
@@ -194,13 +171,15 @@ def build_blsam(
 
     ``skip_padding=True``: padding-aware routing (beyond the paper; see ``BLViTImageEncoder``).
     """
-    encoder = BLViTImageEncoder(BLSAM_SPECS[variant](), img_size=img_size, keep_ratio=keep_ratio,
-                                skip_padding=skip_padding)
-    sam = _sam_with_encoder(encoder, img_size)
+    _check_build_args(variant, True, keep_ratio, img_size, skip_padding)
     if checkpoint is not None and sam_checkpoint is not None:
         raise ValueError("give either checkpoint (trained bLViT-SAM) or sam_checkpoint, not both")
+    spec = get_spec(variant)
+    encoder = BLViTImageEncoder(spec.encoder, img_size=img_size, keep_ratio=keep_ratio,
+                                skip_padding=skip_padding)
+    sam = _sam_with_encoder(encoder, img_size)
     if sam_checkpoint is not None:
-        load_sam_into_blsam(sam, sam_checkpoint, TEACHER_OF[variant])
+        load_sam_into_blsam(sam, sam_checkpoint, spec.teacher)
     elif checkpoint is not None:
         sd = read_state_dict(checkpoint, "bLViT-SAM checkpoint")
         if describe_sam_encoder(sd) and not any(".e_block." in k for k in sd):
@@ -214,13 +193,10 @@ def build_blsam(
 
 
 blsam_model_registry: Dict[str, Callable[..., Sam]] = {
-    "b_t": partial(build_blsam, "b_t"),
-    "h_b": partial(build_blsam, "h_b"),
-    "vit_b": partial(build_vanilla_sam, "vit_b"),
-    "vit_l": partial(build_vanilla_sam, "vit_l"),
-    "vit_h": partial(build_vanilla_sam, "vit_h"),
+    name: partial(build_blsam if spec.is_blvit else build_vanilla_sam, name)
+    for name, spec in MODEL_SPECS.items()
 }
-blsam_model_registry["default"] = blsam_model_registry["h_b"]
+blsam_model_registry["default"] = blsam_model_registry[DEFAULT_MODEL]
 
 
 def build_model(
@@ -237,7 +213,7 @@ def build_model(
     """
     if name not in blsam_model_registry:
         raise KeyError(f"unknown model {name!r}; choose from {sorted(blsam_model_registry)}")
-    if name.startswith("vit_"):
+    if not get_spec(name).is_blvit:
         if checkpoint is not None and sam_checkpoint is not None:
             raise ValueError("vanilla SAM takes one checkpoint: give --checkpoint only")
         return blsam_model_registry[name](checkpoint if checkpoint is not None else sam_checkpoint,

@@ -12,6 +12,8 @@ from typing import Dict, Iterable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from .specs import BLVIT_BY_SHAPE, SAM_ENCODER_NAMES  # noqa: F401  (re-exported)
+
 StateDict = Dict[str, torch.Tensor]
 
 
@@ -74,7 +76,7 @@ def blsam_variant_of(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
     if not any(".e_block." in k or k.startswith("image_encoder.predictors.") for k in state_dict):
         return None
     found = describe_sam_encoder(state_dict)
-    return {(768, 12): "b_t", (1280, 32): "h_b"}.get(found, "bLViT") if found else "bLViT"
+    return BLVIT_BY_SHAPE.get(found, "bLViT") if found else "bLViT"
 
 
 def check_not_blsam(state_dict: Mapping[str, torch.Tensor], path: str,
@@ -188,4 +190,3 @@ def describe_sam_encoder(state_dict: Mapping[str, torch.Tensor]) -> Optional[tup
     return int(w.shape[0]), depth
 
 
-SAM_ENCODER_NAMES = {(768, 12): "ViT-B", (1024, 24): "ViT-L", (1280, 32): "ViT-H"}

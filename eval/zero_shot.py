@@ -37,9 +37,10 @@ from blsam.utils.cli import (  # noqa: E402
     check_model_args,
 )
 from blsam.utils.config import parse_args_with_config  # noqa: E402
+from blsam.specs import BLVIT_MODELS, MODEL_SPECS  # noqa: E402
 
-MODELS = ("b_t", "h_b", "vit_b", "vit_l", "vit_h")
-BLVIT = ("b_t", "h_b")
+MODELS = tuple(MODEL_SPECS)
+BLVIT = BLVIT_MODELS
 PROMPT_RE = re.compile(r"point(\d*)|box|detector")
 
 
@@ -229,7 +230,8 @@ def check_args(args: argparse.Namespace) -> List[ProtocolConfig]:
             raise OptionError(f"--det-file {args.det_file!r}: no such file")
     if args.keep_ratios is not None:
         if args.model not in BLVIT:
-            raise OptionError(f"--keep-ratios: {args.model} has no token routing (b_t, h_b)")
+            raise OptionError(f"--keep-ratios: {args.model} has no token routing "
+                              f"({', '.join(BLVIT)})")
         bad = [r for r in args.keep_ratios if not 0.0 < r <= 1.0]
         if bad:
             raise OptionError(f"--keep-ratios must be in (0, 1], got {bad[0]}")

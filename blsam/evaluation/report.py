@@ -13,12 +13,12 @@ import json
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..specs import DISPLAY_NAMES
+
 RESULT_KIND = "blsam.zero_shot"
 CURVE_KIND = "blsam.keep_ratio_curve"
 FORMAT = 2
 TABLE_COLUMNS = ("Model", "GFLOPs", "1 pt mIoU", "3 pts mIoU", "box mIoU", "COCO AP", "LVIS AP")
-DISPLAY_NAMES = {"b_t": "Ours (B + T)", "h_b": "Ours (H + B)", "vit_b": "ViT-B",
-                 "vit_l": "ViT-L", "vit_h": "ViT-H"}
 DEFAULT_KEEP, DEFAULT_IMG_SIZE = 0.25, 1024
 DASH = "–"
 _REQUIRED = {"name": str, "model": str, "protocol": dict, "dataset_kind": str, "metrics": dict,

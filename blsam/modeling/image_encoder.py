@@ -14,7 +14,7 @@ from segment_anything.modeling.image_encoder import PatchEmbed
 from .attention import exporting
 from .blocks import BigLittleBlock
 from .predictor import TokenPredictor
-from .routing import Routing, route_tokens, tokens_per_window
+from .routing import Routing, check_keep_ratio, route_tokens, tokens_per_window
 
 
 class PatchProj(nn.Conv2d):
@@ -131,10 +131,7 @@ class BLViTImageEncoder(nn.Module):
 
     @keep_ratio.setter
     def keep_ratio(self, value: float) -> None:
-        value = float(value)
-        if not (0.0 < value <= 1.0):  # also rejects NaN
-            raise ValueError(f"keep_ratio must be in (0, 1], got {value}")
-        self._keep_ratio = value
+        self._keep_ratio = check_keep_ratio(value)
 
     @property
     def skip_padding(self) -> bool:

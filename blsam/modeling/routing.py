@@ -29,6 +29,17 @@ import torch
 import torch.nn.functional as F
 
 
+def check_keep_ratio(value: float, what: str = "keep_ratio") -> float:
+    """The one keep-ratio rule, used by the encoder, the builders and every CLI: a share of
+    tokens in (0, 1]; NaN, bools and non-numbers are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number in (0, 1], got {value!r}")
+    value = float(value)
+    if not (0.0 < value <= 1.0):  # also rejects NaN
+        raise ValueError(f"{what} must be in (0, 1], got {value}")
+    return value
+
+
 def _k_for_budget(counts: List[int], target: int, area: int) -> int:
     """Smallest k in [1, area] with sum(min(k, c)) >= target (or the largest useful k)."""
     k_max = max(counts) if counts else 1

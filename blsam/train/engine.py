@@ -165,7 +165,7 @@ def check_sam_checkpoint(path: str, variant: str) -> None:
     the SAM the teacher needs: a trained bLViT-SAM, another SAM size, or not a checkpoint."""
     import zipfile
 
-    from ..build_blsam import _check_sam_variant
+    from ..build_blsam import check_sam_variant
 
     try:  # legacy (non-zip) files cannot be memory-mapped
         obj = safe_load(path, mmap=zipfile.is_zipfile(path))
@@ -178,7 +178,7 @@ def check_sam_checkpoint(path: str, variant: str) -> None:
         raise CheckpointError(f"--sam-checkpoint {path!r} is not a state dict")
     sd = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
     check_not_blsam(sd, path, "--sam-checkpoint")
-    _check_sam_variant(sd, variant, path)
+    check_sam_variant(sd, variant, path)
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:

@@ -22,7 +22,8 @@ def add_model_args(
     import torch
 
     p.add_argument("--model", default="b_t", choices=choices,
-                   help="registry key: b_t, h_b (bLViT-SAM) or vit_b, vit_l, vit_h (SAM)")
+                   help="registry key: b_t, h_b (bLViT-SAM) or vit_b, vit_l, vit_h (SAM); "
+                        "tiny_bl / tiny_vit are the test architectures")
     p.add_argument("--checkpoint", default=None,
                    help="trained bLViT-SAM state dict (or an official SAM one for vit_*)")
     p.add_argument("--sam-checkpoint", default=None, help="official SAM checkpoint (P-block init)")
@@ -39,12 +40,15 @@ def add_model_args(
 
 def check_model_args(args: argparse.Namespace) -> None:
     """Refuse model options that mean nothing, before anything is built (``OptionError``)."""
-    keep = getattr(args, "keep_ratio", None)
-    if keep is not None and not 0.0 < keep <= 1.0:
-        raise OptionError(f"--keep-ratio must be in (0, 1], got {keep}")
-    size = getattr(args, "img_size", None)
-    if size is not None and (size < 16 or size % 16):
-        raise OptionError(f"--img-size must be a positive multiple of 16, got {size}")
+    from ..specs import check_img_size, check_keep_ratio
+
+    try:
+        if getattr(args, "keep_ratio", None) is not None:
+            check_keep_ratio(args.keep_ratio, "--keep-ratio")
+        if getattr(args, "img_size", None) is not None:
+            check_img_size(args.img_size, "--img-size")
+    except ValueError as e:
+        raise OptionError(str(e)) from None
     for opt in ("checkpoint", "sam_checkpoint"):
         path = getattr(args, opt, None)
         if path is not None and not os.path.isfile(path):

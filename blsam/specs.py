@@ -1,0 +1,170 @@
+"""Every architecture this project builds, in one table of frozen specs.
+
+Why one module: the registry, the checkpoint checks, the training/eval/benchmark choices and
+the result tables all need the same facts (widths, depths, which SAM is whose teacher, display
+names). They are derived from ``MODEL_SPECS`` so a new variant is added in one place.
+
+``python -m blsam.specs b_t`` prints a per-layer summary.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+from .modeling.image_encoder import EncoderSpec
+from .modeling.routing import check_keep_ratio, tokens_per_window
+
+FULL, BIG_LITTLE, P_ONLY = "full", "big_little", "p_only"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry: the image encoder's architecture plus what surrounds it."""
+
+    name: str  # registry key
+    display_name: str  # name in result tables (paper Table 2 style)
+    encoder: EncoderSpec
+    teacher: Optional[str] = None  # bLViT: the SAM whose blocks initialise P-blocks and teach
+    checkpoint_file: str = ""  # the official SAM file this variant loads (documentation)
+    test_only: bool = False  # tiny architectures for the fast test tier
+
+    @property
+    def is_blvit(self) -> bool:
+        return self.teacher is not None
+
+
+def _vit(name: str, dim: int, depth: int, heads: int, glob: Tuple[int, ...]) -> EncoderSpec:
+    return EncoderSpec(embed_dim=dim, depth=depth, num_heads=heads, global_attn_indexes=glob,
+                       layer_modes=(FULL,) * depth, name=name)
+
+
+_VIT_B = _vit("vit_b", 768, 12, 12, (2, 5, 8, 11))
+_VIT_L = _vit("vit_l", 1024, 24, 16, (5, 11, 17, 23))
+_VIT_H = _vit("vit_h", 1280, 32, 16, (7, 15, 23, 31))
+# Tiny vanilla teacher for tests: window and global attention, pad slots at any img_size that
+# is not a multiple of 14 * 16 = 224.
+_TINY_VIT = _vit("tiny_vit", 64, 6, 2, (1, 3, 5))
+
+_B_T = EncoderSpec(  # paper Table 1: ViT-B P-blocks + ViT-Tiny E-blocks
+    embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11),
+    layer_modes=(FULL,) + (BIG_LITTLE,) * 11,
+    predictor_after=(0, 3, 6, 9),  # after layers 1, 4, 7, 10
+    e_dim=192, e_heads=3, name="b_t",
+)
+
+_H_B = EncoderSpec(  # paper Table 1: ViT-H P-blocks + ViT-B E-blocks
+    embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31),
+    layer_modes=(
+        FULL, FULL, FULL, FULL, FULL, FULL, FULL, FULL, FULL,  # layers 1-9
+        BIG_LITTLE, P_ONLY, BIG_LITTLE, P_ONLY, BIG_LITTLE, P_ONLY,  # layers 10-15
+        BIG_LITTLE, P_ONLY, BIG_LITTLE, P_ONLY, BIG_LITTLE, P_ONLY,  # layers 16-21
+        BIG_LITTLE, P_ONLY, BIG_LITTLE, P_ONLY, BIG_LITTLE, P_ONLY,  # layers 22-27
+        BIG_LITTLE, P_ONLY, BIG_LITTLE, P_ONLY, BIG_LITTLE,  # layers 28-32
+    ),
+    predictor_after=(7, 15, 23),  # after layers 8, 16, 24
+    e_dim=768, e_heads=12, name="h_b",
+)
+
+_TINY_BL = EncoderSpec(  # every layer kind of b_t and h_b, at a width tests afford
+    embed_dim=64, depth=6, num_heads=2, global_attn_indexes=(1, 3, 5),
+    # window / global: full, full, big.LITTLE, P-only, P-only, big.LITTLE
+    layer_modes=(FULL, FULL, BIG_LITTLE, P_ONLY, P_ONLY, BIG_LITTLE),
+    predictor_after=(1, 3),  # after layers 2 and 4: one before a P-only layer
+    e_dim=32, e_heads=2, name="tiny_bl",
+)
+
+MODEL_SPECS: Dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        ModelSpec("b_t", "Ours (B + T)", _B_T, teacher="vit_b",
+                  checkpoint_file="sam_vit_b_01ec64.pth"),
+        ModelSpec("h_b", "Ours (H + B)", _H_B, teacher="vit_h",
+                  checkpoint_file="sam_vit_h_4b8939.pth"),
+        ModelSpec("vit_b", "ViT-B", _VIT_B, checkpoint_file="sam_vit_b_01ec64.pth"),
+        ModelSpec("vit_l", "ViT-L", _VIT_L, checkpoint_file="sam_vit_l_0b3195.pth"),
+        ModelSpec("vit_h", "ViT-H", _VIT_H, checkpoint_file="sam_vit_h_4b8939.pth"),
+        ModelSpec("tiny_bl", "Tiny bLViT (tests)", _TINY_BL, teacher="tiny_vit", test_only=True),
+        ModelSpec("tiny_vit", "Tiny ViT (tests)", _TINY_VIT, test_only=True),
+    )
+}
+DEFAULT_MODEL = "h_b"
+
+BLVIT_MODELS: Tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.is_blvit)
+VANILLA_MODELS: Tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if not s.is_blvit)
+TEACHER_OF: Dict[str, str] = {k: s.teacher for k, s in MODEL_SPECS.items() if s.teacher}
+DISPLAY_NAMES: Dict[str, str] = {k: s.display_name for k, s in MODEL_SPECS.items()}
+# (embed_dim, depth) of a vanilla SAM encoder -> its name, to say what a wrong checkpoint holds
+SAM_ENCODER_NAMES: Dict[Tuple[int, int], str] = {
+    (s.encoder.embed_dim, s.encoder.depth): s.display_name
+    for s in MODEL_SPECS.values() if not s.is_blvit
+}
+BLVIT_BY_SHAPE: Dict[Tuple[int, int], str] = {
+    (s.encoder.embed_dim, s.encoder.depth): s.name for s in MODEL_SPECS.values() if s.is_blvit
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of registry key ``name``; an unknown name lists the choices."""
+    if name == "default":
+        name = DEFAULT_MODEL
+    if name not in MODEL_SPECS:
+        raise KeyError(f"unknown model {name!r}; choose from {sorted(MODEL_SPECS)}")
+    return MODEL_SPECS[name]
+
+
+def dense_spec(variant: str) -> EncoderSpec:
+    """A vanilla SAM ViT as an ``EncoderSpec`` for our fused-attention encoder."""
+    spec = get_spec(variant)
+    if spec.is_blvit:
+        raise ValueError(f"{variant!r} is a bLViT model, not a vanilla SAM ViT")
+    e = spec.encoder
+    return EncoderSpec(e.embed_dim, e.depth, e.num_heads, e.global_attn_indexes,
+                       (FULL,) * e.depth, name=f"{variant}_sdpa")
+
+
+def check_img_size(value: int, what: str = "img_size") -> int:
+    """The one input-size rule: a positive multiple of the patch size (16)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16:
+        raise ValueError(f"{what} must be a positive multiple of 16, got {value!r}")
+    return value
+
+
+def layer_table(name: str, img_size: int = 1024, keep_ratio: float = 0.25) -> str:
+    """Per-layer summary: mode, attention, widths, and where predictors score the tokens."""
+    spec = get_spec(name)
+    e = spec.encoder
+    grid = check_img_size(img_size) // e.patch_size
+    k = tokens_per_window(check_keep_ratio(keep_ratio), (grid, grid), e.window_size)
+    lines = [f"{spec.name} ({spec.display_name}): {e.depth} layers, P dim {e.embed_dim} "
+             f"({e.num_heads} heads)" + (f", E dim {e.e_dim} ({e.e_heads} heads)" if e.e_dim
+                                         else "")
+             + (f", teacher {spec.teacher}" if spec.teacher else ""),
+             f"img_size {img_size}: {grid}x{grid} tokens, window {e.window_size}, "
+             f"keep_ratio {keep_ratio}: k = {k} of {e.window_size ** 2} per window",
+             f"{'layer':>5}  {'mode':<10}  {'attention':<9}  predictor"]
+    for i, mode in enumerate(e.layer_modes):
+        attn = "global" if i in e.global_attn_indexes else "window"
+        pred = "scores tokens after" if i in e.predictor_after else ""
+        lines.append(f"{i + 1:>5}  {mode:<10}  {attn:<9}  {pred}".rstrip())
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="print the per-layer summary of a model")
+    p.add_argument("model", nargs="?", choices=sorted(MODEL_SPECS), help="default: all")
+    p.add_argument("--img-size", type=int, default=1024)
+    p.add_argument("--keep-ratio", type=float, default=0.25)
+    args = p.parse_args(argv)
+    try:
+        names = [args.model] if args.model else list(MODEL_SPECS)
+        print("\n\n".join(layer_table(n, args.img_size, args.keep_ratio) for n in names))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
