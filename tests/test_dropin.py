@@ -13,8 +13,8 @@ IMG = 256
 
 
 @pytest.fixture(scope="module")
-def blsam_b_t(sam_vit_b_ckpt):
-    sam = blsam_model_registry["b_t"](sam_checkpoint=sam_vit_b_ckpt, img_size=IMG)
+def blsam_b_t(tiny_sam_ckpt):
+    sam = blsam_model_registry["tiny_bl"](sam_checkpoint=tiny_sam_ckpt, img_size=IMG)
     randomize_(sam.image_encoder, seed=2, fusion=True, positions=False)
     return sam
 
@@ -48,21 +48,21 @@ def test_automatic_mask_generator_runs(blsam_b_t, photo):
 def test_checkpoint_round_trip(blsam_b_t, tmp_path):
     path = tmp_path / "blsam_b_t.pth"
     torch.save(blsam_b_t.state_dict(), path)
-    loaded = blsam_model_registry["b_t"](checkpoint=path, img_size=IMG)
+    loaded = blsam_model_registry["tiny_bl"](checkpoint=path, img_size=IMG)
     x = torch.randn(1, 3, IMG, IMG)
     with torch.no_grad():
         assert torch.equal(loaded.image_encoder(x), blsam_b_t.image_encoder(x))
     # a training checkpoint ({"model": ..., ...}) with DDP prefixes loads as well
     wrapped = {"model": {f"module.{k}": v for k, v in blsam_b_t.state_dict().items()}, "step": 3}
     torch.save(wrapped, tmp_path / "train.pth")
-    again = blsam_model_registry["b_t"](checkpoint=tmp_path / "train.pth", img_size=IMG)
+    again = blsam_model_registry["tiny_bl"](checkpoint=tmp_path / "train.pth", img_size=IMG)
     with torch.no_grad():
         assert torch.equal(again.image_encoder(x), blsam_b_t.image_encoder(x))
 
 
-def test_sam_checkpoint_initialises_p_blocks(sam_vit_b_ckpt):
-    sd = torch.load(sam_vit_b_ckpt, weights_only=True)
-    sam = blsam_model_registry["b_t"](sam_checkpoint=sam_vit_b_ckpt)
+def test_sam_checkpoint_initialises_p_blocks(tiny_sam_ckpt):
+    sd = torch.load(tiny_sam_ckpt, weights_only=True)
+    sam = blsam_model_registry["tiny_bl"](sam_checkpoint=tiny_sam_ckpt)
     own = sam.state_dict()
     for k in ("image_encoder.blocks.5.attn.qkv.weight", "image_encoder.blocks.11.mlp.lin2.bias",
               "image_encoder.neck.2.weight", "mask_decoder.iou_token.weight",
@@ -70,16 +70,16 @@ def test_sam_checkpoint_initialises_p_blocks(sam_vit_b_ckpt):
         assert torch.equal(own[k], sd[k]), k
 
 
-def test_wrong_variant_checkpoint_is_clear(sam_vit_b_ckpt):
+def test_wrong_variant_checkpoint_is_clear(tiny_sam_ckpt):
     with pytest.raises(CheckpointError, match="ViT-B.*needs SAM ViT-H"):
-        blsam_model_registry["h_b"](sam_checkpoint=sam_vit_b_ckpt, img_size=64)
+        blsam_model_registry["h_b"](sam_checkpoint=tiny_sam_ckpt, img_size=64)
     with pytest.raises(CheckpointError, match="ViT-B.*needs SAM ViT-H"):
-        blsam_model_registry["vit_h"](checkpoint=sam_vit_b_ckpt, img_size=64)
+        blsam_model_registry["vit_h"](checkpoint=tiny_sam_ckpt, img_size=64)
 
 
-def test_vanilla_checkpoint_as_blsam_checkpoint_is_clear(sam_vit_b_ckpt):
+def test_vanilla_checkpoint_as_blsam_checkpoint_is_clear(tiny_sam_ckpt):
     with pytest.raises(CheckpointError, match="sam_checkpoint="):
-        blsam_model_registry["b_t"](checkpoint=sam_vit_b_ckpt, img_size=64)
+        blsam_model_registry["tiny_bl"](checkpoint=tiny_sam_ckpt, img_size=64)
 
 
 def test_missing_and_unexpected_keys_are_listed(blsam_b_t, tmp_path):
@@ -88,7 +88,7 @@ def test_missing_and_unexpected_keys_are_listed(blsam_b_t, tmp_path):
     sd["image_encoder.extra.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError) as e:
-        blsam_model_registry["b_t"](checkpoint=tmp_path / "bad.pth", img_size=IMG)
+        blsam_model_registry["tiny_bl"](checkpoint=tmp_path / "bad.pth", img_size=IMG)
     msg = str(e.value)
     assert "missing keys (1): image_encoder.blocks.3.e_block.attn.qkv.weight" in msg
     assert "unexpected keys (1): image_encoder.extra.weight" in msg
@@ -96,13 +96,13 @@ def test_missing_and_unexpected_keys_are_listed(blsam_b_t, tmp_path):
 
 def test_unreadable_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        blsam_model_registry["b_t"](checkpoint=tmp_path / "nope.pth", img_size=64)
+        blsam_model_registry["tiny_bl"](checkpoint=tmp_path / "nope.pth", img_size=64)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="could not read"):
-        blsam_model_registry["b_t"](checkpoint=tmp_path / "junk.pth", img_size=64)
+        blsam_model_registry["tiny_bl"](checkpoint=tmp_path / "junk.pth", img_size=64)
     torch.save({"a": 1}, tmp_path / "dict.pth")
     with pytest.raises(CheckpointError, match="not a state dict"):
-        blsam_model_registry["b_t"](checkpoint=tmp_path / "dict.pth", img_size=64)
+        blsam_model_registry["tiny_bl"](checkpoint=tmp_path / "dict.pth", img_size=64)
 
 
 def test_registry_contract():
@@ -110,5 +110,5 @@ def test_registry_contract():
     assert blsam_model_registry["default"] is blsam_model_registry["h_b"]
     from segment_anything.modeling import Sam
 
-    sam = blsam_model_registry["vit_b"](img_size=64)
+    sam = blsam_model_registry["tiny_vit"](img_size=64)
     assert type(sam) is Sam

@@ -18,7 +18,7 @@ def b_t_and_reference(photo):
     keep 0.6 routes pad slots in the short windows of the 16x16 grid, so the pad-slot fusion
     path runs in every precision too."""
     torch.manual_seed(0)
-    sam = blsam_model_registry["b_t"](img_size=256, keep_ratio=0.6)
+    sam = blsam_model_registry["tiny_bl"](img_size=256, keep_ratio=0.6)
     randomize_(sam, seed=1, fusion=True)
     predictor = SamPredictor(sam.eval())
     predictor.set_image(photo)
@@ -34,7 +34,7 @@ def test_whole_model_cast_runs_sam_predictor(name, b_t_and_reference, photo):
     """``sam.to(torch.bfloat16)`` (segment-anything-fast does it) must run like official SAM."""
     sam, ref = b_t_and_reference
     dtype = DTYPES[name]
-    cast = blsam_model_registry["b_t"](img_size=256, keep_ratio=0.6)
+    cast = blsam_model_registry["tiny_bl"](img_size=256, keep_ratio=0.6)
     cast.load_state_dict(sam.state_dict())
     cast.eval().to(dtype)
     predictor = SamPredictor(cast)

@@ -39,7 +39,7 @@ def test_keep_ratio_is_the_routed_share_of_real_tokens(grid):
 
 
 def test_encoder_reports_achieved_share():
-    enc = blsam_model_registry["b_t"](img_size=256, keep_ratio=0.25).image_encoder
+    enc = blsam_model_registry["tiny_bl"](img_size=256, keep_ratio=0.25).image_encoder
     with torch.no_grad():
         enc(torch.randn(2, 3, 256, 256))
     for stage in enc.last_routing:
@@ -60,7 +60,7 @@ def _photo(aspect: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def b_t_256():
     torch.manual_seed(0)
-    sam = blsam_model_registry["b_t"](img_size=256, keep_ratio=0.25)
+    sam = blsam_model_registry["tiny_bl"](img_size=256, keep_ratio=0.25)
     return randomize_(sam, seed=2, fusion=True).eval()
 
 
@@ -107,9 +107,9 @@ def test_skip_padding_batches_aspect_ratios(b_t_256):
     assert not masks[0][0, 13:].any() and not masks[0][1, :, 8:].any()
 
 
-def test_skip_padding_keep_all_equals_sam(sam_vit_b_ckpt):
-    ref = build_vanilla_sam("vit_b", sam_vit_b_ckpt, img_size=224).image_encoder
-    enc = blsam_model_registry["b_t"](sam_checkpoint=sam_vit_b_ckpt, keep_ratio=1.0,
+def test_skip_padding_keep_all_equals_sam(tiny_sam_ckpt):
+    ref = build_vanilla_sam("tiny_vit", tiny_sam_ckpt, img_size=224).image_encoder
+    enc = blsam_model_registry["tiny_bl"](sam_checkpoint=tiny_sam_ckpt, keep_ratio=1.0,
                                       img_size=224, skip_padding=True).image_encoder
     assert enc.skip_padding is True
     with torch.no_grad():

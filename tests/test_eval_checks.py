@@ -20,7 +20,7 @@ SIZE = 64
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("checks")
     out = {k: make_tiny_dataset(str(d / k), k, num_images=2) for k in ("coco", "lvis")}
-    out["ckpt"] = save_random_sam_checkpoint("vit_b", d / "sam_b.pth", img_size=SIZE)
+    out["ckpt"] = save_random_sam_checkpoint("tiny_vit", d / "sam_b.pth", img_size=SIZE)
     return out
 
 

@@ -23,9 +23,9 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval_ckpt")
-    sam = save_random_sam_checkpoint("vit_b", d / "sam_b.pth", img_size=SIZE)
+    sam = save_random_sam_checkpoint("tiny_vit", d / "sam_b.pth", img_size=SIZE)
     torch.manual_seed(0)
-    blsam = blsam_model_registry["b_t"](sam_checkpoint=sam, img_size=SIZE)
+    blsam = blsam_model_registry["tiny_bl"](sam_checkpoint=sam, img_size=SIZE)
     torch.save(blsam.state_dict(), d / "blsam_b_t.pth")  # stands in for a trained bLViT-SAM
     return {"vit_b": sam, "b_t": str(d / "blsam_b_t.pth")}
 

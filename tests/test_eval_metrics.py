@@ -253,7 +253,7 @@ def test_gflops_helper_and_table_row():
     from blsam.flops import count_gflops
     from eval.zero_shot import sam_gflops
 
-    sam = blsam_model_registry["b_t"](img_size=64)
+    sam = blsam_model_registry["tiny_bl"](img_size=64)
     assert sam_gflops(sam) == pytest.approx(count_gflops(sam, "paper"))
     from blsam.evaluation.runner import ProtocolConfig
 

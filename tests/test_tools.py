@@ -61,7 +61,7 @@ def test_benchmark_rejects_bad_keep_ratio():
         benchmark.parse_args(["--keep-ratios", "0"])
 
 
-def test_visualize_routing_png(tmp_path, sam_vit_b_ckpt):
+def test_visualize_routing_png(tmp_path, tiny_sam_ckpt):
     import cv2
 
     from blsam.testing import real_photo
@@ -69,18 +69,18 @@ def test_visualize_routing_png(tmp_path, sam_vit_b_ckpt):
     img = tmp_path / "photo.png"
     cv2.imwrite(str(img), cv2.cvtColor(real_photo(300)[:, 40:], cv2.COLOR_RGB2BGR))  # not square
     out = visualize_routing.main(visualize_routing.parse_args([
-        str(img), "--sam-checkpoint", sam_vit_b_ckpt, "--img-size", "256",
+        str(img), "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "256",
         "--output", str(tmp_path / "routing.png")]))
     assert os.path.getsize(out) > 5000
     out = visualize_routing.main(visualize_routing.parse_args([
-        str(img), "--sam-checkpoint", sam_vit_b_ckpt, "--img-size", "256", "--skip-padding",
+        str(img), "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "256", "--skip-padding",
         "--show-padding", "--output", str(tmp_path / "routing_pad.png")]))
     assert os.path.getsize(out) > 5000
     with pytest.raises(FileNotFoundError, match="image not found"):
         visualize_routing.main(visualize_routing.parse_args([str(tmp_path / "missing.jpg")]))
 
 
-def test_export_onnx_matches_pytorch(tmp_path, sam_vit_b_ckpt):
+def test_export_onnx_matches_pytorch(tmp_path, tiny_sam_ckpt):
     pytest.importorskip("onnxruntime")
     import onnxruntime as ort
     from segment_anything.utils.onnx import SamOnnxModel
@@ -88,13 +88,13 @@ def test_export_onnx_matches_pytorch(tmp_path, sam_vit_b_ckpt):
     from blsam import build_model
 
     args = export_onnx.parse_args([
-        "--sam-checkpoint", sam_vit_b_ckpt, "--img-size", "128", "--export-decoder",
+        "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "128", "--export-decoder",
         "--output", str(tmp_path / "b_t.onnx")])
     report = export_onnx.main(args)
     assert report["max_abs_diff"] < 1e-4
     # the decoder graph agrees with SAM's own ONNX wrapper run eagerly, at aspect ratios other
     # than the export's dummy one (upstream's traced crop would bake that one in)
-    sam = build_model("b_t", sam_checkpoint=sam_vit_b_ckpt, img_size=128).eval()
+    sam = build_model("tiny_bl", sam_checkpoint=tiny_sam_ckpt, img_size=128).eval()
     sess = ort.InferenceSession(report["decoder"], providers=["CPUExecutionProvider"])
     for h, w in ((100, 128), (128, 90)):
         emb = sam.image_encoder(export_onnx.preprocess(sam, np.zeros((h, w, 3), np.uint8)))

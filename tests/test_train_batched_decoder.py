@@ -19,9 +19,9 @@ KEYS = ("loss", "loss_mask", "loss_iou", "iou", "iou_final", "n_masks", "loss_fd
 
 
 @pytest.fixture(scope="module")
-def sam(sam_vit_b_ckpt):
+def sam(tiny_sam_ckpt):
     torch.manual_seed(0)
-    model = blsam_model_registry["b_t"](sam_checkpoint=sam_vit_b_ckpt, img_size=IMG)
+    model = blsam_model_registry["tiny_bl"](sam_checkpoint=tiny_sam_ckpt, img_size=IMG)
     set_trainable(model, "all")
     return model
 

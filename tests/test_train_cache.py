@@ -38,21 +38,21 @@ def data(tmp_path_factory):
     return root / "data"
 
 
-def test_packed_cache_rows_equal_teacher_and_refuse_others(data, sam_vit_b_ckpt, tmp_path):
+def test_packed_cache_rows_equal_teacher_and_refuse_others(data, tiny_sam_ckpt, tmp_path):
     out = tmp_path / "cache"
-    _cache(data, sam_vit_b_ckpt, out)
+    _cache(data, tiny_sam_ckpt, out)
     files = sorted(os.listdir(out))
     assert files == ["index.json", "part_00000-of-00001.bin", "part_00000-of-00001.json"]
     index = json.load(open(out / "index.json"))
     assert index["teacher"] == "vit_b" and index["img_size"] == IMG
-    assert index["teacher_sha256"] == pc.file_sha256(sam_vit_b_ckpt)
+    assert index["teacher_sha256"] == pc.file_sha256(tiny_sam_ckpt)
     assert os.path.getsize(out / "part_00000-of-00001.bin") == 6 * 256 * 4 * 4 * 2
 
     recs, _ = select_records(str(data))
     assert cache_covers(str(out), [r.key for r in recs])
     assert not cache_covers(str(out), [r.key for r in recs] + ["sa_999"])
     ds = SA1BDataset(recs, IMG, with_targets=False, teacher_cache=str(out))
-    teacher = Teacher("vit_b", sam_vit_b_ckpt, IMG, torch.device("cpu"))
+    teacher = Teacher("vit_b", tiny_sam_ckpt, IMG, torch.device("cpu"))
     samples = [ds[(0, i)] for i in range(len(ds))]
     ref = teacher.encode(torch.stack([s["image"] for s in samples]))
     for s, r in zip(samples, ref):
@@ -61,12 +61,12 @@ def test_packed_cache_rows_equal_teacher_and_refuse_others(data, sam_vit_b_ckpt,
     reader = pc.PackedCache(str(out))
     assert isinstance(reader._map(0), np.memmap) and reader.get("sa_999") is None
 
-    check_cache(str(out), "vit_b", IMG, sam_vit_b_ckpt)
-    other = save_random_sam_checkpoint("vit_b", tmp_path / "other.pth", seed=1, img_size=IMG)
+    check_cache(str(out), "vit_b", IMG, tiny_sam_ckpt)
+    other = save_random_sam_checkpoint("tiny_vit", tmp_path / "other.pth", seed=1, img_size=IMG)
     with pytest.raises(pc.CacheError, match="teacher_sha256"):
         check_cache(str(out), "vit_b", IMG, other)
     with pytest.raises(pc.CacheError, match="img_size"):
-        check_cache(str(out), "vit_b", 128, sam_vit_b_ckpt)
+        check_cache(str(out), "vit_b", 128, tiny_sam_ckpt)
     # the writer refuses to mix teachers in one folder (one line on stderr, exit 2)
     with pytest.raises(SystemExit) as e:
         _cache(data, other, out)
@@ -74,7 +74,7 @@ def test_packed_cache_rows_equal_teacher_and_refuse_others(data, sam_vit_b_ckpt,
 
     # rerun with everything done: nothing is recomputed, the index is rewritten the same
     before = open(out / "part_00000-of-00001.bin", "rb").read()
-    _cache(data, sam_vit_b_ckpt, out)
+    _cache(data, tiny_sam_ckpt, out)
     assert open(out / "part_00000-of-00001.bin", "rb").read() == before
 
     # a truncated part is refused with the sizes it claims
@@ -89,7 +89,7 @@ def test_packed_cache_rows_equal_teacher_and_refuse_others(data, sam_vit_b_ckpt,
     old.mkdir()
     (old / "meta.json").write_text('{"teacher": "vit_b", "img_size": 64}')
     with pytest.raises(pc.CacheError, match="rebuild"):
-        check_cache(str(old), "vit_b", IMG, sam_vit_b_ckpt)
+        check_cache(str(old), "vit_b", IMG, tiny_sam_ckpt)
 
 
 def _free_port() -> int:
@@ -100,12 +100,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_writes_one_part_per_rank(data, sam_vit_b_ckpt, tmp_path):
+def test_torchrun_writes_one_part_per_rank(data, tiny_sam_ckpt, tmp_path):
     single, multi = tmp_path / "one", tmp_path / "two"
-    _cache(data, sam_vit_b_ckpt, single)
+    _cache(data, tiny_sam_ckpt, single)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), os.path.join(ROOT, "tools", "cache_teacher.py"),
-           "--data", str(data), "--data-fraction", "1", "--sam-checkpoint", sam_vit_b_ckpt,
+           "--data", str(data), "--data-fraction", "1", "--sam-checkpoint", tiny_sam_ckpt,
            "--img-size", str(IMG), "--output", str(multi), "--num-workers", "0",
            "--device", "cpu"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),

@@ -92,7 +92,7 @@ def test_preprocess_matches_sam(photo):
 
     img = photo[:300, :]  # non-square: exercises the padding
     x, (h, w) = D.preprocess_image(img, IMG)
-    sam = blsam_model_registry["vit_b"](img_size=IMG)
+    sam = blsam_model_registry["tiny_vit"](img_size=IMG)
     ref = ResizeLongestSide(IMG).apply_image(img)
     ref = sam.preprocess(torch.from_numpy(ref).permute(2, 0, 1)[None].float())[0]
     assert (h, w) == (round(IMG * 300 / 512), IMG)
@@ -172,7 +172,7 @@ def test_damaged_members_skipped_and_counted(shards, tmp_path, caplog):
     assert s["key"] == "sa_2" and s["skipped"] == [f"{f}:sa_1"]
 
 
-def test_missing_or_empty_data_is_a_clear_error(tmp_path, sam_vit_b_ckpt, monkeypatch):
+def test_missing_or_empty_data_is_a_clear_error(tmp_path, tiny_sam_ckpt, monkeypatch):
     with pytest.raises(D.DataError, match="does not exist"):
         D.select_records(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
@@ -187,7 +187,7 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path, sam_vit_b_ckpt, monkey
 
     monkeypatch.setitem(loop.blsam_model_registry, "b_t", boom)
     monkeypatch.setitem(loop.blsam_model_registry, "vit_b", boom)
-    args = parse_args(["--data", str(tmp_path / "empty"), "--sam-checkpoint", sam_vit_b_ckpt,
+    args = parse_args(["--data", str(tmp_path / "empty"), "--sam-checkpoint", tiny_sam_ckpt,
                        "--output-dir", str(tmp_path / "out"), "--img-size", "64"])
     with pytest.raises(D.DataError, match="no sa_"):
         engine.train(args)

@@ -22,14 +22,14 @@ IMG = "64"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, sam_vit_b_ckpt):
+def tiny(tmp_path_factory, tiny_sam_ckpt):
     """Two shards of 2 images, and a teacher cache for them made by tools/cache_teacher.py."""
     from tools.cache_teacher import main as cache_main, parse_args as cache_args
 
     root = tmp_path_factory.mktemp("tiny")
     write_tiny_sa1b(root / "data", num_shards=2, images_per_shard=2, size=96, fmt="tar")
     cache_main(cache_args(["--data", str(root / "data"), "--data-fraction", "1",
-                           "--sam-checkpoint", sam_vit_b_ckpt, "--img-size", IMG,
+                           "--sam-checkpoint", tiny_sam_ckpt, "--img-size", IMG,
                            "--output", str(root / "cache"), "--num-workers", "0"]))
     return root
 
@@ -38,31 +38,31 @@ def _args(tiny, ckpt, out, *extra):
     from tools.train import parse_args
 
     return parse_args([
-        "--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"),
+        "--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--model", "tiny_bl",
         "--data", str(tiny / "data"), "--data-fraction", "1", "--sam-checkpoint", ckpt,
         "--output-dir", str(out), "--img-size", IMG, "--batch-size", "2", "--num-workers", "0",
         "--log-every", "1", "--warmup-steps", "0", "--no-progress", "--val-every", "0", *extra])
 
 
-def test_cache_matches_teacher(tiny, sam_vit_b_ckpt):
+def test_cache_matches_teacher(tiny, tiny_sam_ckpt):
     from blsam.train.data import SA1BDataset, select_records
 
     recs, _ = select_records(str(tiny / "data"))
     ds = SA1BDataset(recs, int(IMG), with_targets=False, teacher_cache=str(tiny / "cache"))
     s = ds[(0, 0)]
-    teacher = blsam_model_registry["vit_b"](checkpoint=sam_vit_b_ckpt, img_size=int(IMG))
+    teacher = blsam_model_registry["tiny_vit"](checkpoint=tiny_sam_ckpt, img_size=int(IMG))
     with torch.no_grad():
         ref = teacher.image_encoder(s["image"][None])[0]
     assert s["teacher"].dtype == torch.float16 and s["teacher"].shape == ref.shape
     torch.testing.assert_close(s["teacher"].float(), ref, atol=2e-2, rtol=1e-2)
 
 
-def test_every_b_t_parameter_gets_a_gradient(tiny, sam_vit_b_ckpt):
+def test_every_b_t_parameter_gets_a_gradient(tiny, tiny_sam_ckpt):
     """So DDP can run with find_unused_parameters=False (image_encoder and 'all' minus the
     prompt encoder's unused embeddings)."""
     from blsam.train.data import SA1BDataset, collate, select_records
 
-    sam = blsam_model_registry["b_t"](sam_checkpoint=sam_vit_b_ckpt, img_size=int(IMG))
+    sam = blsam_model_registry["tiny_bl"](sam_checkpoint=tiny_sam_ckpt, img_size=int(IMG))
     sam.prompt_encoder.requires_grad_(False)
     recs, _ = select_records(str(tiny / "data"))
     ds = SA1BDataset(recs, int(IMG), prompt_types=["point"], teacher_cache=str(tiny / "cache"))
@@ -87,7 +87,7 @@ def test_every_b_t_parameter_gets_a_gradient(tiny, sam_vit_b_ckpt):
             torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, sam_vit_b_ckpt, tmp_path,
+def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, tiny_sam_ckpt, tmp_path,
                                                         monkeypatch, capsys):
     """Also: validation on the held-out shard moves the right way and ``--val-only`` on
     final.pth reproduces the last validation; ``images_per_s`` leaves save time out."""
@@ -103,7 +103,7 @@ def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, sam_vit_b_ckpt, tm
 
     monkeypatch.setattr(loop, "save_training_checkpoint", slow_save)
     out = tmp_path / "run"
-    args = _args(tiny, sam_vit_b_ckpt, out, "--shards", "sa_000000", "--max-steps", "8",
+    args = _args(tiny, tiny_sam_ckpt, out, "--shards", "sa_000000", "--max-steps", "8",
                  "--lr", "2e-4", "--masks-per-image", "8", "--prompt-types", "box",
                  "--teacher-cache", str(tiny / "cache"), "--save-every", "4",
                  "--val-every", "4", "--val-images", "2", "--val-masks", "8")
@@ -132,14 +132,14 @@ def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, sam_vit_b_ckpt, tm
             "skipped_read", "skipped_index", "bad_ann", "large_ann", "epoch"} <= set(lines[0])
     assert [json.loads(ln)["step"] for ln in open(out / "val.jsonl")] == [0, 4, 8]
     assert os.path.isdir(out / "tb")
-    sam = blsam_model_registry["b_t"](checkpoint=str(out / "final.pth"), img_size=int(IMG))
+    sam = blsam_model_registry["tiny_bl"](checkpoint=str(out / "final.pth"), img_size=int(IMG))
     assert state_checksum(sam.state_dict()) == summary["checksums"][0]
     # --val-only evaluates a checkpoint with the same held-out images and prompts
     from tools.train import cli
 
-    argv = ["--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"),
+    argv = ["--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--model", "tiny_bl",
             "--data", str(tiny / "data"), "--shards", "sa_000000", "--data-fraction", "1",
-            "--sam-checkpoint", sam_vit_b_ckpt, "--img-size", IMG, "--batch-size", "2",
+            "--sam-checkpoint", tiny_sam_ckpt, "--img-size", IMG, "--batch-size", "2",
             "--num-workers", "0", "--teacher-cache", str(tiny / "cache"), "--val-only",
             "--checkpoint", str(out / "final.pth"), "--val-images", "2", "--val-masks", "8"]
     capsys.readouterr()
@@ -155,16 +155,16 @@ def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, sam_vit_b_ckpt, tm
         assert abs(got[k] - val[-1][k]) <= 1 / got["masks"] + 1e-6, k
 
 
-def test_val_oracle_student_equal_to_teacher(tiny, sam_vit_b_ckpt, tmp_path, capsys):
+def test_val_oracle_student_equal_to_teacher(tiny, tiny_sam_ckpt, tmp_path, capsys):
     """b_t at keep ratio 1 with untrained E-blocks is exactly SAM: validation must say so."""
     from tools.train import cli
 
     init = tmp_path / "init.pth"
-    sam = blsam_model_registry["b_t"](sam_checkpoint=sam_vit_b_ckpt, img_size=int(IMG),
+    sam = blsam_model_registry["tiny_bl"](sam_checkpoint=tiny_sam_ckpt, img_size=int(IMG),
                                       keep_ratio=1.0)
     torch.save(sam.state_dict(), init)
     argv = ["--data", str(tiny / "data"), "--shards", "sa_000000", "--data-fraction", "1",
-            "--sam-checkpoint", sam_vit_b_ckpt, "--img-size", IMG, "--keep-ratio", "1",
+            "--sam-checkpoint", tiny_sam_ckpt, "--img-size", IMG, "--keep-ratio", "1",
             "--num-workers", "0", "--val-only", "--checkpoint", str(init), "--val-images", "2",
             "--val-masks", "4", "--device", "cpu"]
     assert cli(argv) == 0
@@ -173,7 +173,7 @@ def test_val_oracle_student_equal_to_teacher(tiny, sam_vit_b_ckpt, tmp_path, cap
     assert got["miou_teacher_point"] > 0.999 and got["miou_teacher_box"] > 0.999
 
 
-def test_interactive_prompts_and_padding_mask(tiny, sam_vit_b_ckpt):
+def test_interactive_prompts_and_padding_mask(tiny, tiny_sam_ckpt):
     """SAM's interactive iterations: the decoder runs prompt_iters times over every mask, from the
     second on with the previous logits as mask prompt and error-region clicks; deterministic
     per sample seed. The feature loss ignores SAM's padding unless asked to include it."""
@@ -198,7 +198,7 @@ def test_interactive_prompts_and_padding_mask(tiny, sam_vit_b_ckpt):
     _, lab = error_click(gt[:, None] * 10 - 5, gt, g, 16)
     assert lab.tolist() == [[-1], [-1]]  # no error: SAM's "not a point"
 
-    sam = blsam_model_registry["b_t"](sam_checkpoint=sam_vit_b_ckpt, img_size=int(IMG))
+    sam = blsam_model_registry["tiny_bl"](sam_checkpoint=tiny_sam_ckpt, img_size=int(IMG))
     recs, _ = select_records(str(tiny / "data"))
     ds = SA1BDataset(recs, int(IMG), masks_per_image=3, prompt_types=["point"],
                      teacher_cache=str(tiny / "cache"))
@@ -240,14 +240,14 @@ def test_interactive_prompts_and_padding_mask(tiny, sam_vit_b_ckpt):
     assert ex["loss_fd"].item() < 1e-5 < 0.05 < inc["loss_fd"].item()
 
 
-def test_resume_continues_exactly(tiny, sam_vit_b_ckpt, tmp_path):
+def test_resume_continues_exactly(tiny, tiny_sam_ckpt, tmp_path):
     """3 steps straight == stop after 1 + --resume auto (crosses an epoch boundary: 2 batches
     per epoch), including the optimizer, scheduler and data position."""
     common = ("--max-steps", "3", "--lr", "2e-4", "--warmup-steps", "1", "--shards",
               "sa_000000", "sa_000001", "--masks-per-image", "3",
               "--teacher-cache", str(tiny / "cache"), "--save-every", "2", "--keep-last", "1")
-    full = train(_args(tiny, sam_vit_b_ckpt, tmp_path / "a", *common))
-    part = train(_args(tiny, sam_vit_b_ckpt, tmp_path / "b", *common, "--stop-after", "1"))
+    full = train(_args(tiny, tiny_sam_ckpt, tmp_path / "a", *common))
+    part = train(_args(tiny, tiny_sam_ckpt, tmp_path / "b", *common, "--stop-after", "1"))
     assert part["stopped"] and not os.path.exists(tmp_path / "b" / "final.pth")
     # what a kill -9 after step 3's log and during a save leaves behind
     from torch.utils.tensorboard import SummaryWriter
@@ -259,7 +259,7 @@ def test_resume_continues_exactly(tiny, sam_vit_b_ckpt, tmp_path):
     stale = [tmp_path / "b" / ".step_0000002.pth.tmp.4242", tmp_path / "b" / ".last.pth.link.7"]
     for f in stale:
         f.write_bytes(b"x" * 1000)
-    resumed = train(_args(tiny, sam_vit_b_ckpt, tmp_path / "b", *common, "--resume", "auto"))
+    resumed = train(_args(tiny, tiny_sam_ckpt, tmp_path / "b", *common, "--resume", "auto"))
     assert not any(f.exists() for f in stale)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -288,14 +288,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_gloo(tiny, sam_vit_b_ckpt, tmp_path):
+def test_ddp_two_processes_gloo(tiny, tiny_sam_ckpt, tmp_path):
     """torchrun with 2 CPU processes, the real teacher (no cache), gradient accumulation."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), os.path.join(ROOT, "tools", "train.py"),
-           "--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"),
+           "--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--model", "tiny_bl",
            "--data", str(tiny / "data"), "--data-fraction", "1",
-           "--sam-checkpoint", sam_vit_b_ckpt, "--output-dir", str(out), "--img-size", IMG,
+           "--sam-checkpoint", tiny_sam_ckpt, "--output-dir", str(out), "--img-size", IMG,
            "--batch-size", "1", "--accum-steps", "2", "--max-steps", "1", "--num-workers", "0",
            "--device", "cpu", "--log-every", "1", "--no-progress", "--masks-per-image", "2",
            "--shards", "sa_000000", "--val-every", "1", "--val-images", "2", "--val-masks", "2"]
@@ -308,7 +308,7 @@ def test_ddp_two_processes_gloo(tiny, sam_vit_b_ckpt, tmp_path):
     assert len(summary["checksums"]) == 2 and summary["teacher_built"]
     final = read_state_dict(out / "final.pth")
     assert state_checksum(final) == summary["checksums"][0]
-    init = blsam_model_registry["b_t"](sam_checkpoint=sam_vit_b_ckpt, img_size=int(IMG))
+    init = blsam_model_registry["tiny_bl"](sam_checkpoint=tiny_sam_ckpt, img_size=int(IMG))
     assert state_checksum(init.state_dict()) != summary["checksums"][0]  # it did train
     rec = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert len(rec) == 1 and rec[0]["step"] == 1

@@ -23,7 +23,7 @@ def data(tmp_path_factory):
 
 
 def _argv(data, ckpt, out, *extra):
-    return ["--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--data", str(data),
+    return ["--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--model", "tiny_bl", "--data", str(data),
             "--data-fraction", "1", "--sam-checkpoint", ckpt, "--output-dir", str(out),
             "--img-size", "64", "--num-workers", "0", "--log-every", "1", "--no-progress",
             "--val-every", "0", "--masks-per-image", "2", "--prompt-types", "box",
@@ -38,14 +38,14 @@ def _cli(argv, capsys):
     return rc, [ln for ln in err.splitlines() if ln.startswith("error:")], err
 
 
-def test_resume_refuses_other_run_then_remaps_by_images_seen(data, sam_vit_b_ckpt, tmp_path,
+def test_resume_refuses_other_run_then_remaps_by_images_seen(data, tiny_sam_ckpt, tmp_path,
                                                              capsys, caplog):
     from tools.train import parse_args
 
     from blsam.train.engine import train
 
     out = tmp_path / "run"
-    part = train(parse_args(_argv(data, sam_vit_b_ckpt, out, "--batch-size", "2",
+    part = train(parse_args(_argv(data, tiny_sam_ckpt, out, "--batch-size", "2",
                                   "--stop-after", "1")))
     assert part["stopped"]
     ck = torch.load(out / "last.pth", weights_only=True)
@@ -54,7 +54,7 @@ def test_resume_refuses_other_run_then_remaps_by_images_seen(data, sam_vit_b_ckp
     assert ck["images_seen"] == 2 and ck["counters"]["skipped_read"] == [0]
 
     # another per-process batch, accumulation and seed: refused, every difference named
-    rc, lines, err = _cli(_argv(data, sam_vit_b_ckpt, out, "--batch-size", "1", "--accum-steps",
+    rc, lines, err = _cli(_argv(data, tiny_sam_ckpt, out, "--batch-size", "1", "--accum-steps",
                                 "2", "--seed", "1", "--resume", "auto"), capsys)
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err
     for d in ("batch_size 2 -> 1", "accum_steps 1 -> 2", "seed 0 -> 1", "--resume-remap"):
@@ -62,16 +62,16 @@ def test_resume_refuses_other_run_then_remaps_by_images_seen(data, sam_vit_b_ckp
     # a checkpoint of another world size (as 8 GPUs would have written it)
     ck8 = dict(ck, run=dict(ck["run"], world_size=8))
     torch.save(ck8, tmp_path / "w8.pth")
-    rc, lines, _ = _cli(_argv(data, sam_vit_b_ckpt, out, "--batch-size", "2", "--resume",
+    rc, lines, _ = _cli(_argv(data, tiny_sam_ckpt, out, "--batch-size", "2", "--resume",
                               str(tmp_path / "w8.pth")), capsys)
     assert rc == 2 and "world_size 8 -> 1" in lines[0]
     # a different model size can never be remapped
-    rc, lines, _ = _cli(_argv(data, sam_vit_b_ckpt, out, "--batch-size", "2", "--img-size",
+    rc, lines, _ = _cli(_argv(data, tiny_sam_ckpt, out, "--batch-size", "2", "--img-size",
                               "128", "--resume", "auto", "--resume-remap"), capsys)
     assert rc == 2 and "img_size 64 -> 128" in lines[0] and "another model" in lines[0]
 
     # asked explicitly: continue by images seen (2 images = 2 steps of batch 1), with a warning
-    remapped = train(parse_args(_argv(data, sam_vit_b_ckpt, out, "--batch-size", "1",
+    remapped = train(parse_args(_argv(data, tiny_sam_ckpt, out, "--batch-size", "1",
                                       "--resume", "auto", "--resume-remap")))
     assert "--resume-remap" in caplog.text and "batch_size 2 -> 1" in caplog.text
     assert [h["step"] for h in remapped["history"]] == [3]
@@ -101,7 +101,7 @@ def test_remap_position_keeps_images_and_epoch_fraction():
     assert pos == {"step": 5, "epoch": 2, "batch_in_epoch": 2, "images_seen": 640}
 
 
-def test_user_errors_are_one_line_exit_2(data, sam_vit_b_ckpt, tmp_path, capsys):
+def test_user_errors_are_one_line_exit_2(data, tiny_sam_ckpt, tmp_path, capsys):
     from blsam import blsam_model_registry
     from blsam.checkpoint import CheckpointError
 
@@ -117,18 +117,18 @@ def test_user_errors_are_one_line_exit_2(data, sam_vit_b_ckpt, tmp_path, capsys)
         "--trainable": ["--trainable", "decoder"],
     }
     for want, extra in bad.items():
-        rc, lines, err = _cli(_argv(data, sam_vit_b_ckpt, out, *extra), capsys)
+        rc, lines, err = _cli(_argv(data, tiny_sam_ckpt, out, *extra), capsys)
         assert rc == 2 and len(lines) == 1 and want in lines[0], (want, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
     # a trained bLViT-SAM given as the SAM checkpoint: said what it is, before any build
     blt = tmp_path / "blsam_b_t.pth"
-    torch.save(blsam_model_registry["b_t"](img_size=64).state_dict(), blt)
+    torch.save(blsam_model_registry["tiny_bl"](img_size=64).state_dict(), blt)
     rc, lines, err = _cli(_argv(data, str(blt), out), capsys)
     assert rc == 2 and len(lines) == 1
     assert "trained bLViT-SAM checkpoint (b_t" in lines[0] and "--checkpoint" in lines[0]
     with pytest.raises(CheckpointError, match="bLViT-SAM checkpoint"):  # the library too
-        blsam_model_registry["vit_b"](checkpoint=str(blt), img_size=64)
+        blsam_model_registry["tiny_vit"](checkpoint=str(blt), img_size=64)
     # garbage and pickled objects: our words, not torch's "please file an issue"
     (tmp_path / "garbage.pth").write_bytes(b"this is not a checkpoint" * 10)
     import pickle

@@ -171,7 +171,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_through_c10d_rendezvous(tmp_path, sam_vit_b_ckpt):
+def test_two_nodes_through_c10d_rendezvous(tmp_path, tiny_sam_ckpt):
     """Two torchrun agents (stand-ins for two nodes, one process each) meet through the c10d
     rendezvous, train 3 steps from a packed cache with a persistent worker, async
     checkpoints and --profile; both ranks end with identical weights, and only global rank 0
@@ -182,7 +182,7 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path, sam_vit_b_ckpt):
     write_tiny_sa1b(tmp_path / "data", num_shards=2, images_per_shard=2, size=80,
                     fmt="tar")
     cache_main(cache_args(["--data", str(tmp_path / "data"), "--data-fraction", "1",
-                           "--sam-checkpoint", sam_vit_b_ckpt, "--img-size", "64",
+                           "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "64",
                            "--output", str(tmp_path / "cache"), "--num-workers", "0"]))
     out = tmp_path / "run"
     port = _free_port()
@@ -194,9 +194,9 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path, sam_vit_b_ckpt):
                "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "blsam-test",
                os.path.join(ROOT, "tools", "train.py"),
-               "--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"),
+               "--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--model", "tiny_bl",
                "--data", str(tmp_path / "data"), "--data-fraction", "1",
-               "--sam-checkpoint", sam_vit_b_ckpt, "--teacher-cache", str(tmp_path / "cache"),
+               "--sam-checkpoint", tiny_sam_ckpt, "--teacher-cache", str(tmp_path / "cache"),
                "--output-dir", str(out), "--img-size", "64", "--batch-size", "1",
                "--max-steps", "3", "--num-workers", "1", "--device", "cpu", "--log-every", "1",
                "--save-every", "1", "--keep-last", "1", "--profile", "1", "--no-progress",

@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blsam.build_blsam import TEACHER_OF, build_vanilla_sam  # noqa: E402
+from blsam.build_blsam import build_vanilla_sam  # noqa: E402
+from blsam.specs import TEACHER_OF  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

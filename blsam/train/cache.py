@@ -15,7 +15,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..build_blsam import TEACHER_OF
+from ..specs import TEACHER_OF
 from ..utils import dist as du
 from .data import SA1BDataset, add_data_args, collate, select_records
 from .engine import amp_dtype

@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any, Dict
 
-from ..build_blsam import TEACHER_OF
+from ..specs import TEACHER_OF
 from ..checkpoint import CheckpointError, check_not_blsam, load_error_text, safe_load
 from .data import MAX_MASK_FRACTION, add_data_args
 from .model import (FD_PADDING, METRIC_KEYS, NO_DECAY_KEYS, TRAINABLE_PARTS,  # noqa: F401

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..build_blsam import TEACHER_OF, blsam_model_registry
+from ..build_blsam import blsam_model_registry
+from ..specs import TEACHER_OF
 from ..checkpoint import load_strict, read_state_dict, save_atomic
 from ..utils import dist as du
 from .data import (EpochBatchSampler, SA1BDataset, collate, select_records,
