@@ -26,7 +26,7 @@ IMG = 64
 def _cache(data, ckpt, out, *extra):
     from tools.cache_teacher import main, parse_args
 
-    main(parse_args(["--data", str(data), "--data-fraction", "1", "--sam-checkpoint", ckpt,
+    main(parse_args(["--data", str(data), "--data-fraction", "1", "--model", "tiny_bl", "--sam-checkpoint", ckpt,
                      "--img-size", str(IMG), "--output", str(out), "--num-workers", "0",
                      "--batch-size", "2", *extra]))
 
@@ -44,7 +44,7 @@ def test_packed_cache_rows_equal_teacher_and_refuse_others(data, tiny_sam_ckpt, 
     files = sorted(os.listdir(out))
     assert files == ["index.json", "part_00000-of-00001.bin", "part_00000-of-00001.json"]
     index = json.load(open(out / "index.json"))
-    assert index["teacher"] == "vit_b" and index["img_size"] == IMG
+    assert index["teacher"] == "tiny_vit" and index["img_size"] == IMG
     assert index["teacher_sha256"] == pc.file_sha256(tiny_sam_ckpt)
     assert os.path.getsize(out / "part_00000-of-00001.bin") == 6 * 256 * 4 * 4 * 2
 
@@ -52,7 +52,7 @@ def test_packed_cache_rows_equal_teacher_and_refuse_others(data, tiny_sam_ckpt, 
     assert cache_covers(str(out), [r.key for r in recs])
     assert not cache_covers(str(out), [r.key for r in recs] + ["sa_999"])
     ds = SA1BDataset(recs, IMG, with_targets=False, teacher_cache=str(out))
-    teacher = Teacher("vit_b", tiny_sam_ckpt, IMG, torch.device("cpu"))
+    teacher = Teacher("tiny_vit", tiny_sam_ckpt, IMG, torch.device("cpu"))
     samples = [ds[(0, i)] for i in range(len(ds))]
     ref = teacher.encode(torch.stack([s["image"] for s in samples]))
     for s, r in zip(samples, ref):
@@ -61,12 +61,12 @@ def test_packed_cache_rows_equal_teacher_and_refuse_others(data, tiny_sam_ckpt, 
     reader = pc.PackedCache(str(out))
     assert isinstance(reader._map(0), np.memmap) and reader.get("sa_999") is None
 
-    check_cache(str(out), "vit_b", IMG, tiny_sam_ckpt)
+    check_cache(str(out), "tiny_vit", IMG, tiny_sam_ckpt)
     other = save_random_sam_checkpoint("tiny_vit", tmp_path / "other.pth", seed=1, img_size=IMG)
     with pytest.raises(pc.CacheError, match="teacher_sha256"):
-        check_cache(str(out), "vit_b", IMG, other)
+        check_cache(str(out), "tiny_vit", IMG, other)
     with pytest.raises(pc.CacheError, match="img_size"):
-        check_cache(str(out), "vit_b", 128, tiny_sam_ckpt)
+        check_cache(str(out), "tiny_vit", 128, tiny_sam_ckpt)
     # the writer refuses to mix teachers in one folder (one line on stderr, exit 2)
     with pytest.raises(SystemExit) as e:
         _cache(data, other, out)
@@ -87,9 +87,9 @@ def test_packed_cache_rows_equal_teacher_and_refuse_others(data, tiny_sam_ckpt, 
     # an old one-file-per-image cache is refused with a clear message
     old = tmp_path / "old"
     old.mkdir()
-    (old / "meta.json").write_text('{"teacher": "vit_b", "img_size": 64}')
+    (old / "meta.json").write_text('{"teacher": "tiny_vit", "img_size": 64}')
     with pytest.raises(pc.CacheError, match="rebuild"):
-        check_cache(str(old), "vit_b", IMG, tiny_sam_ckpt)
+        check_cache(str(old), "tiny_vit", IMG, tiny_sam_ckpt)
 
 
 def _free_port() -> int:
@@ -105,7 +105,7 @@ def test_torchrun_writes_one_part_per_rank(data, tiny_sam_ckpt, tmp_path):
     _cache(data, tiny_sam_ckpt, single)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), os.path.join(ROOT, "tools", "cache_teacher.py"),
-           "--data", str(data), "--data-fraction", "1", "--sam-checkpoint", tiny_sam_ckpt,
+           "--data", str(data), "--data-fraction", "1", "--model", "tiny_bl", "--sam-checkpoint", tiny_sam_ckpt,
            "--img-size", str(IMG), "--output", str(multi), "--num-workers", "0",
            "--device", "cpu"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),

@@ -185,9 +185,10 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path, tiny_sam_ckpt, monkeyp
     def boom(*a, **k):
         raise AssertionError("a model was built before the data was checked")
 
-    monkeypatch.setitem(loop.blsam_model_registry, "b_t", boom)
-    monkeypatch.setitem(loop.blsam_model_registry, "vit_b", boom)
-    args = parse_args(["--data", str(tmp_path / "empty"), "--sam-checkpoint", tiny_sam_ckpt,
+    monkeypatch.setitem(loop.blsam_model_registry, "tiny_bl", boom)
+    monkeypatch.setitem(loop.blsam_model_registry, "tiny_vit", boom)
+    args = parse_args(["--data", str(tmp_path / "empty"), "--model", "tiny_bl",
+                       "--sam-checkpoint", tiny_sam_ckpt,
                        "--output-dir", str(tmp_path / "out"), "--img-size", "64"])
     with pytest.raises(D.DataError, match="no sa_"):
         engine.train(args)

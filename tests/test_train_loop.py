@@ -1,4 +1,4 @@
-"""Training loop on a tiny configuration (b_t, 64 px, batch 2, CPU, no workers): the loss goes
+"""Training loop on a tiny configuration (tiny_bl, 64 px, batch 2, CPU, no workers): the loss goes
 down and the student moves toward the teacher, resume is exact, gloo DDP keeps ranks in sync,
 the teacher cache replaces the teacher, the final model loads from the registry."""
 from __future__ import annotations
@@ -28,7 +28,7 @@ def tiny(tmp_path_factory, tiny_sam_ckpt):
 
     root = tmp_path_factory.mktemp("tiny")
     write_tiny_sa1b(root / "data", num_shards=2, images_per_shard=2, size=96, fmt="tar")
-    cache_main(cache_args(["--data", str(root / "data"), "--data-fraction", "1",
+    cache_main(cache_args(["--data", str(root / "data"), "--data-fraction", "1", "--model", "tiny_bl",
                            "--sam-checkpoint", tiny_sam_ckpt, "--img-size", IMG,
                            "--output", str(root / "cache"), "--num-workers", "0"]))
     return root
@@ -57,7 +57,7 @@ def test_cache_matches_teacher(tiny, tiny_sam_ckpt):
     torch.testing.assert_close(s["teacher"].float(), ref, atol=2e-2, rtol=1e-2)
 
 
-def test_every_b_t_parameter_gets_a_gradient(tiny, tiny_sam_ckpt):
+def test_every_student_parameter_gets_a_gradient(tiny, tiny_sam_ckpt):
     """So DDP can run with find_unused_parameters=False (image_encoder and 'all' minus the
     prompt encoder's unused embeddings)."""
     from blsam.train.data import SA1BDataset, collate, select_records
@@ -118,7 +118,7 @@ def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, tiny_sam_ckpt, tmp
         print("VAL", {k: round(v[k], 4) if isinstance(v[k], float) else v[k]
                       for k in ("step", "cos_sim", "miou_point", "miou_box",
                                 "miou_teacher_point", "miou_teacher_box", "images", "masks")})
-    assert last["loss"] < 0.85 * first["loss"]
+    assert last["loss"] < 0.9 * first["loss"]  # tiny_bl: 2.89 -> 2.47 in 8 steps
     assert last["cos_sim"] > first["cos_sim"] + 0.05
     # the step after a save: 2 images in well under 3 s of training, the 3 s save left out
     assert hist[4]["step"] == 5 and hist[4]["images"] == 2 and hist[4]["images_per_s"] > 2 / 3
@@ -156,7 +156,7 @@ def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, tiny_sam_ckpt, tmp
 
 
 def test_val_oracle_student_equal_to_teacher(tiny, tiny_sam_ckpt, tmp_path, capsys):
-    """b_t at keep ratio 1 with untrained E-blocks is exactly SAM: validation must say so."""
+    """The student at keep ratio 1 with untrained E-blocks is exactly SAM: validation must say so."""
     from tools.train import cli
 
     init = tmp_path / "init.pth"
@@ -279,7 +279,7 @@ def test_resume_continues_exactly(tiny, tiny_sam_ckpt, tmp_path):
         "final.pth", "last.pth", "step_0000002.pth"]
     ck = torch.load(tmp_path / "b" / "last.pth", weights_only=True)
     assert ck["step"] == 3 and ck["epoch"] == 1 and ck["batch_in_epoch"] == 1
-    assert ck["config"]["model"] == "b_t"
+    assert ck["config"]["model"] == "tiny_bl"
 
 
 def _free_port() -> int:

@@ -126,7 +126,7 @@ def test_user_errors_are_one_line_exit_2(data, tiny_sam_ckpt, tmp_path, capsys):
     torch.save(blsam_model_registry["tiny_bl"](img_size=64).state_dict(), blt)
     rc, lines, err = _cli(_argv(data, str(blt), out), capsys)
     assert rc == 2 and len(lines) == 1
-    assert "trained bLViT-SAM checkpoint (b_t" in lines[0] and "--checkpoint" in lines[0]
+    assert "trained bLViT-SAM checkpoint (tiny_bl" in lines[0] and "--checkpoint" in lines[0]
     with pytest.raises(CheckpointError, match="bLViT-SAM checkpoint"):  # the library too
         blsam_model_registry["tiny_vit"](checkpoint=str(blt), img_size=64)
     # garbage and pickled objects: our words, not torch's "please file an issue"

@@ -13,7 +13,7 @@ def test_teacher_is_fused_and_matches_official_encoder(tiny_sam_ckpt):
     """fp32, 256 px (16x16 grid: windows padded to 28x28), random rel_pos/pos_embed from the
     fixture checkpoint: cos-sim >= 0.9999 per image."""
     for size in (256,):
-        teacher = Teacher("vit_b", tiny_sam_ckpt, size, torch.device("cpu"),
+        teacher = Teacher("tiny_vit", tiny_sam_ckpt, size, torch.device("cpu"),
                           amp_dtype=torch.bfloat16)  # bf16 is ignored on CPU
         assert teacher.amp_dtype is None
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
@@ -34,7 +34,7 @@ def test_teacher_is_fused_and_matches_official_encoder(tiny_sam_ckpt):
 
 
 def test_teacher_embeddings_mix_cache_and_encoder(tiny_sam_ckpt):
-    teacher = Teacher("vit_b", tiny_sam_ckpt, 64, torch.device("cpu"))
+    teacher = Teacher("tiny_vit", tiny_sam_ckpt, 64, torch.device("cpu"))
     x = torch.randn(3, 3, 64, 64)
     full = teacher.encode(x)
     cached = [full[0].half(), None, full[2].half()]

@@ -181,7 +181,7 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path, tiny_sam_ckpt):
 
     write_tiny_sa1b(tmp_path / "data", num_shards=2, images_per_shard=2, size=80,
                     fmt="tar")
-    cache_main(cache_args(["--data", str(tmp_path / "data"), "--data-fraction", "1",
+    cache_main(cache_args(["--data", str(tmp_path / "data"), "--data-fraction", "1", "--model", "tiny_bl",
                            "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "64",
                            "--output", str(tmp_path / "cache"), "--num-workers", "0"]))
     out = tmp_path / "run"
