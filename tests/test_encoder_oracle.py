@@ -137,32 +137,39 @@ def _block(mode: str, window: bool, grid: int, seed: int) -> BigLittleBlock:
     return randomize_(blk, seed=seed, fusion=True).eval()
 
 
-@pytest.mark.parametrize("keep", [0.25, 0.6])
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.25, 0.6])
 @pytest.mark.parametrize("mode", ["big_little", "p_only"])
 @pytest.mark.parametrize("window", [True, False], ids=["window", "global"])
-@pytest.mark.parametrize("grid", [16, 28], ids=["pad_slots", "no_pad_slots"])
+@pytest.mark.parametrize("grid", [16, pytest.param(28, marks=_SLOW)],
+                         ids=["grid16", "no_pad_slots"])
 def test_block_matches_per_token_oracle(grid, window, mode, keep):
-    """16x16 grid: windows with 196/28/28/4 real tokens, so k (20 or 94) routes pad slots;
-    28x28: four full windows, no pad slot."""
+    """16x16 grid: windows with 196/28/28/4 real tokens, so k (20 or 94) routes pad slots,
+    while keep 0.05 (k = 4) routes none; 28x28: four full windows, no pad slot."""
     blk = _block(mode, window, grid, seed=grid + int(keep * 10))
     x = torch.randn(1, grid, grid, 32)
     scores = torch.rand(1, grid, grid)
     r = route_tokens(scores, keep, 14)
-    assert r.all_real == (grid == 28) and (r.real.all().item() == (grid == 28))
+    no_pad = grid == 28 or keep == 0.05
+    assert r.all_real == no_pad and (r.real.all().item() == no_pad)
     with torch.no_grad():
         fast = blk(x, r)
     ref = oracle_block(blk, x, r.mask, scores.to(D))
     assert (fast.to(D) - ref).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("grid", [16, pytest.param(28, marks=_SLOW)])
 @pytest.mark.parametrize("window", [True, False], ids=["window", "global"])
-def test_padding_aware_block_matches_oracle(window):
+def test_padding_aware_block_matches_oracle(window, grid):
     """Padding-aware routing (only windows with content; a batch of two aspect ratios)."""
-    blk = _block("big_little", window, 28, seed=5)
-    x = torch.randn(2, 28, 28, 32)
-    scores = torch.rand(2, 28, 28)
-    content = torch.zeros(2, 28, 28, dtype=torch.bool)
-    content[0, :, :20] = True  # portrait-ish: the right column of windows has content
+    blk = _block("big_little", window, grid, seed=5)
+    x = torch.randn(2, grid, grid, 32)
+    scores = torch.rand(2, grid, grid)
+    content = torch.zeros(2, grid, grid, dtype=torch.bool)
+    cut = 20 if grid == 28 else 12  # content reaches into the second column / row of windows
+    content[0, :, :cut] = True  # portrait-ish: the right column of windows has content
     content[1, :10] = True  # landscape: the bottom row of windows is all padding
     r = route_tokens(scores, 0.25, 14, content)
     assert r.windows is not None and not (r.mask & ~content).any()
@@ -220,7 +227,7 @@ def oracle_encoder(enc: BLViTImageEncoder, img: torch.Tensor) -> torch.Tensor:
     return enc.neck(x.float().permute(0, 3, 1, 2))
 
 
-@pytest.mark.parametrize("keep", [0.25, 0.6])
+@pytest.mark.parametrize("keep", [0.25, pytest.param(0.6, marks=_SLOW)])
 def test_encoder_matches_oracle_with_random_positions(keep):
     """full, big_little (global) and p_only (window) layers behind one predictor, random
     pos_embed and rel-pos tables, on a 16x16 grid with pad slots."""
