@@ -118,6 +118,11 @@ def build_vanilla_sam(
     _check_build_args(variant, False, keep_ratio, img_size, skip_padding)
     if checkpoint is not None and sam_checkpoint is not None:
         raise ValueError("give either checkpoint or sam_checkpoint, not both")
+    path = checkpoint if checkpoint is not None else sam_checkpoint
+    sd = None
+    if path is not None:  # read and checked before building: a wrong file fails in a second
+        sd = read_state_dict(path, "SAM checkpoint")
+        check_sam_variant(sd, variant, os.fspath(path))
     enc = get_spec(variant).encoder
     if fused:
         encoder: torch.nn.Module = BLViTImageEncoder(dense_spec(variant), img_size=img_size)
@@ -130,20 +135,21 @@ def build_vanilla_sam(
             out_chans=enc.out_chans,
         )
     sam = _sam_with_encoder(encoder, img_size)
-    path = checkpoint if checkpoint is not None else sam_checkpoint
-    if path is not None:
-        sd = read_state_dict(path, "SAM checkpoint")
-        check_sam_variant(sd, variant, os.fspath(path))
+    if sd is not None:
         load_strict(sam, adapt_sam_state_dict(sd, sam.state_dict()), f"SAM checkpoint {path!r}")
     return sam
 
 
-def load_sam_into_blsam(sam: Sam, path: PathLike, variant: str) -> None:
+def load_sam_into_blsam(sam: Sam, path: PathLike, variant: str,
+                        state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Initialise a bLViT-SAM from an official SAM checkpoint (P-blocks, embeddings, neck,
-    prompt encoder, mask decoder); E-blocks, predictors, alpha and gamma keep their init."""
+    prompt encoder, mask decoder); E-blocks, predictors, alpha and gamma keep their init.
+    ``state_dict``: the file's contents when the caller has already read and checked them."""
     path = os.fspath(path)
-    sd = read_state_dict(path, "SAM checkpoint")
-    check_sam_variant(sd, variant, path)
+    sd = state_dict
+    if sd is None:
+        sd = read_state_dict(path, "SAM checkpoint")
+        check_sam_variant(sd, variant, path)
     own = sam.state_dict()
     sd = adapt_sam_state_dict(sd, own)
     unexpected = sorted(k for k in sd if k not in own)
@@ -176,11 +182,10 @@ def build_blsam(
     if checkpoint is not None and sam_checkpoint is not None:
         raise ValueError("give either checkpoint (trained bLViT-SAM) or sam_checkpoint, not both")
     spec = get_spec(variant)
-    encoder = BLViTImageEncoder(spec.encoder, img_size=img_size, keep_ratio=keep_ratio,
-                                skip_padding=skip_padding)
-    sam = _sam_with_encoder(encoder, img_size)
+    sd = None  # read and checked before building: a wrong file fails in a second
     if sam_checkpoint is not None:
-        load_sam_into_blsam(sam, sam_checkpoint, spec.teacher)
+        sd = read_state_dict(sam_checkpoint, "SAM checkpoint")
+        check_sam_variant(sd, spec.teacher, os.fspath(sam_checkpoint))
     elif checkpoint is not None:
         sd = read_state_dict(checkpoint, "bLViT-SAM checkpoint")
         if describe_sam_encoder(sd) and not any(".e_block." in k for k in sd):
@@ -188,6 +193,12 @@ def build_blsam(
                 f"{os.fspath(checkpoint)!r} is a vanilla SAM checkpoint, not a bLViT-SAM one: "
                 f"pass it as sam_checkpoint= to initialise the P-blocks from it"
             )
+    encoder = BLViTImageEncoder(spec.encoder, img_size=img_size, keep_ratio=keep_ratio,
+                                skip_padding=skip_padding)
+    sam = _sam_with_encoder(encoder, img_size)
+    if sam_checkpoint is not None:
+        load_sam_into_blsam(sam, sam_checkpoint, spec.teacher, sd)
+    elif checkpoint is not None:
         load_strict(sam, adapt_sam_state_dict(sd, sam.state_dict()),
                     f"bLViT-SAM checkpoint {os.fspath(checkpoint)!r}")
     return sam
