@@ -29,6 +29,7 @@ class ModelSpec:
     teacher: Optional[str] = None  # bLViT: the SAM whose blocks initialise P-blocks and teach
     checkpoint_file: str = ""  # the official SAM file this variant loads (documentation)
     test_only: bool = False  # tiny architectures for the fast test tier
+    family: str = ""  # benchmark family (bLViT models): compared with their teacher
 
     @property
     def is_blvit(self) -> bool:
@@ -79,13 +80,14 @@ MODEL_SPECS: Dict[str, ModelSpec] = {
     s.name: s
     for s in (
         ModelSpec("b_t", "Ours (B + T)", _B_T, teacher="vit_b",
-                  checkpoint_file="sam_vit_b_01ec64.pth"),
+                  checkpoint_file="sam_vit_b_01ec64.pth", family="b"),
         ModelSpec("h_b", "Ours (H + B)", _H_B, teacher="vit_h",
-                  checkpoint_file="sam_vit_h_4b8939.pth"),
+                  checkpoint_file="sam_vit_h_4b8939.pth", family="h"),
         ModelSpec("vit_b", "ViT-B", _VIT_B, checkpoint_file="sam_vit_b_01ec64.pth"),
         ModelSpec("vit_l", "ViT-L", _VIT_L, checkpoint_file="sam_vit_l_0b3195.pth"),
         ModelSpec("vit_h", "ViT-H", _VIT_H, checkpoint_file="sam_vit_h_4b8939.pth"),
-        ModelSpec("tiny_bl", "Tiny bLViT (tests)", _TINY_BL, teacher="tiny_vit", test_only=True),
+        ModelSpec("tiny_bl", "Tiny bLViT (tests)", _TINY_BL, teacher="tiny_vit", test_only=True,
+                  family="tiny"),
         ModelSpec("tiny_vit", "Tiny ViT (tests)", _TINY_VIT, test_only=True),
     )
 }
@@ -99,6 +101,10 @@ DISPLAY_NAMES: Dict[str, str] = {k: s.display_name for k, s in MODEL_SPECS.items
 SAM_ENCODER_NAMES: Dict[Tuple[int, int], str] = {
     (s.encoder.embed_dim, s.encoder.depth): s.display_name
     for s in MODEL_SPECS.values() if not s.is_blvit
+}
+# benchmark family -> (vanilla teacher, bLViT student)
+FAMILIES: Dict[str, Tuple[str, str]] = {
+    s.family: (s.teacher, s.name) for s in MODEL_SPECS.values() if s.is_blvit
 }
 BLVIT_BY_SHAPE: Dict[Tuple[int, int], str] = {
     (s.encoder.embed_dim, s.encoder.depth): s.name for s in MODEL_SPECS.values() if s.is_blvit

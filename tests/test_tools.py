@@ -14,10 +14,10 @@ def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
     args = benchmark.parse_args([
         "--img-size", "64", "--keep-ratios", "0.5", "1.0", "--dtypes", "fp32", "--batch-sizes",
         "1", "--warmup", "0", "--repeats", "2", "--cpu-memory", "skip", "--devices", "cpu",
-        "--output-dir", str(out)])
+        "--families", "tiny", "--output-dir", str(out)])
     results = benchmark.main(args)
     names = [r.model for r in results]
-    assert names == ["vit_b", "vit_b_sdpa", "b_t@0.5", "b_t@1"]
+    assert names == ["tiny_vit", "tiny_vit_sdpa", "tiny_bl@0.5", "tiny_bl@1"]
     assert all(r.error is None and len(r.times_ms) == 2 for r in results)
     assert results[0].ratio_latency_vs_official == 1.0
     assert results[1].ratio_latency_vs_fused == 1.0
@@ -25,7 +25,7 @@ def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
     assert half.gflops_full_encoder < full.gflops_full_encoder
     data = json.loads((out / "benchmark.json").read_text())
     assert data["environment"]["threads"] == 2 and len(data["results"]) == 4
-    assert "| b_t@0.5 | cpu | fp32 | 1 |" in (out / "benchmark.md").read_text()
+    assert "| tiny_bl@0.5 | cpu | fp32 | 1 |" in (out / "benchmark.md").read_text()
     assert os.path.getsize(out / "benchmark.png") > 5000
     assert data["environment"]["gemm_burst_gmacs_per_s"] > 0
     assert all(r["frac_of_gemm_rate"] > 0 for r in data["results"])
@@ -39,10 +39,10 @@ def test_benchmark_photo_rows_count_padding_queries(tmp_path):
     args = benchmark.parse_args([
         "--img-size", "64", "--keep-ratios", "0.5", "--warmup", "0", "--repeats", "1",
         "--devices", "cpu", "--gemm-rate", "skip", "--skip-models", "--photos", "16:9",
-        "--output-dir", str(tmp_path)])
+        "--families", "tiny", "--output-dir", str(tmp_path)])
     rows = benchmark.main(args)
     assert [(r.model, r.skip_padding) for r in rows] == [
-        ("vit_b", False), ("b_t@0.5", False), ("b_t@0.5+skip_padding", True)]
+        ("tiny_vit", False), ("tiny_bl@0.5", False), ("tiny_bl@0.5+skip_padding", True)]
     assert rows[2].padding_queries == 0 and rows[2].routed_queries > 0
     assert rows[1].routed_queries > 0 and "16:9" in rows[1].photo
     # FLOPs per photo: padding-aware routing spends less on a padded photo
@@ -51,8 +51,8 @@ def test_benchmark_photo_rows_count_padding_queries(tmp_path):
 
 def test_benchmark_cpu_memory_probe_in_fresh_process():
     args = benchmark.parse_args(["--img-size", "64", "--threads", "1"])
-    spec = benchmark.model_specs(["b"], [0.5])[2]
-    assert spec.name == "b_t@0.5"
+    spec = benchmark.model_specs(["tiny"], [0.5])[2]
+    assert spec.name == "tiny_bl@0.5"
     assert benchmark.cpu_peak_memory(spec, args, "fp32", 1) > 0
 
 
@@ -69,11 +69,11 @@ def test_visualize_routing_png(tmp_path, tiny_sam_ckpt):
     img = tmp_path / "photo.png"
     cv2.imwrite(str(img), cv2.cvtColor(real_photo(300)[:, 40:], cv2.COLOR_RGB2BGR))  # not square
     out = visualize_routing.main(visualize_routing.parse_args([
-        str(img), "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "256",
+        str(img), "--model", "tiny_bl", "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "256",
         "--output", str(tmp_path / "routing.png")]))
     assert os.path.getsize(out) > 5000
     out = visualize_routing.main(visualize_routing.parse_args([
-        str(img), "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "256", "--skip-padding",
+        str(img), "--model", "tiny_bl", "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "256", "--skip-padding",
         "--show-padding", "--output", str(tmp_path / "routing_pad.png")]))
     assert os.path.getsize(out) > 5000
     with pytest.raises(FileNotFoundError, match="image not found"):
@@ -89,7 +89,7 @@ def test_export_onnx_matches_pytorch(tmp_path, tiny_sam_ckpt):
 
     args = export_onnx.parse_args([
         "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "128", "--export-decoder",
-        "--output", str(tmp_path / "b_t.onnx")])
+        "--model", "tiny_bl", "--output", str(tmp_path / "tiny_bl.onnx")])
     report = export_onnx.main(args)
     assert report["max_abs_diff"] < 1e-4
     # the decoder graph agrees with SAM's own ONNX wrapper run eagerly, at aspect ratios other

@@ -35,7 +35,7 @@ from blsam import blsam_model_registry  # noqa: E402
 from blsam.build_blsam import build_vanilla_sam  # noqa: E402
 from blsam.flops import count_flops  # noqa: E402
 
-FAMILIES = {"b": ("vit_b", "b_t"), "h": ("vit_h", "h_b")}
+from blsam.specs import FAMILIES  # noqa: E402  family -> (vanilla SAM, bLViT student)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -232,8 +232,8 @@ def _quantile(xs: List[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def gemm_shapes(img_size: int) -> Dict[tuple, int]:
-    """(M, K, N) -> count of the matmuls b_t runs in one fp32 forward at ``img_size``."""
+def gemm_shapes(img_size: int, student: str = "b_t") -> Dict[tuple, int]:
+    """(M, K, N) -> count of the matmuls ``student`` runs in one fp32 forward at ``img_size``."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     counts: Dict[tuple, int] = {}
@@ -260,7 +260,7 @@ def gemm_shapes(img_size: int) -> Dict[tuple, int]:
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
-    enc = blsam_model_registry["b_t"](img_size=img_size).eval().image_encoder
+    enc = blsam_model_registry[student](img_size=img_size).eval().image_encoder
     with torch.inference_mode(), Log():
         enc(torch.randn(1, 3, img_size, img_size))
     return counts
@@ -275,8 +275,8 @@ class GemmReplay:
     sustains, so each forward is compared with the replays just before and after it, not with
     one probe taken at the start of the run."""
 
-    def __init__(self, img_size: int) -> None:
-        counts = gemm_shapes(img_size)
+    def __init__(self, img_size: int, student: str = "b_t") -> None:
+        counts = gemm_shapes(img_size, student)
         g = torch.Generator().manual_seed(0)
         # weights stored (N, K) and used transposed, like nn.Linear's
         self.ops = [(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), c)
@@ -339,17 +339,18 @@ def photo_rows(args: argparse.Namespace) -> List[Result]:
     from segment_anything import SamPredictor
 
     rows: List[Result] = []
-    variants = [("vit_b", "official", None, False)]
+    vanilla, student = FAMILIES[args.families[0]]
+    variants = [(vanilla, "official", None, False)]
     for r in args.keep_ratios:
-        variants += [(f"b_t@{r:g}", "blsam", r, False),
-                     (f"b_t@{r:g}+skip_padding", "blsam", r, True)]
+        variants += [(f"{student}@{r:g}", "blsam", r, False),
+                     (f"{student}@{r:g}+skip_padding", "blsam", r, True)]
     for name, kind, keep, skip in variants:
         torch.manual_seed(0)
         if kind == "official":
-            sam = build_vanilla_sam("vit_b", img_size=args.img_size).eval()
+            sam = build_vanilla_sam(vanilla, img_size=args.img_size).eval()
         else:
-            sam = blsam_model_registry["b_t"](img_size=args.img_size, keep_ratio=keep,
-                                              skip_padding=skip).eval()
+            sam = blsam_model_registry[student](img_size=args.img_size, keep_ratio=keep,
+                                               skip_padding=skip).eval()
         full = count_flops(sam, "full", part="image_encoder").total
         predictor = SamPredictor(sam)
         for aspect in args.photos:
@@ -532,7 +533,8 @@ def plot(results: List[Result], path: str) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--families", nargs="+", default=["b"], choices=sorted(FAMILIES),
-                   help="b: vit_b vs b_t; h: vit_h vs h_b")
+                   help="b: vit_b vs b_t; h: vit_h vs h_b; tiny: the test pair; the first "
+                        "family's student also sets the GEMM replay and --photos rows")
     p.add_argument("--keep-ratios", nargs="+", type=float, default=[0.25, 0.5, 0.75, 1.0])
     p.add_argument("--devices", nargs="+", default=None,
                    help="default: cpu, plus cuda when available")
@@ -591,7 +593,7 @@ def main(args: argparse.Namespace) -> List[Result]:
     env = environment(args, malloc_tuned)
     replay: Optional[GemmReplay] = None
     if args.gemm_rate == "measure" and "cpu" in devices:
-        replay = GemmReplay(args.img_size)
+        replay = GemmReplay(args.img_size, FAMILIES[args.families[0]][1])
         env.update(measure_gemm_rate(replay))
     print(json.dumps(env))
     specs = [] if args.skip_models else model_specs(args.families, args.keep_ratios)

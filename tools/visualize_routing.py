@@ -11,6 +11,7 @@ import argparse
 import os
 from typing import List, Optional
 
+from blsam.specs import BLVIT_MODELS
 from blsam.utils.cli import add_model_args
 
 
@@ -18,7 +19,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("image", nargs="?", default=None,
                    help="RGB image file; default: the bundled astronaut photo")
-    add_model_args(p, choices=["b_t", "h_b"])
+    add_model_args(p, choices=BLVIT_MODELS)
     p.add_argument("--skip-padding", action="store_true",
                    help="padding-aware routing: never route the zero padding SamPredictor "
                         "adds (beyond the paper; default: the paper's per-window top-k)")
