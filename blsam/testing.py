@@ -61,3 +61,23 @@ def real_photo(size: Optional[int] = None):
 
         img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(img)
+
+
+def sam_with_meta_encoder(name: str, **kwargs) -> torch.nn.Module:
+    """A registry model whose image encoder lives on the meta device (no memory, no init time:
+    full-width structure and FLOP tests); the small prompt encoder and mask decoder get random
+    CPU weights so FLOP counting can run them."""
+    from .build_blsam import blsam_model_registry
+
+    with torch.device("meta"):
+        sam = blsam_model_registry[name](**kwargs)
+    g = torch.Generator().manual_seed(0)
+    for part in (sam.prompt_encoder, sam.mask_decoder):
+        part.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in list(part.parameters()) + list(part.buffers()):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+    sam.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1),
+                        False)
+    sam.register_buffer("pixel_std", torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1), False)
+    return sam

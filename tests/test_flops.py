@@ -6,22 +6,25 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from blsam import blsam_model_registry
 from blsam.flops import count_flops, count_gflops
+from blsam.testing import sam_with_meta_encoder
 
 
-@pytest.mark.parametrize("name, paper", [("vit_b", 372.0), ("vit_h", 2736.6)])
+@pytest.mark.parametrize("name, paper", [
+    ("vit_b", 372.0), pytest.param("vit_h", 2736.6, marks=pytest.mark.slow)])
 def test_paper_convention_reproduces_paper_numbers(name, paper):
-    sam = blsam_model_registry[name]()
+    sam = sam_with_meta_encoder(name)  # the count runs on the meta device anyway
     assert round(count_gflops(sam, "paper"), 1) == paper
 
 
 def test_b_t_paper_flops_close_to_paper():
     # paper Table 2: B+T 210.5 GFLOPs; we route ceil(0.25 * 4096 / 25) = 41 tokens per window
-    gf = count_gflops(blsam_model_registry["b_t"](), "paper")
+    gf = count_gflops(sam_with_meta_encoder("b_t"), "paper")
     assert abs(gf - 210.5) / 210.5 < 0.01, gf
 
 
-def test_full_convention_matches_torch_counter_on_real_run():
-    sam = blsam_model_registry["vit_b"](img_size=256)
+@pytest.mark.parametrize("name", ["tiny_vit", pytest.param("vit_b", marks=pytest.mark.slow)])
+def test_full_convention_matches_torch_counter_on_real_run(name):
+    sam = blsam_model_registry[name](img_size=256)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         sam.image_encoder(torch.randn(1, 3, 256, 256))
     ours = count_flops(sam, "full", part="image_encoder").total
@@ -29,8 +32,8 @@ def test_full_convention_matches_torch_counter_on_real_run():
 
 
 def test_full_flops_ratio_and_monotonic_in_keep_ratio():
-    official = count_gflops(blsam_model_registry["vit_b"](), "full", part="image_encoder")
-    b_t = blsam_model_registry["b_t"]()
+    official = count_gflops(sam_with_meta_encoder("vit_b"), "full", part="image_encoder")
+    b_t = sam_with_meta_encoder("b_t")
     counts = []
     for r in (0.25, 0.5, 0.75):
         b_t.image_encoder.keep_ratio = r
@@ -42,7 +45,7 @@ def test_full_flops_ratio_and_monotonic_in_keep_ratio():
 def test_counting_leaves_model_untouched():
     """count_flops must leave the model exactly as it found it: parameters, requires_grad (also
     while counting: another thread may train), the encoder's last_routing (no meta tensors)."""
-    sam = blsam_model_registry["b_t"](img_size=128)
+    sam = blsam_model_registry["tiny_bl"](img_size=128)
     with torch.no_grad():
         sam.image_encoder(torch.randn(1, 3, 128, 128))
     routing = sam.image_encoder.last_routing
@@ -63,7 +66,7 @@ def test_counting_leaves_model_untouched():
     assert all(torch.equal(before[k], v) for k, v in sam.state_dict().items())
     assert sam.image_encoder.last_routing is routing
     assert all(s["mask"].device.type == "cpu" for s in sam.image_encoder.last_routing)
-    fresh = blsam_model_registry["b_t"](img_size=128)
+    fresh = blsam_model_registry["tiny_bl"](img_size=128)
     count_flops(fresh, "full", part="image_encoder")
     assert fresh.image_encoder.last_routing == []
     with pytest.raises(ValueError, match="convention"):
@@ -75,7 +78,7 @@ def test_skip_padding_flops_counted_on_the_images_given():
     on them (a half-padded image costs less; a full one costs what the paper routing costs),
     and the model is left as it was."""
     torch.manual_seed(0)
-    sam = blsam_model_registry["b_t"](img_size=256, skip_padding=True)
+    sam = blsam_model_registry["tiny_bl"](img_size=256, skip_padding=True)
     enc = sam.image_encoder
     full_img = torch.randn(1, 3, 256, 256)
     half = full_img.clone()
@@ -83,7 +86,8 @@ def test_skip_padding_flops_counted_on_the_images_given():
     meta = count_gflops(sam, "full", part="image_encoder")
     assert count_gflops(sam, "full", part="image_encoder", images=full_img) == pytest.approx(
         meta, rel=1e-9)
-    assert count_gflops(sam, "full", part="image_encoder", images=half) < 0.9 * meta
+    # tiny_bl: the neck (256 channels) dominates, so the saving is a few percent (b_t: > 10%)
+    assert count_gflops(sam, "full", part="image_encoder", images=half) < 0.97 * meta
     for convention in ("full", "paper"):  # a batch: both images counted, decoder included
         both = count_gflops(sam, convention, images=torch.cat([full_img, half]))
         one = count_gflops(sam, convention, images=full_img)
