@@ -35,7 +35,7 @@ def no_model(monkeypatch):
 
 def _argv(data, kind, out, *extra):
     d = data[kind]
-    return ["--model", "vit_b", "--checkpoint", data["ckpt"], "--img-size", str(SIZE),
+    return ["--model", "tiny_vit", "--checkpoint", data["ckpt"], "--img-size", str(SIZE),
             "--dataset", kind, "--ann-file", d["ann_file"], "--img-dir", d["img_dir"],
             "--output", str(out), "--no-progress", "--no-flops", *extra]
 
@@ -62,7 +62,7 @@ def _write(path, obj):
     (["--batch-prompts", "0"], "--batch-prompts must be >= 1"),
     (["--limit", "0"], "--limit must be >= 1"),
     (["--keep-ratio", "0"], "--keep-ratio must be in (0, 1]"),
-    (["--keep-ratios", "0.5"], "vit_b has no token routing"),
+    (["--keep-ratios", "0.5"], "tiny_vit has no token routing"),
     (["--prompt", "points"], "--prompt 'points'"),
     (["--prompt", "point1", "point"], "listed twice"),
     (["--prompt", "point3", "--oracle"], "no protocol of this run is multimask"),
@@ -81,7 +81,7 @@ def test_reference_of_another_protocol_fails_before_the_model(data, tmp_path, ca
     from test_eval_table import _result
 
     ref = _write(tmp_path / "ref.json", _result(50.0, "box"))
-    _fails(_argv(data, "lvis", tmp_path, "--model", "b_t", "--keep-ratios", "0.5",
+    _fails(_argv(data, "lvis", tmp_path, "--model", "tiny_bl", "--keep-ratios", "0.5",
                  "--reference", ref), capsys, "none of this run's protocols")
 
 

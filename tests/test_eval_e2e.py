@@ -1,5 +1,5 @@
 """End to end: eval/zero_shot.py on tiny COCO/LVIS sets of real photos with small random models
-(b_t and vit_b at img_size 64), every protocol, bad inputs, and torchrun sharding (2 gloo ranks)."""
+(tiny_bl and tiny_vit at img_size 64), every protocol, bad inputs, and torchrun sharding (2 gloo ranks)."""
 import json
 import os
 import socket
@@ -26,8 +26,8 @@ def ckpts(tmp_path_factory):
     sam = save_random_sam_checkpoint("tiny_vit", d / "sam_b.pth", img_size=SIZE)
     torch.manual_seed(0)
     blsam = blsam_model_registry["tiny_bl"](sam_checkpoint=sam, img_size=SIZE)
-    torch.save(blsam.state_dict(), d / "blsam_b_t.pth")  # stands in for a trained bLViT-SAM
-    return {"vit_b": sam, "b_t": str(d / "blsam_b_t.pth")}
+    torch.save(blsam.state_dict(), d / "blsam_tiny_bl.pth")  # stands in for a trained bLViT-SAM
+    return {"tiny_vit": sam, "tiny_bl": str(d / "blsam_tiny_bl.pth")}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,7 +85,7 @@ def _check_outputs(res, column, images=2):
     return saved
 
 
-@pytest.mark.parametrize("model", ["b_t", "vit_b"])
+@pytest.mark.parametrize("model", ["tiny_bl", "tiny_vit"])
 def test_lvis_point_and_box_protocols(model, ckpts, data, tmp_path):
     preds = tmp_path / "preds.jsonl"
     one = _one(main(_args(model, "lvis", ckpts, data, tmp_path, "--prompt", "point",
@@ -118,7 +118,7 @@ def test_lvis_point_and_box_protocols(model, ckpts, data, tmp_path):
 def test_points_do_not_depend_on_the_model(ckpts, data, tmp_path):
     """Same seed -> both models are prompted with exactly the same clicks."""
     prompts = []
-    for model in ("b_t", "vit_b"):
+    for model in ("tiny_bl", "tiny_vit"):
         f = tmp_path / f"{model}.json"
         main(_args(model, "coco", ckpts, data, tmp_path, "--num-points", "3", "--limit", "1",
                    "--seed", "5", "--save-predictions", str(f)))
@@ -126,7 +126,7 @@ def test_points_do_not_depend_on_the_model(ckpts, data, tmp_path):
     assert prompts[0] == prompts[1] and len(prompts[0]) == 4
 
 
-@pytest.mark.parametrize("model,kind", [("b_t", "lvis"), ("vit_b", "coco")])
+@pytest.mark.parametrize("model,kind", [("tiny_bl", "lvis"), ("tiny_vit", "coco")])
 def test_detector_protocol(model, kind, ckpts, data, tmp_path):
     res = _one(main(_args(model, kind, ckpts, data, tmp_path, "--prompt", "detector",
                           "--det-file", data[kind]["det_file"], "--save-predictions",
@@ -142,7 +142,7 @@ def test_detector_protocol(model, kind, ckpts, data, tmp_path):
 
 
 def test_coco_point_with_correction_clicks_and_crowd(ckpts, data, tmp_path):
-    res = _one(main(_args("vit_b", "coco", ckpts, data, tmp_path, "--num-clicks", "2",
+    res = _one(main(_args("tiny_vit", "coco", ckpts, data, tmp_path, "--num-clicks", "2",
                           "--oracle")))
     assert res["counts"]["skipped_crowd"] == 1 and res["counts"]["skipped_empty"] == 1
     for k in ("mIoU", "mIoU_click2", "mIoU_click3"):
@@ -155,36 +155,36 @@ def test_bad_inputs_fail_clearly(ckpts, data, tmp_path, capsys):
     assert zero_shot.cli(argv) == 2  # the command line prints one line, no traceback
     assert capsys.readouterr().err.startswith("error: 2 image(s) not found in")
     with pytest.raises(DatasetError, match="not found in"):
-        main(_args("vit_b", "lvis", ckpts, {"lvis": {**lvis, "img_dir": str(tmp_path)}},
+        main(_args("tiny_vit", "lvis", ckpts, {"lvis": {**lvis, "img_dir": str(tmp_path)}},
                    tmp_path))
     dets = json.load(open(lvis["det_file"])) + [
         {"image_id": 12345, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.3}]
     bad_dets = tmp_path / "dets.json"
     bad_dets.write_text(json.dumps(dets))
     with pytest.raises(DatasetError, match="image id"):
-        main(_args("vit_b", "lvis", ckpts, data, tmp_path, "--prompt", "detector",
+        main(_args("tiny_vit", "lvis", ckpts, data, tmp_path, "--prompt", "detector",
                    "--det-file", str(bad_dets)))
     not_coco = tmp_path / "sa1b.json"
     not_coco.write_text(json.dumps({"image": {"id": 1}, "annotations": []}))
     with pytest.raises(DatasetError, match="not a COCO/LVIS annotation file"):
-        main(_args("vit_b", "lvis", ckpts, {"lvis": {**lvis, "ann_file": str(not_coco)}},
+        main(_args("tiny_vit", "lvis", ckpts, {"lvis": {**lvis, "ann_file": str(not_coco)}},
                    tmp_path))
 
 
 def test_blsam_from_sam_checkpoint_warns(ckpts, data, tmp_path):
-    args = _args("b_t", "coco", ckpts, data, tmp_path, "--prompt", "box", "--limit", "1")
-    args.checkpoint, args.sam_checkpoint = None, ckpts["vit_b"]
+    args = _args("tiny_bl", "coco", ckpts, data, tmp_path, "--prompt", "box", "--limit", "1")
+    args.checkpoint, args.sam_checkpoint = None, ckpts["tiny_vit"]
     with pytest.warns(UserWarning, match="not meaningful"):
         res = _one(main(args))
-    assert res["counts"]["images"] == 1 and res["checkpoint"] == ckpts["vit_b"]
-    assert res["name"] == "Ours (B + T) (SAM init)"
+    assert res["counts"]["images"] == 1 and res["checkpoint"] == ckpts["tiny_vit"]
+    assert res["name"] == "Tiny bLViT (tests) (SAM init)"
 
 
 def test_skip_missing_images_counts_them(ckpts, data, tmp_path):
     coco = data["coco"]
     os.rename(os.path.join(coco["img_dir"], "000000000011.jpg"), tmp_path / "moved.jpg")
     try:
-        res = _one(main(_args("vit_b", "coco", ckpts, data, tmp_path, "--prompt", "box",
+        res = _one(main(_args("tiny_vit", "coco", ckpts, data, tmp_path, "--prompt", "box",
                               "--skip-missing-images")))
     finally:
         os.rename(tmp_path / "moved.jpg", os.path.join(coco["img_dir"], "000000000011.jpg"))
@@ -202,7 +202,7 @@ def _free_port() -> int:
 def test_torchrun_two_ranks_match_one_process(kind, extra, ckpts, data, tmp_path):
     if kind == "coco":
         extra = extra + ["--det-file", data[kind]["det_file"]]
-    argv = ["--model", "vit_b", "--checkpoint", ckpts["vit_b"], "--img-size", str(SIZE),
+    argv = ["--model", "tiny_vit", "--checkpoint", ckpts["tiny_vit"], "--img-size", str(SIZE),
             "--dataset", kind, "--ann-file", data[kind]["ann_file"],
             "--img-dir", data[kind]["img_dir"], "--no-progress", "--no-flops", *extra]
     threads = torch.get_num_threads()
@@ -233,11 +233,11 @@ def test_several_protocols_in_one_pass_equal_separate_runs(ckpts, data, tmp_path
     numbers of four separate runs; each result records its protocol and the shared pass."""
     coco = data["coco"]
     extra = ("--det-file", coco["det_file"])
-    both = main(_args("vit_b", "coco", ckpts, data, tmp_path / "all", "--prompt", "point1",
+    both = main(_args("tiny_vit", "coco", ckpts, data, tmp_path / "all", "--prompt", "point1",
                       "point3", "box", "detector", *extra))["results"]
     assert [r["protocol"]["name"] for r in both] == ["point1", "point3", "box", "detector"]
     for r in both:
-        alone = _one(main(_args("vit_b", "coco", ckpts, data, tmp_path / r["protocol"]["name"],
+        alone = _one(main(_args("tiny_vit", "coco", ckpts, data, tmp_path / r["protocol"]["name"],
                                 "--prompt", r["protocol"]["name"], *extra)))
         assert r["metrics"] == alone["metrics"], r["protocol"]["name"]
         assert r["counts"]["images_encoded"] == alone["counts"]["images_encoded"] == 2
@@ -246,7 +246,7 @@ def test_several_protocols_in_one_pass_equal_separate_runs(ckpts, data, tmp_path
 
 
 def test_named_protocols_in_json_and_markdown(ckpts, data, tmp_path):
-    res = main(_args("vit_b", "lvis", ckpts, data, tmp_path, "--prompt", "point3", "box",
+    res = main(_args("tiny_vit", "lvis", ckpts, data, tmp_path, "--prompt", "point3", "box",
                      "--point-from", "iterative", "--box-multimask", "--limit", "1"))["results"]
     p3, box = res
     saved = json.load(open(p3["outputs"]["json"]))
@@ -258,8 +258,8 @@ def test_named_protocols_in_json_and_markdown(ckpts, data, tmp_path):
 
 
 def test_keep_ratio_curve_from_one_checkpoint(ckpts, data, tmp_path):
-    ref = _one(main(_args("vit_b", "lvis", ckpts, data, tmp_path / "ref", "--prompt", "box")))
-    out = main(_args("b_t", "lvis", ckpts, data, tmp_path, "--prompt", "point1", "box",
+    ref = _one(main(_args("tiny_vit", "lvis", ckpts, data, tmp_path / "ref", "--prompt", "box")))
+    out = main(_args("tiny_bl", "lvis", ckpts, data, tmp_path, "--prompt", "point1", "box",
                      "--keep-ratios", "0.5", "1.0", "--reference", ref["outputs"]["json"]))
     rows = out["results"]
     assert [(r["keep_ratio"], r["protocol"]["name"]) for r in rows] == [
@@ -270,10 +270,10 @@ def test_keep_ratio_curve_from_one_checkpoint(ckpts, data, tmp_path):
     table = out["table"]
     assert "(keep 0.5, 64 px)" in table and "(keep 1, 64 px)" in table
     curve = json.load(open(out["curve"]["json"]))
-    assert len(curve["points"]) == 4 and curve["references"][0]["model"] == "vit_b"
+    assert len(curve["points"]) == 4 and curve["references"][0]["model"] == "tiny_vit"
     assert open(out["curve"]["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # the 1.0 rows were really evaluated at 1.0: same numbers as a plain --keep-ratio 1.0 run
-    plain = main(_args("b_t", "lvis", ckpts, data, tmp_path / "plain", "--prompt", "point1",
+    plain = main(_args("tiny_bl", "lvis", ckpts, data, tmp_path / "plain", "--prompt", "point1",
                        "box", "--keep-ratio", "1.0"))["results"]
     assert [r["metrics"] for r in plain] == [r["metrics"] for r in rows[2:]]
     assert [r["gflops"] for r in plain] == [r["gflops"] for r in rows[2:]]
