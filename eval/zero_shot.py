@@ -36,6 +36,7 @@ from blsam.utils.cli import (  # noqa: E402
     add_model_args,
     check_model_args,
 )
+from blsam.utils.collectives import DEFAULT_TIMEOUT_S  # noqa: E402
 from blsam.utils.config import parse_args_with_config  # noqa: E402
 from blsam.specs import BLVIT_MODELS, MODEL_SPECS  # noqa: E402
 
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output", default="outputs/eval", help="folder for the JSON and .md files")
     o.add_argument("--no-flops", action="store_true", help="do not count GFLOPs")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                   help="torchrun: process-group timeout in seconds (NCCL's watchdog default "
+                        "is 10 minutes; recorded in the results)")
     o.add_argument("--table", nargs="+", default=None, metavar="JSON",
                    help="only merge result JSON files into one Table 2 and print it")
     return p
@@ -221,6 +225,8 @@ def check_args(args: argparse.Namespace) -> List[ProtocolConfig]:
             raise OptionError(f"--{opt.replace('_', '-')} must be >= 1, got {v}")
     if args.num_clicks < 0:
         raise OptionError(f"--num-clicks must be >= 0, got {args.num_clicks}")
+    if not args.dist_timeout > 0:
+        raise OptionError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     check_model_args(args)
     protos = protocols_from_args(args)
     if any(c.prompt == "detector" for c in protos):
@@ -293,9 +299,10 @@ def load_data(args: argparse.Namespace, protos: Sequence[ProtocolConfig]) -> Eva
 # --------------------------------------------------------------------------- results
 def make_result(args: argparse.Namespace, cfg: ProtocolConfig, protos: Sequence[ProtocolConfig],
                 merged: Dict[str, Any], data: EvalData, keep: Optional[float],
-                gflops: Optional[float], wall: float, world_size: int, device: str
-                ) -> Dict[str, Any]:
-    """The JSON record of one protocol at one keep ratio."""
+                gflops: Optional[float], wall: float, world_size: int, device: str,
+                ckpt_sha256: Optional[str] = None) -> Dict[str, Any]:
+    """The JSON record of one protocol at one keep ratio (``ckpt_sha256``: the checkpoint's
+    hash, computed once per run by the caller; hashed here when not given)."""
     from blsam.evaluation.report import DISPLAY_NAMES, FORMAT, RESULT_KIND, file_sha256
     from blsam.evaluation.runner import compute_metrics
 
@@ -306,7 +313,7 @@ def make_result(args: argparse.Namespace, cfg: ProtocolConfig, protos: Sequence[
     return {
         "kind": RESULT_KIND, "format": FORMAT,
         "name": args.name or _row_name(args, DISPLAY_NAMES),
-        "model": args.model, "checkpoint": ckpt, "checkpoint_sha256": file_sha256(ckpt),
+        "model": args.model, "checkpoint": ckpt, "checkpoint_sha256": ckpt_sha256 if ckpt_sha256 is not None else file_sha256(ckpt),
         "keep_ratio": keep, "img_size": args.img_size,
         "dataset_kind": data.dataset.kind, "ann_file": args.ann_file, "limit": args.limit,
         "protocol": cfg.describe(),
@@ -327,6 +334,7 @@ def make_result(args: argparse.Namespace, cfg: ProtocolConfig, protos: Sequence[
         "metrics": compute_metrics(merged, data.dataset, cfg),
         "gflops": gflops, "gflops_convention": "paper",
         "timing": {"world_size": world_size, "device": device,
+                   "dist_timeout_s": getattr(args, "dist_timeout", None),
                    "wall_s": wall,  # of the whole pass, shared by its protocols
                    "encoder_s_per_image": enc_s / c["images_encoded"] if c["images_encoded"]
                    else None,
@@ -402,9 +410,10 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
                                   f"{ref['dataset_kind']} is none of this run's protocols "
                                   f"{sorted(lines)}")
 
-    from blsam.utils.dist import cleanup, init_distributed
+    from blsam.utils.collectives import init_distributed_with_timeout
+    from blsam.utils.dist import cleanup
 
-    info = init_distributed(args.device)
+    info = init_distributed_with_timeout(args.device, args.dist_timeout)
     try:
         out = _evaluate(args, protos, refs, info)
     except Exception as e:
@@ -417,15 +426,19 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
 
 def _evaluate(args: argparse.Namespace, protos: Sequence[ProtocolConfig],
               refs: List[Dict[str, Any]], info: Any) -> Optional[Dict[str, Any]]:
-    """Load, build, evaluate at every keep ratio, merge on rank 0 and write."""
+    """Load, build, evaluate at every keep ratio (each rank's shard gathered to rank 0 only),
+    then, once every rank has finished every keep ratio, metrics and files on rank 0 alone: no
+    rank waits in a collective while rank 0 runs COCOeval / LVISEval."""
     from segment_anything import SamPredictor
 
+    from blsam.evaluation.report import file_sha256
     from blsam.evaluation.runner import Evaluator, merge_shards
-    from blsam.utils.dist import all_gather_objects, fail_together
+    from blsam.utils.collectives import check_peers, fail_together, gather_to_main
 
-    with fail_together():
+    log_dir = args.output
+    with fail_together(log_dir):
         data = load_data(args, protos)
-    with fail_together():
+    with fail_together(log_dir):
         sam = build_model(args).to(info.device).eval()
     blvit = args.model in BLVIT
     keeps: List[Optional[float]] = (list(args.keep_ratios) if args.keep_ratios else
@@ -438,23 +451,27 @@ def _evaluate(args: argparse.Namespace, protos: Sequence[ProtocolConfig],
     evaluator = Evaluator(SamPredictor(sam), data.dataset, args.img_dir, protos,
                           data.detections, args.skip_bad_images)
     shard = data.found[info.rank::info.world_size]
-    results, merged_by_keep = [], {}
+    merged_by_keep, walls = {}, {}
     for keep in keeps:
         if keep is not None:
             sam.image_encoder.keep_ratio = keep
         t0 = time.perf_counter()
-        with fail_together(), torch.inference_mode():
+        with fail_together(log_dir), torch.inference_mode():
             part = evaluator.run(shard, data.missing if info.is_main else [],
                                  progress=info.is_main and not args.no_progress,
-                                 bad=data.bad if info.is_main else [])
-        merged = merge_shards(all_gather_objects(part))
-        wall = time.perf_counter() - t0
+                                 bad=data.bad if info.is_main else [], should_stop=check_peers)
+        shards = gather_to_main(part)  # rank 0 only: detections are not copied to every rank
+        del part
+        walls[keep] = time.perf_counter() - t0
         if info.is_main:
-            merged_by_keep[keep] = merged
-            results += [make_result(args, cfg, protos, merged, data, keep, gflops[keep], wall,
-                                    info.world_size, str(info.device)) for cfg in protos]
-    if not info.is_main:
+            merged_by_keep[keep] = merge_shards(shards)
+        del shards
+    if not info.is_main:  # nothing left for this rank: no collective waits on rank 0's metrics
         return None
+    ckpt_sha = file_sha256(args.checkpoint or args.sam_checkpoint)  # once per run
+    results = [make_result(args, cfg, protos, merged_by_keep[keep], data, keep, gflops[keep],
+                           walls[keep], info.world_size, str(info.device), ckpt_sha)
+               for keep in keeps for cfg in protos]
     return write_results(args, results, merged_by_keep, refs)
 
 
@@ -470,8 +487,9 @@ def cli(argv: Optional[List[str]] = None) -> int:
         main(parse_args(argv))
     except (DatasetError, CheckpointError, ConfigError, OptionError, TableError, RankError,
             FileNotFoundError) as e:
-        sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a pipe do not interleave
-        sys.stderr.flush()
+        if not getattr(e, "printed", False):  # a failing rank printed its error at once
+            sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a pipe do not interleave
+            sys.stderr.flush()
         if getattr(e, "all_ranks", False):  # every rank prints before any exits (torchrun
             from blsam.utils.dist import barrier, cleanup  # kills the rest when one exits)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -342,9 +342,11 @@ class Evaluator:
     # ------------------------------------------------------------------ loop
     def run(self, images: Sequence[Tuple[int, Dict[str, Any], str]],
             missing: Sequence[int] = (), progress: bool = False,
-            bad: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+            bad: Sequence[Dict[str, Any]] = (),
+            should_stop: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
         """Evaluate ``(position, image, path)`` triples (see ``locate_images``); returns a
-        picklable shard result with one entry per protocol."""
+        picklable shard result with one entry per protocol. ``should_stop`` is called before
+        each image and may raise to end the loop (another rank of a torchrun job failed)."""
         out: Dict[str, Any] = {
             "protocols": {c.name: {"records": [], "results": [], "predictions": [],
                                    "decode_s": 0.0} for c in self.protocols},
@@ -360,6 +362,8 @@ class Evaluator:
             names = "+".join(c.name for c in self.protocols)
             it = tqdm(images, desc=f"{names} eval", unit="img", dynamic_ncols=True)
         for img_pos, img, path in it:
+            if should_stop is not None:
+                should_stop()
             usable = self._usable_annotations(img, counts) if self.gt_protocols else []
             dets = self._image_detections(img)
             if not usable and not dets:  # nothing to prompt: no pixels needed
