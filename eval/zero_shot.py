@@ -37,6 +37,7 @@ from blsam.utils.cli import (  # noqa: E402
     check_model_args,
 )
 from blsam.utils.collectives import DEFAULT_TIMEOUT_S  # noqa: E402
+from blsam.utils.images import EXIF_MODES  # noqa: E402
 from blsam.utils.config import parse_args_with_config  # noqa: E402
 from blsam.specs import BLVIT_MODELS, MODEL_SPECS  # noqa: E402
 
@@ -70,8 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-missing-images", action="store_true",
                    help="skip (and count) images that are not in --img-dir instead of failing")
     d.add_argument("--skip-bad-images", action="store_true",
-                   help="skip (and count) truncated, undecodable or wrong-size images instead "
-                        "of failing")
+                   help="skip (and count) truncated, undecodable or wrong-size images, and "
+                        "annotations with a degenerate polygon or (box prompt) a zero-size "
+                        "bbox, instead of failing")
+    d.add_argument("--exif-orientation", choices=EXIF_MODES, default="ignore",
+                   help="ignore: score the stored pixels, as COCO/LVIS/SA-1B annotations and "
+                        "the reference evaluations read them; apply: rotate by the EXIF tag "
+                        "first (recorded in the results)")
     q = p.add_argument_group("protocol")
     q.add_argument("--prompt", nargs="+", default=["point"], metavar="PROMPT",
                    help="one or more of point (--num-points clicks), point<k> (point1, point3, "
@@ -266,34 +272,44 @@ class EvalData:
     found: List[Any]
     missing: List[int]
     bad: List[Dict[str, Any]] = field(default_factory=list)
+    bad_annotations: Dict[int, Dict[str, Any]] = field(default_factory=dict)
 
 
 def load_data(args: argparse.Namespace, protos: Sequence[ProtocolConfig]) -> EvalData:
     """Annotation file, detections and image files, all checked (``DatasetError``)."""
     from blsam.evaluation.datasets import (
-        check_gt_boxes,
+        DatasetError,
         check_lvis_eval_fields,
+        find_bad_annotations,
         load_dataset,
         load_detections,
     )
     from blsam.evaluation.runner import locate_images
 
     dataset = load_dataset(args.ann_file, args.dataset)
-    if any(c.prompt == "box" for c in protos):
-        check_gt_boxes(dataset)
+    images = list(enumerate(dataset.images))[: args.limit]
+    bad_anns: Dict[int, Dict[str, Any]] = {}
+    if any(c.prompt != "detector" for c in protos):
+        bad_anns = find_bad_annotations(dataset, [im["id"] for _, im in images],
+                                        boxes=any(c.prompt == "box" for c in protos))
+        if bad_anns and not args.skip_bad_images:
+            b = next(iter(bad_anns.values()))
+            raise DatasetError(f"{args.ann_file!r}: {len(bad_anns)} annotation(s) cannot be "
+                               f"evaluated as drawn, e.g. annotation {b['id']} (image "
+                               f"{b['image_id']}): {b['reason']}; pass --skip-bad-images to "
+                               f"skip and count them")
     detections = None
     if any(c.prompt == "detector" for c in protos):
         if dataset.kind == "lvis":
             check_lvis_eval_fields(dataset.raw, args.ann_file)
         detections = load_detections(args.det_file, dataset)
-    images = list(enumerate(dataset.images))[: args.limit]
     if detections is not None and not any(detections.get(im["id"]) for _, im in images):
         warnings.warn(f"{args.det_file}: no detection for any of the {len(images)} evaluated "
                       f"images: AP will be 0", UserWarning)
     # every rank checks every image, so a missing file fails all ranks alike
     found, missing, bad = locate_images(args.img_dir, images, args.skip_missing_images,
                                         args.skip_bad_images)
-    return EvalData(dataset, detections, found, missing, bad)
+    return EvalData(dataset, detections, found, missing, bad, bad_anns)
 
 
 # --------------------------------------------------------------------------- results
@@ -326,11 +342,19 @@ def make_result(args: argparse.Namespace, cfg: ProtocolConfig, protos: Sequence[
             "annotations_evaluated": len(part["records"]),
             "detections_evaluated": len(part["results"]),
             "skipped_crowd": c["skipped_crowd"], "skipped_empty": c["skipped_empty"],
+            "bad_annotations": (c.get("bad_annotations", 0) + part.get("bad_annotations", 0)
+                                if cfg.prompt != "detector" else 0),
+            "exif_rotated_images": c.get("exif_rotated_images", 0),
             "missing_images": len(merged["missing_images"]),
             "bad_images": len(merged["bad_images"]),
             "images_encoded": c["images_encoded"], "images_not_encoded": c["images_not_encoded"],
         },
         "skipped_images": {"missing": merged["missing_images"], "bad": merged["bad_images"]},
+        "skipped_annotations": [b for b in data.bad_annotations.values()
+                                if cfg.prompt == "box" or not b["box_only"]]
+        if cfg.prompt != "detector" else [],
+        "images": {"exif_orientation": getattr(args, "exif_orientation", "ignore"),
+                   "reader": "PIL (blsam.utils.images.decode_rgb)"},
         "metrics": compute_metrics(merged, data.dataset, cfg),
         "gflops": gflops, "gflops_convention": "paper",
         "timing": {"world_size": world_size, "device": device,
@@ -449,7 +473,8 @@ def _evaluate(args: argparse.Namespace, protos: Sequence[ProtocolConfig],
             sam.image_encoder.keep_ratio = keep
         gflops[keep] = None if args.no_flops or not info.is_main else sam_gflops(sam)
     evaluator = Evaluator(SamPredictor(sam), data.dataset, args.img_dir, protos,
-                          data.detections, args.skip_bad_images)
+                          data.detections, args.skip_bad_images, data.bad_annotations,
+                          args.exif_orientation)
     shard = data.found[info.rank::info.world_size]
     merged_by_keep, walls = {}, {}
     for keep in keeps:

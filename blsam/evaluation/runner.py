@@ -26,7 +26,7 @@ from .datasets import (
     check_image_file,
     has_geometry,
     mask_to_rle,
-    read_image,
+    read_image_oriented,
     resolve_image_path,
 )
 from .metrics import batch_mask_iou, coco_segm_eval, lvis_segm_eval, size_of, summarize_miou
@@ -151,7 +151,9 @@ class Evaluator:
     def __init__(self, predictor: Any, dataset: EvalDataset, img_dir: str,
                  cfg: Union[ProtocolConfig, Sequence[ProtocolConfig]],
                  detections: Optional[Dict[int, List[Dict[str, Any]]]] = None,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False,
+                 bad_annotations: Optional[Dict[int, Dict[str, Any]]] = None,
+                 exif: str = "ignore") -> None:
         self.protocols = [cfg] if isinstance(cfg, ProtocolConfig) else list(cfg)
         if not self.protocols:
             raise ValueError("no protocol to evaluate")
@@ -171,6 +173,11 @@ class Evaluator:
         self.batch_prompts = self.protocols[0].batch_prompts
         self.detections = detections or {}
         self.skip_bad_images = skip_bad_images
+        # skipped (``find_bad_annotations``): every GT protocol, or only the box protocol
+        bad = bad_annotations or {}
+        self.bad_masks = {i for i, b in bad.items() if not b.get("box_only")}
+        self.bad_boxes = {i for i, b in bad.items() if b.get("box_only")}
+        self.exif = exif
         self.device = predictor.device
 
     # ------------------------------------------------------------------ decoding
@@ -211,6 +218,9 @@ class Evaluator:
         h, w = img["height"], img["width"]
         out = []
         for ann in self.dataset.anns_by_image.get(img["id"], []):
+            if ann["id"] in self.bad_masks:
+                counts["bad_annotations"] += 1
+                continue
             if ann.get("iscrowd", 0):
                 counts["skipped_crowd"] += 1
                 continue
@@ -268,6 +278,12 @@ class Evaluator:
 
     def _run_gt_batch(self, cfg: ProtocolConfig, items: Sequence[Tuple[Any, ...]],
                       gt: np.ndarray, out: Dict[str, Any]) -> None:
+        if cfg.prompt == "box" and self.bad_boxes:  # objects whose bbox cannot be a prompt
+            keep = [i for i, it in enumerate(items) if it[1]["id"] not in self.bad_boxes]
+            out["bad_annotations"] += len(items) - len(keep)
+            if not keep:
+                return
+            items, gt = [items[i] for i in keep], gt[keep]
         anns = [it[1] for it in items]
         rows = np.arange(len(items))
         coords = labels = boxes = None
@@ -349,11 +365,12 @@ class Evaluator:
         each image and may raise to end the loop (another rank of a torchrun job failed)."""
         out: Dict[str, Any] = {
             "protocols": {c.name: {"records": [], "results": [], "predictions": [],
-                                   "decode_s": 0.0} for c in self.protocols},
+                                   "decode_s": 0.0, "bad_annotations": 0}
+                          for c in self.protocols},
             "evaluated_image_ids": [], "missing_images": list(missing),
             "bad_images": list(bad)}
-        counts = {"skipped_crowd": 0, "skipped_empty": 0, "images_encoded": 0,
-                  "images_not_encoded": 0}
+        counts = {"skipped_crowd": 0, "skipped_empty": 0, "bad_annotations": 0,
+                  "images_encoded": 0, "images_not_encoded": 0, "exif_rotated_images": 0}
         encoder_s = 0.0
         it = images
         if progress:
@@ -371,12 +388,14 @@ class Evaluator:
                 out["evaluated_image_ids"].append(img["id"])
                 continue
             try:
-                pixels = read_image(path, img["height"], img["width"])
+                pixels, orientation = read_image_oriented(path, img["height"], img["width"],
+                                                          self.exif)
             except DatasetError as e:
                 if not self.skip_bad_images:
                     raise
                 out["bad_images"].append({"id": img["id"], "file": path, "reason": str(e)})
                 continue
+            counts["exif_rotated_images"] += orientation != 1  # its tag would turn it
             _sync(self.device)
             t0 = time.perf_counter()
             self.predictor.set_image(pixels)
@@ -446,6 +465,8 @@ def merge_shards(shards: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             key: sorted((x for p in parts for x in p[key]), key=lambda x: x["key"])
             for key in ("records", "results", "predictions")}
         merged["protocols"][name]["decode_s"] = sum(p["decode_s"] for p in parts)
+        merged["protocols"][name]["bad_annotations"] = sum(p.get("bad_annotations", 0)
+                                                           for p in parts)
     for key in ("evaluated_image_ids", "missing_images"):
         merged[key] = sorted(i for s in shards for i in s[key])
     merged["bad_images"] = sorted((b for s in shards for b in s["bad_images"]),
