@@ -97,6 +97,8 @@ class ProtocolConfig:
                              "multimask": self.multimask,
                              "selection": "oracle" if self.oracle else "predicted_iou",
                              "paper_default": self.is_default(), "label": self.label()}
+        if self.prompt != "detector":  # EfficientViT-SAM's eval prompts crowd objects too
+            d["crowd_objects"] = "skipped"
         if self.prompt == "point":
             d.update(num_points=self.num_points, points=self.point_from, seed=self.seed,
                      mask_feedback=bool(self.num_clicks), correction_clicks=self.num_clicks)
@@ -240,39 +242,27 @@ class Evaluator:
     def _iterative(self, cfg: ProtocolConfig, gt: np.ndarray
                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                               List[np.ndarray]]:
-        """SAM's iterative clicking: the GT center first, then the center of the largest error
-        region (clicked pixels excluded); multimask output and one mask kept at every step, no
-        mask feedback. An object with no error pixel left keeps its mask."""
+        """EfficientViT-SAM's iterative clicking: the GT center first, then ``iterative_click``
+        (its Clicker's rules) on the mask kept at the previous step; multimask output and one
+        mask kept at every step, no mask feedback. Every object is clicked and decoded at every
+        step, as in the reference, even when its mask has no error left."""
         n = len(gt)
         rows = np.arange(n)
         clicked = np.zeros_like(gt)
         coords = np.stack([farthest_from_boundary(g)[0] for g in gt])[:, None]  # (B, 1, 2)
         labels = np.ones((n, 1), dtype=np.int64)
-        done = np.zeros(n, dtype=bool)
         chosen = pick = score = None
         step_ious: List[np.ndarray] = []
         for step in range(cfg.num_points):
             if step:
-                new_c, new_l = [], []
-                for i in rows:
-                    click = None if done[i] else iterative_click(chosen[i], gt[i], clicked[i])
-                    if click is None:  # nothing left to correct: repeat, result is kept below
-                        done[i] = True
-                        click = (coords[i, -1], labels[i, -1])
-                    new_c.append(click[0])
-                    new_l.append(click[1])
-                coords = np.concatenate([coords, np.stack(new_c)[:, None]], 1)
-                labels = np.concatenate([labels, np.array(new_l)[:, None]], 1)
+                clicks = [iterative_click(chosen[i], gt[i], clicked[i]) for i in rows]
+                coords = np.concatenate([coords, np.stack([c[0] for c in clicks])[:, None]], 1)
+                labels = np.concatenate([labels, np.array([[c[1]] for c in clicks])], 1)
             x, y = coords[:, -1, 0].astype(int), coords[:, -1, 1].astype(int)
             clicked[rows, y, x] = True
             masks, iou_pred, _ = self._decode(coords, labels, None, True)
             p, ious = self._pick(cfg, masks, iou_pred, gt)
-            if chosen is None:
-                chosen, pick, score = masks[rows, p], p, iou_pred[rows, p]
-            else:
-                keep = ~done
-                chosen[keep], pick[keep] = masks[rows, p][keep], p[keep]
-                score[keep] = iou_pred[rows, p][keep]
+            chosen, pick, score = masks[rows, p], p, iou_pred[rows, p]
             step_ious.append(batch_mask_iou(chosen, gt))
         return coords, labels, chosen, pick, score, step_ious
 
