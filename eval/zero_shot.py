@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output", default="outputs/eval", help="folder for the JSON and .md files")
     o.add_argument("--no-flops", action="store_true", help="do not count GFLOPs")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--amp", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: encoder and decoder under bf16 autocast (GPU throughput; "
+                        "recorded, and labelled in --table); fp32: the papers' numbers")
     o.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                    help="torchrun: process-group timeout in seconds (NCCL's watchdog default "
                         "is 10 minutes; recorded in the results)")
@@ -330,7 +333,7 @@ def make_result(args: argparse.Namespace, cfg: ProtocolConfig, protos: Sequence[
         "kind": RESULT_KIND, "format": FORMAT,
         "name": args.name or _row_name(args, DISPLAY_NAMES),
         "model": args.model, "checkpoint": ckpt, "checkpoint_sha256": ckpt_sha256 if ckpt_sha256 is not None else file_sha256(ckpt),
-        "keep_ratio": keep, "img_size": args.img_size,
+        "keep_ratio": keep, "img_size": args.img_size, "amp": getattr(args, "amp", "fp32"),
         "dataset_kind": data.dataset.kind, "ann_file": args.ann_file, "limit": args.limit,
         "protocol": cfg.describe(),
         "run": {"protocols": [p.name for p in protos], "keep_ratios": args.keep_ratios,
@@ -481,7 +484,8 @@ def _evaluate(args: argparse.Namespace, protos: Sequence[ProtocolConfig],
         if keep is not None:
             sam.image_encoder.keep_ratio = keep
         t0 = time.perf_counter()
-        with fail_together(log_dir), torch.inference_mode():
+        with fail_together(log_dir), torch.inference_mode(), torch.autocast(
+                info.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
             part = evaluator.run(shard, data.missing if info.is_main else [],
                                  progress=info.is_main and not args.no_progress,
                                  bad=data.bad if info.is_main else [], should_stop=check_peers)
