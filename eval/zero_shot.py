@@ -332,7 +332,8 @@ def make_result(args: argparse.Namespace, cfg: ProtocolConfig, protos: Sequence[
     return {
         "kind": RESULT_KIND, "format": FORMAT,
         "name": args.name or _row_name(args, DISPLAY_NAMES),
-        "model": args.model, "checkpoint": ckpt, "checkpoint_sha256": ckpt_sha256 if ckpt_sha256 is not None else file_sha256(ckpt),
+        "model": args.model, "checkpoint": ckpt,
+        "checkpoint_sha256": ckpt_sha256 if ckpt_sha256 is not None else file_sha256(ckpt),
         "keep_ratio": keep, "img_size": args.img_size, "amp": getattr(args, "amp", "fp32"),
         "dataset_kind": data.dataset.kind, "ann_file": args.ann_file, "limit": args.limit,
         "protocol": cfg.describe(),

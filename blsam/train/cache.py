@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from ..specs import TEACHER_OF
-from ..utils import dist as du
 from ..utils.collectives import DEFAULT_TIMEOUT_S, init_distributed_with_timeout
 from .data import SA1BDataset, add_data_args, collate, select_records
 from .engine import amp_dtype
@@ -116,7 +115,8 @@ def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
             raise CacheError(f"--output {args.output!r} holds a cache made with "
                              + ", ".join(f"{k}={old.get(k)!r}" for k in diff)
                              + "; choose another folder")
-    metas = [{**meta, "assigned_sha256": _keys_digest([r.key for r in records[k::info.world_size]])}
+    metas = [{**meta,
+              "assigned_sha256": _keys_digest([r.key for r in records[k::info.world_size]])}
              for k in range(info.world_size)]
     mine = records[info.rank::info.world_size]
     part_meta = metas[info.rank]

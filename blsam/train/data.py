@@ -22,7 +22,6 @@ resumed at (epoch, batch) sees exactly the batches the uninterrupted run would h
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
