@@ -36,6 +36,8 @@ from blsam.utils.cli import (  # noqa: E402
     add_model_args,
     check_model_args,
 )
+from blsam.utils.collectives import DEFAULT_TIMEOUT_S  # noqa: E402
+from blsam.utils.images import EXIF_MODES  # noqa: E402
 from blsam.utils.config import parse_args_with_config  # noqa: E402
 from blsam.specs import BLVIT_MODELS, MODEL_SPECS  # noqa: E402
 
@@ -69,8 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-missing-images", action="store_true",
                    help="skip (and count) images that are not in --img-dir instead of failing")
     d.add_argument("--skip-bad-images", action="store_true",
-                   help="skip (and count) truncated, undecodable or wrong-size images instead "
-                        "of failing")
+                   help="skip (and count) truncated, undecodable or wrong-size images, and "
+                        "annotations with a degenerate polygon or (box prompt) a zero-size "
+                        "bbox, instead of failing")
+    d.add_argument("--exif-orientation", choices=EXIF_MODES, default="ignore",
+                   help="ignore: score the stored pixels, as COCO/LVIS/SA-1B annotations and "
+                        "the reference evaluations read them; apply: rotate by the EXIF tag "
+                        "first (recorded in the results)")
     q = p.add_argument_group("protocol")
     q.add_argument("--prompt", nargs="+", default=["point"], metavar="PROMPT",
                    help="one or more of point (--num-points clicks), point<k> (point1, point3, "
@@ -100,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output", default="outputs/eval", help="folder for the JSON and .md files")
     o.add_argument("--no-flops", action="store_true", help="do not count GFLOPs")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--amp", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: encoder and decoder under bf16 autocast (GPU throughput; "
+                        "recorded, and labelled in --table); fp32: the papers' numbers")
+    o.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                   help="torchrun: process-group timeout in seconds (NCCL's watchdog default "
+                        "is 10 minutes; recorded in the results)")
     o.add_argument("--table", nargs="+", default=None, metavar="JSON",
                    help="only merge result JSON files into one Table 2 and print it")
     return p
@@ -221,6 +234,8 @@ def check_args(args: argparse.Namespace) -> List[ProtocolConfig]:
             raise OptionError(f"--{opt.replace('_', '-')} must be >= 1, got {v}")
     if args.num_clicks < 0:
         raise OptionError(f"--num-clicks must be >= 0, got {args.num_clicks}")
+    if not args.dist_timeout > 0:
+        raise OptionError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     check_model_args(args)
     protos = protocols_from_args(args)
     if any(c.prompt == "detector" for c in protos):
@@ -260,42 +275,53 @@ class EvalData:
     found: List[Any]
     missing: List[int]
     bad: List[Dict[str, Any]] = field(default_factory=list)
+    bad_annotations: Dict[int, Dict[str, Any]] = field(default_factory=dict)
 
 
 def load_data(args: argparse.Namespace, protos: Sequence[ProtocolConfig]) -> EvalData:
     """Annotation file, detections and image files, all checked (``DatasetError``)."""
     from blsam.evaluation.datasets import (
-        check_gt_boxes,
+        DatasetError,
         check_lvis_eval_fields,
+        find_bad_annotations,
         load_dataset,
         load_detections,
     )
     from blsam.evaluation.runner import locate_images
 
     dataset = load_dataset(args.ann_file, args.dataset)
-    if any(c.prompt == "box" for c in protos):
-        check_gt_boxes(dataset)
+    images = list(enumerate(dataset.images))[: args.limit]
+    bad_anns: Dict[int, Dict[str, Any]] = {}
+    if any(c.prompt != "detector" for c in protos):
+        bad_anns = find_bad_annotations(dataset, [im["id"] for _, im in images],
+                                        boxes=any(c.prompt == "box" for c in protos))
+        if bad_anns and not args.skip_bad_images:
+            b = next(iter(bad_anns.values()))
+            raise DatasetError(f"{args.ann_file!r}: {len(bad_anns)} annotation(s) cannot be "
+                               f"evaluated as drawn, e.g. annotation {b['id']} (image "
+                               f"{b['image_id']}): {b['reason']}; pass --skip-bad-images to "
+                               f"skip and count them")
     detections = None
     if any(c.prompt == "detector" for c in protos):
         if dataset.kind == "lvis":
             check_lvis_eval_fields(dataset.raw, args.ann_file)
         detections = load_detections(args.det_file, dataset)
-    images = list(enumerate(dataset.images))[: args.limit]
     if detections is not None and not any(detections.get(im["id"]) for _, im in images):
         warnings.warn(f"{args.det_file}: no detection for any of the {len(images)} evaluated "
                       f"images: AP will be 0", UserWarning)
     # every rank checks every image, so a missing file fails all ranks alike
     found, missing, bad = locate_images(args.img_dir, images, args.skip_missing_images,
                                         args.skip_bad_images)
-    return EvalData(dataset, detections, found, missing, bad)
+    return EvalData(dataset, detections, found, missing, bad, bad_anns)
 
 
 # --------------------------------------------------------------------------- results
 def make_result(args: argparse.Namespace, cfg: ProtocolConfig, protos: Sequence[ProtocolConfig],
                 merged: Dict[str, Any], data: EvalData, keep: Optional[float],
-                gflops: Optional[float], wall: float, world_size: int, device: str
-                ) -> Dict[str, Any]:
-    """The JSON record of one protocol at one keep ratio."""
+                gflops: Optional[float], wall: float, world_size: int, device: str,
+                ckpt_sha256: Optional[str] = None) -> Dict[str, Any]:
+    """The JSON record of one protocol at one keep ratio (``ckpt_sha256``: the checkpoint's
+    hash, computed once per run by the caller; hashed here when not given)."""
     from blsam.evaluation.report import DISPLAY_NAMES, FORMAT, RESULT_KIND, file_sha256
     from blsam.evaluation.runner import compute_metrics
 
@@ -306,8 +332,9 @@ def make_result(args: argparse.Namespace, cfg: ProtocolConfig, protos: Sequence[
     return {
         "kind": RESULT_KIND, "format": FORMAT,
         "name": args.name or _row_name(args, DISPLAY_NAMES),
-        "model": args.model, "checkpoint": ckpt, "checkpoint_sha256": file_sha256(ckpt),
-        "keep_ratio": keep, "img_size": args.img_size,
+        "model": args.model, "checkpoint": ckpt,
+        "checkpoint_sha256": ckpt_sha256 if ckpt_sha256 is not None else file_sha256(ckpt),
+        "keep_ratio": keep, "img_size": args.img_size, "amp": getattr(args, "amp", "fp32"),
         "dataset_kind": data.dataset.kind, "ann_file": args.ann_file, "limit": args.limit,
         "protocol": cfg.describe(),
         "run": {"protocols": [p.name for p in protos], "keep_ratios": args.keep_ratios,
@@ -319,14 +346,23 @@ def make_result(args: argparse.Namespace, cfg: ProtocolConfig, protos: Sequence[
             "annotations_evaluated": len(part["records"]),
             "detections_evaluated": len(part["results"]),
             "skipped_crowd": c["skipped_crowd"], "skipped_empty": c["skipped_empty"],
+            "bad_annotations": (c.get("bad_annotations", 0) + part.get("bad_annotations", 0)
+                                if cfg.prompt != "detector" else 0),
+            "exif_rotated_images": c.get("exif_rotated_images", 0),
             "missing_images": len(merged["missing_images"]),
             "bad_images": len(merged["bad_images"]),
             "images_encoded": c["images_encoded"], "images_not_encoded": c["images_not_encoded"],
         },
         "skipped_images": {"missing": merged["missing_images"], "bad": merged["bad_images"]},
+        "skipped_annotations": [b for b in data.bad_annotations.values()
+                                if cfg.prompt == "box" or not b["box_only"]]
+        if cfg.prompt != "detector" else [],
+        "images": {"exif_orientation": getattr(args, "exif_orientation", "ignore"),
+                   "reader": "PIL (blsam.utils.images.decode_rgb)"},
         "metrics": compute_metrics(merged, data.dataset, cfg),
         "gflops": gflops, "gflops_convention": "paper",
         "timing": {"world_size": world_size, "device": device,
+                   "dist_timeout_s": getattr(args, "dist_timeout", None),
                    "wall_s": wall,  # of the whole pass, shared by its protocols
                    "encoder_s_per_image": enc_s / c["images_encoded"] if c["images_encoded"]
                    else None,
@@ -402,9 +438,10 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
                                   f"{ref['dataset_kind']} is none of this run's protocols "
                                   f"{sorted(lines)}")
 
-    from blsam.utils.dist import cleanup, init_distributed
+    from blsam.utils.collectives import init_distributed_with_timeout
+    from blsam.utils.dist import cleanup
 
-    info = init_distributed(args.device)
+    info = init_distributed_with_timeout(args.device, args.dist_timeout)
     try:
         out = _evaluate(args, protos, refs, info)
     except Exception as e:
@@ -417,15 +454,19 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
 
 def _evaluate(args: argparse.Namespace, protos: Sequence[ProtocolConfig],
               refs: List[Dict[str, Any]], info: Any) -> Optional[Dict[str, Any]]:
-    """Load, build, evaluate at every keep ratio, merge on rank 0 and write."""
+    """Load, build, evaluate at every keep ratio (each rank's shard gathered to rank 0 only),
+    then, once every rank has finished every keep ratio, metrics and files on rank 0 alone: no
+    rank waits in a collective while rank 0 runs COCOeval / LVISEval."""
     from segment_anything import SamPredictor
 
+    from blsam.evaluation.report import file_sha256
     from blsam.evaluation.runner import Evaluator, merge_shards
-    from blsam.utils.dist import all_gather_objects, fail_together
+    from blsam.utils.collectives import check_peers, fail_together, gather_to_main
 
-    with fail_together():
+    log_dir = args.output
+    with fail_together(log_dir):
         data = load_data(args, protos)
-    with fail_together():
+    with fail_together(log_dir):
         sam = build_model(args).to(info.device).eval()
     blvit = args.model in BLVIT
     keeps: List[Optional[float]] = (list(args.keep_ratios) if args.keep_ratios else
@@ -436,25 +477,31 @@ def _evaluate(args: argparse.Namespace, protos: Sequence[ProtocolConfig],
             sam.image_encoder.keep_ratio = keep
         gflops[keep] = None if args.no_flops or not info.is_main else sam_gflops(sam)
     evaluator = Evaluator(SamPredictor(sam), data.dataset, args.img_dir, protos,
-                          data.detections, args.skip_bad_images)
+                          data.detections, args.skip_bad_images, data.bad_annotations,
+                          args.exif_orientation)
     shard = data.found[info.rank::info.world_size]
-    results, merged_by_keep = [], {}
+    merged_by_keep, walls = {}, {}
     for keep in keeps:
         if keep is not None:
             sam.image_encoder.keep_ratio = keep
         t0 = time.perf_counter()
-        with fail_together(), torch.inference_mode():
+        with fail_together(log_dir), torch.inference_mode(), torch.autocast(
+                info.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
             part = evaluator.run(shard, data.missing if info.is_main else [],
                                  progress=info.is_main and not args.no_progress,
-                                 bad=data.bad if info.is_main else [])
-        merged = merge_shards(all_gather_objects(part))
-        wall = time.perf_counter() - t0
+                                 bad=data.bad if info.is_main else [], should_stop=check_peers)
+        shards = gather_to_main(part)  # rank 0 only: detections are not copied to every rank
+        del part
+        walls[keep] = time.perf_counter() - t0
         if info.is_main:
-            merged_by_keep[keep] = merged
-            results += [make_result(args, cfg, protos, merged, data, keep, gflops[keep], wall,
-                                    info.world_size, str(info.device)) for cfg in protos]
-    if not info.is_main:
+            merged_by_keep[keep] = merge_shards(shards)
+        del shards
+    if not info.is_main:  # nothing left for this rank: no collective waits on rank 0's metrics
         return None
+    ckpt_sha = file_sha256(args.checkpoint or args.sam_checkpoint)  # once per run
+    results = [make_result(args, cfg, protos, merged_by_keep[keep], data, keep, gflops[keep],
+                           walls[keep], info.world_size, str(info.device), ckpt_sha)
+               for keep in keeps for cfg in protos]
     return write_results(args, results, merged_by_keep, refs)
 
 
@@ -470,8 +517,9 @@ def cli(argv: Optional[List[str]] = None) -> int:
         main(parse_args(argv))
     except (DatasetError, CheckpointError, ConfigError, OptionError, TableError, RankError,
             FileNotFoundError) as e:
-        sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a pipe do not interleave
-        sys.stderr.flush()
+        if not getattr(e, "printed", False):  # a failing rank printed its error at once
+            sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a pipe do not interleave
+            sys.stderr.flush()
         if getattr(e, "all_ranks", False):  # every rank prints before any exits (torchrun
             from blsam.utils.dist import barrier, cleanup  # kills the rest when one exits)
 

@@ -111,7 +111,7 @@ def test_bad_files_fail_before_the_model(data, tmp_path, capsys, no_model):
     ann["annotations"][1]["bbox"][3] = 0
     bad_ann = {**data, "coco": {**coco, "ann_file": _write(tmp_path / "ann.json", ann)}}
     _fails(_argv(bad_ann, "coco", tmp_path, "--prompt", "box"), capsys,
-           f"annotation {ann['annotations'][1]['id']} has a mask but an empty or invalid bbox")
+           f"annotation {ann['annotations'][1]['id']} (image 10): empty or invalid bbox")
     _fails(_argv(data, "lvis", tmp_path, "--dataset", "coco"), capsys, "looks like LVIS")
 
 

@@ -106,8 +106,9 @@ def test_iterative_click_excludes_clicked_pixels():
     second, _ = iterative_click(pred, gt, clicked)
     assert tuple(second) != tuple(first) and gt[int(second[1]), int(second[0])]
     one = np.zeros_like(gt)
-    one[3, 3] = True
-    assert iterative_click(np.zeros_like(gt), one, one) is None  # nothing left to click
+    one[3, 3] = True  # nothing left to click: EfficientViT-SAM's Clicker clicks (0, 0), negative
+    xy, label = iterative_click(np.zeros_like(gt), one, one)
+    assert xy.tolist() == [0, 0] and label == 0
 
 
 # ----------------------------------------------------------------------------- multimask boxes

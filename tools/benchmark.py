@@ -537,7 +537,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "family's student also sets the GEMM replay and --photos rows")
     p.add_argument("--keep-ratios", nargs="+", type=float, default=[0.25, 0.5, 0.75, 1.0])
     p.add_argument("--devices", nargs="+", default=None,
-                   help="default: cpu, plus cuda when available")
+                   help="default: cuda on a GPU node (CPU rows there would only spend node "
+                        "time), else cpu; give both for both")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     p.add_argument("--cpu-batch-sizes", nargs="+", type=int, default=None,
@@ -580,12 +581,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def default_devices() -> List[str]:
+    """The rows to run without ``--devices``: the GPU alone where there is one, else the CPU."""
+    return ["cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
 def main(args: argparse.Namespace) -> List[Result]:
     from tqdm import tqdm
 
     torch.set_num_threads(args.threads)
     malloc_tuned = tune_glibc_malloc() if args.tune_malloc else False
-    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    devices = args.devices or default_devices()
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("--devices cuda asked for, but CUDA is not available")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on every device

@@ -9,7 +9,7 @@ import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -116,17 +116,6 @@ def _bad_box(box: Any) -> bool:
     return not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0
 
 
-def check_gt_boxes(dataset: "EvalDataset") -> None:
-    """The box protocol prompts with ``bbox``: an object with a mask but a zero- or
-    negative-size box would be prompted with a degenerate box, so refuse the file."""
-    for anns in dataset.anns_by_image.values():
-        for ann in anns:
-            if "bbox" in ann and has_geometry(ann) and _bad_box(ann["bbox"]):
-                raise DatasetError(f"{dataset.path!r}: annotation {ann['id']} has a mask but "
-                                   f"an empty or invalid bbox {ann['bbox']} (width and height "
-                                   f"must be > 0)")
-
-
 def load_dataset(path: str, kind: Optional[str] = None) -> EvalDataset:
     """Load and validate a COCO or LVIS instances file (``kind`` None: detect it)."""
     path = os.fspath(path)
@@ -134,6 +123,26 @@ def load_dataset(path: str, kind: Optional[str] = None) -> EvalDataset:
     kind = validate_dataset(data, path, kind)
     images = sorted(data["images"], key=lambda im: im["id"])
     ids = {im["id"] for im in images}
+    if len(ids) != len(images):  # one image's pixels would be scored against the other's masks
+        seen, dup = set(), []
+        for im in images:
+            if im["id"] in seen and im["id"] not in dup:
+                dup.append(im["id"])
+            seen.add(im["id"])
+        raise DatasetError(f"{path!r}: {len(dup)} image id(s) listed more than once, e.g. "
+                           f"{dup[:5]}")
+    by_name: Dict[str, Any] = {}
+    dup_names = []
+    for im in images:
+        if not (im.get("file_name") or im.get("coco_url")):
+            continue
+        name = image_file_name(im)
+        if name in by_name:
+            dup_names.append(f"{name} (ids {by_name[name]} and {im['id']})")
+        by_name[name] = im["id"]
+    if dup_names:
+        raise DatasetError(f"{path!r}: {len(dup_names)} file name(s) used by more than one "
+                           f"image, e.g. {', '.join(dup_names[:3])}")
     by_image: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
     for ann in data["annotations"]:
         if ann["image_id"] not in ids:
@@ -210,23 +219,79 @@ def check_image_file(path: str) -> Optional[str]:
     return None
 
 
-def read_image(path: str, height: Optional[int] = None, width: Optional[int] = None
-               ) -> np.ndarray:
-    """RGB uint8 HxWx3 (``blsam.utils.images.load_rgb_image``), checked to be whole and, when
-    given, of the size the annotation file claims; errors as ``DatasetError``."""
-    from blsam.utils.images import load_rgb_image
+def read_image_oriented(path: str, height: Optional[int] = None, width: Optional[int] = None,
+                        exif: str = "ignore") -> Tuple[np.ndarray, int]:
+    """RGB uint8 HxWx3 (``blsam.utils.images.decode_rgb``: the training reader) and the file's
+    EXIF orientation (1: none), checked to be whole and, when given, of the size the annotation
+    file claims; errors as ``DatasetError``. A size that matches only the other reading of the
+    EXIF tag is said so, with the option that reads it that way."""
+    from blsam.utils.images import SWAPS_SIDES, decode_rgb
 
     problem = check_image_file(path)
     if problem is not None:
         raise DatasetError(f"image {path!r}: {problem}")
+    if not os.path.isfile(path):
+        raise DatasetError(f"image not found: {path}")
     try:
-        pixels = load_rgb_image(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise DatasetError(str(e)) from e
+        pixels, orientation = decode_rgb(path, exif)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot decode image {path!r} (not an image, or corrupt): {e}") \
+            from e
     if height is not None and pixels.shape[:2] != (height, width):
-        raise DatasetError(f"image {path!r} is {pixels.shape[1]}x{pixels.shape[0]}, but the "
-                           f"annotation file says {width}x{height}")
-    return pixels
+        msg = (f"image {path!r} is {pixels.shape[1]}x{pixels.shape[0]}, but the annotation "
+               f"file says {width}x{height}")
+        if orientation in SWAPS_SIDES and pixels.shape[:2] == (width, height):
+            other = "apply" if exif == "ignore" else "ignore"
+            msg += (f"; it matches only with its EXIF orientation {orientation} "
+                    f"{'applied' if other == 'apply' else 'ignored'}: "
+                    f"--exif-orientation {other}")
+        raise DatasetError(msg)
+    return pixels, orientation
+
+
+def read_image(path: str, height: Optional[int] = None, width: Optional[int] = None,
+               exif: str = "ignore") -> np.ndarray:
+    """``read_image_oriented`` without the orientation."""
+    return read_image_oriented(path, height, width, exif)[0]
+
+
+def polygon_problem(seg: Any) -> Optional[str]:
+    """Why a polygon segmentation cannot be rasterised as drawn, or None (an empty list is an
+    empty annotation, not a bad one)."""
+    if not isinstance(seg, list):
+        return None
+    for ring in seg:
+        if not isinstance(ring, (list, tuple)):
+            return f"polygon ring is a {type(ring).__name__}, not a list of coordinates"
+        if len(ring) < 6 or len(ring) % 2:
+            return f"degenerate polygon ring of {len(ring)} coordinates (needs an even number >= 6)"
+        try:
+            if not np.all(np.isfinite(np.asarray(ring, dtype=np.float64))):
+                return "polygon with a non-finite coordinate"
+        except (TypeError, ValueError):
+            return "polygon with a non-numeric coordinate"
+    return None
+
+
+def find_bad_annotations(dataset: "EvalDataset", image_ids: Any, boxes: bool
+                         ) -> Dict[int, Dict[str, Any]]:
+    """Annotations of the given images that cannot be evaluated as drawn, by id:
+    ``{"id", "image_id", "reason", "box_only"}``. A degenerate polygon spoils the object for
+    every protocol; a zero-size / invalid ``bbox`` on an object with a mask only for the box
+    protocol (checked when ``boxes``)."""
+    bad: Dict[int, Dict[str, Any]] = {}
+    for img_id in image_ids:
+        for ann in dataset.anns_by_image.get(img_id, []):
+            why = polygon_problem(ann.get("segmentation"))
+            box_only = False
+            if why is None and boxes and "bbox" in ann and has_geometry(ann) \
+                    and _bad_box(ann["bbox"]):
+                why, box_only = (f"empty or invalid bbox {ann['bbox']} (width and height must "
+                                 f"be > 0)"), True
+            if why is not None:
+                bad[ann["id"]] = {"id": ann["id"], "image_id": img_id, "reason": why,
+                                  "box_only": box_only}
+    return bad
 
 
 def ann_to_rle(segmentation: Any, height: int, width: int) -> Dict[str, Any]:

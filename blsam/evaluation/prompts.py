@@ -80,20 +80,39 @@ def object_points(
     raise ValueError(f"unknown point mode {mode!r}")
 
 
+def _distance(region: np.ndarray) -> np.ndarray:
+    """Exact L2 distance of each pixel of ``region`` to the nearest pixel outside it (the image
+    border counts as outside), 0 outside ``region``."""
+    import cv2
+
+    padded = np.pad(region.astype(np.uint8), 1)
+    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+
+
 def iterative_click(pred: np.ndarray, gt: np.ndarray, clicked: np.ndarray
-                    ) -> Optional[Tuple[np.ndarray, int]]:
-    """SAM's / EfficientViT-SAM's next click of the iterative protocol: the center (distance
-    maximum) of the largest error region, pixels clicked before excluded; label 1 on a missed
-    object pixel, 0 on a false positive. None when no error pixel is left to click."""
-    fn = gt & ~pred & ~clicked
-    fp = pred & ~gt & ~clicked
-    p_fn, d_fn = farthest_from_boundary(fn) if fn.any() else (None, -1.0)
-    p_fp, d_fp = farthest_from_boundary(fp) if fp.any() else (None, -1.0)
-    if p_fn is None and p_fp is None:
-        return None
-    if d_fn >= d_fp:
-        return p_fn, 1
-    return p_fp, 0
+                    ) -> Tuple[np.ndarray, int]:
+    """The next click of the iterative protocol, by the rules of EfficientViT-SAM's (RITM's)
+    ``Clicker``, so that every click is the reference's:
+
+    1. the distance transform is taken over the *whole* missed-pixel region (``gt & ~pred``)
+       and the whole false-positive region (``pred & ~gt``); pixels clicked before are zeroed
+       *afterwards* (an earlier click does not push the next one away from it);
+    2. the click is positive only when the deepest missed pixel is strictly deeper than the
+       deepest false positive; a tie gives a negative click;
+    3. the click goes to the first pixel in raster order with that depth; with no error pixel
+       left (both depths 0) that is a negative click at the first raster position where the
+       false-positive depth is 0 (usually (0, 0)): the object is clicked and decoded again,
+       never frozen.
+
+    Returns ((x, y), label)."""
+    not_clicked = ~clicked.astype(bool)
+    d_fn = _distance(gt & ~pred) * not_clicked
+    d_fp = _distance(pred & ~gt) * not_clicked
+    m_fn, m_fp = d_fn.max(), d_fp.max()
+    positive = bool(m_fn > m_fp)
+    depth, best = (d_fn, m_fn) if positive else (d_fp, m_fp)
+    y, x = divmod(int(np.argmax(depth == best)), gt.shape[1])  # first in raster order
+    return np.array([x, y], dtype=np.float64), int(positive)
 
 
 def correction_click(pred: np.ndarray, gt: np.ndarray) -> Tuple[np.ndarray, int]:

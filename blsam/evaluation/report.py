@@ -111,6 +111,12 @@ def variant(result: Dict[str, Any]) -> str:
     skipped = c.get("missing_images", 0) + c.get("bad_images", 0)
     if skipped:
         parts.append(f"{skipped} images skipped")
+    if c.get("bad_annotations"):
+        parts.append(f"{c['bad_annotations']} bad annotations skipped")
+    if result.get("images", {}).get("exif_orientation", "ignore") != "ignore":
+        parts.append("EXIF orientation applied")
+    if result.get("amp") not in (None, "fp32"):
+        parts.append(str(result["amp"]))
     return ", ".join(parts)
 
 
@@ -194,6 +200,10 @@ def run_tag(result: Dict[str, Any]) -> str:
         parts.append(f"{proto['correction_clicks']}clicks")
     if result.get("limit") is not None:
         parts.append(f"limit{result['limit']}")
+    if result.get("images", {}).get("exif_orientation", "ignore") != "ignore":
+        parts.append("exif")
+    if result.get("amp") not in (None, "fp32"):
+        parts.append(str(result["amp"]))
     return "_".join(parts)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from .datasets import (
     check_image_file,
     has_geometry,
     mask_to_rle,
-    read_image,
+    read_image_oriented,
     resolve_image_path,
 )
 from .metrics import batch_mask_iou, coco_segm_eval, lvis_segm_eval, size_of, summarize_miou
@@ -97,6 +97,8 @@ class ProtocolConfig:
                              "multimask": self.multimask,
                              "selection": "oracle" if self.oracle else "predicted_iou",
                              "paper_default": self.is_default(), "label": self.label()}
+        if self.prompt != "detector":  # EfficientViT-SAM's eval prompts crowd objects too
+            d["crowd_objects"] = "skipped"
         if self.prompt == "point":
             d.update(num_points=self.num_points, points=self.point_from, seed=self.seed,
                      mask_feedback=bool(self.num_clicks), correction_clicks=self.num_clicks)
@@ -151,7 +153,9 @@ class Evaluator:
     def __init__(self, predictor: Any, dataset: EvalDataset, img_dir: str,
                  cfg: Union[ProtocolConfig, Sequence[ProtocolConfig]],
                  detections: Optional[Dict[int, List[Dict[str, Any]]]] = None,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False,
+                 bad_annotations: Optional[Dict[int, Dict[str, Any]]] = None,
+                 exif: str = "ignore") -> None:
         self.protocols = [cfg] if isinstance(cfg, ProtocolConfig) else list(cfg)
         if not self.protocols:
             raise ValueError("no protocol to evaluate")
@@ -171,6 +175,11 @@ class Evaluator:
         self.batch_prompts = self.protocols[0].batch_prompts
         self.detections = detections or {}
         self.skip_bad_images = skip_bad_images
+        # skipped (``find_bad_annotations``): every GT protocol, or only the box protocol
+        bad = bad_annotations or {}
+        self.bad_masks = {i for i, b in bad.items() if not b.get("box_only")}
+        self.bad_boxes = {i for i, b in bad.items() if b.get("box_only")}
+        self.exif = exif
         self.device = predictor.device
 
     # ------------------------------------------------------------------ decoding
@@ -211,6 +220,9 @@ class Evaluator:
         h, w = img["height"], img["width"]
         out = []
         for ann in self.dataset.anns_by_image.get(img["id"], []):
+            if ann["id"] in self.bad_masks:
+                counts["bad_annotations"] += 1
+                continue
             if ann.get("iscrowd", 0):
                 counts["skipped_crowd"] += 1
                 continue
@@ -230,44 +242,38 @@ class Evaluator:
     def _iterative(self, cfg: ProtocolConfig, gt: np.ndarray
                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                               List[np.ndarray]]:
-        """SAM's iterative clicking: the GT center first, then the center of the largest error
-        region (clicked pixels excluded); multimask output and one mask kept at every step, no
-        mask feedback. An object with no error pixel left keeps its mask."""
+        """EfficientViT-SAM's iterative clicking: the GT center first, then ``iterative_click``
+        (its Clicker's rules) on the mask kept at the previous step; multimask output and one
+        mask kept at every step, no mask feedback. Every object is clicked and decoded at every
+        step, as in the reference, even when its mask has no error left."""
         n = len(gt)
         rows = np.arange(n)
         clicked = np.zeros_like(gt)
         coords = np.stack([farthest_from_boundary(g)[0] for g in gt])[:, None]  # (B, 1, 2)
         labels = np.ones((n, 1), dtype=np.int64)
-        done = np.zeros(n, dtype=bool)
         chosen = pick = score = None
         step_ious: List[np.ndarray] = []
         for step in range(cfg.num_points):
             if step:
-                new_c, new_l = [], []
-                for i in rows:
-                    click = None if done[i] else iterative_click(chosen[i], gt[i], clicked[i])
-                    if click is None:  # nothing left to correct: repeat, result is kept below
-                        done[i] = True
-                        click = (coords[i, -1], labels[i, -1])
-                    new_c.append(click[0])
-                    new_l.append(click[1])
-                coords = np.concatenate([coords, np.stack(new_c)[:, None]], 1)
-                labels = np.concatenate([labels, np.array(new_l)[:, None]], 1)
+                clicks = [iterative_click(chosen[i], gt[i], clicked[i]) for i in rows]
+                coords = np.concatenate([coords, np.stack([c[0] for c in clicks])[:, None]], 1)
+                labels = np.concatenate([labels, np.array([[c[1]] for c in clicks])], 1)
             x, y = coords[:, -1, 0].astype(int), coords[:, -1, 1].astype(int)
             clicked[rows, y, x] = True
             masks, iou_pred, _ = self._decode(coords, labels, None, True)
             p, ious = self._pick(cfg, masks, iou_pred, gt)
-            if chosen is None:
-                chosen, pick, score = masks[rows, p], p, iou_pred[rows, p]
-            else:
-                keep = ~done
-                chosen[keep], pick[keep] = masks[rows, p][keep], p[keep]
-                score[keep] = iou_pred[rows, p][keep]
+            chosen, pick, score = masks[rows, p], p, iou_pred[rows, p]
             step_ious.append(batch_mask_iou(chosen, gt))
         return coords, labels, chosen, pick, score, step_ious
 
     def _run_gt_batch(self, cfg: ProtocolConfig, items: Sequence[Tuple[Any, ...]],
                       gt: np.ndarray, out: Dict[str, Any]) -> None:
+        if cfg.prompt == "box" and self.bad_boxes:  # objects whose bbox cannot be a prompt
+            keep = [i for i, it in enumerate(items) if it[1]["id"] not in self.bad_boxes]
+            out["bad_annotations"] += len(items) - len(keep)
+            if not keep:
+                return
+            items, gt = [items[i] for i in keep], gt[keep]
         anns = [it[1] for it in items]
         rows = np.arange(len(items))
         coords = labels = boxes = None
@@ -342,16 +348,19 @@ class Evaluator:
     # ------------------------------------------------------------------ loop
     def run(self, images: Sequence[Tuple[int, Dict[str, Any], str]],
             missing: Sequence[int] = (), progress: bool = False,
-            bad: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+            bad: Sequence[Dict[str, Any]] = (),
+            should_stop: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
         """Evaluate ``(position, image, path)`` triples (see ``locate_images``); returns a
-        picklable shard result with one entry per protocol."""
+        picklable shard result with one entry per protocol. ``should_stop`` is called before
+        each image and may raise to end the loop (another rank of a torchrun job failed)."""
         out: Dict[str, Any] = {
             "protocols": {c.name: {"records": [], "results": [], "predictions": [],
-                                   "decode_s": 0.0} for c in self.protocols},
+                                   "decode_s": 0.0, "bad_annotations": 0}
+                          for c in self.protocols},
             "evaluated_image_ids": [], "missing_images": list(missing),
             "bad_images": list(bad)}
-        counts = {"skipped_crowd": 0, "skipped_empty": 0, "images_encoded": 0,
-                  "images_not_encoded": 0}
+        counts = {"skipped_crowd": 0, "skipped_empty": 0, "bad_annotations": 0,
+                  "images_encoded": 0, "images_not_encoded": 0, "exif_rotated_images": 0}
         encoder_s = 0.0
         it = images
         if progress:
@@ -360,6 +369,8 @@ class Evaluator:
             names = "+".join(c.name for c in self.protocols)
             it = tqdm(images, desc=f"{names} eval", unit="img", dynamic_ncols=True)
         for img_pos, img, path in it:
+            if should_stop is not None:
+                should_stop()
             usable = self._usable_annotations(img, counts) if self.gt_protocols else []
             dets = self._image_detections(img)
             if not usable and not dets:  # nothing to prompt: no pixels needed
@@ -367,12 +378,14 @@ class Evaluator:
                 out["evaluated_image_ids"].append(img["id"])
                 continue
             try:
-                pixels = read_image(path, img["height"], img["width"])
+                pixels, orientation = read_image_oriented(path, img["height"], img["width"],
+                                                          self.exif)
             except DatasetError as e:
                 if not self.skip_bad_images:
                     raise
                 out["bad_images"].append({"id": img["id"], "file": path, "reason": str(e)})
                 continue
+            counts["exif_rotated_images"] += orientation != 1  # its tag would turn it
             _sync(self.device)
             t0 = time.perf_counter()
             self.predictor.set_image(pixels)
@@ -442,6 +455,8 @@ def merge_shards(shards: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             key: sorted((x for p in parts for x in p[key]), key=lambda x: x["key"])
             for key in ("records", "results", "predictions")}
         merged["protocols"][name]["decode_s"] = sum(p["decode_s"] for p in parts)
+        merged["protocols"][name]["bad_annotations"] = sum(p.get("bad_annotations", 0)
+                                                           for p in parts)
     for key in ("evaluated_image_ids", "missing_images"):
         merged[key] = sorted(i for s in shards for i in s[key])
     merged["bad_images"] = sorted((b for s in shards for b in s["bad_images"]),

@@ -11,16 +11,17 @@ import argparse
 import hashlib
 import logging
 import os
-from typing import Any, Dict
+import time
+from typing import Any, Dict, List, Tuple
 
 import torch
 
 from ..specs import TEACHER_OF
-from ..utils import dist as du
+from ..utils.collectives import DEFAULT_TIMEOUT_S, init_distributed_with_timeout
 from .data import SA1BDataset, add_data_args, collate, select_records
 from .engine import amp_dtype
 from .packed_cache import (CacheError, PartWriter, finished_part, forget, provenance,
-                           read_index, write_index)
+                           read_index, remove_stale_temps, write_index)
 from .teacher import Teacher
 
 log = logging.getLogger("blsam.train.cache")
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
       help="teacher autocast on GPU (auto: bf16); the CPU always runs fp32")
     a("--teacher-compile", action="store_true", help="torch.compile the teacher encoder")
+    a("--chunk-images", type=int, default=256,
+      help="rows per resumable chunk of a part: a killed run resumes after its last chunk")
+    a("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+      help="torchrun: process-group timeout in seconds (recorded in index.json); no rank "
+           "waits inside a collective for another rank's part")
+    a("--poll-seconds", type=float, default=5.0,
+      help="rank 0: how often it looks for the other ranks' finished parts")
     return p
 
 
@@ -50,17 +58,53 @@ def _keys_digest(keys: Any) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
+FAILED_KEY = "blsam/cache_teacher/failed"
+
+
+def _store() -> Any:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+def wait_for_parts(out_dir: str, world: int, metas: List[Dict[str, Any]], poll_s: float
+                   ) -> None:
+    """Rank 0: wait until every rank's part is finished, by looking at the files (no
+    collective, so no process-group timeout while a rank re-encodes its part for an hour); a
+    rank that failed publishes its error in the store and ends the wait with it."""
+    store = _store()
+    waiting = list(range(world))
+    logged = False
+    while True:
+        waiting = [r for r in waiting if not finished_part(out_dir, r, world, metas[r])]
+        if not waiting:
+            return
+        if store is not None and store.check([FAILED_KEY]):
+            raise CacheError(f"teacher cache not finished: {store.get(FAILED_KEY).decode()}")
+        if not logged:
+            log.info("rank 0: waiting for the parts of rank(s) %s", waiting)
+            logged = True
+        time.sleep(poll_s)
+
+
 def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
-    """Write this rank's part (skipped when an earlier run already finished it for the same
-    images and teacher), then rank 0 writes the index."""
-    for name in ("batch_size",):
+    """Write (or finish) this rank's part, in resumable chunks; then rank 0 waits for every
+    part by looking at the files and writes the index. No rank waits in a collective."""
+    for name in ("batch_size", "chunk_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.dist_timeout > 0 or not args.poll_seconds > 0:
+        raise ValueError("--dist-timeout and --poll-seconds must be > 0")
     if args.img_size < 16 or args.img_size % 16:
         raise ValueError(f"--img-size must be a positive multiple of 16, got {args.img_size}")
     if not os.path.isfile(args.sam_checkpoint):
         raise FileNotFoundError(f"--sam-checkpoint {args.sam_checkpoint!r} does not exist")
-    info = du.init_distributed(args.device)
+    info = init_distributed_with_timeout(args.device, args.dist_timeout)
     teacher_name = args.teacher or TEACHER_OF[args.model]
     records, skipped = select_records(args.data, args.shards, args.data_fraction, args.seed)
     meta = provenance(teacher_name, args.sam_checkpoint, args.img_size)
@@ -71,22 +115,62 @@ def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
             raise CacheError(f"--output {args.output!r} holds a cache made with "
                              + ", ".join(f"{k}={old.get(k)!r}" for k in diff)
                              + "; choose another folder")
+    metas = [{**meta,
+              "assigned_sha256": _keys_digest([r.key for r in records[k::info.world_size]])}
+             for k in range(info.world_size)]
     mine = records[info.rank::info.world_size]
-    assigned = _keys_digest([r.key for r in mine])
-    part_meta = {**meta, "assigned_sha256": assigned}
-    written, read_skipped = 0, 0
-    if finished_part(args.output, info.rank, info.world_size, part_meta):
-        log.info("rank %d: part already complete, skipping its %d images", info.rank, len(mine))
-    else:
-        ds = SA1BDataset(mine, args.img_size, with_targets=False)
-        teacher = Teacher(teacher_name, args.sam_checkpoint, args.img_size, info.device,
-                          amp_dtype(args.amp, info.device), compile=args.teacher_compile)
-        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, collate_fn=collate,
-                                             num_workers=args.num_workers,
-                                             pin_memory=info.device.type == "cuda")
-        writer = PartWriter(args.output, info.rank, info.world_size, part_meta)
-        try:
-            seen = set()
+    part_meta = metas[info.rank]
+    stale = remove_stale_temps(args.output, info.rank, info.world_size)
+    if stale:
+        log.info("rank %d: removed %d stale temporary file(s) of dead writers: %s", info.rank,
+                 len(stale), stale[:5])
+    written, read_skipped, resumed = 0, 0, 0
+    try:
+        if finished_part(args.output, info.rank, info.world_size, part_meta):
+            log.info("rank %d: part already complete, skipping its %d images", info.rank,
+                     len(mine))
+        else:
+            written, read_skipped, resumed = _write_part(args, info, teacher_name, mine,
+                                                         part_meta)
+    except BaseException as e:
+        store = _store()
+        if store is not None:
+            try:
+                store.set(FAILED_KEY, f"rank {info.rank}: {type(e).__name__}: {e}")
+            except Exception:
+                pass
+        raise
+    out = {"images": len(records), "written": written, "resumed": resumed,
+           "skipped_index": len(skipped), "skipped_read": read_skipped,
+           "stale_temps_removed": len(stale), "dist_timeout_s": args.dist_timeout}
+    if info.is_main:
+        wait_for_parts(args.output, info.world_size, metas, args.poll_seconds)
+        index = write_index(args.output, info.world_size, meta)
+        out["cached"] = sum(p["count"] for p in index["parts"])
+    forget(args.output)
+    log.info("teacher cache %s (rank %d): %s", args.output, info.rank, out)
+    return out
+
+
+def _write_part(args: argparse.Namespace, info: Any, teacher_name: str, mine: List[Any],
+                part_meta: Dict[str, Any]) -> Tuple[int, int, int]:
+    """Encode what is left of this rank's part; returns (written, read-skipped, resumed)."""
+    writer = PartWriter(args.output, info.rank, info.world_size, part_meta, args.chunk_images)
+    written = read_skipped = 0
+    try:
+        seen = set(writer.keys)
+        if writer.resumed_rows:
+            log.info("rank %d: resuming its part after %d complete rows", info.rank,
+                     writer.resumed_rows)
+        left = [r for r in mine if r.key not in seen]
+        if left:
+            ds = SA1BDataset(left, args.img_size, with_targets=False)
+            teacher = Teacher(teacher_name, args.sam_checkpoint, args.img_size, info.device,
+                              amp_dtype(args.amp, info.device), compile=args.teacher_compile)
+            loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size,
+                                                 collate_fn=collate,
+                                                 num_workers=args.num_workers,
+                                                 pin_memory=info.device.type == "cuda")
             for batch in loader:
                 read_skipped += len(batch["skipped"])
                 emb = teacher.encode(batch["image"]).half().cpu()
@@ -95,19 +179,8 @@ def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
                         seen.add(key)
                         writer.append(key, e)
                         written += 1
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-    du.barrier()
-    if info.is_main:
-        index = write_index(args.output, info.world_size, meta)
-        cached = sum(p["count"] for p in index["parts"])
-    du.barrier()
-    forget(args.output)
-    out = {"images": len(records), "written": written, "skipped_index": len(skipped),
-           "skipped_read": read_skipped}
-    if info.is_main:
-        out["cached"] = cached
-    log.info("teacher cache %s: %s", args.output, out)
-    return out
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return written, read_skipped, writer.resumed_rows

@@ -22,7 +22,6 @@ resumed at (epoch, batch) sees exactly the batches the uninterrupted run would h
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -369,12 +368,12 @@ def preprocess_image(img: np.ndarray, img_size: int) -> Tuple[torch.Tensor, Tupl
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
-    """RGB uint8; raises on corrupt or truncated files (PIL's strict loader)."""
-    from PIL import Image
+    """RGB uint8; raises on corrupt or truncated files (PIL's strict loader). The EXIF
+    orientation is ignored, as SA-1B's masks are drawn on the stored pixels: the one reader
+    of training and evaluation (``blsam.utils.images.decode_rgb``)."""
+    from ..utils.images import decode_rgb
 
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return np.asarray(im.convert("RGB")).copy()
+    return decode_rgb(data, "ignore")[0]
 
 
 class SA1BDataset(torch.utils.data.Dataset):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -78,16 +79,67 @@ def _mismatch(what: str, have: Dict[str, Any], want: Dict[str, Any]) -> Optional
 
 
 class PartWriter:
-    """One rank's part: rows appended to a temp file, renamed into place by ``close``."""
+    """One rank's part, written in chunks that survive a kill.
 
-    def __init__(self, cache_dir: str, rank: int, world: int, meta: Dict[str, Any]) -> None:
+    Rows are appended to ``<part>.bin.partial``; every ``chunk_rows`` rows the file is flushed
+    and a small chunk index ``<part>.chunk_<i>.json`` (provenance, first row, keys) is written
+    atomically. A new writer for the same part and the same provenance (teacher, assigned
+    images) resumes after the last complete chunk: ``keys`` lists what is already there, the
+    file is truncated to it. ``close`` renames the file into place, writes ``<part>.json`` and
+    drops the chunk indexes.
+    """
+
+    def __init__(self, cache_dir: str, rank: int, world: int, meta: Dict[str, Any],
+                 chunk_rows: int = 256) -> None:
+        if chunk_rows < 1:
+            raise ValueError(f"chunk rows must be >= 1, got {chunk_rows}")
         os.makedirs(cache_dir, exist_ok=True)
-        self.name = _part_name(rank, world)
+        self.dir, self.name = cache_dir, _part_name(rank, world)
         self.bin = os.path.join(cache_dir, self.name + ".bin")
-        self.tmp = f"{self.bin}.tmp.{os.getpid()}"
-        self.meta, self.keys = meta, []  # type: Dict[str, Any], List[str]
+        self.partial = self.bin + ".partial"
+        self.meta, self.chunk_rows = meta, int(chunk_rows)
         self.row_bytes = int(np.prod(meta["shape"])) * np.dtype(DTYPE).itemsize
-        self.f = open(self.tmp, "wb")
+        self.keys: List[str] = []  # committed rows
+        self.pending: List[str] = []  # rows written since the last chunk index
+        self.chunks = 0
+        self.resumed_rows = self._resume()
+        self.f = open(self.partial, "r+b" if os.path.exists(self.partial) else "wb")
+        self.f.truncate(len(self.keys) * self.row_bytes)
+        self.f.seek(0, os.SEEK_END)
+
+    def _chunk_path(self, i: int) -> str:
+        return os.path.join(self.dir, f"{self.name}.chunk_{i:05d}.json")
+
+    def _chunk_files(self) -> List[str]:
+        pre = self.name + ".chunk_"
+        return sorted(f for f in os.listdir(self.dir) if f.startswith(pre) and f.endswith(".json"))
+
+    def _resume(self) -> int:
+        """Keep the complete chunks of an earlier writer of this part (same provenance and
+        assigned images, contiguous, backed by enough bytes); drop everything after them."""
+        size = os.path.getsize(self.partial) if os.path.exists(self.partial) else 0
+        i = 0
+        while True:
+            try:
+                with open(self._chunk_path(i), "r", encoding="utf-8") as f:
+                    chunk = json.load(f)
+            except (OSError, ValueError):
+                break
+            ok = (_mismatch("", chunk, self.meta) is None
+                  and chunk.get("assigned_sha256") == self.meta.get("assigned_sha256")
+                  and chunk.get("start") == len(self.keys)
+                  and (len(self.keys) + len(chunk.get("keys", ()))) * self.row_bytes <= size)
+            if not ok:
+                break
+            self.keys += list(chunk["keys"])
+            i += 1
+        self.chunks = i
+        for f in self._chunk_files():  # chunks after the first bad one are not trusted
+            if int(f.rsplit("_", 1)[1][:-5]) >= i:
+                os.remove(os.path.join(self.dir, f))
+        if not self.keys and os.path.exists(self.partial):
+            os.remove(self.partial)
+        return len(self.keys)
 
     def append(self, key: str, emb: torch.Tensor) -> None:
         arr = emb.detach().to("cpu", torch.float16).contiguous().numpy()
@@ -95,21 +147,65 @@ class PartWriter:
             raise ValueError(f"embedding for {key} is {list(arr.shape)}, "
                              f"cache rows are {self.meta['shape']}")
         self.f.write(arr.tobytes())
-        self.keys.append(key)
+        self.pending.append(key)
+        if len(self.pending) >= self.chunk_rows:
+            self.commit()
 
-    def close(self) -> str:
+    def commit(self) -> None:
+        """Make the rows written so far durable and resumable (one small chunk index)."""
+        if not self.pending:
+            return
         self.f.flush()
         os.fsync(self.f.fileno())
+        _atomic_json({**self.meta, "start": len(self.keys), "keys": self.pending},
+                     self._chunk_path(self.chunks))
+        self.keys += self.pending
+        self.pending = []
+        self.chunks += 1
+
+    def close(self) -> str:
+        self.commit()
         self.f.close()
-        os.replace(self.tmp, self.bin)
+        os.replace(self.partial, self.bin)
         _atomic_json({**self.meta, "keys": self.keys}, self.bin[:-4] + ".json")
+        for f in self._chunk_files():
+            os.remove(os.path.join(self.dir, f))
         return self.bin
 
     def abort(self) -> None:
+        """After an error: keep every complete row for the next run (a kill keeps the rows up to
+        the last chunk index)."""
         if not self.f.closed:
-            self.f.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+            try:
+                self.commit()
+            finally:
+                self.f.close()
+
+
+_TMP = re.compile(r"^(?P<base>.+)\.tmp\.(?P<pid>\d+)$")
+
+
+def remove_stale_temps(cache_dir: str, rank: int, world: int) -> List[str]:
+    """Remove temporary files (``*.tmp.<pid>``) that no live writer of this run can own: this
+    rank's own part (it is the part's only writer) and, on rank 0, the index and the parts of
+    other world sizes. Returns the removed names (a killed writer leaves them behind)."""
+    if not os.path.isdir(cache_dir):
+        return []
+    own = _part_name(rank, world)
+    removed = []
+    for f in sorted(os.listdir(cache_dir)):
+        m = _TMP.match(f)
+        if m is None:
+            continue
+        base = m.group("base")
+        other_world = base.startswith("part_") and f"-of-{world:05d}." not in base
+        if base.startswith(own + ".") or (rank == 0 and (base == INDEX or other_world)):
+            try:
+                os.remove(os.path.join(cache_dir, f))
+                removed.append(f)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def finished_part(cache_dir: str, rank: int, world: int, meta: Dict[str, Any]) -> bool:
