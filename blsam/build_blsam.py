@@ -36,6 +36,7 @@ from .modeling import BLViTImageEncoder
 from .specs import (
     DEFAULT_MODEL,
     MODEL_SPECS,
+    TEACHER_OF,  # noqa: F401  (re-exported: blsam.train imports it from here)
     check_img_size,
     check_keep_ratio,
     dense_spec,
