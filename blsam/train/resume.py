@@ -201,8 +201,18 @@ def load_resume(resume: Optional[str], output_dir: str
 
     candidates = resume_candidates(resume, output_dir)
     if resume != "auto":
-        return (candidates[0], load_training_checkpoint(candidates[0])) if candidates else (
-            None, None)
+        if not candidates:
+            return None, None
+        try:
+            return candidates[0], load_training_checkpoint(candidates[0])
+        except CheckpointError as e:
+            others = [p for p in resume_candidates("auto", os.path.dirname(candidates[0]) or ".")
+                      if os.path.abspath(p) != os.path.abspath(candidates[0])]
+            if others:
+                raise CheckpointError(f"{e} (other checkpoints in that folder: "
+                                      f"{', '.join(os.path.basename(p) for p in others[:3])}; "
+                                      f"--resume auto takes the newest valid one)") from None
+            raise
     failed = []
     for path in candidates:
         try:
