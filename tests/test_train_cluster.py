@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,7 +49,8 @@ def _cli(argv, capsys):
 
 
 def _model(path):
-    return torch.load(path, weights_only=True)["model"]
+    sd = torch.load(path, weights_only=True)
+    return sd["model"] if "optimizer" in sd else sd
 
 
 def _finite(sd):
@@ -235,12 +235,6 @@ def test_val_only_keeps_its_result_when_the_folder_fails(data, tiny_sam_ckpt, tm
 # ---------------------------------------------------------------- torchrun (slow)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 WRAPPER = """
 import os, sys
 sys.argv = [a.replace("@RANK@", os.environ["RANK"]) for a in sys.argv]
@@ -255,8 +249,8 @@ def _torchrun(tmp_path, argv, *launcher):
     ``@RANK@`` in the arguments (ranks with different options)."""
     wrapper = tmp_path / "wrap_train.py"
     wrapper.write_text(WRAPPER.format(root=ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "--monitor-interval", "0.2", *launcher,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "--monitor-interval", "0.2", *launcher,
            str(wrapper), *argv, "--device", "cpu", "--dist-timeout", "1"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
@@ -327,7 +321,9 @@ def test_ranks_that_disagree_stop_together_naming_the_difference(data, tiny_sam_
     assert proc.returncode != 0 and len(lines) == 2, err[-3000:]
     for ln in lines:
         assert "images: 4 on rank 0, 2 on rank 1" in ln and "total steps" in ln
-    assert "Traceback" not in err and elapsed < 90
+    # (torchrun's agent prints its own ChildFailedError traceback: no frame of ours)
+    assert 'File "' + os.path.join(ROOT, "blsam") not in err, err[-3000:]
+    assert elapsed < 90
 
 
 @pytest.mark.slow

@@ -66,8 +66,29 @@ def init_distributed(device: Optional[str] = None, backend: Optional[str] = None
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         kw = {} if timeout_min is None else {"timeout": datetime.timedelta(minutes=timeout_min)}
+        kw.update(_attempt_store(rank, world, kw.get("timeout")))
         dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"), **kw)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def _attempt_store(rank: int, world: int, timeout: Optional[datetime.timedelta]) -> dict:
+    """Under torchrun, the process group's store keys prefixed by the restart attempt.
+
+    Why: torchrun's agent keeps one store for all attempts (``--max-restarts``); with env://
+    the restarted ranks publish their addresses under the same keys as the killed ones, and a
+    rank that reads a peer's key before the peer rewrote it connects to a dead address ("Gloo
+    connectFullMesh failed ... Connection refused", or NCCL's socketPollConnect). A prefix per
+    attempt (TORCHELASTIC_RESTART_COUNT) makes every attempt read only its own keys."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if attempt is None or not host or not port:
+        return {}
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(host, int(port), world, is_master=not agent and rank == 0,
+                          timeout=timeout or datetime.timedelta(minutes=30),
+                          multi_tenant=not agent)
+    return {"store": dist.PrefixStore(f"blsam/attempt_{attempt}", store), "rank": rank,
+            "world_size": world}
 
 
 def barrier() -> None:
