@@ -362,3 +362,80 @@ def test_sigkilled_rank_is_restarted_by_torchrun_and_ends_identical(data, tiny_s
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in err, err[-3000:]
     assert _same(_model(tmp_path / "run" / "final.pth"), reference)
+
+
+# ---------------------------------------------------------------- 4. devices, precision, RNG
+
+
+def test_device_choice_honours_cuda_n_and_one_gpu_per_process(monkeypatch):
+    from blsam.utils.dist import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert pick_device("cuda:1", 1, 0) == torch.device("cuda", 1)  # was cuda:LOCAL_RANK = 0
+    assert pick_device("cuda", 2, 3) == torch.device("cuda", 3)
+    assert pick_device(None, 1, 0) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task 1
+    assert pick_device("cuda", 8, 5) == torch.device("cuda", 0)  # was cuda:5: invalid ordinal
+    assert pick_device("cpu", 8, 5) == torch.device("cpu")
+
+
+def test_process_group_gets_the_timeout(monkeypatch):
+    import torch.distributed as dist
+
+    from blsam.utils import dist as du
+
+    seen = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(kw))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    du.init_distributed("cpu", timeout_min=1.5)
+    assert seen["timeout"].total_seconds() == 90
+
+
+def test_amp_auto_falls_back_to_fp16_without_bf16(monkeypatch):
+    from blsam.train.model import amp_dtype
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert amp_dtype("auto", cuda) == torch.float16  # was bf16 on any GPU (V100, T4: emulated)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype("auto", cuda) == torch.bfloat16
+    assert amp_dtype("auto", torch.device("cpu")) is None
+
+
+def test_rng_state_is_this_processes_device_only(monkeypatch):
+    """get/set_rng_state_all crashed when the same world size resumed on another node shape."""
+    from blsam.train import resume
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: calls.append(("get", d))
+                        or torch.zeros(4, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append(("set", d)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("all devices"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("all devices"))
+    st = resume.rng_state()
+    assert st["cuda"].shape == (4,) and calls == [("get", 1)]
+    resume.set_rng_state(st)
+    old = dict(st, cuda=[torch.zeros(4, dtype=torch.uint8)])  # an 8-GPU node's list, 1 entry
+    resume.set_rng_state(old)  # device 1 not in it: skipped, no crash
+    assert calls == [("get", 1), ("set", 1)]
+
+
+def test_failed_background_write_is_raised_at_the_next_step():
+    from blsam.train.async_ckpt import AsyncCheckpointWriter
+
+    def fail(state, *a):
+        raise OSError(28, "No space left on device")
+
+    w = AsyncCheckpointWriter(background=True)
+    w.save(fail, {"w": torch.zeros(2)})
+    w._thread.join()
+    with pytest.raises(RuntimeError, match="No space left"):
+        w.check()  # called by every train_step; was only raised by the next save
+    w.check()  # reported once
