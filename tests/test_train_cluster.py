@@ -203,13 +203,15 @@ def test_cache_errors_are_one_line(data, tiny_sam_ckpt, tmp_path, capsys):
     assert rc == 2 and len(lines) == 1 and "Traceback" not in cap.err, cap.err[-2000:]
     assert "index.json" in lines[0]
     # tools/cache_teacher.py: argparse errors and user errors, one line, exit 2
+    from tools.cache_teacher import main as cache_main, parse_args as cache_args
+
     for argv in (["--no-such-flag"], ["--data", str(tmp_path / "missing"), "--sam-checkpoint",
                                       tiny_sam_ckpt, "--output", str(tmp_path / "c")]):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cache_teacher.py"),
-                               *argv], capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, PYTHONPATH=ROOT))
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert "error:" in proc.stderr
+        with pytest.raises(SystemExit) as ex:
+            cache_main(cache_args(argv))
+        err = capsys.readouterr().err
+        assert ex.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "error:" in err and "Traceback" not in err
 
 
 def test_val_only_keeps_its_result_when_the_folder_fails(data, tiny_sam_ckpt, tmp_path, capsys,
