@@ -441,3 +441,14 @@ def test_failed_background_write_is_raised_at_the_next_step():
     with pytest.raises(RuntimeError, match="No space left"):
         w.check()  # called by every train_step; was only raised by the next save
     w.check()  # reported once
+
+
+def test_pixel_stats_live_on_the_device_once():
+    from blsam.train.transfer import normalize_images, pixel_stats
+
+    a = pixel_stats(torch.device("cpu"))
+    assert a is pixel_stats(torch.device("cpu"))  # one copy per process, not one per step
+    img = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    out = normalize_images(img, [(32, 20), (16, 32)])
+    ref = (img.float() - a[0].view(1, 3, 1, 1)) / a[1].view(1, 3, 1, 1)
+    assert torch.equal(out[0, :, :, :20], ref[0, :, :, :20]) and (out[0, :, :, 20:] == 0).all()
