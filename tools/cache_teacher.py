@@ -20,18 +20,31 @@ from blsam.utils.config import parse_args_with_config  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    return parse_args_with_config(build_parser(), argv)
+    parser = build_parser()
+
+    def error(message: str) -> None:  # argparse's usage block + error: one line here
+        print(f"cache_teacher.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parse_args_with_config(parser, argv)
 
 
 def main(args: argparse.Namespace) -> None:
+    """A user error (data, cache, checkpoint, option) is one ``error:`` line and exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from blsam.checkpoint import CheckpointError
     from blsam.train.data import DataError
     from blsam.train.packed_cache import CacheError
+    from blsam.utils.cli import OptionError
+    from blsam.utils.config import ConfigError
 
     try:
         print(cache_teacher(args))
-    except (CacheError, DataError, ValueError, FileNotFoundError) as e:  # user errors: exit 2
-        print(f"cache_teacher.py: error: {e}", file=sys.stderr)
+    except (CacheError, DataError, CheckpointError, OptionError, ConfigError, ValueError,
+            FileNotFoundError) as e:  # user errors: exit 2
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"cache_teacher.py: error: {msg}", file=sys.stderr)
         raise SystemExit(2)
     finally:
         from blsam.utils.dist import cleanup

@@ -13,31 +13,47 @@ paged in as ``load_state_dict`` copies them instead of reading the whole file in
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 
-def snapshot(obj: Any) -> Any:
+def snapshot(obj: Any, buffers: Optional[Dict[Any, torch.Tensor]] = None) -> Any:
     """A deep copy of a (nested dict/list/tuple) state whose tensors live on the CPU and share
     nothing with the live model or optimizer. CUDA tensors are copied into pinned memory with
-    non-blocking copies and one synchronisation at the end."""
+    non-blocking copies and one synchronisation at the end. ``buffers`` (path -> pinned
+    tensor) keeps the pinned host buffers from one snapshot to the next: pinning gigabytes per
+    save is slow, so they are allocated once and reused (the caller must not reuse them while
+    a write of the previous snapshot is in flight)."""
     pending = []
+    path: List[Any] = []
 
     def copy(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             x = x.detach()
             if x.is_cuda:
-                out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                key = tuple(path)
+                out = None if buffers is None else buffers.get(key)
+                if out is None or out.shape != x.shape or out.dtype != x.dtype:
+                    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                    if buffers is not None:
+                        buffers[key] = out
                 out.copy_(x, non_blocking=True)
                 pending.append(out)
                 return out
             return x.clone()
         if isinstance(x, dict):
-            return type(x)((k, copy(v)) for k, v in x.items())
+            return type(x)((k, _at(k, v)) for k, v in x.items())
         if isinstance(x, (list, tuple)):
-            return type(x)(copy(v) for v in x)
+            return type(x)(_at(i, v) for i, v in enumerate(x))
         return x
+
+    def _at(k: Any, v: Any) -> Any:
+        path.append(k)
+        try:
+            return copy(v)
+        finally:
+            path.pop()
 
     out = copy(obj)
     if pending:
@@ -55,6 +71,7 @@ class AsyncCheckpointWriter:
         self.background = background
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self._buffers: Dict[Any, torch.Tensor] = {}  # pinned host copies, reused per save
 
     def save(self, fn: Callable[..., Any], state: Any, *args: Any, **kwargs: Any) -> None:
         """Run ``fn(snapshot(state), *args, **kwargs)`` in the background."""
@@ -62,7 +79,7 @@ class AsyncCheckpointWriter:
         if not self.background:
             fn(state, *args, **kwargs)
             return
-        snap = snapshot(state)
+        snap = snapshot(state, self._buffers)  # the previous write is done: reuse its buffers
 
         def run() -> None:
             try:
@@ -76,6 +93,14 @@ class AsyncCheckpointWriter:
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def check(self) -> None:
+        """Raise a finished background write's error now (called every step, so a failed save
+        stops the run at the next step, not at the next save); never blocks."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+        elif self._error is not None:
+            self.wait()
 
     def wait(self) -> None:
         """Block until the write in flight is on disk; raise its error if it failed."""

@@ -17,6 +17,7 @@ from typing import Any, Dict
 
 from ..specs import TEACHER_OF
 from ..checkpoint import CheckpointError, check_not_blsam, load_error_text, safe_load
+from .cluster import OutputDirError, StopSignals, check_output_dir, signal_numbers
 from .data import MAX_MASK_FRACTION, add_data_args
 from .model import (FD_PADDING, METRIC_KEYS, NO_DECAY_KEYS, TRAINABLE_PARTS,  # noqa: F401
                     DistillModel, amp_dtype, enable_grad_checkpointing, lr_lambda,
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fd-padding", default="exclude", choices=FD_PADDING,
                    help="feature loss over SAM's zero padding: exclude (EdgeSAM) or include")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-                   help="auto: bf16 on GPU, none on CPU")
+                   help="auto: bf16 on a GPU with bf16, else fp16 (GradScaler); none on CPU")
     g = p.add_argument_group("validation")
     g.add_argument("--val-every", type=int, default=0,
                    help="validate every N steps (and at start and end) on held-out images; "
@@ -109,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU run the writer would take the training's cores)")
     g.add_argument("--profile", type=int, default=0,
                    help="write a torch.profiler trace of this many steps (0: none)")
+    g = p.add_argument_group("cluster (docs/training.md: Running on a cluster)")
+    g.add_argument("--max-nonfinite-steps", type=int, default=20,
+                   help="a step whose loss or gradient norm is NaN/inf is skipped on every rank "
+                        "and counted; this many in a row end the run (exit 3); 0: never")
+    g.add_argument("--preempt-signals", nargs="+", default=["SIGTERM", "SIGUSR1"],
+                   help="signals that stop every rank at the next step boundary with a "
+                        "checkpoint (exit 75); SIGINT always does; 'none': only SIGINT")
+    g.add_argument("--dist-timeout", type=float, default=60.0,
+                   help="minutes a collective waits for the slowest rank before the process "
+                        "group fails (NCCL watchdog)")
     return p
 
 
@@ -151,6 +162,13 @@ def check_args(args: argparse.Namespace) -> None:
     need(all(0 <= b < 1 for b in args.betas), f"--betas must be in [0, 1), got {args.betas}")
     need(args.max_steps is None or args.max_steps >= 1, "--max-steps must be >= 1")
     need(args.stop_after is None or args.stop_after >= 1, "--stop-after must be >= 1")
+    need(args.max_nonfinite_steps >= 0, f"--max-nonfinite-steps must be >= 0, "
+         f"got {args.max_nonfinite_steps}")
+    need(args.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
+    try:
+        signal_numbers(args.preempt_signals)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     need(not args.resume_remap or bool(args.resume), "--resume-remap needs --resume")
     need(bool(args.prompt_types), "--prompt-types needs at least one type")
     try:
@@ -158,6 +176,11 @@ def check_args(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     check_sam_checkpoint(args.sam_checkpoint, TEACHER_OF[args.model])
+    if args.output_dir:  # before data indexing and model build, not after
+        try:
+            check_output_dir(args.output_dir)
+        except OutputDirError as e:
+            raise UsageError(str(e)) from None
 
 
 def check_sam_checkpoint(path: str, variant: str) -> None:
@@ -186,14 +209,17 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     from . import loop
 
     check_args(args)
-    run = loop.setup(args)
-    if args.val_only:
-        return loop.val_only(run)
-    loop.resume(run)
-    loop.wrap_ddp(run)
-    mlog = loop.MetricsLog(run)
-    try:
-        completed = loop.run_loop(run, mlog)
-    finally:
-        mlog.close()
-    return loop.finish(run, completed)
+    # from here a preemption signal (or Ctrl-C) is a flag read at the next step boundary
+    with StopSignals(signal_numbers(args.preempt_signals)) as signals:
+        run = loop.setup(args)
+        run.signals = signals
+        if args.val_only:
+            return loop.val_only(run)
+        loop.resume(run)
+        loop.wrap_ddp(run)
+        mlog = loop.MetricsLog(run)
+        try:
+            completed = loop.run_loop(run, mlog)
+        finally:
+            mlog.close()
+        return loop.finish(run, completed)

@@ -29,10 +29,11 @@ from .data import (EpochBatchSampler, SA1BDataset, collate, select_records,
                    select_val_records)
 from .model import (METRIC_KEYS, DistillModel, amp_dtype, enable_grad_checkpointing,
                     lr_lambda, make_optimizer, set_trainable, state_checksum)
-from .resume import (COUNTERS, check_resume, clean_stale_temp_files, find_resume,
-                     load_training_checkpoint, remap_position, restore_counters, rng_state,
-                     run_signature, save_training_checkpoint, saved_signature, set_rng_state,
-                     truncate_jsonl)
+from .resume import (COUNTERS, check_resume, clean_stale_temp_files, load_resume,
+                     remap_position, restore_counters, rng_state, run_signature,
+                     save_training_checkpoint, saved_signature, set_rng_state, truncate_jsonl)
+from .cluster import (NonFiniteError, StopSignals, cache_key, check_ranks_agree,
+                      first_nonfinite, step_flags)
 from .async_ckpt import AsyncCheckpointWriter
 from .teacher import Teacher, cache_covers, check_cache
 from .timing import PhaseTimer, StepProfiler, window_record
@@ -79,6 +80,11 @@ class Run:
     val_history: List[Dict[str, Any]] = field(default_factory=list)
     timer: Optional[PhaseTimer] = None  # per-phase laps, from run_loop on
     ckpt_writer: Optional[AsyncCheckpointWriter] = None  # set by run_loop
+    nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss / grad norm
+    nonfinite_run: int = 0  # ... of them in a row, up to now
+    last_good: Optional[str] = None  # the newest checkpoint known finite (written or resumed)
+    signals: Optional[StopSignals] = None  # set by engine.train: preemption requests
+    preempted: Optional[str] = None  # the signal the run stopped for
 
     @property
     def dev(self) -> torch.device:
@@ -105,41 +111,23 @@ def setup(args: argparse.Namespace) -> Run:
     """Data first (a bad --data fails before any model is built), then the student (P-blocks
     from SAM), a frozen copy of SAM's prompt encoder + decoder for validation, the teacher,
     optimizer and schedule."""
-    info = du.init_distributed(args.device)
+    info = du.init_distributed(args.device, timeout_min=getattr(args, "dist_timeout", None))
     dev = info.device
     teacher_name = TEACHER_OF[args.model]
-    selection: Dict[str, Any] = {}
-    records, index_skipped = select_records(args.data, args.shards, args.data_fraction,
-                                            args.seed, info=selection)
-    if args.teacher_cache:
-        check_cache(args.teacher_cache, teacher_name, args.img_size, args.sam_checkpoint)
-    ds = SA1BDataset(records, args.img_size, args.masks_per_image, args.prompt_types,
-                     args.max_points, args.seed, args.teacher_cache,
-                     max_mask_fraction=args.max_mask_fraction, uint8_images=True)
-    sampler = EpochBatchSampler(len(ds), args.batch_size, info.rank, info.world_size, args.seed)
-    total = total_steps(args, len(sampler))
-    val_loader = None
-    if args.val_every or args.val_only:
-        val_records = select_val_records(args.val_data or args.data, records, args.val_images,
-                                         args.seed)
-        val_ds = SA1BDataset(val_records[info.rank::info.world_size], args.img_size,
-                             args.val_masks, seed=args.seed, teacher_cache=args.teacher_cache,
-                             max_mask_fraction=args.max_mask_fraction, val=True)
-        val_loader = torch.utils.data.DataLoader(
-            val_ds, batch_size=args.batch_size, collate_fn=collate, num_workers=0,
-            sampler=[(0, i) for i in range(len(val_ds))])
-    if info.is_main:
-        log.info("%d images (%d damaged items skipped while indexing), %d batches/epoch/rank, "
-                 "%d steps, world size %d", len(ds), len(index_skipped), len(sampler), total,
-                 info.world_size)
-    signature = run_signature(args, info.world_size, total, [r.key for r in records])
-    resume_path, resume_ck, resume_diffs = None, None, []
-    if not args.val_only:  # a checkpoint of another run is refused before any model is built
-        resume_path = find_resume(args.resume, args.output_dir)
-        if resume_path:
-            resume_ck = load_training_checkpoint(resume_path)
-            resume_diffs = check_resume(resume_path, saved_signature(resume_ck), signature,
-                                        args.resume_remap)
+    with du.fail_together():  # a rank whose data or resume file fails ends every rank
+        run_parts = _setup_data(args, info, teacher_name)
+    (records, index_skipped, selection, ds, sampler, total, val_loader, signature,
+     resume_path, resume_ck, resume_diffs) = run_parts
+    # every rank describes the same run, or all stop here naming the difference (never train
+    # on different data, never wait in a collective another rank will not reach)
+    check_ranks_agree({
+        "run signature": {k: v for k, v in signature.items() if k not in ("images",
+                                                                           "images_sha")},
+        "images": len(ds), "images_sha": signature["images_sha"],
+        "batches per epoch": len(sampler), "total steps": total,
+        "resume file": resume_path and os.path.abspath(resume_path),
+        "resume step": resume_ck["step"] if resume_ck else None,
+        "teacher cache": cache_key(args.teacher_cache)})
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -170,6 +158,42 @@ def setup(args: argparse.Namespace) -> Run:
     return Run(args, info, dtype, records, index_skipped, selection, ds, sampler, total, sam,
                parts, teacher, head, model, opt, sched, scaler, signature, val_loader,
                resume_path=resume_path, resume_ck=resume_ck, resume_diffs=resume_diffs)
+
+
+def _setup_data(args: argparse.Namespace, info: du.DistInfo, teacher_name: str) -> tuple:
+    selection: Dict[str, Any] = {}
+    records, index_skipped = select_records(args.data, args.shards, args.data_fraction,
+                                            args.seed, info=selection)
+    if args.teacher_cache:
+        check_cache(args.teacher_cache, teacher_name, args.img_size, args.sam_checkpoint)
+    ds = SA1BDataset(records, args.img_size, args.masks_per_image, args.prompt_types,
+                     args.max_points, args.seed, args.teacher_cache,
+                     max_mask_fraction=args.max_mask_fraction, uint8_images=True)
+    sampler = EpochBatchSampler(len(ds), args.batch_size, info.rank, info.world_size, args.seed)
+    total = total_steps(args, len(sampler))
+    val_loader = None
+    if args.val_every or args.val_only:
+        val_records = select_val_records(args.val_data or args.data, records, args.val_images,
+                                         args.seed)
+        val_ds = SA1BDataset(val_records[info.rank::info.world_size], args.img_size,
+                             args.val_masks, seed=args.seed, teacher_cache=args.teacher_cache,
+                             max_mask_fraction=args.max_mask_fraction, val=True)
+        val_loader = torch.utils.data.DataLoader(
+            val_ds, batch_size=args.batch_size, collate_fn=collate, num_workers=0,
+            sampler=[(0, i) for i in range(len(val_ds))])
+    if info.is_main:
+        log.info("%d images (%d damaged items skipped while indexing), %d batches/epoch/rank, "
+                 "%d steps, world size %d", len(ds), len(index_skipped), len(sampler), total,
+                 info.world_size)
+    signature = run_signature(args, info.world_size, total, [r.key for r in records])
+    resume_path, resume_ck, resume_diffs = None, None, []
+    if not args.val_only:  # a checkpoint of another run is refused before any model is built
+        resume_path, resume_ck = load_resume(args.resume, args.output_dir)
+        if resume_path:
+            resume_diffs = check_resume(resume_path, saved_signature(resume_ck), signature,
+                                        args.resume_remap)
+    return (records, index_skipped, selection, ds, sampler, total, val_loader, signature,
+            resume_path, resume_ck, resume_diffs)
 
 
 # ---------------------------------------------------------------- resume
@@ -222,7 +246,8 @@ def resume(run: Run) -> None:
                         "; ".join(diffs), run.images_seen, ck["step"], run.step, run.epoch,
                         run.batch_in_epoch)
     run.counters = restore_counters(ck, info.rank, info.world_size, exact=not diffs)
-    run.resumed_from = path
+    run.nonfinite_steps = int(ck.get("nonfinite_steps", 0))
+    run.resumed_from = run.last_good = path
     run.resume_ck = None  # free the checkpoint's memory
     if info.is_main:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.step, run.epoch,
@@ -326,7 +351,8 @@ def log_window(run: Run, win: Window, mlog: MetricsLog, lr: float) -> None:
            **{k: agg[i].item() / n_micro for i, k in enumerate(METRIC_KEYS)},
            "lr": lr, "images": int(images), "images_per_s": timing["global_images_per_s"],
            **{k: int(agg[nk + 2 + j].item()) for j, k in enumerate(COUNTERS)},
-           "skipped_index": len(run.index_skipped), "time": time.time(), **timing}
+           "skipped_index": len(run.index_skipped), "nonfinite_steps": run.nonfinite_steps,
+           "time": time.time(), **timing}
     run.history.append(rec)
     mlog.write("train", rec, METRIC_KEYS + ("lr", "images_per_s"))
     win.reset()
@@ -345,6 +371,9 @@ def batch_stream(ds: SA1BDataset, sampler: EpochBatchSampler, num_workers: int, 
 def train_step(run: Run, stream: Iterator, win: Window) -> float:
     """``accum_steps`` micro-batches, one optimizer update; returns the LR it used."""
     args, dev, timer = run.args, run.dev, run.timer
+    if run.ckpt_writer is not None:
+        run.ckpt_writer.check()  # a failed background write ends the run now, not at the next save
+    loss_bad = torch.zeros((), dtype=torch.bool, device=dev)
     for micro in range(args.accum_steps):
         epoch, b, batch = next(stream)
         batch = unpack_batch(batch, dev)  # one non-blocking copy per batch (CUDA)
@@ -365,6 +394,7 @@ def train_step(run: Run, stream: Iterator, win: Window) -> float:
                 out = run.ddp(images, batch, t_emb)
             timer.lap("forward")
             loss = out["loss"] / args.accum_steps
+            loss_bad |= ~torch.isfinite(out["loss"].detach())
             (run.scaler.scale(loss) if run.scaler else loss).backward()
         timer.lap("backward")
         win.dev_sums += torch.stack([out[k].detach().double() for k in METRIC_KEYS])
@@ -373,17 +403,51 @@ def train_step(run: Run, stream: Iterator, win: Window) -> float:
         run.images_seen += images.shape[0] * run.info.world_size
     if run.scaler:
         run.scaler.unscale_(run.opt)
-    if args.clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(run.sam.parameters(), args.clip_grad)
-    (run.scaler.step(run.opt) if run.scaler else run.opt.step())
+    params = [p for p in run.sam.parameters() if p.grad is not None]
+    norm = (torch.nn.utils.get_total_norm([p.grad for p in params]) if params
+            else torch.zeros((), device=dev))
+    # fp16: an inf gradient is GradScaler's calibration (it skips that step itself), not a fault
+    grad_bad = (torch.zeros((), dtype=torch.bool, device=dev) if run.scaler
+                else ~torch.isfinite(norm))
+    # every rank takes the same decision: one 3-value all-reduce, one host sync per step
+    bad_loss, bad_grad, stop = step_flags(
+        loss_bad, grad_bad, run.signals is not None and run.signals.requested is not None,
+        run.info.distributed)
+    skip = bad_loss or bad_grad
+    if not skip:
+        if args.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, args.clip_grad, norm)
+        (run.scaler.step(run.opt) if run.scaler else run.opt.step())
     if run.scaler:
-        run.scaler.update()
+        run.scaler.update()  # found_inf was recorded by unscale_
     run.opt.zero_grad(set_to_none=True)
     lr = run.sched.get_last_lr()[0]
-    run.sched.step()
+    run.sched.step()  # the schedule and data position move on: a skip changes nothing else
     run.step += 1
+    if skip:
+        _nonfinite(run, "loss" if bad_loss else "gradient norm")
+    else:
+        run.nonfinite_run = 0
+    if stop and run.preempted is None:
+        run.preempted = (run.signals.requested if run.signals is not None
+                         and run.signals.requested else "a signal on another rank")
     timer.lap("optimizer")
     return lr
+
+
+def _nonfinite(run: Run, what: str) -> None:
+    run.nonfinite_steps += 1
+    run.nonfinite_run += 1
+    limit = run.args.max_nonfinite_steps
+    if run.info.is_main:
+        log.warning("step %d: non-finite %s: optimizer step skipped on every rank (%d in a "
+                    "row, %d in this run)", run.step, what, run.nonfinite_run,
+                    run.nonfinite_steps)
+    if limit and run.nonfinite_run >= limit:
+        raise NonFiniteError(
+            f"step {run.step}: {run.nonfinite_run} consecutive steps with a non-finite {what} "
+            f"(--max-nonfinite-steps {limit}): stopping; newest good checkpoint: "
+            f"{run.last_good or 'none (no checkpoint written yet)'}")
 
 
 # ---------------------------------------------------------------- checkpoint, validation
@@ -399,6 +463,7 @@ def checkpoint_state(run: Run, counters: Dict[str, List[int]]) -> Dict[str, Any]
         "images_seen": run.images_seen, "counters": counters,
         "skipped_read": sum(counters["skipped_read"]),
         "rng": rng_state(), "config": dict(vars(run.args)), "run": run.signature,
+        "nonfinite_steps": run.nonfinite_steps,
     }
 
 
@@ -406,12 +471,19 @@ def save(run: Run, numbered: bool) -> None:
     """Every rank's counters gathered (a collective), rank 0 snapshots the state off the device
     and a background thread writes it (atomic rename, last good file kept); the loop times it
     as the "checkpoint" phase, which is not training time."""
+    # every rank holds the same weights: each checks them, so all stop together
+    bad = first_nonfinite({"model": run.sam.state_dict(), "optimizer": run.opt.state_dict()})
+    if bad:
+        raise NonFiniteError(f"step {run.step}: {bad} is not finite: no checkpoint written; "
+                             f"newest good checkpoint: {run.last_good or 'none'}")
     gathered = du.all_gather_objects(dict(run.counters))
     counters = {k: [int(c[k]) for c in gathered] for k in COUNTERS}
     if run.info.is_main:
         run.ckpt_writer.save(save_training_checkpoint, checkpoint_state(run, counters),
                              run.args.output_dir, run.step, numbered, run.args.keep_last)
     du.barrier()
+    out = run.args.output_dir
+    run.last_good = os.path.join(out, f"step_{run.step:07d}.pth" if numbered else "last.pth")
 
 
 def validate(run: Run, mlog: Optional[MetricsLog]) -> Dict[str, Any]:
@@ -466,7 +538,8 @@ def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: Window, timer: Pha
         if run.val_loader is not None and (step % args.val_every == 0 or step == run.total):
             validate(run, mlog)
         timer.lap("validation")
-        stop_now = args.stop_after is not None and args.stop_after <= step < run.total
+        stop_now = ((args.stop_after is not None and args.stop_after <= step < run.total)
+                    or (run.preempted is not None and step < run.total))
         if step % args.save_every == 0 or step == run.total or stop_now:
             save(run, step % args.save_every == 0)
         timer.lap("checkpoint")
@@ -480,17 +553,20 @@ def finish(run: Run, completed: bool) -> Dict[str, Any]:
     args, info = run.args, run.info
     base = {"steps": run.step, "history": run.history, "val_history": run.val_history,
             "selection": run.selection}
+    base["nonfinite_steps"] = run.nonfinite_steps
     if not completed:
         if info.is_main:
-            log.info("stopped after step %d of %d (--stop-after); resume with --resume auto",
-                     run.step, run.total)
-        return {**base, "stopped": True}
+            log.info("stopped after step %d of %d (%s): checkpoint %s; resume with --resume "
+                     "auto", run.step, run.total,
+                     run.preempted or "--stop-after", os.path.join(args.output_dir, "last.pth"))
+        return {**base, "stopped": True, "preempted": run.preempted}
     checksum = state_checksum(run.sam.state_dict())
     checksums = du.all_gather_objects(checksum)
     summary = {**base, "world_size": info.world_size, "checksums": checksums,
                "ranks_in_sync": len(set(checksums)) == 1,
                "teacher_images_computed": run.teacher.images_computed,
-               "teacher_built": run.teacher.encoder is not None, "run": run.signature}
+               "teacher_built": run.teacher.encoder is not None, "run": run.signature,
+               "dist_timeout_min": getattr(args, "dist_timeout", None)}
     if info.is_main:
         save_atomic(run.sam.state_dict(), os.path.join(args.output_dir, "final.pth"))
         with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as f:
@@ -509,8 +585,12 @@ def val_only(run: Run) -> Dict[str, Any]:
     rec = validate(run, None)
     out = {"checkpoint": path, **rec, "run": run.signature}
     if run.info.is_main and run.args.output_dir:
-        os.makedirs(run.args.output_dir, exist_ok=True)
-        save_atomic_json(out, os.path.join(run.args.output_dir, "val_only.json"))
+        try:  # the result is returned (and printed) even when the folder fails
+            os.makedirs(run.args.output_dir, exist_ok=True)
+            save_atomic_json(out, os.path.join(run.args.output_dir, "val_only.json"))
+        except OSError as e:
+            log.error("could not write %s/val_only.json (%s): the result is printed only",
+                      run.args.output_dir, e)
     return out
 
 

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import random
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -139,7 +139,10 @@ def rng_state() -> Dict[str, Any]:
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's device only: all devices' states would not restore on another node
+        # shape (another number of visible GPUs per process)
+        "cuda": (torch.cuda.get_rng_state(torch.cuda.current_device())
+                 if torch.cuda.is_available() and torch.cuda.is_initialized() else None),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
         "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
@@ -149,8 +152,12 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(s: Dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
-    if s.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda = s.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's state
+        cuda = cuda[torch.cuda.current_device()] if (
+            torch.cuda.is_available() and torch.cuda.current_device() < len(cuda)) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
     n = s["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["cached"]))
@@ -162,24 +169,96 @@ def set_rng_state(s: Dict[str, Any]) -> None:
 
 
 def find_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
+    """The newest candidate (``last.pth`` for ``auto``); ``resume_candidates`` lists them all."""
+    c = resume_candidates(resume, output_dir)
+    return c[0] if c else None
+
+
+def resume_candidates(resume: Optional[str], output_dir: str) -> List[str]:
+    """``--resume auto``: ``last.pth`` then ``step_N.pth`` newest first (``load_resume`` takes
+    the first valid one); an explicit path: just that file."""
     if not resume:
-        return None
+        return []
     if resume == "auto":
-        path = os.path.join(output_dir, "last.pth")
-        return path if os.path.isfile(path) else None
+        if not os.path.isdir(output_dir):
+            return []
+        out = [os.path.join(output_dir, "last.pth")]
+        out = [p for p in out if os.path.isfile(p)]
+        steps = sorted((f for f in os.listdir(output_dir)
+                        if f.startswith("step_") and f.endswith(".pth")), reverse=True)
+        return out + [os.path.join(output_dir, f) for f in steps]
     if not os.path.isfile(resume):
         raise FileNotFoundError(f"--resume {resume!r} does not exist")
-    return resume
+    return [resume]
+
+
+def load_resume(resume: Optional[str], output_dir: str
+                ) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """(path, checkpoint) to resume from, or (None, None) to start fresh. ``auto`` skips an
+    unreadable, damaged or non-finite newest checkpoint with a warning naming it and takes the
+    newest valid one; none valid is one error naming each file and why."""
+    from ..checkpoint import CheckpointError
+
+    candidates = resume_candidates(resume, output_dir)
+    if resume != "auto":
+        if not candidates:
+            return None, None
+        try:
+            return candidates[0], load_training_checkpoint(candidates[0])
+        except CheckpointError as e:
+            others = [p for p in resume_candidates("auto", os.path.dirname(candidates[0]) or ".")
+                      if os.path.abspath(p) != os.path.abspath(candidates[0])]
+            if others:
+                raise CheckpointError(f"{e} (other checkpoints in that folder: "
+                                      f"{', '.join(os.path.basename(p) for p in others[:3])}; "
+                                      f"--resume auto takes the newest valid one)") from None
+            raise
+    failed = []
+    for path in candidates:
+        try:
+            ck = load_training_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("--resume auto: skipping %s: %s", path, e)
+            failed.append(f"{os.path.basename(path)} ({e})")
+            continue
+        if failed:
+            log.warning("--resume auto: resuming from %s (step %d), the newest valid checkpoint",
+                        path, ck["step"])
+        return path, ck
+    if failed:
+        raise CheckpointError(f"--resume auto: no valid checkpoint in {output_dir!r}: "
+                              + "; ".join(failed))
+    return None, None
+
+
+def verify_zip(path: str) -> Optional[str]:
+    """The first member of a torch.save zip whose CRC-32 does not match its bytes (garbage
+    written into the file after it was saved), or a reason it cannot be read; None if sound."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:  # noqa: BLE001 -- truncated central directory etc.
+        return f"damaged zip archive ({type(e).__name__}: {e})"
+    return f"damaged: CRC-32 mismatch in {bad!r}" if bad else None
 
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
-    """A training checkpoint (model, optimizer, position, signature), read safely."""
+    """A training checkpoint (model, optimizer, position, signature), read safely; refused
+    when its bytes fail their CRC-32 or a model/optimizer tensor is not finite."""
     import zipfile
 
     from ..checkpoint import CheckpointError, load_error_text, safe_load
+    from .cluster import first_nonfinite
 
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
+        why = verify_zip(path)
+        if why:
+            raise CheckpointError(f"could not read --resume {path!r}: {why}")
     try:  # memory-mapped (an h_b checkpoint is ~9 GB); legacy non-zip files cannot be
-        ck = safe_load(path, mmap=zipfile.is_zipfile(path))
+        ck = safe_load(path, mmap=is_zip)
     except Exception as e:  # noqa: BLE001 -- any failure means the same thing to the user
         raise CheckpointError(f"could not read --resume {path!r}: {load_error_text(path, e)}"
                               ) from e
@@ -188,6 +267,10 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"--resume {path!r} is not a training checkpoint (no "
                               f"{', '.join(need)}): final.pth or an official checkpoint "
                               f"cannot be resumed")
+    bad = first_nonfinite(ck)
+    if bad:
+        raise CheckpointError(f"--resume {path!r} holds non-finite values (NaN/inf) in "
+                              f"{bad}: refusing to resume from it")
     return ck
 
 

@@ -145,10 +145,22 @@ def normalize_images(images: torch.Tensor, hw: List[Tuple[int, int]]) -> torch.T
     SAM's mean/std, padding at 0); float ones are returned as they are."""
     if images.dtype != torch.uint8:
         return images
-    from .data import PIXEL_MEAN, PIXEL_STD
+    mean, std = pixel_stats(images.device)
+    return normalize_on_device(images, hw, mean, std)
 
-    return normalize_on_device(images, hw, torch.from_numpy(PIXEL_MEAN),
-                               torch.from_numpy(PIXEL_STD))
+
+_STATS: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def pixel_stats(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAM's pixel mean/std, copied to ``device`` once per process (was a pageable host copy,
+    i.e. a host sync on CUDA, every step)."""
+    if device not in _STATS:
+        from .data import PIXEL_MEAN, PIXEL_STD
+
+        _STATS[device] = (torch.from_numpy(PIXEL_MEAN).to(device),
+                          torch.from_numpy(PIXEL_STD).to(device))
+    return _STATS[device]
 
 
 def normalize_on_device(images: torch.Tensor, hw: List[Tuple[int, int]], mean: torch.Tensor,

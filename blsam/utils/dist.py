@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import pickle
 from dataclasses import dataclass
@@ -27,25 +28,67 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: Optional[str] = None, backend: Optional[str] = None) -> DistInfo:
+def pick_device(device: Optional[str], world: int, local: int) -> torch.device:
+    """This process's device. "cuda:N" is honoured in one process; under torchrun "cuda" is
+    ``cuda:LOCAL_RANK``, except with one visible GPU per process (``srun --gpus-per-task 1``,
+    ``CUDA_VISIBLE_DEVICES`` per rank), where it is ``cuda:0``."""
+    want_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
+    if not want_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but CUDA is not available")
+    asked = torch.device(device) if device not in (None, "auto") else torch.device("cuda")
+    n = torch.cuda.device_count()
+    if asked.index is not None and world == 1:
+        index = asked.index
+    elif n == 1:
+        index = 0
+    else:
+        index = local
+    if index >= n:
+        raise RuntimeError(f"device cuda:{index} asked for (--device {device}, LOCAL_RANK "
+                           f"{local}), but only {n} GPU(s) are visible")
+    return torch.device("cuda", index)
+
+
+def init_distributed(device: Optional[str] = None, backend: Optional[str] = None,
+                     timeout_min: Optional[float] = None) -> DistInfo:
     """Join the torchrun process group if launched by torchrun, and pick this rank's device.
 
-    ``device``: "cpu", "cuda" or None (cuda when available).
-    """
-    want_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
-    if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but CUDA is not available")
+    ``device``: "cpu", "cuda", "cuda:N" or None (cuda when available). ``timeout_min``: how
+    long a collective may wait for the slowest rank before the process group gives up (NCCL's
+    watchdog and gloo alike; None: torch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if want_cuda:
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
+    dev = pick_device(device, world, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if want_cuda else "gloo"))
+        kw = {} if timeout_min is None else {"timeout": datetime.timedelta(minutes=timeout_min)}
+        kw.update(_attempt_store(rank, world, kw.get("timeout")))
+        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"), **kw)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def _attempt_store(rank: int, world: int, timeout: Optional[datetime.timedelta]) -> dict:
+    """Under torchrun, the process group's store keys prefixed by the restart attempt.
+
+    Why: torchrun's agent keeps one store for all attempts (``--max-restarts``); with env://
+    the restarted ranks publish their addresses under the same keys as the killed ones, and a
+    rank that reads a peer's key before the peer rewrote it connects to a dead address ("Gloo
+    connectFullMesh failed ... Connection refused", or NCCL's socketPollConnect). A prefix per
+    attempt (TORCHELASTIC_RESTART_COUNT) makes every attempt read only its own keys."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if attempt is None or not host or not port:
+        return {}
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(host, int(port), world, is_master=not agent and rank == 0,
+                          timeout=timeout or datetime.timedelta(minutes=30),
+                          multi_tenant=not agent)
+    return {"store": dist.PrefixStore(f"blsam/attempt_{attempt}", store), "rank": rank,
+            "world_size": world}
 
 
 def barrier() -> None:

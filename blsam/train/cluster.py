@@ -1,0 +1,203 @@
+"""What a training run needs to survive a cluster: a non-finite guard, preemption signals,
+ranks that agree before the first step, and an output folder checked before anything is built.
+
+* Non-finite guard: a step whose loss or gradient norm is not finite (on any rank) skips the
+  optimizer update on every rank. The ranks agree through ONE small all-reduce per step
+  (``step_flags``), which also carries the "stop now" flag of a preemption signal, so every
+  rank stops at the same step boundary. ``--max-nonfinite-steps`` consecutive skips end the run
+  (``NonFiniteError``, exit code 3). No checkpoint is written with a non-finite tensor and a
+  checkpoint holding one is refused on resume (``first_nonfinite``).
+* Preemption: ``StopSignals`` turns SIGTERM / SIGUSR1 (``--preempt-signals``) and SIGINT into a
+  flag read at the next step boundary; the run writes ``last.pth`` and exits with
+  ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "try again", i.e. ``--resume auto``). A second SIGINT
+  interrupts at once.
+* Agreement: ``check_ranks_agree`` gathers every rank's view of the run (signature, data,
+  resume file and step, step count, teacher cache) and raises the same ``RankMismatchError``
+  on every rank, naming what differs and on which ranks, instead of training on different data
+  or waiting in a collective forever.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import tempfile
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+log = logging.getLogger("blsam.train")
+
+EXIT_USAGE = 2  # a user error: one "error:" line on stderr
+EXIT_NONFINITE = 3  # --max-nonfinite-steps consecutive non-finite steps
+EXIT_PREEMPTED = 75  # stopped by a signal, checkpoint written: rerun with --resume auto
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, no checkpoint
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGCONT")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps, or non-finite weights about to be saved."""
+
+
+class RankMismatchError(ValueError):
+    """Ranks that do not describe the same run (different data, resume file, ...)."""
+
+
+class OutputDirError(ValueError):
+    """--output-dir cannot hold the run's files."""
+
+
+# ---------------------------------------------------------------- output folder
+
+
+def check_output_dir(path: str, what: str = "--output-dir") -> None:
+    """``path`` exists as a writable folder, or can be created (nothing is created here: a run
+    refused later leaves no folder behind)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputDirError(f"{what} {path!r} is a file, not a folder")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise OutputDirError(f"{what} {path!r} cannot be created: {probe!r} is a file")
+    try:  # os.access says yes to root on a read-only mount: really write
+        with tempfile.TemporaryFile(dir=probe, prefix=".blsam-write-check-"):
+            pass
+    except OSError as e:
+        raise OutputDirError(f"{what} {path!r} is not writable ({probe!r}: "
+                             f"{e.strerror or e})") from None
+
+
+# ---------------------------------------------------------------- non-finite values
+
+
+def _tensors(obj: Any, prefix: str) -> Iterable[Tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def first_nonfinite(state: Mapping[str, Any], parts: Sequence[str] = ("model", "optimizer")
+                    ) -> Optional[str]:
+    """Name of the first floating tensor of ``state[part]`` holding NaN/inf, else None. One
+    host sync for the whole state (a stacked flag per tensor), not one per tensor."""
+    named = [(n, t) for p in parts if p in state for n, t in _tensors(state[p], p)
+             if t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    by_dev: Dict[torch.device, List[int]] = {}
+    for i, (_, t) in enumerate(named):
+        by_dev.setdefault(t.device, []).append(i)
+    bad: List[int] = []
+    for dev, idx in by_dev.items():
+        ok = torch.stack([torch.isfinite(named[i][1]).all() for i in idx]).cpu()
+        bad += [idx[j] for j in (~ok).nonzero().flatten().tolist()]
+    return named[min(bad)][0] if bad else None
+
+
+def step_flags(loss_bad: torch.Tensor, grad_bad: torch.Tensor, stop: bool, distributed: bool
+               ) -> Tuple[bool, bool, bool]:
+    """(loss non-finite on some rank, grad norm non-finite on some rank, some rank asked to
+    stop): one 3-element MAX all-reduce and one host sync per step."""
+    flags = torch.stack([loss_bad.float().reshape(()), grad_bad.float().reshape(()),
+                         torch.tensor(float(stop), device=loss_bad.device)])
+    if distributed:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    a, b, c = flags.tolist()
+    return a > 0, b > 0, c > 0
+
+
+# ---------------------------------------------------------------- signals
+
+
+def signal_numbers(names: Sequence[str]) -> List[int]:
+    out = []
+    for n in names:
+        if n.lower() == "none":
+            continue
+        name = n.upper() if n.upper().startswith("SIG") else f"SIG{n.upper()}"
+        if not hasattr(signal, name):
+            raise ValueError(f"--preempt-signals: unknown signal {n!r}")
+        out.append(int(getattr(signal, name)))
+    return out
+
+
+class StopSignals:
+    """Context manager: the given signals (and SIGINT) set ``requested`` instead of ending the
+    process; the loop reads it at each step boundary. A second SIGINT raises
+    KeyboardInterrupt at once. Previous handlers come back on exit. Only in the main thread
+    (elsewhere Python cannot install handlers, and nothing is installed)."""
+
+    def __init__(self, signums: Sequence[int]) -> None:
+        self.signums = sorted(set(signums) | {int(signal.SIGINT)})
+        self.requested: Optional[str] = None
+        self._old: Dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.requested == "SIGINT":
+            raise KeyboardInterrupt
+        if self.requested is None:
+            self.requested = name
+            log.warning("received %s: stopping at the end of this step, writing a checkpoint",
+                        name)
+
+    def __enter__(self) -> "StopSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signums:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+
+# ---------------------------------------------------------------- ranks agree
+
+
+def cache_key(cache_dir: Optional[str]) -> Optional[str]:
+    """sha256 of the teacher cache's index.json (what it holds and was made with)."""
+    if not cache_dir:
+        return None
+    try:
+        with open(os.path.join(cache_dir, "index.json"), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def check_ranks_agree(view: Dict[str, Any]) -> None:
+    """Every rank passes its view of the run; raise the same RankMismatchError on every rank if
+    any entry differs (one all_gather_object; no-op in one process)."""
+    from ..utils import dist as du
+
+    views = du.all_gather_objects(view)
+    if len(views) < 2:
+        return
+    diffs = []
+    for k in view:
+        vals = [v.get(k) for v in views]
+        if any(v != vals[0] for v in vals[1:]):
+            groups: Dict[str, List[int]] = {}
+            for r, v in enumerate(vals):
+                groups.setdefault(repr(v), []).append(r)
+            diffs.append(f"{k}: " + ", ".join(
+                f"{v} on rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))}"
+                for v, rs in groups.items()))
+    if diffs:
+        raise RankMismatchError("ranks disagree about the run, stopping before the first "
+                                "step (same --data, options and files on every rank?): "
+                                + "; ".join(diffs))
