@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-all setup clean
+.PHONY: demo test test-all lint setup clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) tools/demo.py --output-dir outputs/demo
+	$(VENV)/bin/blsam-demo --output-dir outputs/demo
 
 # fast tier: tiny architectures, a few minutes on 2 CPU cores
 test: setup
@@ -25,6 +25,10 @@ test: setup
 # everything: fast tier + full-width models, torchrun and precision (what CI runs)
 test-all: setup
 	$(PY) -m pytest -q --durations=15 tests
+
+# pyflakes + pycodestyle (ruff.toml), run by .ci/run
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) outputs

@@ -33,6 +33,7 @@ from .checkpoint import (
     read_state_dict,
 )
 from .modeling import BLViTImageEncoder
+from .utils.images import PIXEL_MEAN, PIXEL_STD
 from .specs import (
     DEFAULT_MODEL,
     MODEL_SPECS,
@@ -66,8 +67,8 @@ def _sam_with_encoder(image_encoder: torch.nn.Module, img_size: int) -> Sam:
             iou_head_depth=3,
             iou_head_hidden_dim=256,
         ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
+        pixel_mean=list(PIXEL_MEAN),
+        pixel_std=list(PIXEL_STD),
     )
     sam.eval()
     return sam
@@ -154,7 +155,8 @@ def load_sam_into_blsam(sam: Sam, path: PathLike, variant: str,
     sd = adapt_sam_state_dict(sd, own)
     unexpected = sorted(k for k in sd if k not in own)
     if unexpected:
-        raise CheckpointError(f"SAM checkpoint {path!r} has keys this model lacks: {unexpected[:20]}")
+        raise CheckpointError(
+            f"SAM checkpoint {path!r} has keys this model lacks: {unexpected[:20]}")
     fresh = ("e_block.", "predictors.", "alpha_", "gamma_")
     missing = sorted(k for k in own if k not in sd and not any(f in k for f in fresh))
     if missing:

@@ -12,17 +12,19 @@ from typing import Dict, Iterable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 from .specs import BLVIT_BY_SHAPE, SAM_ENCODER_NAMES  # noqa: F401  (re-exported)
 
 StateDict = Dict[str, torch.Tensor]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used for the requested model."""
 
 
 def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> StateDict:
-    """Read a state dict safely; unwrap training checkpoints (``{"model": ...}``) and DDP prefixes."""
+    """Read a state dict safely; unwrap training checkpoints (``{"model": ...}``) and DDP
+    prefixes."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -119,7 +121,8 @@ def _short_list(keys: Iterable[str], limit: int = 20) -> str:
 
 
 def load_strict(module: torch.nn.Module, state_dict: StateDict, what: str) -> None:
-    """``load_state_dict(strict=True)`` with a readable error listing missing/unexpected/shape keys."""
+    """``load_state_dict(strict=True)`` with a readable error listing missing / unexpected /
+    mis-shaped keys."""
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]

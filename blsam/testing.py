@@ -7,11 +7,11 @@ scales, on request) so parity tests can fail.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
 from .build_blsam import build_vanilla_sam
+from .utils.images import PIXEL_MEAN, PIXEL_STD, real_photo  # noqa: F401  (real_photo: re-export)
 
 
 @torch.no_grad()
@@ -50,19 +50,6 @@ def save_random_sam_checkpoint(
     return os.fspath(path)
 
 
-def real_photo(size: Optional[int] = None):
-    """An RGB uint8 photo from scikit-image's bundled data (no download)."""
-    import numpy as np
-    from skimage import data
-
-    img = data.astronaut()  # 512x512x3
-    if size is not None:
-        import cv2
-
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(img)
-
-
 def sam_with_meta_encoder(name: str, **kwargs) -> torch.nn.Module:
     """A registry model whose image encoder lives on the meta device (no memory, no init time:
     full-width structure and FLOP tests); the small prompt encoder and mask decoder get random
@@ -77,7 +64,6 @@ def sam_with_meta_encoder(name: str, **kwargs) -> torch.nn.Module:
         with torch.no_grad():
             for t in list(part.parameters()) + list(part.buffers()):
                 t.copy_(torch.randn(t.shape, generator=g) * 0.02)
-    sam.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1),
-                        False)
-    sam.register_buffer("pixel_std", torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1), False)
+    sam.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
+    sam.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
     return sam

@@ -90,7 +90,7 @@ def test_killed_part_resumes_from_its_last_chunk(data, tiny_sam_ckpt, tmp_path, 
 WRAPPER = '''
 import os, sys, time
 from blsam.train.teacher import Teacher
-from tools.cache_teacher import main, parse_args
+from blsam.tools.cache_teacher import main, parse_args
 if os.environ.get("RANK") == "1":
     real = Teacher.encode
     def slow(self, images):

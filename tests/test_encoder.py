@@ -43,7 +43,8 @@ def test_keep_all_matches_official_sam(variant, request):
     ref = build_vanilla_sam(SPECS[variant][3], ckpt, img_size=img).image_encoder
     sam = blsam_model_registry[variant](sam_checkpoint=ckpt, keep_ratio=1.0, img_size=img)
     enc = sam.image_encoder
-    randomize_(enc, seed=3, fusion=True, positions=False)  # E-blocks do work, but gamma=0 must hide it
+    # E-blocks do work, but gamma=0 must hide it
+    randomize_(enc, seed=3, fusion=True, positions=False)
     _zero_fusion_(enc)
     for n, p in enc.named_parameters():  # randomize_ must not have touched SAM's weights
         if "pos" in n and "e_block" not in n:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import eval.zero_shot as zero_shot
+import blsam.tools.zero_shot as zero_shot
 from blsam.testing import save_random_sam_checkpoint
 from eval_fixtures import make_tiny_dataset
 
@@ -95,7 +95,7 @@ def test_bad_output_fails_before_the_model(data, tmp_path, capsys, no_model):
 
 
 def test_bad_files_fail_before_the_model(data, tmp_path, capsys, no_model):
-    coco, lvis = data["coco"], data["lvis"]
+    coco = data["coco"]
     empty = _write(tmp_path / "empty.json", [])
     _fails(_argv(data, "coco", tmp_path, "--prompt", "detector", "--det-file", empty), capsys,
            "holds no detections")
@@ -141,6 +141,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # torchrun: several processes
 def test_torchrun_error_on_one_rank_ends_every_rank(data, tmp_path):
     """Image 11 (rank 1's shard) is not the size its annotation claims: found only when rank 1
     reads it, after rank 0 finished its shard and waits to gather. Both ranks must end with

@@ -1,5 +1,6 @@
 """End to end: eval/zero_shot.py on tiny COCO/LVIS sets of real photos with small random models
-(tiny_bl and tiny_vit at img_size 64), every protocol, bad inputs, and torchrun sharding (2 gloo ranks)."""
+(tiny_bl and tiny_vit at img_size 64), every protocol, bad inputs, and torchrun sharding (2 gloo
+ranks)."""
 import json
 import os
 import socket
@@ -13,8 +14,8 @@ from blsam import blsam_model_registry
 from blsam.evaluation.datasets import DatasetError
 from eval_fixtures import make_tiny_dataset
 from blsam.testing import save_random_sam_checkpoint
-import eval.zero_shot as zero_shot
-from eval.zero_shot import main, parse_args
+import blsam.tools.zero_shot as zero_shot
+from blsam.tools.zero_shot import main, parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -197,6 +198,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # torchrun: several processes
 @pytest.mark.parametrize("kind,extra", [("lvis", ["--num-points", "1"]),
                                         ("coco", ["--prompt", "detector"])])
 def test_torchrun_two_ranks_match_one_process(kind, extra, ckpts, data, tmp_path):

@@ -2,7 +2,6 @@
 EXIF orientation ignored by default (COCO/LVIS/SA-1B annotate the stored pixels) or applied
 with --exif-orientation apply, tagged images counted; duplicate image ids / file names refused;
 single bad annotations skipped and counted under --skip-bad-images, never the whole file."""
-import io
 import json
 import os
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import eval.zero_shot as zero_shot
+import blsam.tools.zero_shot as zero_shot
 from blsam.evaluation.datasets import DatasetError, read_image, read_image_oriented
 from blsam.train.data import decode_jpeg
 from eval_fixtures import make_tiny_dataset

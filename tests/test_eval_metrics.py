@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import torch
 import pytest
 
 from blsam.evaluation.datasets import (
@@ -238,7 +237,7 @@ def test_runner_detector_gt_boxes_give_ap_100(tiny):
 def test_configs_parse_and_command_line_overrides(name, prompt):
     import os
 
-    from eval.zero_shot import parse_args
+    from blsam.tools.zero_shot import parse_args
 
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", name + ".yaml")
     args = parse_args(["--config", path, "--img-size", "64"])
@@ -251,7 +250,7 @@ def test_gflops_helper_and_table_row():
     from blsam import blsam_model_registry
     from blsam.evaluation.report import table_markdown
     from blsam.flops import count_gflops
-    from eval.zero_shot import sam_gflops
+    from blsam.tools.zero_shot import sam_gflops
 
     sam = blsam_model_registry["tiny_bl"](img_size=64)
     assert sam_gflops(sam) == pytest.approx(count_gflops(sam, "paper"))

@@ -20,7 +20,7 @@ WRAPPER = '''
 import os, sys, time
 import segment_anything
 import blsam.evaluation.runner as runner
-import eval.zero_shot as zero_shot
+import blsam.tools.zero_shot as zero_shot
 rank = int(os.environ.get("RANK", "0"))
 mode, pause = os.environ["BLSAM_TEST_MODE"], float(os.environ["BLSAM_TEST_SLEEP"])
 if mode == "slow_metrics" and rank == 0:

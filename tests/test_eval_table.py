@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import eval.zero_shot as zero_shot
+import blsam.tools.zero_shot as zero_shot
 from blsam.evaluation.report import CURVE_KIND, TableError, table_markdown
 from blsam.evaluation.runner import ProtocolConfig
 

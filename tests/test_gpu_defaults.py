@@ -1,10 +1,9 @@
 """GPU defaults: tools/benchmark.py runs only the rows of the devices the node has (CUDA alone on
 a GPU node) unless --devices says otherwise; eval/zero_shot.py --amp bf16 is recorded, labelled
 apart from fp32 runs, and stays close to fp32 on the test fixtures."""
-import pytest
 import torch
 
-import eval.zero_shot as zero_shot
+import blsam.tools.zero_shot as zero_shot
 from eval_fixtures import make_tiny_dataset
 from tools import benchmark
 

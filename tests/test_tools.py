@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tools import benchmark, export_onnx, visualize_routing
+from blsam.tools import visualize_routing
+from tools import benchmark, export_onnx
 
 
 def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
@@ -73,7 +74,8 @@ def test_visualize_routing_png(tmp_path, tiny_sam_ckpt):
         "--output", str(tmp_path / "routing.png")]))
     assert os.path.getsize(out) > 5000
     out = visualize_routing.main(visualize_routing.parse_args([
-        str(img), "--model", "tiny_bl", "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "256", "--skip-padding",
+        str(img), "--model", "tiny_bl", "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "256",
+        "--skip-padding",
         "--show-padding", "--output", str(tmp_path / "routing_pad.png")]))
     assert os.path.getsize(out) > 5000
     with pytest.raises(FileNotFoundError, match="image not found"):

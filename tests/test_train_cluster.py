@@ -41,7 +41,7 @@ def _argv(data_dir, ckpt, out, *extra):
 
 
 def _cli(argv, capsys):
-    from tools.train import cli
+    from blsam.tools.train import cli
 
     rc = cli(argv)
     cap = capsys.readouterr()
@@ -86,7 +86,7 @@ def poison(monkeypatch):
 
 def test_nan_loss_step_is_skipped_counted_and_never_saved(data, tiny_sam_ckpt, tmp_path,
                                                           poison, caplog):
-    from tools.train import parse_args
+    from blsam.tools.train import parse_args
 
     from blsam.train.engine import train
 
@@ -124,7 +124,7 @@ def test_consecutive_nonfinite_steps_stop_with_one_line(data, tiny_sam_ckpt, tmp
 @pytest.fixture(scope="module")
 def two_steps(data, tiny_sam_ckpt, tmp_path_factory):
     """A finished 2-step run: step_0000001.pth, step_0000002.pth (= last.pth), final.pth."""
-    from tools.train import parse_args
+    from blsam.tools.train import parse_args
 
     from blsam.train.engine import train
 
@@ -203,14 +203,15 @@ def test_cache_errors_are_one_line(data, tiny_sam_ckpt, tmp_path, capsys):
     assert rc == 2 and len(lines) == 1 and "Traceback" not in cap.err, cap.err[-2000:]
     assert "index.json" in lines[0]
     # tools/cache_teacher.py: argparse errors and user errors, one line, exit 2
-    from tools.cache_teacher import main as cache_main, parse_args as cache_args
+    from blsam.tools.cache_teacher import cli as cache_cli
 
     for argv in (["--no-such-flag"], ["--data", str(tmp_path / "missing"), "--sam-checkpoint",
-                                      tiny_sam_ckpt, "--output", str(tmp_path / "c")]):
-        with pytest.raises(SystemExit) as ex:
-            cache_main(cache_args(argv))
+                                      tiny_sam_ckpt, "--output", str(tmp_path / "c")],
+                 ["--data", str(data / "a"), "--sam-checkpoint", tiny_sam_ckpt, "--img-size",
+                  "65", "--output", str(tmp_path / "c")]):
+        rc = cache_cli(argv)
         err = capsys.readouterr().err
-        assert ex.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
         assert "error:" in err and "Traceback" not in err
 
 
@@ -241,7 +242,7 @@ WRAPPER = """
 import os, sys
 sys.argv = [a.replace("@RANK@", os.environ["RANK"]) for a in sys.argv]
 sys.path.insert(0, {root!r})
-from tools.train import cli
+from blsam.tools.train import cli
 sys.exit(cli(sys.argv[1:]))
 """
 

@@ -180,7 +180,7 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path, tiny_sam_ckpt, monkeyp
         D.select_records(str(tmp_path / "empty"))
     # train() fails on the data before building any model
     from blsam.train import engine, loop
-    from tools.train import parse_args
+    from blsam.tools.train import parse_args
 
     def boom(*a, **k):
         raise AssertionError("a model was built before the data was checked")
@@ -227,7 +227,7 @@ def test_prompts_are_inside_the_mask():
 
 def test_bad_config_key_is_an_error(tmp_path):
     from blsam.utils.config import ConfigError
-    from tools.train import parse_args
+    from blsam.tools.train import parse_args
 
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("lr: 1.0e-4\nlearning_rate: 3\n")
@@ -242,7 +242,7 @@ def test_bad_config_key_is_an_error(tmp_path):
 
 
 def test_make_tiny_sa1b_cli(tmp_path):
-    from tools.make_tiny_sa1b import main, parse_args
+    from blsam.tools.make_tiny_sa1b import main, parse_args
 
     main(parse_args(["--output", str(tmp_path / "f"), "--format", "folder", "--num-shards", "1",
                      "--images-per-shard", "2", "--size", "48"]))

@@ -14,7 +14,8 @@ import torch
 
 from blsam import blsam_model_registry
 from blsam.checkpoint import read_state_dict
-from blsam.train.engine import DistillModel, enable_grad_checkpointing, state_checksum, train
+from blsam.train.engine import train
+from blsam.train.model import DistillModel, enable_grad_checkpointing, state_checksum
 from blsam.train.tiny_sa1b import write_tiny_sa1b
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,18 +25,19 @@ IMG = "64"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_sam_ckpt):
     """Two shards of 2 images, and a teacher cache for them made by tools/cache_teacher.py."""
-    from tools.cache_teacher import main as cache_main, parse_args as cache_args
+    from blsam.tools.cache_teacher import main as cache_main, parse_args as cache_args
 
     root = tmp_path_factory.mktemp("tiny")
     write_tiny_sa1b(root / "data", num_shards=2, images_per_shard=2, size=96, fmt="tar")
-    cache_main(cache_args(["--data", str(root / "data"), "--data-fraction", "1", "--model", "tiny_bl",
+    cache_main(cache_args(["--data", str(root / "data"), "--data-fraction", "1",
+                           "--model", "tiny_bl",
                            "--sam-checkpoint", tiny_sam_ckpt, "--img-size", IMG,
                            "--output", str(root / "cache"), "--num-workers", "0"]))
     return root
 
 
 def _args(tiny, ckpt, out, *extra):
-    from tools.train import parse_args
+    from blsam.tools.train import parse_args
 
     return parse_args([
         "--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--model", "tiny_bl",
@@ -135,7 +137,7 @@ def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, tiny_sam_ckpt, tmp
     sam = blsam_model_registry["tiny_bl"](checkpoint=str(out / "final.pth"), img_size=int(IMG))
     assert state_checksum(sam.state_dict()) == summary["checksums"][0]
     # --val-only evaluates a checkpoint with the same held-out images and prompts
-    from tools.train import cli
+    from blsam.tools.train import cli
 
     argv = ["--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--model", "tiny_bl",
             "--data", str(tiny / "data"), "--shards", "sa_000000", "--data-fraction", "1",
@@ -156,14 +158,16 @@ def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, tiny_sam_ckpt, tmp
 
 
 def test_val_oracle_student_equal_to_teacher(tiny, tiny_sam_ckpt, tmp_path, capsys):
-    """The student at keep ratio 1 with untrained E-blocks is exactly SAM: validation must say so."""
-    from tools.train import cli
+    """The student at keep ratio 1 with untrained E-blocks is exactly SAM: validation must say
+    so."""
+    from blsam.tools.train import cli
 
     init = tmp_path / "init.pth"
     sam = blsam_model_registry["tiny_bl"](sam_checkpoint=tiny_sam_ckpt, img_size=int(IMG),
-                                      keep_ratio=1.0)
+                                          keep_ratio=1.0)
     torch.save(sam.state_dict(), init)
-    argv = ["--data", str(tiny / "data"), "--shards", "sa_000000", "--data-fraction", "1",
+    argv = ["--data", str(tiny / "data"), "--model", "tiny_bl", "--shards", "sa_000000",
+            "--data-fraction", "1",
             "--sam-checkpoint", tiny_sam_ckpt, "--img-size", IMG, "--keep-ratio", "1",
             "--num-workers", "0", "--val-only", "--checkpoint", str(init), "--val-images", "2",
             "--val-masks", "4", "--device", "cpu"]
@@ -288,6 +292,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # torchrun: several processes
 def test_ddp_two_processes_gloo(tiny, tiny_sam_ckpt, tmp_path):
     """torchrun with 2 CPU processes, the real teacher (no cache), gradient accumulation."""
     out = tmp_path / "ddp"

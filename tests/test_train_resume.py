@@ -23,7 +23,8 @@ def data(tmp_path_factory):
 
 
 def _argv(data, ckpt, out, *extra):
-    return ["--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--model", "tiny_bl", "--data", str(data),
+    return ["--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--model", "tiny_bl",
+            "--data", str(data),
             "--data-fraction", "1", "--sam-checkpoint", ckpt, "--output-dir", str(out),
             "--img-size", "64", "--num-workers", "0", "--log-every", "1", "--no-progress",
             "--val-every", "0", "--masks-per-image", "2", "--prompt-types", "box",
@@ -31,7 +32,7 @@ def _argv(data, ckpt, out, *extra):
 
 
 def _cli(argv, capsys):
-    from tools.train import cli
+    from blsam.tools.train import cli
 
     rc = cli(argv)
     err = capsys.readouterr().err
@@ -40,7 +41,7 @@ def _cli(argv, capsys):
 
 def test_resume_refuses_other_run_then_remaps_by_images_seen(data, tiny_sam_ckpt, tmp_path,
                                                              capsys, caplog):
-    from tools.train import parse_args
+    from blsam.tools.train import parse_args
 
     from blsam.train.engine import train
 

@@ -16,6 +16,7 @@ import torch
 
 from blsam.train import async_ckpt, timing, transfer
 from blsam.train.resume import load_training_checkpoint
+from blsam.utils.images import resize_and_pad_uint8
 from blsam.train import packed_cache as pc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +113,7 @@ def test_uint8_normalised_on_device_equals_host_preprocessing():
 
     img = real_photo()[:300, :200]  # portrait: padding on the right
     ref, hw = preprocess_image(img, 128)
-    u8, hw8 = transfer.preprocess_uint8(img, 128)
+    u8, hw8 = resize_and_pad_uint8(img, 128)
     assert hw8 == hw and u8.dtype == torch.uint8 and u8[:, :, hw[1]:].eq(0).all()
     got = transfer.normalize_images(u8[None], [hw])
     assert torch.equal(got[0], ref)  # bitwise: caches made either way agree
@@ -171,17 +172,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # torchrun: several processes
 def test_two_nodes_through_c10d_rendezvous(tmp_path, tiny_sam_ckpt):
     """Two torchrun agents (stand-ins for two nodes, one process each) meet through the c10d
     rendezvous, train 3 steps from a packed cache with a persistent worker, async
     checkpoints and --profile; both ranks end with identical weights, and only global rank 0
     writes files."""
     from blsam.train.tiny_sa1b import write_tiny_sa1b
-    from tools.cache_teacher import main as cache_main, parse_args as cache_args
+    from blsam.tools.cache_teacher import main as cache_main, parse_args as cache_args
 
     write_tiny_sa1b(tmp_path / "data", num_shards=2, images_per_shard=2, size=80,
                     fmt="tar")
-    cache_main(cache_args(["--data", str(tmp_path / "data"), "--data-fraction", "1", "--model", "tiny_bl",
+    cache_main(cache_args(["--data", str(tmp_path / "data"), "--data-fraction", "1",
+                           "--model", "tiny_bl",
                            "--sam-checkpoint", tiny_sam_ckpt, "--img-size", "64",
                            "--output", str(tmp_path / "cache"), "--num-workers", "0"]))
     out = tmp_path / "run"

@@ -14,11 +14,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from ..errors import UserError
+
 REQUIRED_KEYS = ("images", "annotations", "categories")
 COCO_SPLIT_DIRS = ("val2017", "train2017")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """An annotation, image or detection file that cannot be evaluated."""
 
 

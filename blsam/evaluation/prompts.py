@@ -6,25 +6,16 @@ never from a global stream whose state depends on what was evaluated before.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
+
+from ..prompts import center_point, farthest_from_boundary, sample_points  # noqa: F401
 
 
 def annotation_rng(seed: int, ann_id: int) -> np.random.Generator:
     """The RNG for one annotation: same (seed, id) -> same points, in any process."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(ann_id) & 0xFFFFFFFFFFFF])
-
-
-def sample_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """``k`` foreground pixels drawn uniformly without replacement (with replacement when the
-    mask has fewer than ``k`` pixels), as float (k, 2) x, y pixel coordinates (SAM's convention:
-    integer pixel indices; its prompt encoder adds the half-pixel shift)."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        raise ValueError("cannot sample points from an empty mask")
-    idx = rng.choice(len(xs), size=k, replace=len(xs) < k)
-    return np.stack([xs[idx], ys[idx]], axis=1).astype(np.float64)
 
 
 def nested_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -41,25 +32,6 @@ def nested_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
         if i not in picked or n <= len(picked):
             picked.append(i)
     return np.stack([xs[picked], ys[picked]], axis=1).astype(np.float64)
-
-
-def farthest_from_boundary(region: np.ndarray) -> Tuple[np.ndarray, float]:
-    """The pixel of ``region`` farthest from its boundary (image border counts as boundary),
-    as (x, y), and that distance. SAM's "center" click and its correction-click rule."""
-    import cv2
-
-    padded = np.pad(region.astype(np.uint8), 1)
-    dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-    flat = int(np.argmax(dist))  # first maximum in raster order: deterministic
-    y, x = divmod(flat, region.shape[1])
-    return np.array([x, y], dtype=np.float64), float(dist[y, x])
-
-
-def center_point(mask: np.ndarray) -> np.ndarray:
-    """(1, 2) x, y: the mask pixel farthest from the mask boundary."""
-    if not mask.any():
-        raise ValueError("cannot find the center of an empty mask")
-    return farthest_from_boundary(mask)[0][None]
 
 
 def object_points(

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..specs import DISPLAY_NAMES
+from ..errors import UserError
 
 RESULT_KIND = "blsam.zero_shot"
 CURVE_KIND = "blsam.keep_ratio_curve"
@@ -25,7 +25,7 @@ _REQUIRED = {"name": str, "model": str, "protocol": dict, "dataset_kind": str, "
              "img_size": int, "counts": dict}
 
 
-class TableError(ValueError):
+class TableError(UserError):
     """Result files that cannot be put in one table (unreadable, wrong shape, colliding)."""
 
 

@@ -16,10 +16,11 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from ..specs import TEACHER_OF
+from ..specs import TEACHER_OF, check_img_size
+from ..utils.cli import OptionError
 from ..utils.collectives import DEFAULT_TIMEOUT_S, init_distributed_with_timeout
 from .data import SA1BDataset, add_data_args, collate, select_records
-from .engine import amp_dtype
+from .model import amp_dtype
 from .packed_cache import (CacheError, PartWriter, finished_part, forget, provenance,
                            read_index, remove_stale_temps, write_index)
 from .teacher import Teacher
@@ -97,11 +98,13 @@ def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
     part by looking at the files and writes the index. No rank waits in a collective."""
     for name in ("batch_size", "chunk_images"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+            raise OptionError(f"--{name.replace('_', '-')} must be >= 1")
     if not args.dist_timeout > 0 or not args.poll_seconds > 0:
-        raise ValueError("--dist-timeout and --poll-seconds must be > 0")
-    if args.img_size < 16 or args.img_size % 16:
-        raise ValueError(f"--img-size must be a positive multiple of 16, got {args.img_size}")
+        raise OptionError("--dist-timeout and --poll-seconds must be > 0")
+    try:
+        check_img_size(args.img_size, "--img-size")
+    except ValueError as e:
+        raise OptionError(str(e)) from None
     if not os.path.isfile(args.sam_checkpoint):
         raise FileNotFoundError(f"--sam-checkpoint {args.sam_checkpoint!r} does not exist")
     info = init_distributed_with_timeout(args.device, args.dist_timeout)

@@ -27,6 +27,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..errors import UserError
+
 log = logging.getLogger("blsam.train")
 
 EXIT_USAGE = 2  # a user error: one "error:" line on stderr
@@ -40,11 +42,11 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps, or non-finite weights about to be saved."""
 
 
-class RankMismatchError(ValueError):
+class RankMismatchError(UserError):
     """Ranks that do not describe the same run (different data, resume file, ...)."""
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserError):
     """--output-dir cannot hold the run's files."""
 
 

@@ -34,14 +34,13 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import UserError
 from . import packed_cache
 from .prompts import PROMPT_TYPES, choose_prompt, mask_box, noisy_box, sample_points
-from .transfer import preprocess_uint8
+from ..utils.images import resize_and_pad_uint8, sam_preprocess
 
 log = logging.getLogger(__name__)
 
-PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # SAM's (Sam.pixel_mean)
-PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
 LOW_RES_FACTOR = 4  # SAM's decoder predicts masks at img_size / 4 (256 px at 1024)
 
 
@@ -49,7 +48,7 @@ MAX_MASK_FRACTION = 0.9  # SAM drops masks that cover more than 90% of the image
 AREA_TOL, BOX_TOL_PX = 0.01, 2.0  # decoded vs JSON: 1% of the area (>= 2 px), 2 px + 1% of side
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """``--data`` cannot be used (missing, empty, no shard matches)."""
 
 
@@ -357,14 +356,7 @@ def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
 
 def preprocess_image(img: np.ndarray, img_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """SAM preprocessing: ResizeLongestSide, normalise with SAM's mean/std, pad to square."""
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    resized = ResizeLongestSide(img_size).apply_image(img)
-    h, w = resized.shape[:2]
-    x = (resized.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
-    out = np.zeros((img_size, img_size, 3), np.float32)
-    out[:h, :w] = x
-    return torch.from_numpy(out).permute(2, 0, 1).contiguous(), (h, w)
+    return sam_preprocess(img, img_size)
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
@@ -449,7 +441,7 @@ class SA1BDataset(torch.utils.data.Dataset):
         info = meta["image"]
         if (img.shape[0], img.shape[1]) != (int(info["height"]), int(info["width"])):
             raise ValueError(f"jpg is {img.shape[:2]}, json says {info['height']}x{info['width']}")
-        image, (h, w) = (preprocess_uint8 if self.uint8_images else preprocess_image)(
+        image, (h, w) = (resize_and_pad_uint8 if self.uint8_images else preprocess_image)(
             img, self.img_size)
         sample: Dict[str, Any] = {"image": image, "key": rec.key, "hw": (h, w), "teacher": None}
         if self.teacher_cache:  # packed cache: one memory-mapped row, None if absent
@@ -496,7 +488,7 @@ class SA1BDataset(torch.utils.data.Dataset):
         out: Dict[str, Any] = {"masks": torch.from_numpy(np.stack(masks)), "bad_ann": bad,
                                "large_ann": large}
         if self.val:
-            from ..evaluation.prompts import center_point
+            from ..prompts import center_point
 
             out["kind"] = "val"
             out["boxes"] = torch.from_numpy(np.stack([mask_box(m) for m in full]))
@@ -510,7 +502,7 @@ class SA1BDataset(torch.utils.data.Dataset):
             out["boxes"] = torch.from_numpy(np.stack([noisy_box(m, rng, s) for m in full]))
         else:
             out["points"] = torch.from_numpy(np.stack([sample_points(m, n_pts, rng)
-                                                       for m in full]))
+                                                       for m in full]).astype(np.float32))
             out["labels"] = torch.ones(out["points"].shape[:2], dtype=torch.int64)
         out["seed"] = int(rng.integers(2 ** 62))  # interactive clicks (drawn on the device)
         return out

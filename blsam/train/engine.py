@@ -16,22 +16,15 @@ import os
 from typing import Any, Dict
 
 from ..specs import TEACHER_OF
+from ..utils.cli import OptionError
 from ..checkpoint import CheckpointError, check_not_blsam, load_error_text, safe_load
 from .cluster import OutputDirError, StopSignals, check_output_dir, signal_numbers
 from .data import MAX_MASK_FRACTION, add_data_args
-from .model import (FD_PADDING, METRIC_KEYS, NO_DECAY_KEYS, TRAINABLE_PARTS,  # noqa: F401
-                    DistillModel, amp_dtype, enable_grad_checkpointing, lr_lambda,
-                    make_optimizer, param_groups, parse_trainable, set_trainable,
-                    state_checksum)
+from .model import FD_PADDING, parse_trainable
 from .prompts import PROMPT_TYPES
-from .resume import (ResumeError, find_resume, rng_state, save_training_checkpoint,  # noqa: F401
-                     set_rng_state)
+
 
 log = logging.getLogger("blsam.train")
-
-
-class UsageError(ValueError):
-    """An option value that means nothing; reported as one line before anything is built."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +120,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse option values that mean nothing, before any data is indexed or model built."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
-            raise UsageError(msg)
+            raise OptionError(msg)
 
     if args.val_only:
         need(bool(args.checkpoint), "--val-only needs --checkpoint (the model to evaluate)")
@@ -168,19 +161,19 @@ def check_args(args: argparse.Namespace) -> None:
     try:
         signal_numbers(args.preempt_signals)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise OptionError(str(e)) from None
     need(not args.resume_remap or bool(args.resume), "--resume-remap needs --resume")
     need(bool(args.prompt_types), "--prompt-types needs at least one type")
     try:
         parse_trainable(args.trainable)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise OptionError(str(e)) from None
     check_sam_checkpoint(args.sam_checkpoint, TEACHER_OF[args.model])
     if args.output_dir:  # before data indexing and model build, not after
         try:
             check_output_dir(args.output_dir)
         except OutputDirError as e:
-            raise UsageError(str(e)) from None
+            raise OptionError(str(e)) from None
 
 
 def check_sam_checkpoint(path: str, variant: str) -> None:

@@ -25,6 +25,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 FORMAT = "blsam-teacher-cache/1"
 INDEX = "index.json"
 DTYPE = np.float16
@@ -32,7 +34,7 @@ EMBED_DIM = 256  # SAM's neck output channels
 _HASHES: Dict[Tuple[str, int, float], str] = {}
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A teacher cache that is missing, damaged, or made by another teacher / image size."""
 
 

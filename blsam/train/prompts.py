@@ -14,15 +14,9 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
+from ..prompts import mask_box, sample_points  # noqa: F401  (the samplers evaluation uses)
+
 PROMPT_TYPES = ("box", "point", "points")  # point: one click, multimask; points: 2..max clicks
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    """Tight XYXY box of a binary mask (x1, y1 exclusive, i.e. pixel edges); zeros if empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return np.zeros(4, np.float32)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
 
 
 def noisy_box(
@@ -42,15 +36,6 @@ def noisy_box(
     x0, x1 = sorted(out[[0, 2]])
     y0, y1 = sorted(out[[1, 3]])
     return np.array([x0, y0, x1, y1], np.float32)
-
-
-def sample_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` (x, y) pixel indices drawn uniformly inside ``mask`` (with replacement if tiny)."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return np.zeros((n, 2), np.float32)
-    pick = rng.choice(len(xs), size=n, replace=len(xs) < n)
-    return np.stack([xs[pick], ys[pick]], axis=-1).astype(np.float32)
 
 
 def choose_prompt(rng: np.random.Generator, types: Sequence[str], max_points: int

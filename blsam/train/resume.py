@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..checkpoint import save_atomic
 
 log = logging.getLogger("blsam.train")
@@ -37,7 +38,7 @@ NEVER_REMAP = ("model", "img_size", "trainable")
 COUNTERS = ("skipped_read", "bad_ann", "large_ann")  # per rank, summed when logged
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """A checkpoint that cannot continue this run as asked."""
 
 

@@ -126,20 +126,6 @@ class PackingCollate:
         return pack_batch(self.collate_fn(samples))
 
 
-def preprocess_uint8(img: Any, img_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """SAM's ResizeLongestSide + zero padding, kept uint8 (3, S, S): a quarter of the fp32
-    bytes through worker queues, pinning and the host-to-device copy. ``normalize_images``
-    finishes SAM's preprocessing on the device."""
-    import numpy as np
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    resized = ResizeLongestSide(img_size).apply_image(img)
-    h, w = resized.shape[:2]
-    out = np.zeros((img_size, img_size, 3), np.uint8)
-    out[:h, :w] = resized
-    return torch.from_numpy(out).permute(2, 0, 1).contiguous(), (h, w)
-
-
 def normalize_images(images: torch.Tensor, hw: List[Tuple[int, int]]) -> torch.Tensor:
     """Batch images as the models want them: uint8 ones are normalised where they are (with
     SAM's mean/std, padding at 0); float ones are returned as they are."""
@@ -156,10 +142,9 @@ def pixel_stats(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """SAM's pixel mean/std, copied to ``device`` once per process (was a pageable host copy,
     i.e. a host sync on CUDA, every step)."""
     if device not in _STATS:
-        from .data import PIXEL_MEAN, PIXEL_STD
+        from ..utils.images import PIXEL_MEAN, PIXEL_STD
 
-        _STATS[device] = (torch.from_numpy(PIXEL_MEAN).to(device),
-                          torch.from_numpy(PIXEL_STD).to(device))
+        _STATS[device] = (torch.tensor(PIXEL_MEAN).to(device), torch.tensor(PIXEL_STD).to(device))
     return _STATS[device]
 
 

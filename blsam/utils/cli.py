@@ -1,12 +1,16 @@
-"""Command-line options every model-loading tool shares (same names, same meaning)."""
+"""What every command-line tool shares: the model options (same names, same meaning) and the
+rule that a user mistake is one ``error:`` line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional, Sequence
+import sys
+from typing import Callable, Optional, Sequence, Tuple, Type
+
+from ..errors import UserError
 
 
-class OptionError(ValueError):
+class OptionError(UserError):
     """A command-line option whose value means nothing (a CLI prints it as one line, exit 2)."""
 
 
@@ -55,3 +59,47 @@ def check_model_args(args: argparse.Namespace) -> None:
             raise OptionError(f"--{opt.replace('_', '-')} {path!r}: no such file")
     if getattr(args, "checkpoint", None) and getattr(args, "sam_checkpoint", None):
         raise OptionError("give --checkpoint or --sam-checkpoint, not both")
+
+
+EXIT_USAGE = 2
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (multi-line messages joined)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def one_line_parse_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """argparse prints its usage block before an error; a user error here is one line."""
+
+    def error(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def run_cli(body: Callable[[], object],
+            extra_errors: Tuple[Type[BaseException], ...] = ()) -> int:
+    """Run a tool's ``main``: ``UserError`` (and ``FileNotFoundError``, ``extra_errors``)
+    become one ``error:`` line and exit 2; ``--help`` / argparse errors keep their codes.
+
+    An error already printed (``e.printed``, e.g. by the failing rank of a torchrun job) is not
+    printed again; ``e.all_ranks`` waits for every rank before exiting (torchrun kills the
+    others when one exits)."""
+    try:
+        code = body()
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    except (UserError, FileNotFoundError) + tuple(extra_errors) as e:
+        if not getattr(e, "printed", False):
+            sys.stderr.write(f"error: {one_line(e)}\n")  # one write: ranks sharing a pipe
+            sys.stderr.flush()
+        if getattr(e, "all_ranks", False):
+            from .dist import barrier, cleanup
+
+            barrier()
+            cleanup()
+        return EXIT_USAGE
+    return code if isinstance(code, int) else 0  # a main that returns its results: success

@@ -11,8 +11,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from ..errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config file that cannot be used (unreadable, not a mapping, unknown keys)."""
 
 

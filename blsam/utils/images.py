@@ -13,7 +13,11 @@ import os
 from typing import Optional, Tuple, Union
 
 import numpy as np
+import torch
 
+# SAM's pixel statistics (``Sam.pixel_mean`` / ``Sam.pixel_std``), RGB, 0-255
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
 EXIF_MODES = ("ignore", "apply")
 ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 = as stored, 2-8 = mirror and/or rotate
 SWAPS_SIDES = (5, 6, 7, 8)  # orientations that exchange width and height
@@ -46,8 +50,6 @@ def load_rgb_image(path: Optional[Union[str, "os.PathLike[str]"]], exif: str = "
                    ) -> np.ndarray:
     """An RGB uint8 (H, W, 3) image from ``path``; the bundled astronaut photo when None."""
     if path is None:
-        from blsam.testing import real_photo
-
         return real_photo()
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -56,3 +58,40 @@ def load_rgb_image(path: Optional[Union[str, "os.PathLike[str]"]], exif: str = "
         return decode_rgb(path, exif)[0]
     except (OSError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
         raise ValueError(f"cannot decode image {path!r} (not an image, or corrupt): {e}") from e
+
+
+def real_photo(size: Optional[int] = None) -> np.ndarray:
+    """An RGB uint8 photo from scikit-image's bundled data (no download): 512x512, or resized
+    to ``size`` x ``size``."""
+    from skimage import data
+
+    img = data.astronaut()
+    if size is not None:
+        import cv2
+
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(img)
+
+
+def resize_and_pad_uint8(img: np.ndarray, img_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """SAM's ResizeLongestSide, then zero padding to a square, kept uint8: (3, S, S) and the
+    resized (h, w). Padding in uint8 is exact because SAM pads *after* normalising: callers
+    normalise the (h, w) region only (``normalize``)."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    resized = ResizeLongestSide(img_size).apply_image(img)
+    h, w = resized.shape[:2]
+    out = np.zeros((img_size, img_size, 3), np.uint8)
+    out[:h, :w] = resized
+    return torch.from_numpy(out).permute(2, 0, 1).contiguous(), (h, w)
+
+
+def sam_preprocess(img: np.ndarray, img_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """What ``SamPredictor.set_image`` feeds the encoder, for one HxWx3 uint8 RGB image:
+    ResizeLongestSide, (x - mean) / std in fp32, zero padding to (3, S, S)."""
+    x, (h, w) = resize_and_pad_uint8(img, img_size)
+    out = torch.zeros(3, img_size, img_size)
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    out[:, :h, :w] = (x[:, :h, :w].float() - mean) / std
+    return out, (h, w)
