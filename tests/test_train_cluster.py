@@ -226,7 +226,7 @@ def test_val_only_keeps_its_result_when_the_folder_fails(data, tiny_sam_ckpt, tm
     def fail(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(loop, "save_atomic_json", fail)
+    monkeypatch.setattr(loop, "write_json_atomic", fail)
     argv = _argv(data / "a", tiny_sam_ckpt, tmp_path / "v")
     rc, lines, cap = _cli(argv + ["--val-only", "--checkpoint", str(model), "--val-images", "1",
                                   "--val-masks", "2", "--data-fraction", "0.5"], capsys)

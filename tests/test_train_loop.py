@@ -321,3 +321,26 @@ def test_ddp_two_processes_gloo(tiny, tiny_sam_ckpt, tmp_path):
     val = [json.loads(ln) for ln in open(out / "val.jsonl")]
     assert [v["step"] for v in val] == [0, 1]
     assert all(v["images"] == 2 for v in val)  # held-out sa_3, sa_4 split over the 2 ranks
+
+
+def test_shipped_config_on_a_partial_download_holds_out_validation_images(tiny, tiny_sam_ckpt,
+                                                                          tmp_path, caplog):
+    """docs/training.md's advice for a partial download (--data-fraction 1) with a shipped
+    config: no image lies outside the selection, so val_images are held out of training
+    (announced and recorded) instead of refusing the run."""
+    import logging
+
+    out = tmp_path / "run"
+    args = _args(tiny, tiny_sam_ckpt, out, "--max-steps", "1", "--val-every", "1",
+                 "--val-images", "1", "--val-masks", "2")
+    with caplog.at_level(logging.WARNING):
+        summary = train(args)
+    assert summary["selection"]["val_held_out"] == 1
+    assert summary["selection"]["images"] == 4 and summary["val_history"][-1]["images"] == 1
+    assert any("held out of training" in r.getMessage() for r in caplog.records)
+    # an explicit --val-data without outside images is still refused
+    from blsam.train.data import DataError
+
+    with pytest.raises(DataError, match="outside the training subset"):
+        train(_args(tiny, tiny_sam_ckpt, tmp_path / "b", "--max-steps", "1", "--val-every", "1",
+                    "--val-data", str(tiny / "data")))

@@ -14,6 +14,7 @@ import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
+from ..utils.files import write_json_atomic, write_text_atomic
 
 RESULT_KIND = "blsam.zero_shot"
 CURVE_KIND = "blsam.keep_ratio_curve"
@@ -213,16 +214,9 @@ def write_outputs(result: Dict[str, Any], output_dir: str) -> Dict[str, str]:
     tag = run_tag(result)
     jpath = os.path.join(output_dir, tag + ".json")
     mpath = os.path.join(output_dir, tag + ".md")
-    _atomic_write(jpath, json.dumps(result, indent=2, sort_keys=False))
-    _atomic_write(mpath, table_markdown([result]))
+    write_json_atomic(result, jpath, indent=2)
+    write_text_atomic(mpath, table_markdown([result]))
     return {"json": jpath, "markdown": mpath}
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def write_predictions(items: List[Dict[str, Any]], path: str) -> str:
@@ -286,7 +280,7 @@ def write_curve(record: Dict[str, Any], stem: str) -> Dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    _atomic_write(stem + ".json", json.dumps(record, indent=2))
+    write_json_atomic(record, stem + ".json", indent=2)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     lines = sorted({(p["protocol"], p["dataset"], p["metric"]) for p in record["points"]})
     for ax, xkey, xlabel in ((axes[0], "gflops", "GFLOPs (paper convention)"),

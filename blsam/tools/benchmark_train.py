@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from blsam.build_blsam import build_vanilla_sam
-from blsam.specs import TEACHER_OF
+from blsam.specs import TEACHER_OF, check_img_size
 from blsam.utils.cli import OptionError, one_line_parse_errors, run_cli
 
 
@@ -63,9 +63,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.steps < 2:
         raise ValueError("--steps must be >= 2 (the first one is warm-up)")
     for name in ("img_size", "cache_img_size"):
-        v = getattr(args, name)
-        if v < 16 or v % 16:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive multiple of 16")
+        check_img_size(getattr(args, name), f"--{name.replace('_', '-')}")
 
 
 def _median_ms(xs: List[float]) -> float:

@@ -35,11 +35,12 @@ from blsam.utils.cli import (
     OptionError,
     add_model_args,
     check_model_args,
+    check_option,
 )
 from blsam.utils.collectives import DEFAULT_TIMEOUT_S
 from blsam.utils.images import EXIF_MODES
 from blsam.utils.config import parse_args_with_config
-from blsam.specs import BLVIT_MODELS, MODEL_SPECS
+from blsam.specs import BLVIT_MODELS, MODEL_SPECS, check_keep_ratio
 
 MODELS = tuple(MODEL_SPECS)
 BLVIT = BLVIT_MODELS
@@ -247,9 +248,8 @@ def check_args(args: argparse.Namespace) -> List[ProtocolConfig]:
         if args.model not in BLVIT:
             raise OptionError(f"--keep-ratios: {args.model} has no token routing "
                               f"({', '.join(BLVIT)})")
-        bad = [r for r in args.keep_ratios if not 0.0 < r <= 1.0]
-        if bad:
-            raise OptionError(f"--keep-ratios must be in (0, 1], got {bad[0]}")
+        for r in args.keep_ratios:
+            check_option(check_keep_ratio, r, "--keep-ratios")
         if len(set(args.keep_ratios)) != len(args.keep_ratios):
             raise OptionError(f"--keep-ratios lists a ratio twice: {args.keep_ratios}")
     if args.reference and args.keep_ratios is None:

@@ -90,10 +90,6 @@ class AsyncCheckpointWriter:
         self._thread = threading.Thread(target=run, name="checkpoint-writer", daemon=False)
         self._thread.start()
 
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def check(self) -> None:
         """Raise a finished background write's error now (called every step, so a failed save
         stops the run at the next step, not at the next save); never blocks."""

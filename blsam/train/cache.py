@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from ..specs import TEACHER_OF, check_img_size
-from ..utils.cli import OptionError
+from ..utils.cli import OptionError, check_option
 from ..utils.collectives import DEFAULT_TIMEOUT_S, init_distributed_with_timeout
 from .data import SA1BDataset, add_data_args, collate, select_records
 from .model import amp_dtype
@@ -101,10 +101,7 @@ def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
             raise OptionError(f"--{name.replace('_', '-')} must be >= 1")
     if not args.dist_timeout > 0 or not args.poll_seconds > 0:
         raise OptionError("--dist-timeout and --poll-seconds must be > 0")
-    try:
-        check_img_size(args.img_size, "--img-size")
-    except ValueError as e:
-        raise OptionError(str(e)) from None
+    check_option(check_img_size, args.img_size, "--img-size")
     if not os.path.isfile(args.sam_checkpoint):
         raise FileNotFoundError(f"--sam-checkpoint {args.sam_checkpoint!r} does not exist")
     info = init_distributed_with_timeout(args.device, args.dist_timeout)

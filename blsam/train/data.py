@@ -37,6 +37,7 @@ import torch
 from ..errors import UserError
 from . import packed_cache
 from .prompts import PROMPT_TYPES, choose_prompt, mask_box, noisy_box, sample_points
+from ..specs import check_img_size
 from ..utils.images import resize_and_pad_uint8, sam_preprocess
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,21 @@ def select_val_records(data: str, exclude: Sequence[Record], n: int, seed: int =
     return out
 
 
+def hold_out_val(records: Sequence[Record], n: int, seed: int = 0
+                 ) -> Tuple[List[Record], List[Record]]:
+    """Split ``n`` validation images off the training selection (seeded, the same on every
+    rank); at least one image stays for training."""
+    if len(records) < 2:
+        raise DataError(f"{len(records)} image(s) selected: too few to hold any out for "
+                        f"validation; pass --val-data or --val-every 0")
+    n = min(n, len(records) // 2)
+    rng = random.Random(seed + 2)
+    held = set(rng.sample(range(len(records)), n))
+    train = [r for i, r in enumerate(records) if i not in held]
+    val = sorted((records[i] for i in held), key=lambda r: r.key)
+    return train, val
+
+
 def rle_run_lengths(counts: Any) -> np.ndarray:
     """Run lengths (int64) of a COCO RLE: a list as is, or the compressed string (pycocotools'
     format: 6-bit chunks from '0', 0x20 = more chunks follow, 0x10 in the last chunk = negative,
@@ -401,8 +417,7 @@ class SA1BDataset(torch.utils.data.Dataset):
         bad = [t for t in prompt_types if t not in PROMPT_TYPES]
         if bad or not prompt_types:
             raise ValueError(f"prompt types must be among {PROMPT_TYPES}, got {list(prompt_types)}")
-        if img_size % 16:
-            raise ValueError(f"img_size must be a multiple of 16, got {img_size}")
+        check_img_size(img_size)
         self.records = list(records)
         self.img_size = img_size
         self.masks_per_image = masks_per_image

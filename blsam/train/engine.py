@@ -15,9 +15,9 @@ import logging
 import os
 from typing import Any, Dict
 
-from ..specs import TEACHER_OF
-from ..utils.cli import OptionError
-from ..checkpoint import CheckpointError, check_not_blsam, load_error_text, safe_load
+from ..specs import TEACHER_OF, check_img_size, check_keep_ratio
+from ..utils.cli import OptionError, check_option
+from ..checkpoint import check_not_blsam, read_state_dict
 from .cluster import OutputDirError, StopSignals, check_output_dir, signal_numbers
 from .data import MAX_MASK_FRACTION, add_data_args
 from .model import FD_PADDING, parse_trainable
@@ -142,11 +142,10 @@ def check_args(args: argparse.Namespace) -> None:
                  "clip_grad", "lambda_fd", "profile"):
         need(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, "
              f"got {getattr(args, name)}")
-    need(args.img_size >= 16 and args.img_size % 16 == 0,
-         f"--img-size must be a positive multiple of 16, got {args.img_size}")
+    check_option(check_img_size, args.img_size, "--img-size")
     need(0 < args.data_fraction <= 1, f"--data-fraction must be in (0, 1], "
          f"got {args.data_fraction}")
-    need(0 < args.keep_ratio <= 1, f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
+    check_option(check_keep_ratio, args.keep_ratio, "--keep-ratio")
     need(0 < args.max_mask_fraction <= 1,
          f"--max-mask-fraction must be in (0, 1], got {args.max_mask_fraction}")
     need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
@@ -179,20 +178,9 @@ def check_args(args: argparse.Namespace) -> None:
 def check_sam_checkpoint(path: str, variant: str) -> None:
     """Read the keys (memory-mapped: no 2.5 GB copy) and say what the file is when it is not
     the SAM the teacher needs: a trained bLViT-SAM, another SAM size, or not a checkpoint."""
-    import zipfile
-
     from ..build_blsam import check_sam_variant
 
-    try:  # legacy (non-zip) files cannot be memory-mapped
-        obj = safe_load(path, mmap=zipfile.is_zipfile(path))
-    except Exception as e:
-        raise CheckpointError(f"could not read --sam-checkpoint {path!r}: "
-                              f"{load_error_text(path, e)}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"--sam-checkpoint {path!r} is not a state dict")
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
+    sd = read_state_dict(path, "--sam-checkpoint", mmap=True)
     check_not_blsam(sd, path, "--sam-checkpoint")
     check_sam_variant(sd, variant, path)
 

@@ -24,9 +24,10 @@ import torch.nn as nn
 from ..build_blsam import blsam_model_registry
 from ..specs import TEACHER_OF
 from ..checkpoint import load_strict, read_state_dict, save_atomic
+from ..utils.files import write_json_atomic
 from ..utils import dist as du
-from .data import (EpochBatchSampler, SA1BDataset, collate, select_records,
-                   select_val_records)
+from .data import (DataError, EpochBatchSampler, Record, SA1BDataset, collate, hold_out_val,
+                   select_records, select_val_records)
 from .model import (METRIC_KEYS, DistillModel, amp_dtype, enable_grad_checkpointing,
                     lr_lambda, make_optimizer, set_trainable, state_checksum)
 from .resume import (COUNTERS, check_resume, clean_stale_temp_files, load_resume,
@@ -166,15 +167,16 @@ def _setup_data(args: argparse.Namespace, info: du.DistInfo, teacher_name: str) 
                                             args.seed, info=selection)
     if args.teacher_cache:
         check_cache(args.teacher_cache, teacher_name, args.img_size, args.sam_checkpoint)
+    val_records: List[Record] = []
+    if args.val_every or args.val_only:
+        records, val_records = _val_split(args, records, selection)
     ds = SA1BDataset(records, args.img_size, args.masks_per_image, args.prompt_types,
                      args.max_points, args.seed, args.teacher_cache,
                      max_mask_fraction=args.max_mask_fraction, uint8_images=True)
     sampler = EpochBatchSampler(len(ds), args.batch_size, info.rank, info.world_size, args.seed)
     total = total_steps(args, len(sampler))
     val_loader = None
-    if args.val_every or args.val_only:
-        val_records = select_val_records(args.val_data or args.data, records, args.val_images,
-                                         args.seed)
+    if val_records:
         val_ds = SA1BDataset(val_records[info.rank::info.world_size], args.img_size,
                              args.val_masks, seed=args.seed, teacher_cache=args.teacher_cache,
                              max_mask_fraction=args.max_mask_fraction, val=True)
@@ -194,6 +196,26 @@ def _setup_data(args: argparse.Namespace, info: du.DistInfo, teacher_name: str) 
                                         args.resume_remap)
     return (records, index_skipped, selection, ds, sampler, total, val_loader, signature,
             resume_path, resume_ck, resume_diffs)
+
+
+def _val_split(args: argparse.Namespace, records: List[Record], selection: Dict[str, Any]
+               ) -> Tuple[List[Record], List[Record]]:
+    """Held-out validation images: from ``--val-data`` (or the images of ``--data`` outside the
+    training subset); when ``--data`` has none left (a partial download with
+    ``--data-fraction 1``), ``--val-images`` of the selection are held out of training instead
+    (announced, and part of the run signature through the training keys)."""
+    try:
+        return records, select_val_records(args.val_data or args.data, records,
+                                           args.val_images, args.seed)
+    except DataError:
+        if args.val_data or args.val_only:
+            raise
+    train, val = hold_out_val(records, args.val_images, args.seed)
+    selection["val_held_out"] = len(val)
+    log.warning("no image of --data lies outside the training subset: %d of the %d selected "
+                "images are held out of training for validation (pass --val-data to use "
+                "other images)", len(val), len(records))
+    return train, val
 
 
 # ---------------------------------------------------------------- resume
@@ -587,15 +609,8 @@ def val_only(run: Run) -> Dict[str, Any]:
     if run.info.is_main and run.args.output_dir:
         try:  # the result is returned (and printed) even when the folder fails
             os.makedirs(run.args.output_dir, exist_ok=True)
-            save_atomic_json(out, os.path.join(run.args.output_dir, "val_only.json"))
+            write_json_atomic(out, os.path.join(run.args.output_dir, "val_only.json"), indent=1)
         except OSError as e:
             log.error("could not write %s/val_only.json (%s): the result is printed only",
                       run.args.output_dir, e)
     return out
-
-
-def save_atomic_json(obj: Dict[str, Any], path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)

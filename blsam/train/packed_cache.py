@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..utils.files import write_json_atomic
 
 FORMAT = "blsam-teacher-cache/1"
 INDEX = "index.json"
@@ -60,15 +61,6 @@ def provenance(teacher: str, sam_checkpoint: str, img_size: int) -> Dict[str, An
 
 def _part_name(rank: int, world: int) -> str:
     return f"part_{rank:05d}-of-{world:05d}"
-
-
-def _atomic_json(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _mismatch(what: str, have: Dict[str, Any], want: Dict[str, Any]) -> Optional[str]:
@@ -159,7 +151,7 @@ class PartWriter:
             return
         self.f.flush()
         os.fsync(self.f.fileno())
-        _atomic_json({**self.meta, "start": len(self.keys), "keys": self.pending},
+        write_json_atomic({**self.meta, "start": len(self.keys), "keys": self.pending},
                      self._chunk_path(self.chunks))
         self.keys += self.pending
         self.pending = []
@@ -169,7 +161,7 @@ class PartWriter:
         self.commit()
         self.f.close()
         os.replace(self.partial, self.bin)
-        _atomic_json({**self.meta, "keys": self.keys}, self.bin[:-4] + ".json")
+        write_json_atomic({**self.meta, "keys": self.keys}, self.bin[:-4] + ".json")
         for f in self._chunk_files():
             os.remove(os.path.join(self.dir, f))
         return self.bin
@@ -184,7 +176,7 @@ class PartWriter:
                 self.f.close()
 
 
-_TMP = re.compile(r"^(?P<base>.+)\.tmp\.(?P<pid>\d+)$")
+_TMP = re.compile(r"^\.?(?P<base>.+)\.tmp\.(?P<pid>\d+)$")  # utils.files: .<name>.tmp.<pid>
 
 
 def remove_stale_temps(cache_dir: str, rank: int, world: int) -> List[str]:
@@ -243,7 +235,7 @@ def write_index(cache_dir: str, world: int, meta: Dict[str, Any]) -> Dict[str, A
         parts.append({"file": name + ".bin", "count": len(part["keys"])})
         keys.append(part["keys"])
     index = {**meta, "parts": parts, "keys": keys}
-    _atomic_json(index, os.path.join(cache_dir, INDEX))
+    write_json_atomic(index, os.path.join(cache_dir, INDEX))
     return index
 
 

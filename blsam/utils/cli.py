@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Optional, Sequence, Tuple, Type
 
 from ..errors import UserError
 
@@ -42,17 +42,23 @@ def add_model_args(
     return p
 
 
+def check_option(check: Callable[[Any, str], Any], value: Any, flag: str) -> Any:
+    """Apply one of ``blsam.specs``' rules (``check_keep_ratio``, ``check_img_size``) to a
+    command-line value: the rule's ValueError becomes an ``OptionError`` naming ``flag``."""
+    try:
+        return check(value, flag)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+
+
 def check_model_args(args: argparse.Namespace) -> None:
     """Refuse model options that mean nothing, before anything is built (``OptionError``)."""
     from ..specs import check_img_size, check_keep_ratio
 
-    try:
-        if getattr(args, "keep_ratio", None) is not None:
-            check_keep_ratio(args.keep_ratio, "--keep-ratio")
-        if getattr(args, "img_size", None) is not None:
-            check_img_size(args.img_size, "--img-size")
-    except ValueError as e:
-        raise OptionError(str(e)) from None
+    if getattr(args, "keep_ratio", None) is not None:
+        check_option(check_keep_ratio, args.keep_ratio, "--keep-ratio")
+    if getattr(args, "img_size", None) is not None:
+        check_option(check_img_size, args.img_size, "--img-size")
     for opt in ("checkpoint", "sam_checkpoint"):
         path = getattr(args, opt, None)
         if path is not None and not os.path.isfile(path):
