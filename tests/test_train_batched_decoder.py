@@ -11,7 +11,7 @@ import torch
 
 from blsam import blsam_model_registry
 from blsam.train.losses import feature_loss, mask_losses, real_positions, total_loss
-from blsam.train.model import DistillModel, click_schedule, error_click, set_trainable
+from blsam.train.distill import DistillModel, click_schedule, error_click, set_trainable
 
 IMG = 64
 LOW = IMG // 4

@@ -60,7 +60,7 @@ def _finite(sd):
 @pytest.fixture
 def poison(monkeypatch):
     """``poison(steps)``: the loss of those (1-based) forward calls becomes NaN."""
-    from blsam.train.model import DistillModel
+    from blsam.train.distill import DistillModel
 
     orig = DistillModel.forward
     calls = {"n": 0, "bad": set()}
@@ -88,7 +88,7 @@ def test_nan_loss_step_is_skipped_counted_and_never_saved(data, tiny_sam_ckpt, t
                                                           poison, caplog):
     from blsam.tools.train import parse_args
 
-    from blsam.train.engine import train
+    from blsam.train.options import train
 
     poison(steps=[3])
     out = tmp_path / "run"
@@ -126,7 +126,7 @@ def two_steps(data, tiny_sam_ckpt, tmp_path_factory):
     """A finished 2-step run: step_0000001.pth, step_0000002.pth (= last.pth), final.pth."""
     from blsam.tools.train import parse_args
 
-    from blsam.train.engine import train
+    from blsam.train.options import train
 
     out = tmp_path_factory.mktemp("two_steps") / "run"
     train(parse_args(_argv(data / "a", tiny_sam_ckpt, out, "--max-steps", "2")))
@@ -399,7 +399,7 @@ def test_process_group_gets_the_timeout(monkeypatch):
 
 
 def test_amp_auto_falls_back_to_fp16_without_bf16(monkeypatch):
-    from blsam.train.model import amp_dtype
+    from blsam.train.distill import amp_dtype
 
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
@@ -445,7 +445,7 @@ def test_failed_background_write_is_raised_at_the_next_step():
 
 
 def test_pixel_stats_live_on_the_device_once():
-    from blsam.train.transfer import normalize_images, pixel_stats
+    from blsam.train.loader import normalize_images, pixel_stats
 
     a = pixel_stats(torch.device("cpu"))
     assert a is pixel_stats(torch.device("cpu"))  # one copy per process, not one per step

@@ -179,7 +179,7 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path, tiny_sam_ckpt, monkeyp
     with pytest.raises(D.DataError, match="no sa_"):
         D.select_records(str(tmp_path / "empty"))
     # train() fails on the data before building any model
-    from blsam.train import engine, loop
+    from blsam.train import loop, options
     from blsam.tools.train import parse_args
 
     def boom(*a, **k):
@@ -191,7 +191,7 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path, tiny_sam_ckpt, monkeyp
                        "--sam-checkpoint", tiny_sam_ckpt,
                        "--output-dir", str(tmp_path / "out"), "--img-size", "64"])
     with pytest.raises(D.DataError, match="no sa_"):
-        engine.train(args)
+        options.train(args)
 
 
 def test_sampler_splits_ranks_and_resumes():

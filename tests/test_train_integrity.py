@@ -140,7 +140,7 @@ def test_val_records_are_disjoint_from_training(tmp_path):
 
 def test_train_and_cache_share_one_data_flag_definition():
     from blsam.train.cache import build_parser as cache_parser
-    from blsam.train.engine import build_parser as train_parser
+    from blsam.train.options import build_parser as train_parser
 
     def flags(p):
         return {a.dest: (a.option_strings, a.default, a.type, a.nargs, a.help)
@@ -167,12 +167,12 @@ def test_training_clicks_use_evaluation_pixel_convention():
 
 
 def test_training_loop_is_split_into_parts_that_read_alone():
-    """engine.train was 215 lines of setup, resume, loop, logging and checkpoints."""
+    """options.train was 215 lines of setup, resume, loop, logging and checkpoints."""
     import inspect
 
-    from blsam.train import engine, loop
+    from blsam.train import loop, options
 
-    assert len(inspect.getsource(engine.train).splitlines()) <= 20
+    assert len(inspect.getsource(options.train).splitlines()) <= 20
     for fn in (loop.setup, loop.resume, loop.train_step, loop.log_window, loop.save,
                loop.validate, loop.run_loop, loop.finish):
         assert len(inspect.getsource(fn).splitlines()) <= 80, fn.__name__

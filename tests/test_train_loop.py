@@ -14,8 +14,8 @@ import torch
 
 from blsam import blsam_model_registry
 from blsam.checkpoint import read_state_dict
-from blsam.train.engine import train
-from blsam.train.model import DistillModel, enable_grad_checkpointing, state_checksum
+from blsam.train.options import train
+from blsam.train.distill import DistillModel, enable_grad_checkpointing, state_checksum
 from blsam.train.tiny_sa1b import write_tiny_sa1b
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,7 +182,7 @@ def test_interactive_prompts_and_padding_mask(tiny, tiny_sam_ckpt):
     second on with the previous logits as mask prompt and error-region clicks; deterministic
     per sample seed. The feature loss ignores SAM's padding unless asked to include it."""
     from blsam.train.data import SA1BDataset, collate, select_records
-    from blsam.train.model import click_schedule, error_click
+    from blsam.train.distill import click_schedule, error_click
 
     assert click_schedule(11, 3).count(True) == 8 and click_schedule(11, 3)[-1] is False
     assert click_schedule(1, 0) == [] and click_schedule(3, 0) == [True, False]

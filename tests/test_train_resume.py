@@ -43,7 +43,7 @@ def test_resume_refuses_other_run_then_remaps_by_images_seen(data, tiny_sam_ckpt
                                                              capsys, caplog):
     from blsam.tools.train import parse_args
 
-    from blsam.train.engine import train
+    from blsam.train.options import train
 
     out = tmp_path / "run"
     part = train(parse_args(_argv(data, tiny_sam_ckpt, out, "--batch-size", "2",
@@ -76,7 +76,7 @@ def test_resume_refuses_other_run_then_remaps_by_images_seen(data, tiny_sam_ckpt
                                       "--resume", "auto", "--resume-remap")))
     assert "--resume-remap" in caplog.text and "batch_size 2 -> 1" in caplog.text
     assert [h["step"] for h in remapped["history"]] == [3]
-    from blsam.train.model import lr_lambda
+    from blsam.train.distill import lr_lambda
     assert remapped["history"][0]["lr"] == pytest.approx(5e-4 * lr_lambda(0, 3, 0.01)(2))
     ck = torch.load(out / "last.pth", weights_only=True)
     assert ck["step"] == 3 and ck["images_seen"] == 3 and ck["run"]["batch_size"] == 1

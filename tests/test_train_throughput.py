@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from blsam.train import async_ckpt, timing, transfer
+from blsam.train import async_ckpt, loader, timing
 from blsam.train.resume import load_training_checkpoint
 from blsam.utils.images import resize_and_pad_uint8
 from blsam.train import packed_cache as pc
@@ -88,11 +88,11 @@ def test_pack_unpack_one_buffer_roundtrip():
              "boxes": [torch.rand(3, 4), None], "labels": [None, torch.ones(1, 3).long()],
              "teacher": [torch.randn(4, 1, 1).half(), None], "skipped": []}
     ref = {k: (list(v) if isinstance(v, list) else v) for k, v in batch.items()}
-    packed = transfer.PackingCollate(lambda s: s)(dict(batch))
+    packed = loader.PackingCollate(lambda s: s)(dict(batch))
     assert packed["image"] is None and packed["masks"] == [None, None]
-    assert isinstance(packed[transfer.PACKED]["flat"], torch.Tensor)
-    out = transfer.unpack_batch(packed, torch.device("cpu"))
-    assert transfer.PACKED not in out
+    assert isinstance(packed[loader.PACKED]["flat"], torch.Tensor)
+    out = loader.unpack_batch(packed, torch.device("cpu"))
+    assert loader.PACKED not in out
     flat = out["image"].untyped_storage().data_ptr()
     for k in ("image",):
         torch.testing.assert_close(out[k], ref[k], atol=0, rtol=0)
@@ -104,7 +104,7 @@ def test_pack_unpack_one_buffer_roundtrip():
                 torch.testing.assert_close(a, b, atol=0, rtol=0)
                 assert a.untyped_storage().data_ptr() == flat  # all views of one buffer
     assert out["key"] == ["a", "b"] and out["kind"] == ["box", "point"]
-    assert transfer.unpack_batch({"x": 1}, torch.device("cpu")) == {"x": 1}
+    assert loader.unpack_batch({"x": 1}, torch.device("cpu")) == {"x": 1}
 
 
 def test_uint8_normalised_on_device_equals_host_preprocessing():
@@ -115,10 +115,10 @@ def test_uint8_normalised_on_device_equals_host_preprocessing():
     ref, hw = preprocess_image(img, 128)
     u8, hw8 = resize_and_pad_uint8(img, 128)
     assert hw8 == hw and u8.dtype == torch.uint8 and u8[:, :, hw[1]:].eq(0).all()
-    got = transfer.normalize_images(u8[None], [hw])
+    got = loader.normalize_images(u8[None], [hw])
     assert torch.equal(got[0], ref)  # bitwise: caches made either way agree
-    assert transfer.normalize_images(ref[None], [hw]) is not None
-    assert torch.equal(transfer.normalize_images(ref[None], [hw]), ref[None])  # float: as is
+    assert loader.normalize_images(ref[None], [hw]) is not None
+    assert torch.equal(loader.normalize_images(ref[None], [hw]), ref[None])  # float: as is
 
 
 def _write_fake_cache(path, keys, shape):
@@ -146,7 +146,7 @@ def test_endless_loader_resumed_stream_equals_uninterrupted(tmp_path):
 
     def take(epoch, start, n, workers):
         sampler = EpochBatchSampler(len(ds), 2, seed=3)  # 3 batches per epoch (last short)
-        stream = transfer.endless_loader(ds, sampler, collate, workers, epoch, start,
+        stream = loader.endless_loader(ds, sampler, collate, workers, epoch, start,
                                          pin=False)
         return [next(stream) for _ in range(n)]
 

@@ -142,7 +142,7 @@ def bench_cache(args: argparse.Namespace, work: str) -> Dict[str, Any]:
 
 def _train_args(args: argparse.Namespace, data: str, ckpt: str, cache: str, out: str
                 ) -> argparse.Namespace:
-    from blsam.train.engine import build_parser as train_parser
+    from blsam.train.options import build_parser as train_parser
 
     return train_parser().parse_args([
         "--data", data, "--data-fraction", "1", "--sam-checkpoint", ckpt, "--model", args.model,
@@ -158,8 +158,8 @@ def bench_step(args: argparse.Namespace, work: str, ckpt: str) -> Dict[str, Any]
     from blsam import blsam_model_registry
     from blsam.train.cache import build_parser as cache_parser, cache_teacher
     from blsam.train.data import EpochBatchSampler, SA1BDataset, collate, select_records
-    from blsam.train.engine import train
-    from blsam.train.model import DistillModel, set_trainable
+    from blsam.train.options import train
+    from blsam.train.distill import DistillModel, set_trainable
     from blsam.train.tiny_sa1b import write_tiny_sa1b
 
     n_img = args.steps * args.batch_size

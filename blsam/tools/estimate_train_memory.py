@@ -42,7 +42,7 @@ def estimate(args: argparse.Namespace) -> Dict[str, float]:
     import blsam.modeling.attention as attention
     import blsam.modeling.predictor as predictor
     from blsam import TEACHER_OF, blsam_model_registry
-    from blsam.train.model import DistillModel, enable_grad_checkpointing, set_trainable
+    from blsam.train.distill import DistillModel, enable_grad_checkpointing, set_trainable
 
     fx_config.meta_nonzero_assume_all_nonzero = True  # SAM's prompt encoder masks by label
     predictor.TokenPredictor.forward = (  # no autocast context on meta

@@ -22,7 +22,7 @@ import sys
 from typing import List, Optional
 
 from blsam.train.cluster import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError
-from blsam.train.engine import build_parser, train
+from blsam.train.options import build_parser, train
 from blsam.utils.cli import one_line, one_line_parse_errors, run_cli
 from blsam.utils.config import parse_args_with_config
 

@@ -20,7 +20,7 @@ from ..specs import TEACHER_OF, check_img_size
 from ..utils.cli import OptionError, check_option
 from ..utils.collectives import DEFAULT_TIMEOUT_S, init_distributed_with_timeout
 from .data import SA1BDataset, add_data_args, collate, select_records
-from .model import amp_dtype
+from .distill import amp_dtype
 from .packed_cache import (CacheError, PartWriter, finished_part, forget, provenance,
                            read_index, remove_stale_temps, write_index)
 from .teacher import Teacher

@@ -1,6 +1,6 @@
 """The training run in parts that read alone: ``setup`` (data, models, optimizer), ``resume``,
 ``train_step`` (one optimizer update), ``MetricsLog`` (JSONL, TensorBoard, progress bar),
-``save`` (checkpoint), ``validate``, ``run_loop`` and ``finish``. ``blsam.train.engine.train``
+``save`` (checkpoint), ``validate``, ``run_loop`` and ``finish``. ``blsam.train.options.train``
 chains them. State that changes while training lives in one ``Run`` object, so a hook (for
 example an asynchronous checkpoint writer) needs only that object.
 """
@@ -28,7 +28,7 @@ from ..utils.files import write_json_atomic
 from ..utils import dist as du
 from .data import (DataError, EpochBatchSampler, Record, SA1BDataset, collate, hold_out_val,
                    select_records, select_val_records)
-from .model import (METRIC_KEYS, DistillModel, amp_dtype, enable_grad_checkpointing,
+from .distill import (METRIC_KEYS, DistillModel, amp_dtype, enable_grad_checkpointing,
                     lr_lambda, make_optimizer, set_trainable, state_checksum)
 from .resume import (COUNTERS, check_resume, clean_stale_temp_files, load_resume,
                      remap_position, restore_counters, rng_state, run_signature,
@@ -38,7 +38,7 @@ from .cluster import (NonFiniteError, StopSignals, cache_key, check_ranks_agree,
 from .async_ckpt import AsyncCheckpointWriter
 from .teacher import Teacher, cache_covers, check_cache
 from .timing import PhaseTimer, StepProfiler, window_record
-from .transfer import endless_loader, normalize_images, unpack_batch
+from .loader import endless_loader, normalize_images, unpack_batch
 from .validation import VAL_KEYS, PromptHead, evaluate
 
 log = logging.getLogger("blsam.train")
@@ -84,7 +84,7 @@ class Run:
     nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss / grad norm
     nonfinite_run: int = 0  # ... of them in a row, up to now
     last_good: Optional[str] = None  # the newest checkpoint known finite (written or resumed)
-    signals: Optional[StopSignals] = None  # set by engine.train: preemption requests
+    signals: Optional[StopSignals] = None  # set by options.train: preemption requests
     preempted: Optional[str] = None  # the signal the run stopped for
 
     @property
@@ -340,7 +340,7 @@ class MetricsLog:
             self.bar.close()
 
 
-class Window:
+class LogInterval:
     """Metrics summed over the steps since the last log line (on the device: no host sync per
     step), images and micro-steps; the window's time comes from ``run.timer``'s laps."""
 
@@ -354,7 +354,7 @@ class Window:
         self.images = self.micro = 0
 
 
-def log_window(run: Run, win: Window, mlog: MetricsLog, lr: float) -> None:
+def log_window(run: Run, win: LogInterval, mlog: MetricsLog, lr: float) -> None:
     """One train record: metrics averaged over every rank's micro-steps; ``images_per_s`` is
     the global rate (all ranks) over the window's training time: the timer's laps without the
     checkpoint and validation phases (``global_images_per_s``, the same number)."""
@@ -390,7 +390,7 @@ def batch_stream(ds: SA1BDataset, sampler: EpochBatchSampler, num_workers: int, 
     yield from endless_loader(ds, sampler, collate, num_workers, epoch, start_batch, pin)
 
 
-def train_step(run: Run, stream: Iterator, win: Window) -> float:
+def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
     """``accum_steps`` micro-batches, one optimizer update; returns the LR it used."""
     args, dev, timer = run.args, run.dev, run.timer
     if run.ckpt_writer is not None:
@@ -529,7 +529,7 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
     args = run.args
     stream = batch_stream(run.ds, run.sampler, args.num_workers, run.epoch, run.batch_in_epoch,
                           pin=run.dev.type == "cuda")
-    win = Window(run.dev)
+    win = LogInterval(run.dev)
     if run.val_loader is not None and run.step == 0:
         validate(run, mlog)  # the curve's starting point
     run.timer = timer = PhaseTimer(run.dev)
@@ -546,7 +546,7 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
         run.ckpt_writer.wait()  # a failed background write is raised here
 
 
-def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: Window, timer: PhaseTimer,
+def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: LogInterval, timer: PhaseTimer,
            prof: StepProfiler) -> bool:
     args = run.args
     while run.step < run.total:

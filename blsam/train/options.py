@@ -20,7 +20,7 @@ from ..utils.cli import OptionError, check_option
 from ..checkpoint import check_not_blsam, read_state_dict
 from .cluster import OutputDirError, StopSignals, check_output_dir, signal_numbers
 from .data import MAX_MASK_FRACTION, add_data_args
-from .model import FD_PADDING, parse_trainable
+from .distill import FD_PADDING, parse_trainable
 from .prompts import PROMPT_TYPES
 
 
