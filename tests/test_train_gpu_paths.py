@@ -273,3 +273,57 @@ def test_eval_predictor_equals_sam_predictor_in_fp32(sam):
     for a, b in zip(*outs):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------- rank 0's writes (slow)
+
+
+SLOW_WRITER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import blsam.train.loop as loop
+from tools.train import cli
+
+def slow(fn):
+    def wrapped(*a, **k):
+        if os.environ["RANK"] == "0":
+            time.sleep({delay})
+        return fn(*a, **k)
+    return wrapped
+
+loop.save_training_checkpoint = slow(loop.save_training_checkpoint)
+loop.save_atomic = slow(loop.save_atomic)
+sys.exit(cli(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_rank0_writes_longer_than_the_process_group_timeout(tiny_sam_ckpt, tmp_path):
+    """2 gloo ranks, --dist-timeout 6 s, every checkpoint and the final write on rank 0 take
+    10 s: the other rank waits outside any collective (the store, --write-timeout) and the
+    run completes (a barrier after the write timed out). ~60 s on 2 shared cores."""
+    import json
+
+    from blsam.train.tiny_sa1b import write_tiny_sa1b
+
+    write_tiny_sa1b(tmp_path / "data", num_shards=2, images_per_shard=2, size=96, fmt="tar")
+    wrapper = tmp_path / "slow_writer.py"
+    wrapper.write_text(SLOW_WRITER.format(root=ROOT, delay=10))
+    out = tmp_path / "run"
+    argv = ["--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--model", "tiny_bl",
+            "--data", str(tmp_path / "data"), "--data-fraction", "1",
+            "--sam-checkpoint", tiny_sam_ckpt, "--output-dir", str(out), "--img-size", "64",
+            "--num-workers", "0", "--log-every", "1", "--no-progress", "--val-every", "0",
+            "--masks-per-image", "2", "--prompt-types", "box", "--batch-size", "1",
+            "--warmup-steps", "0", "--save-every", "1", "--keep-last", "0", "--max-steps", "2",
+            "--device", "cpu", "--dist-timeout", "0.1", "--async-checkpoint", "off"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "--monitor-interval", "0.2", str(wrapper), *argv]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["steps"] == 2 and summary["ranks_in_sync"]
+    assert summary["write_timeout_min"] == 120.0
+    assert (out / "final.pth").is_file() and (out / "last.pth").is_file()
