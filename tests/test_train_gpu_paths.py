@@ -275,6 +275,89 @@ def test_eval_predictor_equals_sam_predictor_in_fp32(sam):
             assert torch.equal(x, y)
 
 
+# ---------------------------------------------------------------- fake CUDA
+
+
+class CpuTensors(TorchDispatchMode):
+    """Inside a ``FakeTensorMode``: records every op that returns a CPU tensor, except
+    ``lift_fresh`` (a tensor literal from Python data: ``torch.tensor(list)``, or a Python
+    scalar written into a slice, which CUDA reads from the host without a sync). Mixing a CPU
+    and a CUDA tensor raises in the fake mode itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is not torch.ops.aten.lift_fresh.default:
+            for t in torch.utils._pytree.tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.device.type != "cuda":
+                    self.found.append((str(func), tuple(t.shape)))
+        return out
+
+
+def _fake_cuda():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=False), torch.device("cuda:0")
+
+
+@pytest.mark.parametrize("variant", ["tiny_bl", "b_t", "h_b"])
+@pytest.mark.parametrize("skip_padding", [False, True])
+def test_student_encoder_on_fake_cuda_creates_nothing_on_the_cpu(variant, skip_padding):
+    """The student is built on fake CUDA (no GPU, no memory: h_b's weights are not allocated)
+    and runs outside the ``torch.device`` context, so a factory without ``device=`` would make a
+    CPU tensor. ``skip_padding`` routes a data-dependent number of tokens (``.item()`` and
+    Python control flow on it): fake tensors have no data, so that case is skipped."""
+    if skip_padding:
+        pytest.skip("skip_padding: data-dependent shapes (aten._local_scalar_dense) cannot run "
+                    "on fake tensors, even with a ShapeEnv (GuardOnDataDependentSymNode)")
+    mode, dev = _fake_cuda()
+    with mode, dev:
+        sam = blsam_model_registry[variant](sam_checkpoint=None, img_size=IMG)
+        x = torch.randn(2, 3, IMG, IMG)
+    with mode, CpuTensors() as cpu, torch.no_grad():
+        y = sam.image_encoder(x)
+    assert y.device == dev and y.shape == (2, 256, IMG // 16, IMG // 16)
+    assert cpu.found == []
+
+
+def test_teacher_and_distill_model_on_fake_cuda(monkeypatch):
+    """Teacher (uncached, partly cached) and DistillModel's forward with every loss on fake CUDA
+    inputs. Not covered here: backward (autograd needs a real CUDA context), pinning
+    (``_to_device`` pins host copies; fake mode has no ``pin_memory``: replaced by ``.to``) and
+    ``prompt_iters > 1`` (a CUDA ``torch.Generator`` needs a GPU)."""
+    import blsam.train.teacher as teacher_mod
+    from blsam.build_blsam import build_vanilla_sam
+    from blsam.train.model import DistillModel, set_trainable
+
+    monkeypatch.setattr(teacher_mod, "_to_device", lambda x, d: x.to(d))
+    mode, dev = _fake_cuda()
+    with mode, dev:
+        t = teacher_mod.Teacher("tiny_vit", None, IMG, dev)
+        # Module.to() cannot swap fake parameters: the encoder is built on the device instead
+        t.encoder = t._run = build_vanilla_sam("tiny_vit", None, img_size=IMG,
+                                               fused=True).image_encoder.eval()
+        sam = blsam_model_registry["tiny_bl"](sam_checkpoint=None, img_size=IMG)
+        set_trainable(sam, "all")
+        x = torch.randn(2, 3, IMG, IMG)
+        cached = [None, torch.randn(256, IMG // 16, IMG // 16).half()]
+        batch = {"kind": ["point", "box"],
+                 "masks": [torch.zeros(2, LOW, LOW), torch.zeros(3, LOW, LOW)],
+                 "boxes": [None, torch.rand(3, 4) * IMG],
+                 "points": [torch.rand(2, 1, 2) * IMG, None],
+                 "labels": [torch.ones(2, 1, dtype=torch.long), None], "seed": [1, 2],
+                 "hw": [(IMG, IMG), (IMG, IMG - 16)]}
+    with mode, CpuTensors() as cpu:
+        full = t.embeddings(x, [None, None])
+        part = t.embeddings(x, cached)
+        out = DistillModel(sam, lambda_fd=1.0)(x, batch, full)
+    assert full.device == part.device == dev
+    assert {k: v.device for k, v in out.items()} == {k: dev for k in out}
+    assert cpu.found == []
+
+
 # ---------------------------------------------------------------- rank 0's writes (slow)
 
 
