@@ -1,4 +1,4 @@
-"""Issue 18 §4: what a GPU run needs, checked on the CPU (tiny_bl student, tiny_vit teacher, 64 px).
+"""Issue 18 §4: what a GPU run needs, checked on the CPU (tiny_bl, tiny_vit, 64 px).
 
 * the prompt encoder and dense PE run in fp32 under autocast, and training, validation and
   evaluation give the mask decoder the same inputs (one function: ``prompt_inputs``);
