@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from segment_anything import SamPredictor
 
 from .datasets import (
     DatasetError,
@@ -29,6 +30,7 @@ from .datasets import (
     read_image_oriented,
     resolve_image_path,
 )
+from ..modeling.prompt_inputs import prompt_inputs
 from .metrics import batch_mask_iou, coco_segm_eval, lvis_segm_eval, size_of, summarize_miou
 from .prompts import (
     correction_click,
@@ -140,6 +142,30 @@ def _chunks(items: Iterable[Any], n: int) -> Iterator[List[Any]]:
         if not chunk:
             return
         yield chunk
+
+
+class Predictor(SamPredictor):
+    """``SamPredictor`` whose prompt encoder and dense PE run in fp32 under autocast
+    (``--amp bf16``) and without a host sync: ``modeling.prompt_inputs``, the function training
+    and validation use. Outside autocast its results are ``SamPredictor``'s, bit for bit."""
+
+    def predict_torch(self, point_coords: Optional[torch.Tensor],
+                      point_labels: Optional[torch.Tensor], boxes: Optional[torch.Tensor] = None,
+                      mask_input: Optional[torch.Tensor] = None, multimask_output: bool = True,
+                      return_logits: bool = False
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        model = self.model
+        points = None if point_coords is None else (point_coords, point_labels)
+        sparse, dense, image_pe = prompt_inputs(model.prompt_encoder, points, boxes, mask_input)
+        low_res, iou_pred = model.mask_decoder(
+            image_embeddings=self.features, image_pe=image_pe, sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, multimask_output=multimask_output)
+        masks = model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > model.mask_threshold
+        return masks, iou_pred, low_res
 
 
 def _sync(device: torch.device) -> None:

@@ -107,7 +107,10 @@ def window_rows(b: int, h: int, w: int, ws: int, device: torch.device) -> torch.
     hp, wp = _padded(h, ws), _padded(w, ws)
     n = b * h * w
     idx = torch.arange(n, device=device).view(b, h, w)
-    idx = F.pad(idx, (0, wp - w, 0, hp - h), value=n)
+    # pad with -1, then point pad slots at row n: ``F.pad(value=n)`` would bake the batch size
+    # into a compiled graph (torch.compile recompiled the teacher for every batch size)
+    idx = F.pad(idx, (0, wp - w, 0, hp - h), value=-1)
+    idx = torch.where(idx < 0, n, idx)
     return idx.view(b, hp // ws, ws, wp // ws, ws).permute(0, 1, 3, 2, 4).reshape(-1)
 
 

@@ -458,10 +458,8 @@ def _evaluate(args: argparse.Namespace, protos: Sequence[ProtocolConfig],
     """Load, build, evaluate at every keep ratio (each rank's shard gathered to rank 0 only),
     then, once every rank has finished every keep ratio, metrics and files on rank 0 alone: no
     rank waits in a collective while rank 0 runs COCOeval / LVISEval."""
-    from segment_anything import SamPredictor
-
     from blsam.evaluation.report import file_sha256
-    from blsam.evaluation.runner import Evaluator, merge_shards
+    from blsam.evaluation.runner import Evaluator, Predictor, merge_shards
     from blsam.utils.collectives import check_peers, fail_together, gather_to_main
 
     log_dir = args.output
@@ -477,7 +475,7 @@ def _evaluate(args: argparse.Namespace, protos: Sequence[ProtocolConfig],
         if keep is not None:
             sam.image_encoder.keep_ratio = keep
         gflops[keep] = None if args.no_flops or not info.is_main else sam_gflops(sam)
-    evaluator = Evaluator(SamPredictor(sam), data.dataset, args.img_dir, protos,
+    evaluator = Evaluator(Predictor(sam), data.dataset, args.img_dir, protos,
                           data.detections, args.skip_bad_images, data.bad_annotations,
                           args.exif_orientation)
     shard = data.found[info.rank::info.world_size]

@@ -11,7 +11,9 @@ pipeline, so a resumed run draws the same clicks and no host sync is needed.
 
 The prompt encoder and mask decoder run once per iteration over all images' masks, one call per
 group of prompts of the same form (multimask or not, box or not, click count), through
-``decoder.decode_masks``: SAM's decoder repeats one image's embedding for its prompts.
+``decoder.decode_masks``: SAM's decoder repeats one image's embedding for its prompts. The
+prompt encoder's outputs and the dense PE come from ``modeling.prompt_inputs`` (fp32 under
+autocast, no host sync), the one function validation and evaluation use too.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..modeling.prompt_inputs import prompt_inputs
 from .decoder import decode_masks
 from .losses import feature_loss, mask_losses, real_positions, total_loss
 
@@ -178,7 +181,6 @@ class DistillModel(nn.Module):
         last. Each iteration runs the prompt encoder and the decoder once per group of masks
         whose prompts have the same form (see ``ImagePrompts.form``), not once per image."""
         sam, dev, iters = self.sam, emb.device, self.prompt_iters
-        image_pe = sam.prompt_encoder.get_dense_pe()
         acc = {k: torch.zeros((), device=dev) for k in ("loss_mask", "loss_iou")}
         first_iou = last_iou = torch.zeros((), device=dev)
         for it in range(iters):
@@ -193,7 +195,8 @@ class DistillModel(nn.Module):
                     points = (_cat([p.points[0] for p in members]),
                               _cat([p.points[1] for p in members]))
                 masks = None if it == 0 else _cat([p.mask_in for p in members])
-                sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+                # fp32 under autocast and sync-free, like validation and evaluation
+                sparse, dense, image_pe = prompt_inputs(sam.prompt_encoder, points, boxes, masks)
                 logits, iou_pred = decode_masks(
                     sam.mask_decoder, emb, _cat([p.index for p in members]), image_pe, sparse,
                     dense, multimask)

@@ -489,10 +489,17 @@ def checkpoint_state(run: Run, counters: Dict[str, List[int]]) -> Dict[str, Any]
     }
 
 
+def write_timeout(args: argparse.Namespace) -> float:
+    """Minutes the other ranks wait for rank 0's file writes (``--write-timeout``)."""
+    return float(getattr(args, "write_timeout", None) or 120.0)
+
+
 def save(run: Run, numbered: bool) -> None:
     """Every rank's counters gathered (a collective), rank 0 snapshots the state off the device
     and a background thread writes it (atomic rename, last good file kept); the loop times it
-    as the "checkpoint" phase, which is not training time."""
+    as the "checkpoint" phase, which is not training time. The other ranks wait for rank 0
+    outside any collective (``du.main_writes``), so a write longer than ``--dist-timeout``
+    does not end the run."""
     # every rank holds the same weights: each checks them, so all stop together
     bad = first_nonfinite({"model": run.sam.state_dict(), "optimizer": run.opt.state_dict()})
     if bad:
@@ -500,10 +507,12 @@ def save(run: Run, numbered: bool) -> None:
                              f"newest good checkpoint: {run.last_good or 'none'}")
     gathered = du.all_gather_objects(dict(run.counters))
     counters = {k: [int(c[k]) for c in gathered] for k in COUNTERS}
-    if run.info.is_main:
-        run.ckpt_writer.save(save_training_checkpoint, checkpoint_state(run, counters),
-                             run.args.output_dir, run.step, numbered, run.args.keep_last)
-    du.barrier()
+    # no collective waits on rank 0's write (it may outlast --dist-timeout): the others wait
+    # for it through the store, up to --write-timeout
+    with du.main_writes(f"checkpoint step {run.step}", write_timeout(run.args)) as main:
+        if main:
+            run.ckpt_writer.save(save_training_checkpoint, checkpoint_state(run, counters),
+                                 run.args.output_dir, run.step, numbered, run.args.keep_last)
     out = run.args.output_dir
     run.last_good = os.path.join(out, f"step_{run.step:07d}.pth" if numbered else "last.pth")
 
@@ -540,10 +549,17 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
     prof = StepProfiler(args.profile if run.info.is_main else 0, args.output_dir, run.info.rank,
                         run.dev)
     try:
-        return _steps(run, mlog, stream, win, timer, prof)
-    finally:
+        done = _steps(run, mlog, stream, win, timer, prof)
+    except BaseException:
         prof.stop()
         run.ckpt_writer.wait()  # a failed background write is raised here
+        raise
+    prof.stop()
+    # the last background write, before finish()'s collective: the others wait for it outside
+    # any collective
+    with du.main_writes("the last checkpoint", write_timeout(args)):
+        run.ckpt_writer.wait()  # a failed background write is raised here
+    return done
 
 
 def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: LogInterval, timer: PhaseTimer,
@@ -588,15 +604,18 @@ def finish(run: Run, completed: bool) -> Dict[str, Any]:
                "ranks_in_sync": len(set(checksums)) == 1,
                "teacher_images_computed": run.teacher.images_computed,
                "teacher_built": run.teacher.encoder is not None, "run": run.signature,
-               "dist_timeout_min": getattr(args, "dist_timeout", None)}
-    if info.is_main:
-        save_atomic(run.sam.state_dict(), os.path.join(args.output_dir, "final.pth"))
-        with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in summary.items() if k not in ("history", "val_history")},
-                      f, indent=1)
+               "dist_timeout_min": getattr(args, "dist_timeout", None),
+               "write_timeout_min": write_timeout(args)}
+    # rank 0 writes, the others wait outside any collective (no barrier: the write may outlast
+    # --dist-timeout); every rank returns once final.pth and summary.json are on disk
+    with du.main_writes("final.pth and summary.json", write_timeout(args)) as main:
+        if main:
+            save_atomic(run.sam.state_dict(), os.path.join(args.output_dir, "final.pth"))
+            save_atomic_json({k: v for k, v in summary.items()
+                              if k not in ("history", "val_history")},
+                             os.path.join(args.output_dir, "summary.json"))
     if not summary["ranks_in_sync"]:
         raise RuntimeError(f"ranks ended with different weights: {checksums}")
-    du.barrier()
     return summary
 
 

@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-timeout", type=float, default=60.0,
                    help="minutes a collective waits for the slowest rank before the process "
                         "group fails (NCCL watchdog)")
+    g.add_argument("--write-timeout", type=float, default=120.0,
+                   help="minutes the other ranks wait for rank 0's checkpoint / final-weight "
+                        "writes; they wait outside any collective, so a write may take longer "
+                        "than --dist-timeout")
     return p
 
 
@@ -157,6 +161,8 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.max_nonfinite_steps >= 0, f"--max-nonfinite-steps must be >= 0, "
          f"got {args.max_nonfinite_steps}")
     need(args.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
+    need(args.write_timeout > 0,
+         f"--write-timeout must be > 0 minutes, got {args.write_timeout}")
     try:
         signal_numbers(args.preempt_signals)
     except ValueError as e:

@@ -81,17 +81,23 @@ class Teacher:
         """(B, 256, h, w) fp32 targets: cached entries where present, the encoder for the rest.
 
         Cached rows travel to the device as one stacked fp16 tensor (one transfer per batch,
-        non-blocking from pinned memory on CUDA) and become fp32 there."""
+        non-blocking from pinned memory on CUDA) and become fp32 there. A partly cached batch
+        is split and merged with device index tensors (also sent non-blocking): indexing a
+        CUDA tensor with a Python list copies the list from pageable memory, a host sync."""
         have = [i for i, c in enumerate(cached) if c is not None]
         missing = [i for i, c in enumerate(cached) if c is None]
         if not missing:
             return _to_device(torch.stack(cached), self.device).float()  # type: ignore[arg-type]
-        computed = self.encode(images[missing])
         if not have:
-            return computed
+            return self.encode(images)
+        idx = _to_device(torch.tensor(missing + have), self.device)
+        miss_idx, have_idx = idx[:len(missing)], idx[len(missing):]
+        sel = miss_idx if images.device == miss_idx.device else torch.tensor(missing)
+        computed = self.encode(images.index_select(0, sel))
         out = torch.empty((len(cached), *computed.shape[1:]), device=self.device)
-        out[missing] = computed
-        out[have] = _to_device(torch.stack([cached[i] for i in have]), self.device).float()
+        out.index_copy_(0, miss_idx, computed)
+        out.index_copy_(0, have_idx, _to_device(torch.stack([cached[i] for i in have]),
+                                                self.device).float())
         return out
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..modeling.prompt_inputs import prompt_inputs
 from .losses import mask_iou, real_positions
 
 VAL_KEYS = ("cos_sim", "miou_point", "miou_box", "miou_teacher_point", "miou_teacher_box")
@@ -38,11 +39,12 @@ def decode(prompt_encoder: nn.Module, mask_decoder: nn.Module, emb: torch.Tensor
            points: Optional[torch.Tensor], labels: Optional[torch.Tensor],
            boxes: Optional[torch.Tensor]) -> torch.Tensor:
     """(M, h, w) low-res logits for one image's M prompts; a single click picks the output with
-    the highest predicted IoU of SAM's three, a box uses the single output."""
-    sparse, dense = prompt_encoder(points=None if points is None else (points, labels),
-                                   boxes=boxes, masks=None)
+    the highest predicted IoU of SAM's three, a box uses the single output. The prompt inputs
+    are training's (``prompt_inputs``: fp32 under autocast)."""
+    sparse, dense, image_pe = prompt_inputs(
+        prompt_encoder, None if points is None else (points, labels), boxes, None)
     multi = points is not None and points.shape[1] == 1
-    logits, iou = mask_decoder(image_embeddings=emb, image_pe=prompt_encoder.get_dense_pe(),
+    logits, iou = mask_decoder(image_embeddings=emb, image_pe=image_pe,
                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                multimask_output=multi)
     if multi:

@@ -96,6 +96,45 @@ def barrier() -> None:
         dist.barrier()
 
 
+_MAIN_WRITES = [0]  # how many ``main_writes`` blocks this process has entered (same on all ranks)
+
+
+@contextlib.contextmanager
+def main_writes(what: str, timeout_min: float) -> Iterator[bool]:
+    """A block only rank 0 runs (file writes), that the other ranks wait for outside any
+    collective: yields whether this is rank 0.
+
+    Why: a barrier after rank 0's write (or the next collective) waits as long as the write
+    takes, and a large checkpoint on a slow file system can take longer than the process-group
+    timeout (``--dist-timeout``), which then kills the run. Here rank 0 sets a key in the
+    process group's store when the block ends (or the error's message, if it raised) and the
+    others wait for that key with their own ``timeout_min``. In one process this just yields
+    True."""
+    if not (dist.is_available() and dist.is_initialized()):
+        yield True
+        return
+    _MAIN_WRITES[0] += 1
+    key = f"blsam/main_writes/{_MAIN_WRITES[0]}"
+    store = dist.distributed_c10d._get_default_store()
+    if dist.get_rank() == 0:
+        try:
+            yield True
+        except BaseException as e:
+            store.set(key, f"error: {type(e).__name__}: {e}")
+            raise
+        store.set(key, "ok")
+        return
+    yield False
+    try:
+        store.wait([key], datetime.timedelta(minutes=timeout_min))
+    except Exception as e:  # the store's timeout (DistStoreError), or rank 0's store gone
+        raise RuntimeError(f"rank 0 did not finish {what} within {timeout_min:g} minutes "
+                           f"(--write-timeout): {e}") from e
+    status = store.get(key).decode()
+    if status != "ok":
+        raise RankError(f"on rank 0, {what}: {status[len('error: '):]}")
+
+
 def all_gather_objects(obj: Any) -> List[Any]:
     """Every rank's ``obj`` in rank order (just ``[obj]`` in one process)."""
     if not (dist.is_available() and dist.is_initialized()):
