@@ -112,7 +112,7 @@ def test_prompt_inputs_equal_sams_prompt_encoder(sam, form):
 
 def _capture_training_inputs(sam, monkeypatch, batch):
     """The (image_pe, sparse, dense) training hands the batched decoder, under bf16 autocast."""
-    import blsam.train.model as model_mod
+    import blsam.train.distill as model_mod
 
     seen = []
     decode = model_mod.decode_masks
@@ -330,7 +330,7 @@ def test_teacher_and_distill_model_on_fake_cuda(monkeypatch):
     ``prompt_iters > 1`` (a CUDA ``torch.Generator`` needs a GPU)."""
     import blsam.train.teacher as teacher_mod
     from blsam.build_blsam import build_vanilla_sam
-    from blsam.train.model import DistillModel, set_trainable
+    from blsam.train.distill import DistillModel, set_trainable
 
     monkeypatch.setattr(teacher_mod, "_to_device", lambda x, d: x.to(d))
     mode, dev = _fake_cuda()
@@ -365,7 +365,7 @@ SLOW_WRITER = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 import blsam.train.loop as loop
-from tools.train import cli
+from blsam.tools.train import cli
 
 def slow(fn):
     def wrapped(*a, **k):

@@ -611,9 +611,9 @@ def finish(run: Run, completed: bool) -> Dict[str, Any]:
     with du.main_writes("final.pth and summary.json", write_timeout(args)) as main:
         if main:
             save_atomic(run.sam.state_dict(), os.path.join(args.output_dir, "final.pth"))
-            save_atomic_json({k: v for k, v in summary.items()
-                              if k not in ("history", "val_history")},
-                             os.path.join(args.output_dir, "summary.json"))
+            write_json_atomic({k: v for k, v in summary.items()
+                               if k not in ("history", "val_history")},
+                              os.path.join(args.output_dir, "summary.json"), indent=1)
     if not summary["ranks_in_sync"]:
         raise RuntimeError(f"ranks ended with different weights: {checksums}")
     return summary
