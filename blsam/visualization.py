@@ -32,7 +32,7 @@ def routing_masks_on_image(
     rh, rw = int(h * scale + 0.5), int(w * scale + 0.5)
     out = []
     for stage in routing:
-        m = stage["mask"][index].float().cpu().numpy()  # token grid (img_size/16)^2
+        m = stage.mask[index].float().cpu().numpy()  # token grid (img_size/16)^2
         up = cv2.resize(m, (img_size, img_size), interpolation=cv2.INTER_NEAREST)[:rh, :rw]
         out.append(cv2.resize(up, (w, h), interpolation=cv2.INTER_NEAREST) > 0.5)
     return out
@@ -73,7 +73,7 @@ def save_routing_figure(
         import cv2
 
         image = padded_canvas(image, img_size)
-        masks = [cv2.resize(s["mask"][0].float().cpu().numpy(), (img_size, img_size),
+        masks = [cv2.resize(s.mask[0].float().cpu().numpy(), (img_size, img_size),
                             interpolation=cv2.INTER_NEAREST) > 0.5 for s in routing]
     else:
         masks = routing_masks_on_image(routing, image.shape[:2], img_size)
@@ -84,7 +84,7 @@ def save_routing_figure(
         ax.imshow(shown)
         share = stage.get("share")
         extra = f", {float(share[0]):.0%} routed" if share is not None else ""
-        ax.set_title(f"after layer {stage['after_layer']}: k={stage['k']}/window{extra}",
+        ax.set_title(f"after layer {stage.after_layer}: k={stage.k}/window{extra}",
                      fontsize=9)
         ax.axis("off")
     if title:

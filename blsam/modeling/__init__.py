@@ -1,6 +1,6 @@
 from .attention import Attention, rel_pos_bias
 from .blocks import BigLittleBlock, EBlock
-from .image_encoder import BLViTImageEncoder, EncoderSpec
+from .image_encoder import BLViTImageEncoder, EncoderSpec, RoutingStage
 from .predictor import TokenPredictor
 from .routing import Routing, route_tokens, tokens_per_window
 
@@ -11,6 +11,7 @@ __all__ = [
     "EBlock",
     "BLViTImageEncoder",
     "EncoderSpec",
+    "RoutingStage",
     "TokenPredictor",
     "Routing",
     "route_tokens",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,30 @@ class PatchProj(nn.Conv2d):
         y = F.linear(patches.reshape(b * gh * gw, ci * kh * kw),
                      self.weight.view(self.out_channels, -1), self.bias)
         return y.view(b, gh, gw, -1).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+
+
+@dataclass(frozen=True)
+class RoutingStage:
+    """What one predictor routed in the last forward (``BLViTImageEncoder.last_routing``).
+
+    after_layer: 1-based layer whose output the predictor scored; mask: (B, H, W) bool, the
+    tokens routed to the P-blocks until the next predictor (real tokens only); scores: (B, H, W)
+    fp32 predictor scores, detached; k: tokens routed per attention window; share: (B,) routed
+    share of each image's real (or, with skip_padding, content) tokens; skip_padding: whether
+    padding-aware routing was on. ``stage["mask"]`` still works (read-only, as the old dicts).
+    """
+
+    after_layer: int
+    mask: torch.Tensor
+    scores: torch.Tensor
+    k: int
+    share: torch.Tensor
+    skip_padding: bool
+
+    def __getitem__(self, key: str):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
 
 
 @dataclass(frozen=True)
@@ -123,7 +147,7 @@ class BLViTImageEncoder(nn.Module):
         )
         self.keep_ratio = keep_ratio
         self.skip_padding = skip_padding
-        self.last_routing: List[Dict[str, Union[torch.Tensor, int]]] = []
+        self.last_routing: List[RoutingStage] = []
 
     @property
     def keep_ratio(self) -> float:
@@ -193,9 +217,9 @@ class BLViTImageEncoder(nn.Module):
         if export:
             return (feats, stages) if return_routing else feats  # exported graphs: features only
         self.last_routing = [
-            {"after_layer": self.spec.predictor_after[j] + 1, "mask": r.mask,
-             "scores": r.score_map, "k": r.k, "share": r.share,
-             "skip_padding": content is not None}
+            RoutingStage(after_layer=self.spec.predictor_after[j] + 1, mask=r.mask,
+                         scores=r.score_map, k=r.k, share=r.share,
+                         skip_padding=content is not None)
             for j, r in enumerate(stages)
         ]
         return (feats, stages) if return_routing else feats
