@@ -1,10 +1,11 @@
 """Drawing helpers shared by the demo and the routing figure (paper Fig. 3)."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Union
+from typing import List, Sequence
 
 import numpy as np
-import torch
+
+from .modeling import RoutingStage
 
 
 def overlay_mask(image: np.ndarray, mask: np.ndarray, color=(30, 144, 255), alpha=0.55):
@@ -15,7 +16,7 @@ def overlay_mask(image: np.ndarray, mask: np.ndarray, color=(30, 144, 255), alph
 
 
 def routing_masks_on_image(
-    routing: Sequence[Dict[str, Union[torch.Tensor, int]]],
+    routing: Sequence[RoutingStage],
     image_hw: Sequence[int],
     img_size: int,
     index: int = 0,
@@ -53,7 +54,7 @@ def padded_canvas(image: np.ndarray, img_size: int, pad_value: int = 96) -> np.n
 
 def save_routing_figure(
     image: np.ndarray,
-    routing: Sequence[Dict[str, Union[torch.Tensor, int]]],
+    routing: Sequence[RoutingStage],
     img_size: int,
     path: str,
     title: str = "",
@@ -82,8 +83,7 @@ def save_routing_figure(
     for ax, stage, m in zip(axes[0], routing, masks):
         shown = (image * np.where(m[..., None], 1.0, 0.25)).astype(np.uint8)
         ax.imshow(shown)
-        share = stage.get("share")
-        extra = f", {float(share[0]):.0%} routed" if share is not None else ""
+        extra = f", {float(stage.share[0]):.0%} routed"
         ax.set_title(f"after layer {stage.after_layer}: k={stage.k}/window{extra}",
                      fontsize=9)
         ax.axis("off")

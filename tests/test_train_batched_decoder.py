@@ -139,7 +139,8 @@ SPECS = [("point", 3, 1), ("box", 2, 0), ("point", 0, 1), ("points", 4, 2), ("bo
          ("point", 2, 1)]
 
 
-@pytest.mark.parametrize("dtype,iters", [("float64", 1), ("float64", 3), ("float64", 5),
+@pytest.mark.parametrize("dtype,iters", [("float64", 1), ("float64", 3),
+                                         pytest.param("float64", 5, marks=pytest.mark.slow),
                                          ("float32", 3)])
 def test_batched_equals_per_image_oracle(sam, sam64, dtype, iters):
     """In float64 the gradients agree to ~1e-13 (the losses are computed in float32 in both);
