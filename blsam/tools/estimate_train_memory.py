@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from blsam.specs import BLVIT_MODELS
 from blsam.utils.cli import one_line_parse_errors, run_cli
 
 GiB = 2 ** 30
@@ -25,7 +26,7 @@ GiB = 2 ** 30
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="b_t", choices=("b_t", "h_b"))
+    p.add_argument("--model", default="b_t", choices=BLVIT_MODELS)
     p.add_argument("--img-size", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--masks-per-image", type=int, default=16)
