@@ -17,7 +17,6 @@ evaluation and the teacher cache need at full scale (LVIS val, a multi-hour ViT-
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import pickle
 import sys
@@ -42,17 +41,7 @@ def init_distributed_with_timeout(device: Optional[str], timeout_s: float,
     watchdog and gloo collectives give up after it instead of their 10/30-minute defaults)."""
     if timeout_s <= 0:
         raise ValueError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not _active():
-        import torch
-
-        cuda = torch.cuda.is_available() if device in (None, "auto") else \
-            str(device).startswith("cuda")
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
-                                timeout=datetime.timedelta(seconds=float(timeout_s)))
-    return init_distributed(device, backend)
+    return init_distributed(device, backend, timeout_min=timeout_s / 60.0)
 
 
 def gather_to_main(obj: Any) -> Optional[List[Any]]:
