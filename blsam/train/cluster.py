@@ -31,7 +31,6 @@ from ..errors import UserError
 
 log = logging.getLogger("blsam.train")
 
-EXIT_USAGE = 2  # a user error: one "error:" line on stderr
 EXIT_NONFINITE = 3  # --max-nonfinite-steps consecutive non-finite steps
 EXIT_PREEMPTED = 75  # stopped by a signal, checkpoint written: rerun with --resume auto
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, no checkpoint
