@@ -14,7 +14,7 @@ def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
     args = benchmark.parse_args([
         "--img-size", "64", "--keep-ratios", "0.5", "1.0", "--dtypes", "fp32", "--batch-sizes",
         "1", "--warmup", "0", "--repeats", "2", "--cpu-memory", "skip", "--devices", "cpu",
-        "--families", "tiny", "--malloc", "tuned", "--output-dir", str(out)])
+        "--families", "tiny", "--malloc", "default", "--output-dir", str(out)])
     results = benchmark.main(args)
     names = [r.model for r in results]
     assert names == ["tiny_vit", "tiny_vit_sdpa", "tiny_bl@0.5", "tiny_bl@1"]
@@ -26,7 +26,7 @@ def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
     data = json.loads((out / "benchmark.json").read_text())
     assert data["environment"]["threads"] == 2 and len(data["results"]) == 4
     assert "| tiny_bl@0.5 | eager | cpu | fp32 | 1 |" in (out / "benchmark.md").read_text()
-    assert all(r.malloc == "tuned" and r.minor_faults_per_forward >= 0 for r in results)
+    assert all(r.malloc == "default" and r.minor_faults_per_forward >= 0 for r in results)
     assert os.path.getsize(out / "benchmark.png") > 5000
     assert data["environment"]["gemm_burst_gmacs_per_s"] > 0
     assert all(r["frac_of_gemm_rate"] > 0 for r in data["results"])
@@ -57,6 +57,7 @@ def test_benchmark_both_allocators_in_fresh_processes_with_isa(tmp_path):
     assert env["isa"] in ("AVX2", "AVX-512", "AMX", "other")
     assert isinstance(env["native_bf16"], bool)
     assert env["per_mode"]["tuned"]["glibc_malloc_tuned"] is True
+    assert "mmap_max=0" in env["per_mode"]["tuned"]["glibc_tunables"]
     assert env["per_mode"]["default"]["glibc_malloc_tuned"] is False
     bf16 = [r for r in results if r.dtype == "bf16"]
     assert len(bf16) == 6 and all(r.bf16 in ("native", "emulated") for r in bf16)
@@ -72,7 +73,7 @@ def test_benchmark_onnx_rows_and_emulated_bf16_on_request(tmp_path):
     args = benchmark.parse_args([
         "--img-size", "64", "--keep-ratios", "0.5", "--dtypes", "fp32", "bf16",
         "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--cpu-memory", "skip",
-        "--gemm-rate", "skip", "--devices", "cpu", "--families", "tiny", "--malloc", "tuned",
+        "--gemm-rate", "skip", "--devices", "cpu", "--families", "tiny", "--malloc", "default",
         "--onnx", "--allow-emulated-bf16", "--output-dir", str(tmp_path)])
     results = benchmark.main(args)
     ort_rows = {r.model: r for r in results if r.backend == "onnxruntime"}
@@ -91,7 +92,7 @@ def test_benchmark_e2e_rows(tmp_path):
     args = benchmark.parse_args([
         "--img-size", "64", "--keep-ratios", "0.5", "--warmup", "0", "--repeats", "1",
         "--devices", "cpu", "--gemm-rate", "skip", "--skip-models", "--e2e",
-        "--e2e-points-per-side", "2", "--families", "tiny", "--malloc", "tuned",
+        "--e2e-points-per-side", "2", "--families", "tiny", "--malloc", "default",
         "--output-dir", str(tmp_path)])
     benchmark.main(args)
     rows = json.loads((tmp_path / "benchmark.json").read_text())["e2e_results"]
@@ -120,7 +121,7 @@ def test_benchmark_photo_rows_count_padding_queries(tmp_path):
     args = benchmark.parse_args([
         "--img-size", "64", "--keep-ratios", "0.5", "--warmup", "0", "--repeats", "1",
         "--devices", "cpu", "--gemm-rate", "skip", "--skip-models", "--photos", "16:9",
-        "--families", "tiny", "--malloc", "tuned", "--output-dir", str(tmp_path)])
+        "--families", "tiny", "--malloc", "default", "--output-dir", str(tmp_path)])
     rows = benchmark.main(args)
     assert [(r.model, r.skip_padding) for r in rows] == [
         ("tiny_vit", False), ("tiny_bl@0.5", False), ("tiny_bl@0.5+skip_padding", True)]
