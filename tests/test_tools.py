@@ -15,7 +15,7 @@ def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
     args = benchmark.parse_args([
         "--img-size", "64", "--keep-ratios", "0.5", "1.0", "--dtypes", "fp32", "--batch-sizes",
         "1", "--warmup", "0", "--repeats", "2", "--cpu-memory", "skip", "--devices", "cpu",
-        "--families", "tiny", "--output-dir", str(out)])
+        "--families", "tiny", "--malloc", "default", "--output-dir", str(out)])
     results = benchmark.main(args)
     names = [r.model for r in results]
     assert names == ["tiny_vit", "tiny_vit_sdpa", "tiny_bl@0.5", "tiny_bl@1"]
@@ -26,7 +26,8 @@ def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
     assert half.gflops_full_encoder < full.gflops_full_encoder
     data = json.loads((out / "benchmark.json").read_text())
     assert data["environment"]["threads"] == 2 and len(data["results"]) == 4
-    assert "| tiny_bl@0.5 | cpu | fp32 | 1 |" in (out / "benchmark.md").read_text()
+    assert "| tiny_bl@0.5 | eager | cpu | fp32 | 1 |" in (out / "benchmark.md").read_text()
+    assert all(r.malloc == "default" and r.minor_faults_per_forward >= 0 for r in results)
     assert os.path.getsize(out / "benchmark.png") > 5000
     assert data["environment"]["gemm_burst_gmacs_per_s"] > 0
     assert all(r["frac_of_gemm_rate"] > 0 for r in data["results"])
@@ -36,11 +37,92 @@ def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
     assert "of burst rate" in (out / "benchmark.md").read_text()
 
 
+@pytest.mark.slow  # two fresh processes (~15-35 s)
+def test_benchmark_both_allocators_in_fresh_processes_with_isa(tmp_path):
+    """The default: every model under the default and the tuned allocator, each setting in a
+    fresh process, runs interleaved; page faults per forward and the CPU's ISA recorded;
+    emulated bf16 rows are skipped (and say so) unless asked for."""
+    args = benchmark.parse_args([
+        "--img-size", "64", "--keep-ratios", "0.5", "--dtypes", "fp32", "bf16",
+        "--batch-sizes", "1", "--warmup", "0", "--repeats", "2", "--cpu-memory", "skip",
+        "--gemm-rate", "skip", "--devices", "cpu", "--families", "tiny",
+        "--output-dir", str(tmp_path)])
+    assert args.malloc == "both"
+    results = benchmark.main(args)
+    fp32 = [(r.model, r.malloc) for r in results if r.dtype == "fp32"]
+    assert fp32 == [(m, mode) for mode in ("default", "tuned")
+                    for m in ("tiny_vit", "tiny_vit_sdpa", "tiny_bl@0.5")]
+    assert all(r.minor_faults_per_forward >= 0 for r in results if r.dtype == "fp32")
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    env = data["environment"]
+    assert env["isa"] in ("AVX2", "AVX-512", "AMX", "other")
+    assert isinstance(env["native_bf16"], bool)
+    assert env["per_mode"]["tuned"]["glibc_malloc_tuned"] is True
+    assert "mmap_max=0" in env["per_mode"]["tuned"]["glibc_tunables"]
+    assert env["per_mode"]["default"]["glibc_malloc_tuned"] is False
+    bf16 = [r for r in results if r.dtype == "bf16"]
+    assert len(bf16) == 6 and all(r.bf16 in ("native", "emulated") for r in bf16)
+    if not env["native_bf16"]:
+        assert all(r.error.startswith("skipped: bf16 is emulated") for r in bf16)
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "fault-free" in md and "### glibc allocator: default" in md
+
+
+@pytest.mark.slow  # two ONNX exports (~10-20 s)
+def test_benchmark_onnx_rows_and_emulated_bf16_on_request(tmp_path):
+    pytest.importorskip("onnxruntime")
+    args = benchmark.parse_args([
+        "--img-size", "64", "--keep-ratios", "0.5", "--dtypes", "fp32", "bf16",
+        "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--cpu-memory", "skip",
+        "--gemm-rate", "skip", "--devices", "cpu", "--families", "tiny", "--malloc", "default",
+        "--onnx", "--allow-emulated-bf16", "--output-dir", str(tmp_path)])
+    results = benchmark.main(args)
+    ort_rows = {r.model: r for r in results if r.backend == "onnxruntime"}
+    assert sorted(ort_rows) == ["tiny_bl@0.5[ort]", "tiny_vit[ort]"]
+    assert all(r.dtype == "fp32" and r.error is None for r in ort_rows.values())
+    assert ort_rows["tiny_bl@0.5[ort]"].ratio_latency_vs_eager > 0
+    assert ort_rows["tiny_bl@0.5[ort]"].ratio_latency_vs_onnx_official > 0
+    bf16 = [r for r in results if r.dtype == "bf16"]
+    assert bf16 and all(r.error is None and r.latency_ms_median > 0 for r in bf16)
+    env = json.loads((tmp_path / "benchmark.json").read_text())["environment"]
+    assert env["bf16_matmul_gmacs_per_s"] > 0
+    assert all(r.frac_of_gemm_rate > 0 for r in bf16)
+
+
+def test_benchmark_e2e_rows(tmp_path):
+    args = benchmark.parse_args([
+        "--img-size", "64", "--keep-ratios", "0.5", "--warmup", "0", "--repeats", "1",
+        "--devices", "cpu", "--gemm-rate", "skip", "--skip-models", "--e2e",
+        "--e2e-points-per-side", "2", "--families", "tiny", "--malloc", "default",
+        "--output-dir", str(tmp_path)])
+    benchmark.main(args)
+    rows = json.loads((tmp_path / "benchmark.json").read_text())["e2e_results"]
+    assert [(r["model"], r["skip_padding"]) for r in rows] == [
+        ("tiny_vit", False), ("tiny_bl@0.5", False), ("tiny_bl@0.5+skip_padding", True)]
+    for r in rows:
+        assert 0 < r["amg_encoder_ms"] < r["amg_ms"] and 0 < r["amg_encoder_share"] < 1
+        assert r["set_image_ms"] > 0 and r["predict_ms"] > 0
+    assert rows[0]["amg_vs_official"] == 1.0
+    assert "encoder share of AMG" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_benchmark_timm_row_is_sam_vit_b():
+    pytest.importorskip("timm")
+    args = benchmark.parse_args(["--families", "b", "--img-size", "64"])
+    specs = benchmark.extra_specs(args)
+    assert [s.kind for s in specs] == ["timm"]
+    enc = specs[0].build(64).eval().image_encoder
+    with torch.no_grad():
+        assert enc(torch.randn(1, 3, 64, 64)).shape == (1, 256, 4, 4)
+    args = benchmark.parse_args(["--families", "b", "--timm", "skip"])
+    assert benchmark.extra_specs(args) == []
+
+
 def test_benchmark_photo_rows_count_padding_queries(tmp_path):
     args = benchmark.parse_args([
         "--img-size", "64", "--keep-ratios", "0.5", "--warmup", "0", "--repeats", "1",
         "--devices", "cpu", "--gemm-rate", "skip", "--skip-models", "--photos", "16:9",
-        "--families", "tiny", "--output-dir", str(tmp_path)])
+        "--families", "tiny", "--malloc", "default", "--output-dir", str(tmp_path)])
     rows = benchmark.main(args)
     assert [(r.model, r.skip_padding) for r in rows] == [
         ("tiny_vit", False), ("tiny_bl@0.5", False), ("tiny_bl@0.5+skip_padding", True)]

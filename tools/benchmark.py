@@ -8,6 +8,13 @@ batch size asked for.
 
     python tools/benchmark.py --quick                       # ViT-B family, fp32, batch 1
     python tools/benchmark.py --families b h --dtypes fp32 bf16 --batch-sizes 1 8
+    python tools/benchmark.py --quick --onnx --e2e          # + ONNX Runtime and SAM end to end
+
+Fair by default: every model is timed under the same allocator conditions, once with glibc's
+default allocator and once with it tuned (no page faults per forward; ``--malloc``), each in
+a fresh process, with the models' timed runs interleaved (round-robin) so that a drifting
+machine slows them alike. Minor page faults per forward are recorded, and the CPU's ISA
+(AVX2 / AVX-512 / AMX, native bf16 or not) goes into the environment record.
 
 Weights are random: latency does not depend on them (k tokens per window are routed whatever
 the scores are), and no checkpoint download is needed.
@@ -47,9 +54,12 @@ class ModelSpec:
     family: str
     kind: str
     keep_ratio: Optional[float] = None
+    backend: str = "eager"  # or "onnxruntime"
 
     def build(self, img_size: int) -> torch.nn.Module:
         vanilla, student = FAMILIES[self.family]
+        if self.kind == "timm":
+            return TimmSam(TIMM_SAM[self.family], img_size)
         if self.kind == "official":
             return build_vanilla_sam(vanilla, img_size=img_size)
         if self.kind == "fused":
@@ -88,6 +98,45 @@ class Result:
     padding_queries: float = float("nan")  # routed tokens on all-padding patches, all stages
     routed_queries: float = float("nan")  # routed tokens, all stages
     error: Optional[str] = None
+    backend: str = "eager"
+    malloc: str = "default"  # glibc allocator: "default" or "tuned" (no page faults)
+    minor_faults_per_forward: float = float("nan")  # median over the timed runs
+    bf16: Optional[str] = None  # bf16 rows: "native" (AMX / AVX512-BF16) or "emulated"
+    ratio_latency_vs_timm: float = float("nan")
+    ratio_latency_vs_eager: float = float("nan")  # ONNX Runtime rows: / the same model eager
+    ratio_latency_vs_onnx_official: float = float("nan")  # ONNX rows: / official in ORT
+
+
+TIMM_SAM = {"b": "samvit_base_patch16", "h": "samvit_huge_patch16"}
+
+
+class TimmSam(torch.nn.Module):
+    """timm's SAM ViT (random weights) with an ``image_encoder`` that returns the neck
+    features, like SAM's: the same 486 GMAC as the official ViT-B, another implementation."""
+
+    def __init__(self, name: str, img_size: int) -> None:
+        super().__init__()
+        import timm
+
+        model = timm.create_model(name, pretrained=False, img_size=img_size, num_classes=0)
+
+        class Enc(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model, self.img_size = model, img_size
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.model.forward_features(x)
+
+        self.image_encoder = Enc()
+
+
+def timm_available() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def model_specs(families: Sequence[str], keep_ratios: Sequence[float]) -> List[ModelSpec]:
@@ -99,6 +148,55 @@ def model_specs(families: Sequence[str], keep_ratios: Sequence[float]) -> List[M
         for r in keep_ratios:
             specs.append(ModelSpec(f"{student}@{r:g}", fam, "blsam", r))
     return specs
+
+
+def extra_specs(args: argparse.Namespace) -> List[ModelSpec]:
+    """timm's SAM ViT (when timm is installed) and the ONNX Runtime rows (``--onnx``)."""
+    specs = []
+    for fam in args.families:
+        if args.timm == "auto" and fam in TIMM_SAM and timm_available():
+            specs.append(ModelSpec(f"timm_{TIMM_SAM[fam]}", fam, "timm"))
+    if args.onnx:
+        for fam in args.families:
+            vanilla, student = FAMILIES[fam]
+            specs.append(ModelSpec(f"{vanilla}[ort]", fam, "official", backend="onnxruntime"))
+            for r in args.keep_ratios:
+                specs.append(ModelSpec(f"{student}@{r:g}[ort]", fam, "blsam", r, "onnxruntime"))
+    return specs
+
+
+def cpu_isa() -> Dict[str, object]:
+    """What the CPU offers for these kernels: AVX2 / AVX-512 / AMX, and native bf16 (AMX-BF16
+    or AVX512-BF16; without either, torch emulates bf16 matmuls, far slower than fp32)."""
+    flags: set = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    has = {k: k in flags for k in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")}
+    isa = "AMX" if has["amx_tile"] else "AVX-512" if has["avx512f"] else (
+        "AVX2" if has["avx2"] else "other")
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        capability = "unknown"
+    return {"isa": isa, "isa_flags": [k for k, v in has.items() if v],
+            "torch_cpu_capability": capability,
+            "native_bf16": has["amx_bf16"] or has["avx512_bf16"]}
+
+
+# glibc settings of the "tuned" allocator, given to a fresh process: no mmap'd chunks, no
+# trimming, so freed memory is reused without page faults (mallopt() in a running process,
+# after torch has started, still left ~2/3 of the official encoder's faults on torch 2.14)
+GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
+
+
+def tunables_active() -> bool:
+    return "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def tune_glibc_malloc() -> bool:
@@ -412,15 +510,138 @@ def photo_table(rows: List[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def e2e_rows(args: argparse.Namespace, malloc: str) -> List[Dict[str, object]]:
+    """What a SAM user waits for, on real photos: ``SamPredictor.set_image`` + ``predict``
+    (one click, 3 masks) and ``SamAutomaticMaskGenerator.generate`` with its defaults, for the
+    official encoder and bLViT at every keep ratio with and without ``skip_padding``; the
+    encoder's time inside AMG is measured with forward hooks. Models interleaved per round."""
+    import numpy as np
+    from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+    vanilla, student = FAMILIES[args.families[0]]
+    variants = [(vanilla, "official", None, False)]
+    for r in args.keep_ratios:
+        variants += [(f"{student}@{r:g}", "blsam", r, False),
+                     (f"{student}@{r:g}+skip_padding", "blsam", r, True)]
+    models = []
+    for name, kind, keep, skip in variants:
+        torch.manual_seed(0)
+        if kind == "official":
+            sam = build_vanilla_sam(vanilla, img_size=args.img_size).eval()
+        else:
+            sam = blsam_model_registry[student](img_size=args.img_size, keep_ratio=keep,
+                                               skip_padding=skip).eval()
+        clock = {"t0": 0.0, "ms": 0.0}
+
+        def pre(_m, _i, clock=clock):
+            clock["t0"] = time.perf_counter()
+
+        def post(_m, _i, _o, clock=clock):
+            clock["ms"] += (time.perf_counter() - clock["t0"]) * 1e3
+
+        sam.image_encoder.register_forward_pre_hook(pre)
+        sam.image_encoder.register_forward_hook(post)
+        amg = SamAutomaticMaskGenerator(sam, points_per_side=args.e2e_points_per_side)
+        models.append({"name": name, "kind": kind, "keep_ratio": keep, "skip_padding": skip,
+                       "predictor": SamPredictor(sam), "amg": amg, "clock": clock})
+    rows: List[Dict[str, object]] = []
+    for aspect in args.e2e_photos:
+        img = photo(aspect)
+        h, w = img.shape[:2]
+        click = dict(point_coords=np.array([[w // 2, h // 2]]), point_labels=np.array([1]),
+                     multimask_output=True)
+        rec = {m["name"]: {"set_image": [], "predict": [], "amg": [], "amg_encoder": [],
+                           "masks": []} for m in models}
+        with torch.inference_mode():
+            for m in models:  # warm-up: one set_image + predict each
+                for _ in range(max(args.warmup, 1)):
+                    m["predictor"].set_image(img)
+                    m["predictor"].predict(**click)
+            for _ in range(args.repeats):
+                for m in models:
+                    t0 = time.perf_counter()
+                    m["predictor"].set_image(img)
+                    t1 = time.perf_counter()
+                    m["predictor"].predict(**click)
+                    t2 = time.perf_counter()
+                    rec[m["name"]]["set_image"].append((t1 - t0) * 1e3)
+                    rec[m["name"]]["predict"].append((t2 - t1) * 1e3)
+            for _ in range(args.e2e_amg_repeats):
+                for m in models:
+                    m["clock"]["ms"] = 0.0
+                    t0 = time.perf_counter()
+                    masks = m["amg"].generate(img)
+                    rec[m["name"]]["amg"].append((time.perf_counter() - t0) * 1e3)
+                    rec[m["name"]]["amg_encoder"].append(m["clock"]["ms"])
+                    rec[m["name"]]["masks"].append(len(masks))
+        photo_name = f"{aspect} {PHOTOS[aspect]} {w}x{h}"
+        base = None
+        for m in models:
+            t = rec[m["name"]]
+            row = {"model": m["name"], "kind": m["kind"], "keep_ratio": m["keep_ratio"],
+                   "skip_padding": m["skip_padding"], "photo": photo_name, "malloc": malloc,
+                   "set_image_ms": statistics.median(t["set_image"]),
+                   "predict_ms": statistics.median(t["predict"]),
+                   "amg_ms": statistics.median(t["amg"]),
+                   "amg_encoder_ms": statistics.median(t["amg_encoder"]),
+                   "amg_masks": t["masks"][-1], "times_ms": t,
+                   "points_per_side": args.e2e_points_per_side}
+            row["amg_encoder_share"] = row["amg_encoder_ms"] / row["amg_ms"]
+            row["click_ms"] = row["set_image_ms"] + row["predict_ms"]
+            base = base or row
+            row["click_vs_official"] = row["click_ms"] / base["click_ms"]
+            row["amg_vs_official"] = row["amg_ms"] / base["amg_ms"]
+            rows.append(row)
+    return rows
+
+
+def e2e_table(rows: List[Dict[str, object]]) -> str:
+    lines = [
+        "End to end (segment_anything's own `SamPredictor` and `SamAutomaticMaskGenerator` "
+        f"with {rows[0]['points_per_side']}² points, its other settings default; random "
+        "weights, so the number of masks kept differs from a trained model's), glibc "
+        f"allocator {rows[0]['malloc']}",
+        "",
+        "| model | photo | skip_padding | set_image ms | predict ms (1 click) "
+        "| click total / official | AMG s | AMG / official | encoder in AMG s "
+        "| encoder share of AMG | masks kept |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['photo']} | {r['skip_padding']} | {r['set_image_ms']:.0f} "
+            f"| {r['predict_ms']:.0f} | {r['click_vs_official']:.2f} | {r['amg_ms'] / 1e3:.1f} "
+            f"| {r['amg_vs_official']:.2f} | {r['amg_encoder_ms'] / 1e3:.1f} "
+            f"| {r['amg_encoder_share']:.2f} | {r['amg_masks']} |")
+    return "\n".join(lines) + "\n"
+
+
 def add_ratios(results: List[Result]) -> None:
-    """Ratios to the official and the fused vanilla encoder of the same family/device/dtype/batch."""
+    """Ratios to the official, fused and timm vanilla encoders (eager) of the same
+    family/device/dtype/batch and allocator; ONNX Runtime rows also to the same model eager
+    and to the official encoder in ONNX Runtime."""
     ref: Dict[tuple, Result] = {}
     for r in results:
-        if r.kind in ("official", "fused"):
-            ref[(r.kind, r.family, r.device, r.dtype, r.batch_size)] = r
+        if r.error is None:
+            ref[(r.model, r.backend, r.malloc, r.device, r.dtype, r.batch_size)] = r
+        if r.kind in ("official", "fused", "timm") and r.error is None:
+            ref[(r.kind, r.backend, r.family, r.device, r.dtype, r.batch_size, r.malloc)] = r
     for r in results:
-        key = (r.family, r.device, r.dtype, r.batch_size)
-        off, fused = ref.get(("official",) + key), ref.get(("fused",) + key)
+        if r.error is not None:
+            continue
+        key = (r.family, r.device, r.dtype, r.batch_size, r.malloc)
+        off, fused = ref.get(("official", "eager") + key), ref.get(("fused", "eager") + key)
+        tm = ref.get(("timm", "eager") + key)
+        if tm is not None:
+            r.ratio_latency_vs_timm = r.latency_ms_median / tm.latency_ms_median
+        if r.backend == "onnxruntime":
+            eager = ref.get((r.model.replace("[ort]", ""), "eager", r.malloc, r.device,
+                             r.dtype, r.batch_size))
+            if eager is not None:
+                r.ratio_latency_vs_eager = r.latency_ms_median / eager.latency_ms_median
+            ort_off = ref.get(("official", "onnxruntime") + key)
+            if ort_off is not None:
+                r.ratio_latency_vs_onnx_official = r.latency_ms_median / ort_off.latency_ms_median
         if off is not None:
             r.ratio_latency_vs_official = r.latency_ms_median / off.latency_ms_median
             r.ratio_gflops_full_vs_official = r.gflops_full_encoder / off.gflops_full_encoder
@@ -439,12 +660,57 @@ def environment(args: argparse.Namespace, malloc_tuned: bool) -> Dict[str, objec
         "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
         "img_size": args.img_size, "warmup": args.warmup, "repeats": args.repeats,
-        "glibc_malloc_tuned": malloc_tuned,
+        "glibc_malloc_tuned": malloc_tuned, "loadavg_start": _loadavg(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
+    env.update(cpu_isa())
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
         env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     return env
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def headline(results: List[Result], env: Dict[str, object]) -> str:
+    """The ratios that matter, per family: default allocator vs fault-free (tuned)."""
+    lines = [f"CPU: {env['cpu']} ({env['threads']} threads), ISA {env['isa']} "
+             f"({', '.join(env['isa_flags']) or 'none'}; native bf16: {env['native_bf16']}), "
+             f"torch {env['torch']}, {env['img_size']}², {env['repeats']} interleaved rounds "
+             f"after {env['warmup']} warm-up; load average "
+             + ", ".join(f"{m}: {e.get('loadavg_start')}" for m, e in env["per_mode"].items())
+             + f" at the start, {env['loadavg_end']} at the end", "",
+             "| model | backend | dtype | batch | latency / official, default allocator "
+             "| latency / official, fault-free | / fused (fault-free) | / timm (fault-free) "
+             "| ORT / eager (fault-free) | ORT / ORT official (fault-free) "
+             "| page faults per forward (default → tuned) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    by = {(r.model, r.backend, r.dtype, r.batch_size, r.device, r.malloc): r for r in results}
+    seen = set()
+    for r in results:
+        k = (r.model, r.backend, r.dtype, r.batch_size, r.device)
+        if k in seen:
+            continue
+        seen.add(k)
+        d, t = by.get(k + ("default",)), by.get(k + ("tuned",))
+        t = t or d
+        if t is None or t.error:
+            continue
+        faults = " → ".join(fmt(x.minor_faults_per_forward, 0) for x in (d, t) if x) \
+            if d is not t else fmt(t.minor_faults_per_forward, 0)
+        lines.append(
+            f"| {r.model} | {r.backend} | {r.dtype} | {r.batch_size} "
+            f"| {fmt(d.ratio_latency_vs_official) if d and d is not t else '–'} "
+            f"| {fmt(t.ratio_latency_vs_official)} | {fmt(t.ratio_latency_vs_fused)} "
+            f"| {fmt(t.ratio_latency_vs_timm)} | {fmt(t.ratio_latency_vs_eager)} "
+            f"| {fmt(t.ratio_latency_vs_onnx_official)} | {faults} |")
+    return "\n".join(lines) + "\n"
 
 
 def fmt(x: float, nd: int = 2) -> str:
@@ -454,27 +720,32 @@ def fmt(x: float, nd: int = 2) -> str:
 def markdown_table(results: List[Result], env: Dict[str, object]) -> str:
     lines = [
         f"CPU: {env['cpu']} ({env['threads']} threads), torch {env['torch']}, "
-        f"{env['img_size']}², warm-up {env['warmup']}, {env['repeats']} timed runs"
+        f"{env['img_size']}², warm-up {env['warmup']}, {env['repeats']} timed runs "
+        f"(interleaved), glibc malloc tuned: {env['glibc_malloc_tuned']}, "
+        f"load average at start {env.get('loadavg_start')}"
         + (f"; GPU: {env['gpu']}" if "gpu" in env else ""),
         "",
-        "| model | device | dtype | batch | GFLOPs paper (SAM) | GFLOPs full (encoder) "
+        "| model | backend | device | dtype | batch | GFLOPs paper (SAM) | GFLOPs full (encoder) "
         "| full FLOPs / official | latency ms (median) | min–max | img/s | peak MiB "
-        "| latency / official | latency / fused | GMAC/s | of GEMM rate | of burst rate |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| latency / official | latency / fused | GMAC/s | of GEMM rate | of burst rate "
+        "| page faults / forward |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        dtype = r.dtype + (f" ({r.bf16})" if r.bf16 else "")
         if r.error:
-            lines.append(f"| {r.model} | {r.device} | {r.dtype} | {r.batch_size} | "
-                         f"{r.error} |" + " |" * 11)
+            lines.append(f"| {r.model} | {r.backend} | {r.device} | {dtype} | {r.batch_size} | "
+                         f"{r.error} |" + " |" * 12)
             continue
         lines.append(
-            f"| {r.model} | {r.device} | {r.dtype} | {r.batch_size} | {r.gflops_paper_sam:.1f} "
+            f"| {r.model} | {r.backend} | {r.device} | {dtype} | {r.batch_size} "
+            f"| {r.gflops_paper_sam:.1f} "
             f"| {r.gflops_full_encoder:.1f} | {fmt(r.ratio_gflops_full_vs_official)} "
             f"| {r.latency_ms_median:.1f} | {r.latency_ms_min:.0f}–{r.latency_ms_max:.0f} "
             f"| {r.images_per_s:.2f} | {fmt(r.peak_mem_mib, 0)} "
             f"| {fmt(r.ratio_latency_vs_official)} | {fmt(r.ratio_latency_vs_fused)} "
             f"| {fmt(r.gmacs_per_s, 1)} | {fmt(r.frac_of_gemm_rate)} "
-            f"| {fmt(r.frac_of_burst_gemm_rate)} |"
+            f"| {fmt(r.frac_of_burst_gemm_rate)} | {fmt(r.minor_faults_per_forward, 0)} |"
         )
     if "gemm_burst_gmacs_per_s" in env:
         sustained = [v for r in results for v in r.gemm_gmacs_per_s_runs]
@@ -487,6 +758,11 @@ def markdown_table(results: List[Result], env: Dict[str, object]) -> str:
                       f"**of burst rate**: median GMAC/s over the rate of each shape timed alone "
                       f"(best of 3, MAC-weighted) once at the start: "
                       f"{env['gemm_burst_gmacs_per_s']:.1f} GMAC/s."]
+    if "bf16_matmul_gmacs_per_s" in env:
+        lines += ["", f"bf16 rows: model cast with `.to(torch.bfloat16)`; **of GEMM rate** is "
+                      f"over a bf16 (M, 768) x (768, 3072) matmul timed in the same run: "
+                      f"{env['bf16_matmul_gmacs_per_s']:.1f} GMAC/s (fp32: "
+                      f"{env['fp32_matmul_gmacs_per_s']:.1f})."]
     return "\n".join(lines) + "\n"
 
 
@@ -549,13 +825,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (fixed, printed)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--tune-malloc", action="store_true",
-                   help="keep freed memory in the process (glibc mallopt); see README")
+    p.add_argument("--malloc", choices=["default", "tuned", "both"], default="both",
+                   help="glibc allocator: default, tuned (mallopt: freed memory stays in the "
+                        "process, no page faults per forward), or both (default), each in a "
+                        "fresh process; the headline ratio is the fault-free one")
+    p.add_argument("--tune-malloc", action="store_true", help="same as --malloc tuned")
+    p.add_argument("--isolate", action="store_true",
+                   help="run a single --malloc setting in a fresh process too")
+    p.add_argument("--onnx", action="store_true",
+                   help="add ONNX Runtime rows (CPU, fp32, batch 1) for the official encoder "
+                        "and every keep ratio, exported with tools/export_onnx.py")
+    p.add_argument("--timm", choices=["auto", "skip"], default="auto",
+                   help="auto: timm's SAM ViT as a row when timm is installed")
+    p.add_argument("--allow-emulated-bf16", action="store_true",
+                   help="time CPU bf16 rows even without native bf16 (very slow)")
+    p.add_argument("--e2e", action="store_true",
+                   help="end to end on real photos: SamPredictor.set_image + predict and "
+                        "SamAutomaticMaskGenerator.generate (defaults), official vs bLViT "
+                        "with and without skip_padding; share of AMG time in the encoder")
+    p.add_argument("--e2e-photos", nargs="+", default=["4:3"], choices=sorted(PHOTOS))
+    p.add_argument("--e2e-amg-repeats", type=int, default=1)
+    p.add_argument("--e2e-points-per-side", type=int, default=32,
+                   help="AMG grid (SAM's default 32); smaller only for tests")
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-extras", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true",
                    help="ViT-B family, keep 0.25 and 1.0, fp32, batch 1, 1 warm-up, 3 runs")
     p.add_argument("--cpu-memory", choices=["probe", "skip"], default="probe",
                    help="probe: CPU peak memory of each model in a fresh process (one forward)")
-    p.add_argument("--gemm-rate", choices=["measure", "skip"], default="measure",
+    p.add_argument("--gemm-rate", choices=["measure", "burst", "skip"], default="measure",
                    help="measure this machine's dense fp32 GEMM rate on b_t's matmul shapes: "
                         "burst (each shape alone, once) and sustained (all of them replayed "
                         "around every timed CPU fp32 forward; slower)")
@@ -567,8 +865,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--output-dir", default="outputs/benchmark")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.memory_probe:
         return args
+    if args.tune_malloc:
+        args.malloc = "tuned"
     if args.quick:
         args.families, args.keep_ratios, args.dtypes = ["b"], [0.25, 1.0], ["fp32"]
         args.batch_sizes, args.cpu_batch_sizes, args.cpu_dtypes = [1], [1], ["fp32"]
@@ -576,6 +877,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for r in args.keep_ratios:
         if not 0 < r <= 1:
             p.error(f"--keep-ratios must be in (0, 1], got {r}")
+    if args.onnx and args.families and any(f not in FAMILIES for f in args.families):
+        p.error("--onnx: unknown family")
     if args.warmup < 0 or args.repeats < 1:
         p.error("--warmup must be >= 0 and --repeats >= 1")
     return args
@@ -586,96 +889,303 @@ def default_devices() -> List[str]:
     return ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
-def main(args: argparse.Namespace) -> List[Result]:
+def malloc_modes(args: argparse.Namespace) -> List[str]:
+    return ["default", "tuned"] if args.malloc == "both" else [args.malloc]
+
+
+def onnx_path(spec: ModelSpec, args: argparse.Namespace) -> str:
+    """Export ``spec``'s encoder with tools/export_onnx.py once (random weights, seed 0)."""
+    from tools.export_onnx import export_encoder
+
+    path = os.path.join(args.output_dir, "onnx", f"{spec.name.replace('[ort]', '')}"
+                        f"_{args.img_size}.onnx")
+    if not os.path.exists(path):
+        torch.manual_seed(0)
+        export_encoder(spec.build(args.img_size).eval(), path, 17)
+    return path
+
+
+class _Entry:
+    """One timed configuration: a model on a device, dtype and batch size."""
+
+    def __init__(self, spec: ModelSpec, dev: str, dt: str, bs: int, res: Result) -> None:
+        self.spec, self.dev, self.dt, self.bs, self.res = spec, dev, dt, bs, res
+        self.run: Optional[Callable[[], None]] = None
+        self.times: List[float] = []
+        self.faults: List[int] = []
+        self.gaps: List[float] = []  # GEMM replay seconds before the first run and after each
+        self.peak = 0.0
+
+
+def _minflt() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def matmul_rate(dtype: torch.dtype, m: int, repeats: int = 3) -> float:
+    """GMAC/s of one (m, 768) x (768, 3072) matmul (ViT-B's MLP) in ``dtype``, best of 3."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, 768, generator=g).to(dtype)
+    w = torch.randn(3072, 768, generator=g).to(dtype)
+    torch.mm(a, w.t())
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, w.t())
+        best = min(best, time.perf_counter() - t0)
+    return m * 768 * 3072 / best / 1e9
+
+
+def _make_runner(entry: _Entry, encoder: torch.nn.Module, args: argparse.Namespace,
+                 isa: Dict[str, object]) -> Callable[[], None]:
+    dev = torch.device(entry.dev)
+    if entry.spec.backend == "onnxruntime":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+        sess = ort.InferenceSession(onnx_path(entry.spec, args), so,
+                                    providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: torch.randn(
+            1, 3, args.img_size, args.img_size).numpy()}
+        return lambda: sess.run(None, feed)
+    x = torch.randn(entry.bs, 3, args.img_size, args.img_size, device=dev)
+    if entry.dt == "bf16" and dev.type == "cpu":
+        # a bf16 model (``.to(torch.bfloat16)``), as a deployer casts it: autocast would keep
+        # fp32 weights and re-cast them at every op
+        import copy
+
+        encoder = copy.deepcopy(encoder).to(torch.bfloat16)
+        x = x.to(torch.bfloat16)
+        dtype = None
+    else:
+        dtype = DTYPES[entry.dt]
+    cuda = dev.type == "cuda"
+
+    def run() -> None:
+        with torch.inference_mode(), torch.autocast(
+            dev.type, dtype=dtype or torch.float32, enabled=dtype is not None
+        ):
+            encoder(x)
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    return run
+
+
+def run_models(args: argparse.Namespace, malloc: str, env: Dict[str, object],
+               replay: Optional["GemmReplay"]) -> List[Result]:
+    """Build every configuration, warm each up, then time them round-robin: round r runs
+    every model once, so slow phases of a shared machine hit all models alike."""
     from tqdm import tqdm
 
+    devices = args.devices or default_devices()
+    specs = [] if args.skip_models else model_specs(args.families, args.keep_ratios)
+    specs += [] if args.skip_models else extra_specs(args)
+    entries: List[_Entry] = []
+    flops: Dict[str, tuple] = {}
+    native = bool(env.get("native_bf16"))
+    for spec in specs:
+        for dev in devices:
+            if spec.backend == "onnxruntime" and dev != "cpu":
+                continue
+            dtypes = args.cpu_dtypes if dev == "cpu" and args.cpu_dtypes else args.dtypes
+            sizes = (args.cpu_batch_sizes if dev == "cpu" and args.cpu_batch_sizes
+                     else args.batch_sizes)
+            if spec.backend == "onnxruntime":  # exported graphs: fp32, batch 1
+                dtypes, sizes = [d for d in dtypes if d == "fp32"], [1]
+            torch.manual_seed(0)
+            sam = spec.build(args.img_size).eval()
+            if spec.name not in flops:
+                if spec.kind == "timm":
+                    ref = ModelSpec("", spec.family, "official").build(args.img_size)
+                    flops[spec.name] = (count_flops(ref, "paper").total,
+                                        count_flops(ref, "full", part="image_encoder").total)
+                else:
+                    flops[spec.name] = (count_flops(sam, "paper").total,
+                                        count_flops(sam, "full", part="image_encoder").total)
+            encoder = sam.image_encoder.to(dev)
+            del sam
+            for dt in dtypes:
+                for bs in sizes:
+                    res = Result(spec.name, spec.family, spec.kind, spec.keep_ratio, dev, dt,
+                                 bs, *flops[spec.name], backend=spec.backend, malloc=malloc)
+                    entry = _Entry(spec, dev, dt, bs, res)
+                    entries.append(entry)
+                    if dt == "bf16" and dev == "cpu":
+                        res.bf16 = "native" if native else "emulated"
+                        if not native and not args.allow_emulated_bf16:
+                            res.error = ("skipped: bf16 is emulated on this CPU (no AMX / "
+                                         "AVX512-BF16); --allow-emulated-bf16 runs it")
+                            continue
+                    try:
+                        entry.run = _make_runner(entry, encoder, args, env)
+                    except (RuntimeError, ImportError) as e:
+                        res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    live = [e for e in entries if e.run is not None]
+    bar = tqdm(total=len(live) * (args.warmup + args.repeats), desc=f"benchmark ({malloc})",
+               unit="run")
+    for e in live:
+        try:
+            for _ in range(args.warmup):
+                e.run()
+                bar.update()
+        except RuntimeError as err:  # e.g. out of memory, or a dtype the device lacks
+            e.res.error, e.run = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}", None
+    live = [e for e in live if e.run is not None]
+    gc.collect()
+    cpu_fp32 = [e for e in live if e.dev == "cpu" and e.dt == "fp32" and replay is not None]
+    for rnd in range(args.repeats):
+        for e in live:
+            if e in cpu_fp32 and not e.gaps:
+                e.gaps.append(replay())
+            if e.dev == "cuda":
+                torch.cuda.reset_peak_memory_stats(e.dev)
+                base = torch.cuda.memory_allocated(e.dev)
+            f0 = _minflt()
+            t0 = time.perf_counter()
+            e.run()
+            e.times.append((time.perf_counter() - t0) * 1e3)
+            e.faults.append(_minflt() - f0)
+            if e.dev == "cuda":
+                e.peak = max(e.peak, (torch.cuda.max_memory_allocated(e.dev) - base) / 2**20)
+            if e in cpu_fp32:
+                e.gaps.append(replay())
+            bar.update()
+    bar.close()
+    results = []
+    for e in entries:
+        res = e.res
+        results.append(res)
+        if res.error or not e.times:
+            continue
+        t = e.times
+        res.times_ms = [round(v, 3) for v in t]
+        res.latency_ms_median = statistics.median(t)
+        res.latency_ms_min, res.latency_ms_max = min(t), max(t)
+        res.latency_ms_iqr = _quantile(t, 0.75) - _quantile(t, 0.25)
+        res.images_per_s = e.bs / (res.latency_ms_median / 1e3)
+        res.minor_faults_per_forward = float(statistics.median(e.faults))
+        res.peak_mem_mib = e.peak if e.dev == "cuda" else float("nan")
+        if e.gaps:  # each run against the sustained GEMM rate just before and after it
+            rates = [replay.gmacs / ((a + b) / 2) for a, b in zip(e.gaps, e.gaps[1:])]
+            res.gemm_gmacs_per_s_runs = [round(v, 2) for v in rates]
+            res.frac_of_gemm_rate = statistics.median(
+                res.gflops_full_encoder * e.bs / (ms / 1e3) / rate for ms, rate in zip(t, rates))
+        if (e.dev == "cpu" and args.cpu_memory == "probe" and e.spec.backend == "eager"
+                and e.spec.kind != "timm"):
+            try:
+                res.peak_mem_mib = cpu_peak_memory(e.spec, args, e.dt, e.bs)
+            except RuntimeError as err:
+                print(f"warning: {e.spec.name}: {err}", file=sys.stderr)
+    return results
+
+
+def worker(args: argparse.Namespace, malloc: str) -> Dict[str, object]:
+    """Everything timed under one allocator setting, in this process."""
     torch.set_num_threads(args.threads)
-    malloc_tuned = tune_glibc_malloc() if args.tune_malloc else False
+    tuned = tune_glibc_malloc() if malloc == "tuned" else False
     devices = args.devices or default_devices()
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("--devices cuda asked for, but CUDA is not available")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on every device
     torch.backends.cudnn.allow_tf32 = False
-    env = environment(args, malloc_tuned)
+    env = environment(args, tuned)
     replay: Optional[GemmReplay] = None
-    if args.gemm_rate == "measure" and "cpu" in devices:
+    if args.gemm_rate != "skip" and "cpu" in devices:
         replay = GemmReplay(args.img_size, FAMILIES[args.families[0]][1])
         env.update(measure_gemm_rate(replay))
+        if args.gemm_rate == "burst":
+            replay = None
+    m = (args.img_size // 16) ** 2
+    env["fp32_matmul_gmacs_per_s"] = matmul_rate(torch.float32, m)
+    if "bf16" in (args.cpu_dtypes or args.dtypes) and "cpu" in devices and (
+            env["native_bf16"] or args.allow_emulated_bf16):
+        env["bf16_matmul_gmacs_per_s"] = matmul_rate(torch.bfloat16, m)
     print(json.dumps(env))
-    specs = [] if args.skip_models else model_specs(args.families, args.keep_ratios)
-    plan = []
-    for dev in devices:
-        dtypes = args.cpu_dtypes if dev == "cpu" and args.cpu_dtypes else args.dtypes
-        sizes = args.cpu_batch_sizes if dev == "cpu" and args.cpu_batch_sizes else args.batch_sizes
-        plan += [(s, dev, d, b) for s in specs for d in dtypes for b in sizes]
-    results: List[Result] = []
-    flops: Dict[str, tuple] = {}
-    key, encoder = None, None  # one model in memory at a time (plan is ordered by model)
-    bar = tqdm(plan, desc="benchmark", unit="cfg")
-    for spec, dev, dt, bs in bar:
-        bar.set_postfix_str(f"{spec.name} {dev} {dt} b{bs}")
-        if key != (spec.name, dev):
-            key, encoder = (spec.name, dev), None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            torch.manual_seed(0)
-            sam = spec.build(args.img_size).eval()
-            if spec.name not in flops:
-                flops[spec.name] = (count_flops(sam, "paper").total,
-                                    count_flops(sam, "full", part="image_encoder").total)
-            encoder = sam.image_encoder.to(dev)
-            del sam  # the prompt encoder and decoder are not timed
-        res = Result(spec.name, spec.family, spec.kind, spec.keep_ratio, dev, dt, bs,
-                     *flops[spec.name])
-        try:
-            m = time_encoder(encoder, torch.device(dev), DTYPES[dt], bs, args.warmup,
-                             args.repeats, replay if dev == "cpu" and dt == "fp32" else None)
-        except RuntimeError as e:  # e.g. out of memory, or a dtype the device lacks
-            res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-            results.append(res)
-            continue
-        t = m["times"]
-        res.times_ms = [round(v, 3) for v in t]
-        res.latency_ms_median = statistics.median(t)
-        res.latency_ms_min, res.latency_ms_max = min(t), max(t)
-        res.latency_ms_iqr = _quantile(t, 0.75) - _quantile(t, 0.25)
-        res.images_per_s = bs / (res.latency_ms_median / 1e3)
-        res.peak_mem_mib = m["peak"]
-        gaps = m.get("between_s") or []
-        if gaps:  # each run against the sustained GEMM rate just before and after it
-            rates = [replay.gmacs / ((a + b) / 2) for a, b in zip(gaps, gaps[1:])]
-            res.gemm_gmacs_per_s_runs = [round(v, 2) for v in rates]
-            res.frac_of_gemm_rate = statistics.median(
-                res.gflops_full_encoder * bs / (ms / 1e3) / rate for ms, rate in zip(t, rates))
-        if dev == "cpu" and args.cpu_memory == "probe":
-            try:
-                res.peak_mem_mib = cpu_peak_memory(spec, args, dt, bs)
-            except RuntimeError as e:
-                print(f"warning: {spec.name}: {e}", file=sys.stderr)
-        results.append(res)
-    add_ratios(results)
+    results = run_models(args, malloc, env, replay)
     for r in results:
         if r.error is None:
             r.gmacs_per_s = r.gflops_full_encoder * r.batch_size / (r.latency_ms_median / 1e3)
             if r.device == "cpu" and r.dtype == "fp32" and "gemm_burst_gmacs_per_s" in env:
                 r.frac_of_burst_gemm_rate = r.gmacs_per_s / env["gemm_burst_gmacs_per_s"]
+            if r.device == "cpu" and r.dtype == "bf16" and "bf16_matmul_gmacs_per_s" in env:
+                r.frac_of_gemm_rate = r.gmacs_per_s / env["bf16_matmul_gmacs_per_s"]
+    out: Dict[str, object] = {"environment": env, "results": [asdict(r) for r in results]}
+    extras = args.worker_extras or not args.worker_out  # photo / e2e rows: last mode only
+    if args.photos and extras:
+        photos = photo_rows(args)
+        for r in photos:
+            r.gmacs_per_s = r.gflops_full_encoder / (r.latency_ms_median / 1e3)
+            r.malloc = malloc
+        out["photo_results"] = [asdict(r) for r in photos]
+    if args.e2e and extras:
+        out["e2e_results"] = e2e_rows(args, malloc)
+    return out
 
-    photos = photo_rows(args) if args.photos else []
-    for r in photos:
-        r.gmacs_per_s = r.gflops_full_encoder / (r.latency_ms_median / 1e3)
+
+def _results(rows: List[dict]) -> List[Result]:
+    return [Result(**r) for r in rows]
+
+
+def main(args: argparse.Namespace) -> List[Result]:
+    modes = malloc_modes(args)
+    if args.onnx and not args.skip_models:  # export once, before the timed processes
+        for spec in extra_specs(args):
+            if spec.backend == "onnxruntime":
+                onnx_path(spec, args)
     os.makedirs(args.output_dir, exist_ok=True)
-    table = markdown_table(results, env) if results else ""
+    if args.worker_out:
+        with open(args.worker_out, "w") as f:
+            json.dump(worker(args, modes[0]), f)
+        return []
+    outs = []
+    if len(modes) == 1 and not args.isolate and (modes[0] == "default" or tunables_active()):
+        outs.append(worker(args, modes[0]))
+    else:  # a fresh process per allocator setting, with the same arguments otherwise
+        import subprocess
+
+        for mode in modes:
+            path = os.path.join(args.output_dir, f".worker_{mode}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--malloc", mode,
+                   "--worker-out", path] + (["--worker-extras"] if mode == modes[-1] else [])
+            env = dict(os.environ)
+            env.pop("GLIBC_TUNABLES", None)
+            if mode == "tuned":
+                env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+            subprocess.run(cmd, check=True, env=env)
+            with open(path) as f:
+                outs.append(json.load(f))
+            os.remove(path)
+    results = [r for o in outs for r in _results(o["results"])]
+    photos = [r for o in outs for r in _results(o.get("photo_results", []))]
+    e2e = [r for o in outs for r in o.get("e2e_results", [])]
+    env = dict(outs[-1]["environment"])
+    env["malloc_modes"] = modes
+    env["loadavg_end"] = _loadavg()
+    env["per_mode"] = {m: o["environment"] for m, o in zip(modes, outs)}
+    add_ratios(results)
+    table = headline(results, env) if results else ""
+    for mode in modes:
+        rows = [r for r in results if r.malloc == mode]
+        if rows:
+            table += f"\n### glibc allocator: {mode}\n\n" + markdown_table(
+                rows, env["per_mode"][mode])
     if photos:
         table += "\n" + photo_table(photos)
+    if e2e:
+        table += "\n" + e2e_table(e2e)
     with open(os.path.join(args.output_dir, "benchmark.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.output_dir, "benchmark.json"), "w") as f:
         json.dump({"environment": env, "args": vars(args),
                    "results": [asdict(r) for r in results],
-                   "photo_results": [asdict(r) for r in photos]}, f, indent=1)
+                   "photo_results": [asdict(r) for r in photos],
+                   "e2e_results": e2e}, f, indent=1)
     if results:
-        plot(results, os.path.join(args.output_dir, "benchmark.png"))
+        plot([r for r in results if r.malloc == modes[-1] and r.backend == "eager"],
+             os.path.join(args.output_dir, "benchmark.png"))
     print(table)
     print(f"wrote {args.output_dir}/benchmark.{{md,json,png}}")
     return results + photos

@@ -223,10 +223,46 @@ class Attention(nn.Module):
         workspace: Workspace = None,
     ) -> torch.Tensor:
         """(B, heads, Nq, hd) queries -> (B, Nq, dim) attention output before ``proj``."""
+        if exporting():
+            out = self._attend_folded(q, k, v, q_h, q_w, k_size)
+            b, _, n, _ = out.shape
+            return out.transpose(1, 2).reshape(b, n, self.dim)
         bias = rel_pos_bias(q, q_h, q_w, self.rel_pos_h, self.rel_pos_w, k_size, workspace)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
         b, _, n, _ = out.shape
         return out.transpose(1, 2).reshape(b, n, self.dim)
+
+    def _attend_folded(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_h: torch.Tensor,
+        q_w: torch.Tensor,
+        k_size: Tuple[int, int],
+    ) -> torch.Tensor:
+        """Attention with the relative-position bias folded into the Q.K product (export).
+
+        bias[q, (i, j)] = A[q, i] + B[q, j] is a product of [A, B] with the one-hot code of
+        each key's row and column, so ``[q * scale, A, B] . [k, onehot(i), onehot(j)]`` gives
+        the biased logits in one MatMul: no (heads, Nq, Nk) bias tensor is built and added
+        (two memory-bound broadcast Adds over 200 MB per global layer in ONNX Runtime, more
+        than the kh + kw extra columns cost the MatMul). Returns (B, heads, Nq, hd).
+        """
+        kh, kw = k_size
+        b, nh, nq, _ = q.shape
+        th = torch.matmul(q, self.rel_pos_h.to(q.dtype).t())  # (B, heads, Nq, 2kh-1)
+        tw = torch.matmul(q, self.rel_pos_w.to(q.dtype).t())
+        ar_h = torch.arange(kh, device=q.device)
+        ar_w = torch.arange(kw, device=q.device)
+        idx_h = (q_h.unsqueeze(-1) - ar_h + (kh - 1)).unsqueeze(1).expand(b, nh, nq, kh)
+        idx_w = (q_w.unsqueeze(-1) - ar_w + (kw - 1)).unsqueeze(1).expand(b, nh, nq, kw)
+        q_aug = torch.cat([q * self.scale, th.gather(-1, idx_h), tw.gather(-1, idx_w)], -1)
+        key = torch.arange(kh * kw, device=q.device)
+        code = torch.cat([F.one_hot(key // kw, kh), F.one_hot(key % kw, kw)], -1).to(q.dtype)
+        k_aug = torch.cat([k, code.expand(k.shape[0], nh, kh * kw, kh + kw)], -1)
+        attn = torch.matmul(q_aug, k_aug.transpose(-1, -2)).softmax(-1)
+        return torch.matmul(attn, v)
 
     def forward(
         self, xn: torch.Tensor, window_size: int = 0, workspace: Workspace = None

@@ -148,18 +148,27 @@ class BigLittleBlock(nn.Module):
     ) -> torch.Tensor:
         """Residual + fusion (Algorithm 1): routed x_p + gamma*x_e, others x_e (or unchanged)."""
         b, n, c = xf.shape
+        export = exporting()  # index_copy/index_add export as ScatterElements with an index
+        # expanded over channels; index_put with one row index is a ScatterND of whole rows
         if e is None:
-            upd = (p * r.real.unsqueeze(-1)).to(xf.dtype)
-            return xf.reshape(-1, c).index_add(0, r.take_rows, upd.reshape(-1, c)).view(b, n, c)
+            upd = (p * r.real.unsqueeze(-1)).to(xf.dtype).reshape(-1, c)
+            if export:
+                return xf.reshape(-1, c).index_put((r.take_rows,), upd, accumulate=True).view(
+                    b, n, c)
+            return xf.reshape(-1, c).index_add(0, r.take_rows, upd).view(b, n, c)
         e = e.reshape(b, n, c)
         upd = p + gamma * select_rows(e, r.gather_idx)
         if r.all_real:  # common case: write the routed rows over x + x_e in place
             out = (xf + e).view(-1, c)
             new = (select_rows(xf, r.gather_idx) + upd).to(out.dtype).reshape(-1, c)
-            if exporting():  # the ONNX tracer mis-exports in-place writes to views
-                return out.index_copy(0, r.take_rows, new).view(b, n, c)
+            if export:  # (and the ONNX tracer mis-exports in-place writes to views)
+                return out.index_put((r.take_rows,), new).view(b, n, c)
             return out.index_copy_(0, r.take_rows, new).view(b, n, c)
         # one trash row per image takes the pad slots, so no real token is written twice
         delta = F.pad(e, (0, 0, 0, 1)).reshape(-1, c)
-        delta = delta.index_copy(0, r.put_rows, upd.to(e.dtype).reshape(-1, c))
+        upd = upd.to(e.dtype).reshape(-1, c)
+        if export:
+            delta = delta.index_put((r.put_rows,), upd)
+        else:
+            delta = delta.index_copy(0, r.put_rows, upd)
         return xf + delta.view(b, n + 1, c)[:, :n]
