@@ -31,6 +31,8 @@ setup(
             "blsam-demo=blsam.tools.demo:cli",
             "blsam-make-tiny-sa1b=blsam.tools.make_tiny_sa1b:cli",
             "blsam-estimate-train-memory=blsam.tools.estimate_train_memory:cli",
+            "blsam-benchmark=blsam.tools.benchmark:cli",
+            "blsam-export-onnx=blsam.tools.export_onnx:cli",
             "blsam-benchmark-train=blsam.tools.benchmark_train:cli",
             "blsam-specs=blsam.specs:main",
         ],

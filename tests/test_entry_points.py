@@ -10,6 +10,7 @@ from importlib import metadata
 import pytest
 
 SCRIPTS = ("blsam-train", "blsam-eval", "blsam-cache-teacher", "blsam-routing", "blsam-demo",
+           "blsam-benchmark", "blsam-export-onnx",
            "blsam-specs")
 
 

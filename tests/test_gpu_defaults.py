@@ -5,7 +5,7 @@ import torch
 
 import blsam.tools.zero_shot as zero_shot
 from eval_fixtures import make_tiny_dataset
-from tools import benchmark
+from blsam.tools import benchmark
 
 
 def test_benchmark_default_devices(monkeypatch):

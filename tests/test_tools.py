@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blsam.tools import visualize_routing
-from tools import benchmark, export_onnx
+from blsam.tools import benchmark, export_onnx
 
 
 def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
@@ -139,9 +139,10 @@ def test_benchmark_cpu_memory_probe_in_fresh_process():
     assert benchmark.cpu_peak_memory(spec, args, "fp32", 1) > 0
 
 
-def test_benchmark_rejects_bad_keep_ratio():
-    with pytest.raises(SystemExit):
-        benchmark.parse_args(["--keep-ratios", "0"])
+def test_benchmark_rejects_bad_keep_ratio(capsys):
+    assert benchmark.cli(["--keep-ratios", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --keep-ratios must be in (0, 1]") and len(err.splitlines()) == 1
 
 
 def test_visualize_routing_png(tmp_path, tiny_sam_ckpt):
