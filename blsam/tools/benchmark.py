@@ -242,6 +242,23 @@ class _RssPeak:
         self.peak = max(self.peak, self._rss() - self.base)
 
 
+def forward_fn(encoder: torch.nn.Module, x: torch.Tensor, dtype: Optional[torch.dtype]
+               ) -> Callable[[], None]:
+    """One timed forward: inference mode, autocast to ``dtype`` (None: as the weights are),
+    and on CUDA a synchronize so the time covers the kernels."""
+    dev = x.device
+
+    def run() -> None:
+        with torch.inference_mode(), torch.autocast(
+            dev.type, dtype=dtype or torch.float32, enabled=dtype is not None
+        ):
+            encoder(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    return run
+
+
 def time_encoder(
     encoder: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype],
     batch_size: int, warmup: int, repeats: int, between: Optional[Callable[[], float]] = None,
@@ -253,16 +270,8 @@ def time_encoder(
     its results come back as ``between_s`` (repeats + 1 values).
     """
     size = encoder.img_size
-    x = torch.randn(batch_size, 3, size, size, device=device)
+    run = forward_fn(encoder, torch.randn(batch_size, 3, size, size, device=device), dtype)
     cuda = device.type == "cuda"
-
-    def run() -> None:
-        with torch.inference_mode(), torch.autocast(
-            device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-        ):
-            encoder(x)
-        if cuda:
-            torch.cuda.synchronize(device)
 
     for _ in range(warmup):
         run()
@@ -973,17 +982,7 @@ def _make_runner(entry: _Entry, encoder: torch.nn.Module, args: argparse.Namespa
         dtype = None
     else:
         dtype = DTYPES[entry.dt]
-    cuda = dev.type == "cuda"
-
-    def run() -> None:
-        with torch.inference_mode(), torch.autocast(
-            dev.type, dtype=dtype or torch.float32, enabled=dtype is not None
-        ):
-            encoder(x)
-        if cuda:
-            torch.cuda.synchronize(dev)
-
-    return run
+    return forward_fn(encoder, x, dtype)
 
 
 def run_models(args: argparse.Namespace, malloc: str, env: Dict[str, object],
