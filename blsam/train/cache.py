@@ -65,12 +65,9 @@ FAILED_KEY = "blsam/cache_teacher/failed"
 def _store() -> Any:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:
-        return None
+    from ..utils.dist import default_store
+
+    return default_store() if dist.is_available() and dist.is_initialized() else None
 
 
 def wait_for_parts(out_dir: str, world: int, metas: List[Dict[str, Any]], poll_s: float

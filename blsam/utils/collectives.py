@@ -25,7 +25,7 @@ from typing import Any, Iterator, List, Optional
 
 import torch.distributed as dist
 
-from .dist import DistInfo, RankError, _portable, init_distributed
+from .dist import DistInfo, RankError, _portable, default_store, init_distributed
 
 DEFAULT_TIMEOUT_S = 4 * 3600  # generous: a full LVISEval or a ViT-H part re-encode fits
 ERROR_KEY = "blsam/fail_together/error"
@@ -56,10 +56,7 @@ def gather_to_main(obj: Any) -> Optional[List[Any]]:
 
 
 def _store() -> Any:
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # private API: without it peers learn of the error at the next gather
-        return None
+    return default_store()  # without it peers learn of an error at the next gather
 
 
 class PeerFailed(RuntimeError):

@@ -99,6 +99,15 @@ def barrier() -> None:
 _MAIN_WRITES = [0]  # how many ``main_writes`` blocks this process has entered (same on all ranks)
 
 
+def default_store() -> Any:
+    """The process group's key-value store (a private torch API: None where it is missing, and
+    callers fall back to collectives)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
 @contextlib.contextmanager
 def main_writes(what: str, timeout_min: float) -> Iterator[bool]:
     """A block only rank 0 runs (file writes), that the other ranks wait for outside any
@@ -115,7 +124,11 @@ def main_writes(what: str, timeout_min: float) -> Iterator[bool]:
         return
     _MAIN_WRITES[0] += 1
     key = f"blsam/main_writes/{_MAIN_WRITES[0]}"
-    store = dist.distributed_c10d._get_default_store()
+    store = default_store()
+    if store is None:  # no store to wait on: a plain barrier after the block
+        yield dist.get_rank() == 0
+        barrier()
+        return
     if dist.get_rank() == 0:
         try:
             yield True
