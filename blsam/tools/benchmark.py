@@ -916,7 +916,7 @@ def malloc_modes(args: argparse.Namespace) -> List[str]:
 
 def onnx_path(spec: ModelSpec, args: argparse.Namespace) -> str:
     """Export ``spec``'s encoder as blsam-export-onnx does, once (random weights, seed 0)."""
-    from tools.export_onnx import export_encoder
+    from blsam.tools.export_onnx import export_encoder
 
     path = os.path.join(args.output_dir, "onnx", f"{spec.name.replace('[ort]', '')}"
                         f"_{args.img_size}.onnx")

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt/decoder iterations per mask: 1 = one prompt; >1 = SAM's "
                         "interactive training (error-region clicks, previous logits as mask "
                         "prompt, loss on each; SAM used 11)")
-    g.add_argument("--teacher-cache", default=None, help="dir from tools/cache_teacher.py")
+    g.add_argument("--teacher-cache", default=None, help="dir written by blsam-cache-teacher")
     g.add_argument("--teacher-compile", action="store_true",
                    help="torch.compile the teacher encoder (when no cache covers the data)")
     g = p.add_argument_group("model")
