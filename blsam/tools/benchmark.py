@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -452,12 +452,11 @@ def photo(aspect: str):
     return np.ascontiguousarray(img)
 
 
-def photo_rows(args: argparse.Namespace) -> List[Result]:
-    """``SamPredictor.set_image`` on real photos of three aspect ratios: official ViT-B vs b_t
-    with the paper's routing and with ``skip_padding``; counts P-block queries on padding."""
-    from segment_anything import SamPredictor
-
-    rows: List[Result] = []
+def sam_variants(args: argparse.Namespace) -> Iterator[Tuple[str, str, Optional[float], bool,
+                                                             torch.nn.Module]]:
+    """The whole-SAM rows of the photo and end-to-end sections: the first family's official
+    SAM, then its bLViT at every keep ratio without and with ``skip_padding`` (seed 0 each):
+    (name, kind, keep ratio, skip_padding, model)."""
     vanilla, student = FAMILIES[args.families[0]]
     variants = [(vanilla, "official", None, False)]
     for r in args.keep_ratios:
@@ -470,6 +469,16 @@ def photo_rows(args: argparse.Namespace) -> List[Result]:
         else:
             sam = blsam_model_registry[student](img_size=args.img_size, keep_ratio=keep,
                                                skip_padding=skip).eval()
+        yield name, kind, keep, skip, sam
+
+
+def photo_rows(args: argparse.Namespace) -> List[Result]:
+    """``SamPredictor.set_image`` on real photos of three aspect ratios: official ViT-B vs b_t
+    with the paper's routing and with ``skip_padding``; counts P-block queries on padding."""
+    from segment_anything import SamPredictor
+
+    rows: List[Result] = []
+    for name, kind, keep, skip, sam in sam_variants(args):
         full = count_flops(sam, "full", part="image_encoder").total
         predictor = SamPredictor(sam)
         for aspect in args.photos:
@@ -487,7 +496,7 @@ def photo_rows(args: argparse.Namespace) -> List[Result]:
                 x = torch.as_tensor(predictor.transform.apply_image(img)).permute(2, 0, 1)
                 x = sam.preprocess(x[None].float())
                 gflops = count_flops(sam, "full", part="image_encoder", images=x).total
-            res = Result(name, "b", kind, keep, "cpu", "fp32", 1, float("nan"), gflops,
+            res = Result(name, args.families[0], kind, keep, "cpu", "fp32", 1, float("nan"), gflops,
                          skip_padding=skip, photo=f"{aspect} {PHOTOS[aspect]} {img.shape[1]}x"
                                                   f"{img.shape[0]}")
             res.times_ms = [round(v, 3) for v in times]
@@ -539,19 +548,8 @@ def e2e_rows(args: argparse.Namespace, malloc: str) -> List[Dict[str, object]]:
     import numpy as np
     from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
-    vanilla, student = FAMILIES[args.families[0]]
-    variants = [(vanilla, "official", None, False)]
-    for r in args.keep_ratios:
-        variants += [(f"{student}@{r:g}", "blsam", r, False),
-                     (f"{student}@{r:g}+skip_padding", "blsam", r, True)]
     models = []
-    for name, kind, keep, skip in variants:
-        torch.manual_seed(0)
-        if kind == "official":
-            sam = build_vanilla_sam(vanilla, img_size=args.img_size).eval()
-        else:
-            sam = blsam_model_registry[student](img_size=args.img_size, keep_ratio=keep,
-                                               skip_padding=skip).eval()
+    for name, kind, keep, skip, sam in sam_variants(args):
         clock = {"t0": 0.0, "ms": 0.0}
 
         def pre(_m, _i, clock=clock):
