@@ -143,6 +143,12 @@ def test_benchmark_rejects_bad_keep_ratio(capsys):
     assert benchmark.cli(["--keep-ratios", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --keep-ratios must be in (0, 1]") and len(err.splitlines()) == 1
+    for argv, want in ((["--img-size", "65"], "--img-size"), (["--batch-sizes", "0"],
+                       "--batch-sizes"), (["--e2e-amg-repeats", "0"], "--e2e-amg-repeats"),
+                       (["--e2e-points-per-side", "0"], "--e2e-points-per-side")):
+        assert benchmark.cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {want}") and len(err.splitlines()) == 1
 
 
 def test_visualize_routing_png(tmp_path, tiny_sam_ckpt):

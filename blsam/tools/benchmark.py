@@ -40,9 +40,10 @@ import torch
 from blsam import blsam_model_registry
 from blsam.build_blsam import build_vanilla_sam
 from blsam.flops import count_flops
-
-from blsam.specs import FAMILIES, check_keep_ratio  # family -> (vanilla SAM, bLViT student)
+from blsam.specs import FAMILIES, check_img_size, check_keep_ratio
 from blsam.utils.cli import check_option, one_line_parse_errors, run_cli
+
+# FAMILIES: benchmark family -> (vanilla SAM, bLViT student)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -417,15 +418,7 @@ def measure_gemm_rate(replay: GemmReplay, repeats: int = 3) -> Dict[str, float]:
     Each of the replay's distinct (M, K, N) is timed alone (best of ``repeats``); the rate is
     the MAC-weighted one: all of b_t's GEMM MACs over the time they take at those speeds. A
     peak: the "of GEMM rate" column uses the sustained rate of the whole replay instead."""
-    total_s = 0.0
-    for a, w, c in replay.ops:
-        torch.mm(a, w.t())
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.mm(a, w.t())
-            best = min(best, time.perf_counter() - t0)
-        total_s += c * best
+    total_s = sum(c * best_mm_seconds(a, w, repeats) for a, w, c in replay.ops)
     return {"gemm_burst_gmacs_per_s": replay.gmacs / total_s, "gemm_gmacs": replay.gmacs,
             "gemm_shapes": len(replay.ops), "gemm_operands": "x @ W.t(), W (N, K) as nn.Linear"}
 
@@ -896,6 +889,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.warmup, args.repeats = 1, 3
     for r in args.keep_ratios:
         check_option(check_keep_ratio, r, "--keep-ratios")
+    check_option(check_img_size, args.img_size, "--img-size")
+    for name in ("batch_sizes", "cpu_batch_sizes"):
+        if any(b < 1 for b in getattr(args, name) or []):
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("threads", "e2e_amg_repeats", "e2e_points_per_side"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.onnx and args.families and any(f not in FAMILIES for f in args.families):
         p.error("--onnx: unknown family")
     if args.warmup < 0 or args.repeats < 1:
@@ -942,18 +942,24 @@ def _minflt() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def matmul_rate(dtype: torch.dtype, m: int, repeats: int = 3) -> float:
-    """GMAC/s of one (m, 768) x (768, 3072) matmul (ViT-B's MLP) in ``dtype``, best of 3."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(m, 768, generator=g).to(dtype)
-    w = torch.randn(3072, 768, generator=g).to(dtype)
+def best_mm_seconds(a: torch.Tensor, w: torch.Tensor, repeats: int) -> float:
+    """Best of ``repeats`` timings of ``a @ w.t()`` (``w`` stored (N, K), as nn.Linear's),
+    after one untimed call."""
     torch.mm(a, w.t())
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, w.t())
         best = min(best, time.perf_counter() - t0)
-    return m * 768 * 3072 / best / 1e9
+    return best
+
+
+def matmul_rate(dtype: torch.dtype, m: int, repeats: int = 3) -> float:
+    """GMAC/s of one (m, 768) x (768, 3072) matmul (ViT-B's MLP) in ``dtype``, best of 3."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, 768, generator=g).to(dtype)
+    w = torch.randn(3072, 768, generator=g).to(dtype)
+    return m * 768 * 3072 / best_mm_seconds(a, w, repeats) / 1e9
 
 
 def _make_runner(entry: _Entry, encoder: torch.nn.Module, args: argparse.Namespace,
