@@ -15,7 +15,8 @@ def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
     args = benchmark.parse_args([
         "--img-size", "64", "--keep-ratios", "0.5", "1.0", "--dtypes", "fp32", "--batch-sizes",
         "1", "--warmup", "0", "--repeats", "2", "--cpu-memory", "skip", "--devices", "cpu",
-        "--families", "tiny", "--malloc", "default", "--output-dir", str(out)])
+        "--families", "tiny", "--malloc", "default", "--isolation", "shared",
+        "--output-dir", str(out)])
     results = benchmark.main(args)
     names = [r.model for r in results]
     assert names == ["tiny_vit", "tiny_vit_sdpa", "tiny_bl@0.5", "tiny_bl@1"]
@@ -37,7 +38,41 @@ def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
     assert "of burst rate" in (out / "benchmark.md").read_text()
 
 
-@pytest.mark.slow  # two fresh processes (~15-35 s)
+def test_benchmark_every_model_in_its_own_worker_process(tmp_path):
+    """--isolation process (the default): each model runs in a persistent worker of its own,
+    started with the tuned allocator, so none inherits another's heap and no timed forward
+    page-faults; the rounds are still interleaved."""
+    args = benchmark.parse_args([
+        "--img-size", "64", "--keep-ratios", "0.5", "--dtypes", "fp32", "--batch-sizes", "1",
+        "--warmup", "2", "--repeats", "2", "--cpu-memory", "skip", "--gemm-rate", "skip",
+        "--devices", "cpu", "--families", "tiny", "--malloc", "tuned", "--timm", "skip",
+        "--output-dir", str(tmp_path)])
+    assert args.isolation == "process"
+    results = benchmark.main(args)
+    assert [r.model for r in results] == ["tiny_vit", "tiny_vit_sdpa", "tiny_bl@0.5"]
+    assert all(r.error is None and len(r.times_ms) == 2 for r in results)
+    pids = {r.worker_pid for r in results}
+    assert len(pids) == 3 and os.getpid() not in pids
+    assert all(r.minor_faults_per_forward == 0 for r in results)
+    env = json.loads((tmp_path / "benchmark.json").read_text())["environment"]
+    assert env["isolation"] == "process" and env["glibc_malloc_tuned"] is True
+    assert results[2].gflops_full_encoder < results[0].gflops_full_encoder
+
+
+def test_worker_process_errors_are_one_line_results(tmp_path):
+    """A model that fails to build in its worker becomes a row with its error; the others run."""
+    from blsam.utils.jobs import RemoteJob, WorkerError
+
+    job = RemoteJob("blsam.tools.benchmark", {"kind": "encoder", "name": "bad", "spec": {
+        "name": "x", "family": "nope", "kind": "official"}, "device": "cpu", "dtype": "fp32",
+        "batch_size": 1}, ["--img-size", "64"])
+    assert job.hello["error"].startswith("KeyError")
+    with pytest.raises(WorkerError):
+        job.call("run")
+    job.close()
+
+
+@pytest.mark.slow  # eight worker processes (~40-80 s)
 def test_benchmark_both_allocators_in_fresh_processes_with_isa(tmp_path):
     """The default: every model under the default and the tuned allocator, each setting in a
     fresh process, runs interleaved; page faults per forward and the CPU's ISA recorded;
@@ -46,13 +81,14 @@ def test_benchmark_both_allocators_in_fresh_processes_with_isa(tmp_path):
         "--img-size", "64", "--keep-ratios", "0.5", "--dtypes", "fp32", "bf16",
         "--batch-sizes", "1", "--warmup", "0", "--repeats", "2", "--cpu-memory", "skip",
         "--gemm-rate", "skip", "--devices", "cpu", "--families", "tiny",
-        "--output-dir", str(tmp_path)])
+        "--e2e", "--e2e-points-per-side", "2", "--output-dir", str(tmp_path)])
     assert args.malloc == "both"
     results = benchmark.main(args)
-    fp32 = [(r.model, r.malloc) for r in results if r.dtype == "fp32"]
+    fp32 = [(r.model, r.malloc) for r in results if r.dtype == "fp32" and r.photo is None]
     assert fp32 == [(m, mode) for mode in ("default", "tuned")
                     for m in ("tiny_vit", "tiny_vit_sdpa", "tiny_bl@0.5")]
-    assert all(r.minor_faults_per_forward >= 0 for r in results if r.dtype == "fp32")
+    assert all(r.minor_faults_per_forward >= 0 for r in results if r.dtype == "fp32"
+               and r.photo is None)
     data = json.loads((tmp_path / "benchmark.json").read_text())
     env = data["environment"]
     assert env["isa"] in ("AVX2", "AVX-512", "AMX", "other")
@@ -66,6 +102,10 @@ def test_benchmark_both_allocators_in_fresh_processes_with_isa(tmp_path):
         assert all(r.error.startswith("skipped: bf16 is emulated") for r in bf16)
     md = (tmp_path / "benchmark.md").read_text()
     assert "fault-free" in md and "### glibc allocator: default" in md
+    # end-to-end rows: once, under the last setting, each SAM in its own worker
+    assert {r["malloc"] for r in data["e2e_results"]} == {"tuned"}
+    assert [r["model"] for r in data["e2e_results"]] == [
+        "tiny_vit", "tiny_bl@0.5", "tiny_bl@0.5+skip_padding"]
 
 
 @pytest.mark.slow  # two ONNX exports (~10-20 s)
@@ -94,7 +134,7 @@ def test_benchmark_e2e_rows(tmp_path):
         "--img-size", "64", "--keep-ratios", "0.5", "--warmup", "0", "--repeats", "1",
         "--devices", "cpu", "--gemm-rate", "skip", "--skip-models", "--e2e",
         "--e2e-points-per-side", "2", "--families", "tiny", "--malloc", "default",
-        "--output-dir", str(tmp_path)])
+        "--isolation", "shared", "--output-dir", str(tmp_path)])
     benchmark.main(args)
     rows = json.loads((tmp_path / "benchmark.json").read_text())["e2e_results"]
     assert [(r["model"], r["skip_padding"]) for r in rows] == [
@@ -122,7 +162,8 @@ def test_benchmark_photo_rows_count_padding_queries(tmp_path):
     args = benchmark.parse_args([
         "--img-size", "64", "--keep-ratios", "0.5", "--warmup", "0", "--repeats", "1",
         "--devices", "cpu", "--gemm-rate", "skip", "--skip-models", "--photos", "16:9",
-        "--families", "tiny", "--malloc", "default", "--output-dir", str(tmp_path)])
+        "--families", "tiny", "--malloc", "default", "--isolation", "shared",
+        "--output-dir", str(tmp_path)])
     rows = benchmark.main(args)
     assert [(r.model, r.skip_padding) for r in rows] == [
         ("tiny_vit", False), ("tiny_bl@0.5", False), ("tiny_bl@0.5+skip_padding", True)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -33,7 +34,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -42,6 +43,7 @@ from blsam.build_blsam import build_vanilla_sam
 from blsam.flops import count_flops
 from blsam.specs import FAMILIES, check_img_size, check_keep_ratio
 from blsam.utils.cli import check_option, one_line_parse_errors, run_cli
+from blsam.utils.jobs import LocalJob, RemoteJob, WorkerError, serve
 
 # FAMILIES: benchmark family -> (vanilla SAM, bLViT student)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,6 +108,8 @@ class Result:
     ratio_latency_vs_timm: float = float("nan")
     ratio_latency_vs_eager: float = float("nan")  # ONNX Runtime rows: / the same model eager
     ratio_latency_vs_onnx_official: float = float("nan")  # ONNX rows: / official in ORT
+    worker_pid: Optional[int] = None  # the process that ran it (--isolation process)
+    worker_tuned: Optional[bool] = None  # whether that process ran with GLIBC_TUNABLES tuned
 
 
 TIMM_SAM = {"b": "samvit_base_patch16", "h": "samvit_huge_patch16"}
@@ -260,45 +264,6 @@ def forward_fn(encoder: torch.nn.Module, x: torch.Tensor, dtype: Optional[torch.
     return run
 
 
-def time_encoder(
-    encoder: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype],
-    batch_size: int, warmup: int, repeats: int, between: Optional[Callable[[], float]] = None,
-) -> Dict[str, object]:
-    """Latency of ``encoder`` on a (B, 3, S, S) input; returns times (ms) and peak memory (MiB).
-
-    Peak memory (CUDA only) is what the forward pass allocates on top of the weights.
-    ``between`` (CPU): called before the first timed run and after every one (a GEMM replay);
-    its results come back as ``between_s`` (repeats + 1 values).
-    """
-    size = encoder.img_size
-    run = forward_fn(encoder, torch.randn(batch_size, 3, size, size, device=device), dtype)
-    cuda = device.type == "cuda"
-
-    for _ in range(warmup):
-        run()
-    gc.collect()
-    times = []
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        gaps = [between()] if between else []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
-            if between:
-                gaps.append(between())
-        peak = float("nan")  # measured in a fresh process, see cpu_peak_memory
-        return {"times": times, "peak": peak, "between_s": gaps}
-    return {"times": times, "peak": peak}
-
-
 def _child(argv: List[str]) -> List[str]:
     """This benchmark in a fresh Python process (``-m``: works installed or from a checkout)."""
     return [sys.executable, "-m", "blsam.tools.benchmark", *argv]
@@ -445,71 +410,147 @@ def photo(aspect: str):
     return np.ascontiguousarray(img)
 
 
-def sam_variants(args: argparse.Namespace) -> Iterator[Tuple[str, str, Optional[float], bool,
-                                                             torch.nn.Module]]:
-    """The whole-SAM rows of the photo and end-to-end sections: the first family's official
-    SAM, then its bLViT at every keep ratio without and with ``skip_padding`` (seed 0 each):
-    (name, kind, keep ratio, skip_padding, model)."""
+def sam_variants(args: argparse.Namespace) -> List[Dict[str, object]]:
+    """The whole-SAM rows of the photo and end-to-end sections, as jobs: the first family's
+    official SAM, then its bLViT at every keep ratio without and with ``skip_padding``."""
     vanilla, student = FAMILIES[args.families[0]]
-    variants = [(vanilla, "official", None, False)]
+    variants = [{"kind": "sam", "name": vanilla, "model": "official", "keep_ratio": None,
+                 "skip_padding": False}]
     for r in args.keep_ratios:
-        variants += [(f"{student}@{r:g}", "blsam", r, False),
-                     (f"{student}@{r:g}+skip_padding", "blsam", r, True)]
-    for name, kind, keep, skip in variants:
+        for skip in (False, True):
+            variants.append({"kind": "sam", "name": f"{student}@{r:g}" + (
+                "+skip_padding" if skip else ""), "model": "blsam", "keep_ratio": r,
+                "skip_padding": skip})
+    return variants
+
+
+class SamJob:
+    """One whole SAM behind segment_anything's own ``SamPredictor`` and
+    ``SamAutomaticMaskGenerator`` (seed 0): ``set_image``, ``click`` (set_image + predict) and
+    ``amg`` on a photo given by its aspect ratio. The encoder's time inside AMG is measured
+    with forward hooks."""
+
+    def __init__(self, job: Mapping[str, object], args: argparse.Namespace) -> None:
+        from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+        vanilla, student = FAMILIES[args.families[0]]
         torch.manual_seed(0)
-        if kind == "official":
+        if job["model"] == "official":
             sam = build_vanilla_sam(vanilla, img_size=args.img_size).eval()
         else:
-            sam = blsam_model_registry[student](img_size=args.img_size, keep_ratio=keep,
-                                               skip_padding=skip).eval()
-        yield name, kind, keep, skip, sam
+            sam = blsam_model_registry[student](img_size=args.img_size,
+                                                keep_ratio=job["keep_ratio"],
+                                                skip_padding=job["skip_padding"]).eval()
+        self.sam, self.blsam, self.args = sam, job["model"] == "blsam", args
+        self.clock = {"t0": 0.0, "ms": 0.0}
+        sam.image_encoder.register_forward_pre_hook(self._pre)
+        sam.image_encoder.register_forward_hook(self._post)
+        self.predictor = SamPredictor(sam)
+        self.amg = SamAutomaticMaskGenerator(sam, points_per_side=args.e2e_points_per_side)
+        self.photos: Dict[str, object] = {}
+        self.hello = {"gflops_full_encoder": count_flops(sam, "full", part="image_encoder").total,
+                      "tuned": tunables_active()}
+
+    def _pre(self, *_) -> None:
+        self.clock["t0"] = time.perf_counter()
+
+    def _post(self, *_) -> None:
+        self.clock["ms"] += (time.perf_counter() - self.clock["t0"]) * 1e3
+
+    def _photo(self, aspect: str):
+        if aspect not in self.photos:
+            self.photos[aspect] = photo(aspect)
+        return self.photos[aspect]
+
+    def call(self, cmd: str, arg: str) -> Dict[str, object]:
+        import numpy as np
+
+        img = self._photo(arg)
+        h, w = img.shape[:2]
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            if cmd == "amg":
+                self.clock["ms"] = 0.0
+                masks = self.amg.generate(img)
+                return {"amg_ms": (time.perf_counter() - t0) * 1e3,
+                        "amg_encoder_ms": self.clock["ms"], "masks": len(masks)}
+            self.predictor.set_image(img)
+            t1 = time.perf_counter()
+            if cmd == "click":
+                self.predictor.predict(point_coords=np.array([[w // 2, h // 2]]),
+                                       point_labels=np.array([1]), multimask_output=True)
+                return {"set_image_ms": (t1 - t0) * 1e3,
+                        "predict_ms": (time.perf_counter() - t1) * 1e3}
+        if cmd != "set_image":
+            raise ValueError(f"unknown command {cmd!r}")
+        out: Dict[str, object] = {"ms": (t1 - t0) * 1e3, "photo": f"{arg} {PHOTOS[arg]} {w}x{h}",
+                                  "gflops_full_encoder": self.hello["gflops_full_encoder"]}
+        if self.blsam:  # padding-aware routing's cost depends on the photo
+            x = torch.as_tensor(self.predictor.transform.apply_image(img)).permute(2, 0, 1)
+            x = self.sam.preprocess(x[None].float())
+            out["gflops_full_encoder"] = count_flops(self.sam, "full", part="image_encoder",
+                                                     images=x).total
+            ph, pw = self.predictor.input_size
+            g = self.args.img_size // 16
+            content = torch.zeros(g, g, dtype=torch.bool)
+            content[: -(-ph // 16), : -(-pw // 16)] = True
+            masks = [s["mask"][0] for s in self.sam.image_encoder.last_routing]
+            out["padding_queries"] = float(sum(int((m & ~content).sum()) for m in masks))
+            out["routed_queries"] = float(sum(int(m.sum()) for m in masks))
+        return out
 
 
-def photo_rows(args: argparse.Namespace) -> List[Result]:
-    """``SamPredictor.set_image`` on real photos of three aspect ratios: official ViT-B vs b_t
-    with the paper's routing and with ``skip_padding``; counts P-block queries on padding."""
-    from segment_anything import SamPredictor
+def _started(args: argparse.Namespace, jobs: List[Dict[str, object]], malloc: str) -> list:
+    """Start every job (in its own process unless ``--isolation shared``), build them one by
+    one, and drop those that failed with a warning."""
+    handles = [start_job(args, j, malloc) for j in jobs]
+    live = []
+    for h in handles:
+        if "error" in h.hello:
+            print(f"warning: {h.job['name']}: {h.hello['error']}", file=sys.stderr)
+            h.close()
+        else:
+            live.append(h)
+    return live
 
+
+def photo_rows(args: argparse.Namespace, malloc: str) -> List[Result]:
+    """``SamPredictor.set_image`` on real photos of several aspect ratios: official SAM vs
+    bLViT with the paper's routing and with ``skip_padding``, rounds interleaved; counts
+    P-block queries on padding."""
+    handles = _started(args, sam_variants(args), malloc)
     rows: List[Result] = []
-    for name, kind, keep, skip, sam in sam_variants(args):
-        full = count_flops(sam, "full", part="image_encoder").total
-        predictor = SamPredictor(sam)
+    try:
         for aspect in args.photos:
-            img = photo(aspect)
-            with torch.inference_mode():
+            for h in handles:
                 for _ in range(args.warmup):
-                    predictor.set_image(img)
-                times = []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    predictor.set_image(img)
-                    times.append((time.perf_counter() - t0) * 1e3)
-            gflops = full
-            if kind == "blsam":  # padding-aware routing's cost depends on the photo
-                x = torch.as_tensor(predictor.transform.apply_image(img)).permute(2, 0, 1)
-                x = sam.preprocess(x[None].float())
-                gflops = count_flops(sam, "full", part="image_encoder", images=x).total
-            res = Result(name, args.families[0], kind, keep, "cpu", "fp32", 1, float("nan"), gflops,
-                         skip_padding=skip, photo=f"{aspect} {PHOTOS[aspect]} {img.shape[1]}x"
-                                                  f"{img.shape[0]}")
-            res.times_ms = [round(v, 3) for v in times]
-            res.latency_ms_median = statistics.median(times)
-            res.latency_ms_min, res.latency_ms_max = min(times), max(times)
-            res.images_per_s = 1e3 / res.latency_ms_median
-            if kind == "blsam":
-                h, w = predictor.input_size
-                g = args.img_size // 16
-                content = torch.zeros(g, g, dtype=torch.bool)
-                content[: -(-h // 16), : -(-w // 16)] = True
-                masks = [s["mask"][0] for s in sam.image_encoder.last_routing]
-                res.padding_queries = float(sum(int((m & ~content).sum()) for m in masks))
-                res.routed_queries = float(sum(int(m.sum()) for m in masks))
-            rows.append(res)
-        del sam, predictor
-        gc.collect()
+                    h.call("set_image", aspect)
+            times: Dict[str, List[float]] = {h.job["name"]: [] for h in handles}
+            last: Dict[str, Dict[str, object]] = {}
+            for _ in range(args.repeats):
+                for h in handles:
+                    last[h.job["name"]] = out = h.call("set_image", aspect)
+                    times[h.job["name"]].append(out["ms"])
+            for h in handles:
+                job, out, t = h.job, last[h.job["name"]], times[h.job["name"]]
+                res = Result(job["name"], args.families[0], job["model"], job["keep_ratio"],
+                             "cpu", "fp32", 1, float("nan"), out["gflops_full_encoder"],
+                             skip_padding=job["skip_padding"], photo=out["photo"], malloc=malloc)
+                res.times_ms = [round(v, 3) for v in t]
+                res.latency_ms_median = statistics.median(t)
+                res.latency_ms_min, res.latency_ms_max = min(t), max(t)
+                res.images_per_s = 1e3 / res.latency_ms_median
+                res.gmacs_per_s = res.gflops_full_encoder / (res.latency_ms_median / 1e3)
+                res.padding_queries = out.get("padding_queries", float("nan"))
+                res.routed_queries = out.get("routed_queries", float("nan"))
+                rows.append(res)
+    finally:
+        for h in handles:
+            h.close()
     off = {r.photo: r for r in rows if r.kind == "official"}
     for r in rows:
-        r.ratio_latency_vs_official = r.latency_ms_median / off[r.photo].latency_ms_median
+        if r.photo in off:
+            r.ratio_latency_vs_official = r.latency_ms_median / off[r.photo].latency_ms_median
     return rows
 
 
@@ -536,78 +577,58 @@ def photo_table(rows: List[Result]) -> str:
 def e2e_rows(args: argparse.Namespace, malloc: str) -> List[Dict[str, object]]:
     """What a SAM user waits for, on real photos: ``SamPredictor.set_image`` + ``predict``
     (one click, 3 masks) and ``SamAutomaticMaskGenerator.generate`` with its defaults, for the
-    official encoder and bLViT at every keep ratio with and without ``skip_padding``; the
-    encoder's time inside AMG is measured with forward hooks. Models interleaved per round."""
-    import numpy as np
-    from segment_anything import SamAutomaticMaskGenerator, SamPredictor
-
-    models = []
-    for name, kind, keep, skip, sam in sam_variants(args):
-        clock = {"t0": 0.0, "ms": 0.0}
-
-        def pre(_m, _i, clock=clock):
-            clock["t0"] = time.perf_counter()
-
-        def post(_m, _i, _o, clock=clock):
-            clock["ms"] += (time.perf_counter() - clock["t0"]) * 1e3
-
-        sam.image_encoder.register_forward_pre_hook(pre)
-        sam.image_encoder.register_forward_hook(post)
-        amg = SamAutomaticMaskGenerator(sam, points_per_side=args.e2e_points_per_side)
-        models.append({"name": name, "kind": kind, "keep_ratio": keep, "skip_padding": skip,
-                       "predictor": SamPredictor(sam), "amg": amg, "clock": clock})
+    official encoder and bLViT at every keep ratio with and without ``skip_padding``. Each
+    model in its own worker (``--isolation``); rounds interleaved across models."""
+    handles = _started(args, sam_variants(args), malloc)
     rows: List[Dict[str, object]] = []
-    for aspect in args.e2e_photos:
-        img = photo(aspect)
-        h, w = img.shape[:2]
-        click = dict(point_coords=np.array([[w // 2, h // 2]]), point_labels=np.array([1]),
-                     multimask_output=True)
-        rec = {m["name"]: {"set_image": [], "predict": [], "amg": [], "amg_encoder": [],
-                           "masks": []} for m in models}
-        with torch.inference_mode():
-            for m in models:  # warm-up: one set_image + predict each
+    try:
+        for aspect in args.e2e_photos:
+            rec = {h.job["name"]: {"set_image": [], "predict": [], "amg": [], "amg_encoder": [],
+                                   "masks": []} for h in handles}
+            for h in handles:  # warm-up: one set_image + predict each
                 for _ in range(max(args.warmup, 1)):
-                    m["predictor"].set_image(img)
-                    m["predictor"].predict(**click)
+                    h.call("click", aspect)
             for _ in range(args.repeats):
-                for m in models:
-                    t0 = time.perf_counter()
-                    m["predictor"].set_image(img)
-                    t1 = time.perf_counter()
-                    m["predictor"].predict(**click)
-                    t2 = time.perf_counter()
-                    rec[m["name"]]["set_image"].append((t1 - t0) * 1e3)
-                    rec[m["name"]]["predict"].append((t2 - t1) * 1e3)
+                for h in handles:
+                    out = h.call("click", aspect)
+                    rec[h.job["name"]]["set_image"].append(out["set_image_ms"])
+                    rec[h.job["name"]]["predict"].append(out["predict_ms"])
             for _ in range(args.e2e_amg_repeats):
-                for m in models:
-                    m["clock"]["ms"] = 0.0
-                    t0 = time.perf_counter()
-                    masks = m["amg"].generate(img)
-                    rec[m["name"]]["amg"].append((time.perf_counter() - t0) * 1e3)
-                    rec[m["name"]]["amg_encoder"].append(m["clock"]["ms"])
-                    rec[m["name"]]["masks"].append(len(masks))
-        photo_name = f"{aspect} {PHOTOS[aspect]} {w}x{h}"
-        base = None
-        for m in models:
-            t = rec[m["name"]]
-            row = {"model": m["name"], "kind": m["kind"], "keep_ratio": m["keep_ratio"],
-                   "skip_padding": m["skip_padding"], "photo": photo_name, "malloc": malloc,
-                   "set_image_ms": statistics.median(t["set_image"]),
-                   "predict_ms": statistics.median(t["predict"]),
-                   "amg_ms": statistics.median(t["amg"]),
-                   "amg_encoder_ms": statistics.median(t["amg_encoder"]),
-                   "amg_masks": t["masks"][-1], "times_ms": t,
-                   "points_per_side": args.e2e_points_per_side}
-            row["amg_encoder_share"] = row["amg_encoder_ms"] / row["amg_ms"]
-            row["click_ms"] = row["set_image_ms"] + row["predict_ms"]
-            base = base or row
-            row["click_vs_official"] = row["click_ms"] / base["click_ms"]
-            row["amg_vs_official"] = row["amg_ms"] / base["amg_ms"]
-            rows.append(row)
+                for h in handles:
+                    out = h.call("amg", aspect)
+                    for k in ("amg", "amg_encoder"):
+                        rec[h.job["name"]][k].append(out[f"{k}_ms"])
+                    rec[h.job["name"]]["masks"].append(out["masks"])
+            img = photo(aspect)
+            photo_name = f"{aspect} {PHOTOS[aspect]} {img.shape[1]}x{img.shape[0]}"
+            base = None
+            for h in handles:
+                t = rec[h.job["name"]]
+                row = {"model": h.job["name"], "kind": h.job["model"],
+                       "keep_ratio": h.job["keep_ratio"], "skip_padding": h.job["skip_padding"],
+                       "photo": photo_name, "malloc": malloc, "isolation": args.isolation,
+                       "set_image_ms": statistics.median(t["set_image"]),
+                       "predict_ms": statistics.median(t["predict"]),
+                       "amg_ms": statistics.median(t["amg"]),
+                       "amg_encoder_ms": statistics.median(t["amg_encoder"]),
+                       "amg_masks": t["masks"][-1], "times_ms": t,
+                       "points_per_side": args.e2e_points_per_side}
+                row["amg_encoder_share"] = row["amg_encoder_ms"] / row["amg_ms"]
+                row["click_ms"] = row["set_image_ms"] + row["predict_ms"]
+                if h.job["model"] == "official":
+                    base = row
+                if base is not None:
+                    row["click_vs_official"] = row["click_ms"] / base["click_ms"]
+                    row["amg_vs_official"] = row["amg_ms"] / base["amg_ms"]
+                rows.append(row)
+    finally:
+        for h in handles:
+            h.close()
     return rows
 
 
 def e2e_table(rows: List[Dict[str, object]]) -> str:
+    nan = float("nan")
     lines = [
         "End to end (segment_anything's own `SamPredictor` and `SamAutomaticMaskGenerator` "
         f"with {rows[0]['points_per_side']}² points, its other settings default; random "
@@ -622,8 +643,9 @@ def e2e_table(rows: List[Dict[str, object]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['photo']} | {r['skip_padding']} | {r['set_image_ms']:.0f} "
-            f"| {r['predict_ms']:.0f} | {r['click_vs_official']:.2f} | {r['amg_ms'] / 1e3:.1f} "
-            f"| {r['amg_vs_official']:.2f} | {r['amg_encoder_ms'] / 1e3:.1f} "
+            f"| {r['predict_ms']:.0f} | {fmt(r.get('click_vs_official', nan))} "
+            f"| {r['amg_ms'] / 1e3:.1f} "
+            f"| {fmt(r.get('amg_vs_official', nan))} | {r['amg_encoder_ms'] / 1e3:.1f} "
             f"| {r['amg_encoder_share']:.2f} | {r['amg_masks']} |")
     return "\n".join(lines) + "\n"
 
@@ -843,8 +865,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "process, no page faults per forward), or both (default), each in a "
                         "fresh process; the headline ratio is the fault-free one")
     p.add_argument("--tune-malloc", action="store_true", help="same as --malloc tuned")
-    p.add_argument("--isolate", action="store_true",
-                   help="run a single --malloc setting in a fresh process too")
+    p.add_argument("--isolation", choices=["process", "shared"], default="process",
+                   help="process: every model (and the GEMM probe) in a persistent worker "
+                        "process of its own, started with the --malloc setting, driven "
+                        "round-robin (no model inherits another's heap: fault-free with the "
+                        "tuned allocator); shared: all in one process per setting (fast, for "
+                        "tests; models fragment each other's heap)")
     p.add_argument("--onnx", action="store_true",
                    help="add ONNX Runtime rows (CPU, fp32, batch 1) for the official encoder "
                         "and every keep ratio, exported as blsam-export-onnx does")
@@ -876,6 +902,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip-models", action="store_true",
                    help="only the --photos rows (and the GEMM rate)")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # a worker process's job
     p.add_argument("--output-dir", default="outputs/benchmark")
     args = one_line_parse_errors(p).parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -929,7 +956,7 @@ class _Entry:
 
     def __init__(self, spec: ModelSpec, dev: str, dt: str, bs: int, res: Result) -> None:
         self.spec, self.dev, self.dt, self.bs, self.res = spec, dev, dt, bs, res
-        self.run: Optional[Callable[[], None]] = None
+        self.job = None  # RemoteJob or LocalJob once started
         self.times: List[float] = []
         self.faults: List[int] = []
         self.gaps: List[float] = []  # GEMM replay seconds before the first run and after each
@@ -962,21 +989,21 @@ def matmul_rate(dtype: torch.dtype, m: int, repeats: int = 3) -> float:
     return m * 768 * 3072 / best_mm_seconds(a, w, repeats) / 1e9
 
 
-def _make_runner(entry: _Entry, encoder: torch.nn.Module, args: argparse.Namespace,
-                 isa: Dict[str, object]) -> Callable[[], None]:
-    dev = torch.device(entry.dev)
-    if entry.spec.backend == "onnxruntime":
+def _make_runner(spec: ModelSpec, dev_name: str, dt: str, bs: int, encoder: torch.nn.Module,
+                 args: argparse.Namespace) -> Callable[[], None]:
+    dev = torch.device(dev_name)
+    if spec.backend == "onnxruntime":
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
-        sess = ort.InferenceSession(onnx_path(entry.spec, args), so,
+        sess = ort.InferenceSession(onnx_path(spec, args), so,
                                     providers=["CPUExecutionProvider"])
         feed = {sess.get_inputs()[0].name: torch.randn(
             1, 3, args.img_size, args.img_size).numpy()}
         return lambda: sess.run(None, feed)
-    x = torch.randn(entry.bs, 3, args.img_size, args.img_size, device=dev)
-    if entry.dt == "bf16" and dev.type == "cpu":
+    x = torch.randn(bs, 3, args.img_size, args.img_size, device=dev)
+    if dt == "bf16" and dev.type == "cpu":
         # a bf16 model (``.to(torch.bfloat16)``), as a deployer casts it: autocast would keep
         # fp32 weights and re-cast them at every op
         import copy
@@ -985,22 +1012,96 @@ def _make_runner(entry: _Entry, encoder: torch.nn.Module, args: argparse.Namespa
         x = x.to(torch.bfloat16)
         dtype = None
     else:
-        dtype = DTYPES[entry.dt]
+        dtype = DTYPES[dt]
     return forward_fn(encoder, x, dtype)
 
 
-def run_models(args: argparse.Namespace, malloc: str, env: Dict[str, object],
-               replay: Optional["GemmReplay"]) -> List[Result]:
-    """Build every configuration, warm each up, then time them round-robin: round r runs
-    every model once, so slow phases of a shared machine hit all models alike."""
-    from tqdm import tqdm
+class EncoderJob:
+    """One timed configuration, built and warmed up: ``run`` times one forward and counts this
+    process's minor page faults during it (and the CUDA peak above the weights)."""
 
+    def __init__(self, job: Mapping[str, object], args: argparse.Namespace) -> None:
+        spec = ModelSpec(**job["spec"])
+        self.dev = torch.device(job["device"])
+        torch.manual_seed(0)
+        sam = spec.build(args.img_size).eval()
+        ref = ModelSpec("", spec.family, "official").build(args.img_size) \
+            if spec.kind == "timm" else sam
+        flops = (count_flops(ref, "paper").total,
+                 count_flops(ref, "full", part="image_encoder").total)
+        encoder = sam.image_encoder.to(self.dev)
+        del sam, ref
+        self._run = _make_runner(spec, job["device"], job["dtype"], job["batch_size"], encoder,
+                                 args)
+        for _ in range(args.warmup):
+            self._run()
+        gc.collect()
+        self.hello = {"flops": flops, "tuned": tunables_active()}
+
+    def call(self, cmd: str, arg: str) -> Dict[str, object]:
+        if cmd != "run":
+            raise ValueError(f"unknown command {cmd!r}")
+        cuda = self.dev.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            base = torch.cuda.memory_allocated(self.dev)
+        f0 = _minflt()
+        t0 = time.perf_counter()
+        self._run()
+        out = {"ms": (time.perf_counter() - t0) * 1e3, "faults": _minflt() - f0}
+        if cuda:
+            out["peak_mib"] = (torch.cuda.max_memory_allocated(self.dev) - base) / 2**20
+        return out
+
+
+class GemmJob:
+    """This machine's matmul rates, measured under the models' allocator setting: one
+    (M, 768) x (768, 3072) matmul in fp32 (and bf16 when asked); with ``replay``, the burst
+    rate of the student's GEMM shapes, and ``run`` replays them all (the sustained rate)."""
+
+    def __init__(self, job: Mapping[str, object], args: argparse.Namespace) -> None:
+        m = (args.img_size // 16) ** 2
+        self.hello: Dict[str, object] = {
+            "fp32_matmul_gmacs_per_s": matmul_rate(torch.float32, m), "tuned": tunables_active()}
+        if job.get("bf16"):
+            self.hello["bf16_matmul_gmacs_per_s"] = matmul_rate(torch.bfloat16, m)
+        self.replay: Optional[GemmReplay] = None
+        if job.get("replay"):
+            self.replay = GemmReplay(args.img_size, str(job["student"]))
+            self.hello.update(measure_gemm_rate(self.replay))
+
+    def call(self, cmd: str, arg: str) -> Dict[str, object]:
+        if cmd != "run" or self.replay is None:
+            raise ValueError(f"unknown command {cmd!r}")
+        return {"s": self.replay()}
+
+
+JOBS = {"encoder": EncoderJob, "gemm": GemmJob, "sam": SamJob}
+
+
+def make_job(args: argparse.Namespace, job: Mapping[str, object]):
+    return JOBS[str(job["kind"])](job, args)
+
+
+def start_job(args: argparse.Namespace, job: Dict[str, object], malloc: str):
+    """``job`` in a persistent worker process of its own, started with ``malloc``'s allocator
+    settings (``--isolation process``), or in this process (``shared``)."""
+    if args.isolation == "shared":
+        return LocalJob(functools.partial(make_job, args), job)
+    env = _child_env()
+    env.pop("GLIBC_TUNABLES", None)
+    if malloc == "tuned":
+        env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+    return RemoteJob("blsam.tools.benchmark", job, args.argv, env)
+
+
+def _plan(args: argparse.Namespace, malloc: str, env: Dict[str, object]) -> List[_Entry]:
+    """Every configuration to time; rows that will not run say why in ``error``."""
     devices = args.devices or default_devices()
     specs = [] if args.skip_models else model_specs(args.families, args.keep_ratios)
     specs += [] if args.skip_models else extra_specs(args)
-    entries: List[_Entry] = []
-    flops: Dict[str, tuple] = {}
     native = bool(env.get("native_bf16"))
+    entries: List[_Entry] = []
     for spec in specs:
         for dev in devices:
             if spec.backend == "onnxruntime" and dev != "cpu":
@@ -1010,65 +1111,69 @@ def run_models(args: argparse.Namespace, malloc: str, env: Dict[str, object],
                      else args.batch_sizes)
             if spec.backend == "onnxruntime":  # exported graphs: fp32, batch 1
                 dtypes, sizes = [d for d in dtypes if d == "fp32"], [1]
-            torch.manual_seed(0)
-            sam = spec.build(args.img_size).eval()
-            if spec.name not in flops:
-                if spec.kind == "timm":
-                    ref = ModelSpec("", spec.family, "official").build(args.img_size)
-                    flops[spec.name] = (count_flops(ref, "paper").total,
-                                        count_flops(ref, "full", part="image_encoder").total)
-                else:
-                    flops[spec.name] = (count_flops(sam, "paper").total,
-                                        count_flops(sam, "full", part="image_encoder").total)
-            encoder = sam.image_encoder.to(dev)
-            del sam
             for dt in dtypes:
                 for bs in sizes:
+                    nan = float("nan")
                     res = Result(spec.name, spec.family, spec.kind, spec.keep_ratio, dev, dt,
-                                 bs, *flops[spec.name], backend=spec.backend, malloc=malloc)
-                    entry = _Entry(spec, dev, dt, bs, res)
-                    entries.append(entry)
+                                 bs, nan, nan, backend=spec.backend, malloc=malloc)
+                    entries.append(_Entry(spec, dev, dt, bs, res))
                     if dt == "bf16" and dev == "cpu":
                         res.bf16 = "native" if native else "emulated"
                         if not native and not args.allow_emulated_bf16:
                             res.error = ("skipped: bf16 is emulated on this CPU (no AMX / "
                                          "AVX512-BF16); --allow-emulated-bf16 runs it")
-                            continue
-                    try:
-                        entry.run = _make_runner(entry, encoder, args, env)
-                    except (RuntimeError, ImportError) as e:
-                        res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-    live = [e for e in entries if e.run is not None]
-    bar = tqdm(total=len(live) * (args.warmup + args.repeats), desc=f"benchmark ({malloc})",
-               unit="run")
+    return entries
+
+
+def run_models(args: argparse.Namespace, malloc: str, env: Dict[str, object],
+               replay=None) -> List[Result]:
+    """Build every configuration (each in its own worker process unless ``--isolation
+    shared``) and warm it up, then time them round-robin: round r runs every model once, so
+    slow phases of a shared machine hit all models alike. ``replay``: the GEMM job whose
+    sustained rate is measured around every CPU fp32 run."""
+    from tqdm import tqdm
+
+    entries = _plan(args, malloc, env)
+    live = [e for e in entries if e.res.error is None]
+    for e in live:  # started together (imports in parallel), built one by one below
+        e.job = start_job(args, {"kind": "encoder", "name": e.spec.name, "spec": asdict(e.spec),
+                                 "device": e.dev, "dtype": e.dt, "batch_size": e.bs}, malloc)
+    bar = tqdm(total=len(live) * (args.repeats + 1), desc=f"benchmark ({malloc})", unit="run")
     for e in live:
-        try:
-            for _ in range(args.warmup):
-                e.run()
-                bar.update()
-        except RuntimeError as err:  # e.g. out of memory, or a dtype the device lacks
-            e.res.error, e.run = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}", None
-    live = [e for e in live if e.run is not None]
+        hello = e.job.hello
+        bar.update()
+        if "error" in hello:
+            e.res.error = str(hello["error"])[:120]
+            e.job.close()
+            continue
+        e.res.gflops_paper_sam, e.res.gflops_full_encoder = hello["flops"]
+        if args.isolation == "process":
+            e.res.worker_pid, e.res.worker_tuned = hello["pid"], hello["tuned"]
+    live = [e for e in live if e.res.error is None]
     gc.collect()
     cpu_fp32 = [e for e in live if e.dev == "cpu" and e.dt == "fp32" and replay is not None]
-    for rnd in range(args.repeats):
+    try:
+        for _ in range(args.repeats):
+            for e in live:
+                if e.res.error:
+                    continue
+                if e in cpu_fp32 and not e.gaps:
+                    e.gaps.append(replay.call("run")["s"])
+                try:
+                    out = e.job.call("run")
+                except WorkerError as err:  # e.g. out of memory
+                    e.res.error = str(err)[:120]
+                    continue
+                e.times.append(out["ms"])
+                e.faults.append(out["faults"])
+                e.peak = max(e.peak, out.get("peak_mib", 0.0))
+                if e in cpu_fp32:
+                    e.gaps.append(replay.call("run")["s"])
+                bar.update()
+    finally:
         for e in live:
-            if e in cpu_fp32 and not e.gaps:
-                e.gaps.append(replay())
-            if e.dev == "cuda":
-                torch.cuda.reset_peak_memory_stats(e.dev)
-                base = torch.cuda.memory_allocated(e.dev)
-            f0 = _minflt()
-            t0 = time.perf_counter()
-            e.run()
-            e.times.append((time.perf_counter() - t0) * 1e3)
-            e.faults.append(_minflt() - f0)
-            if e.dev == "cuda":
-                e.peak = max(e.peak, (torch.cuda.max_memory_allocated(e.dev) - base) / 2**20)
-            if e in cpu_fp32:
-                e.gaps.append(replay())
-            bar.update()
-    bar.close()
+            e.job.close()
+        bar.close()
     results = []
     for e in entries:
         res = e.res
@@ -1084,7 +1189,8 @@ def run_models(args: argparse.Namespace, malloc: str, env: Dict[str, object],
         res.minor_faults_per_forward = float(statistics.median(e.faults))
         res.peak_mem_mib = e.peak if e.dev == "cuda" else float("nan")
         if e.gaps:  # each run against the sustained GEMM rate just before and after it
-            rates = [replay.gmacs / ((a + b) / 2) for a, b in zip(e.gaps, e.gaps[1:])]
+            gmacs = env["gemm_gmacs"]
+            rates = [gmacs / ((a + b) / 2) for a, b in zip(e.gaps, e.gaps[1:])]
             res.gemm_gmacs_per_s_runs = [round(v, 2) for v in rates]
             res.frac_of_gemm_rate = statistics.median(
                 res.gflops_full_encoder * e.bs / (ms / 1e3) / rate for ms, rate in zip(t, rates))
@@ -1097,29 +1203,44 @@ def run_models(args: argparse.Namespace, malloc: str, env: Dict[str, object],
     return results
 
 
-def worker(args: argparse.Namespace, malloc: str) -> Dict[str, object]:
-    """Everything timed under one allocator setting, in this process."""
+def worker(args: argparse.Namespace, malloc: str, extras: bool = True) -> Dict[str, object]:
+    """Everything timed under one allocator setting (``extras``: the photo and end-to-end
+    rows too). With ``--isolation process`` every model and the GEMM probe run in worker
+    processes started with that setting; with ``shared`` all run in this process, which must
+    then have been started with it."""
     torch.set_num_threads(args.threads)
-    tuned = tune_glibc_malloc() if malloc == "tuned" else False
+    shared = args.isolation == "shared"
+    tuned = tune_glibc_malloc() if malloc == "tuned" and shared else malloc == "tuned"
     devices = args.devices or default_devices()
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("--devices cuda asked for, but CUDA is not available")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on every device
     torch.backends.cudnn.allow_tf32 = False
     env = environment(args, tuned)
-    replay: Optional[GemmReplay] = None
-    if args.gemm_rate != "skip" and "cpu" in devices:
-        replay = GemmReplay(args.img_size, FAMILIES[args.families[0]][1])
-        env.update(measure_gemm_rate(replay))
-        if args.gemm_rate == "burst":
-            replay = None
-    m = (args.img_size // 16) ** 2
-    env["fp32_matmul_gmacs_per_s"] = matmul_rate(torch.float32, m)
-    if "bf16" in (args.cpu_dtypes or args.dtypes) and "cpu" in devices and (
-            env["native_bf16"] or args.allow_emulated_bf16):
-        env["bf16_matmul_gmacs_per_s"] = matmul_rate(torch.bfloat16, m)
-    print(json.dumps(env))
-    results = run_models(args, malloc, env, replay)
+    if not shared:
+        env["glibc_tunables"] = GLIBC_TUNABLES if tuned else None
+    bf16 = "bf16" in (args.cpu_dtypes or args.dtypes) and "cpu" in devices and (
+        env["native_bf16"] or args.allow_emulated_bf16)
+    replay_on = args.gemm_rate != "skip" and "cpu" in devices
+    gemm = None
+    if replay_on or bf16:  # the machine's matmul rates, under the same allocator setting
+        gemm = start_job(args, {"kind": "gemm", "name": "gemm", "bf16": bf16,
+                                "replay": replay_on, "student": FAMILIES[args.families[0]][1]},
+                         malloc)
+    try:
+        if gemm is not None:
+            if "error" in gemm.hello:
+                raise RuntimeError(f"GEMM probe failed: {gemm.hello['error']}")
+            env.update({k: v for k, v in gemm.hello.items() if k not in ("pid", "tuned")})
+        print(json.dumps(env))
+        sustained = gemm if replay_on and args.gemm_rate == "measure" else None
+        results = run_models(args, malloc, env, sustained)
+    finally:
+        if gemm is not None:
+            gemm.close()
+    if not shared:  # what the workers ran under (the environment they were started with)
+        hellos = [r.worker_tuned for r in results if r.worker_tuned is not None]
+        env["glibc_malloc_tuned"] = all(hellos) if hellos else tuned
     for r in results:
         if r.error is None:
             r.gmacs_per_s = r.gflops_full_encoder * r.batch_size / (r.latency_ms_median / 1e3)
@@ -1128,13 +1249,8 @@ def worker(args: argparse.Namespace, malloc: str) -> Dict[str, object]:
             if r.device == "cpu" and r.dtype == "bf16" and "bf16_matmul_gmacs_per_s" in env:
                 r.frac_of_gemm_rate = r.gmacs_per_s / env["bf16_matmul_gmacs_per_s"]
     out: Dict[str, object] = {"environment": env, "results": [asdict(r) for r in results]}
-    extras = args.worker_extras or not args.worker_out  # photo / e2e rows: last mode only
     if args.photos and extras:
-        photos = photo_rows(args)
-        for r in photos:
-            r.gmacs_per_s = r.gflops_full_encoder / (r.latency_ms_median / 1e3)
-            r.malloc = malloc
-        out["photo_results"] = [asdict(r) for r in photos]
+        out["photo_results"] = [asdict(r) for r in photo_rows(args, malloc)]
     if args.e2e and extras:
         out["e2e_results"] = e2e_rows(args, malloc)
     return out
@@ -1153,12 +1269,13 @@ def main(args: argparse.Namespace) -> List[Result]:
     os.makedirs(args.output_dir, exist_ok=True)
     if args.worker_out:
         with open(args.worker_out, "w") as f:
-            json.dump(worker(args, modes[0]), f)
+            json.dump(worker(args, modes[0], args.worker_extras), f)
         return []
     outs = []
-    if len(modes) == 1 and not args.isolate and (modes[0] == "default" or tunables_active()):
-        outs.append(worker(args, modes[0]))
-    else:  # a fresh process per allocator setting, with the same arguments otherwise
+    if args.isolation == "process" or (
+            len(modes) == 1 and (modes[0] == "default" or tunables_active())):
+        outs = [worker(args, mode, mode == modes[-1]) for mode in modes]
+    else:  # shared: a fresh process per allocator setting, with the same arguments otherwise
         import subprocess
 
         for mode in modes:
@@ -1178,6 +1295,7 @@ def main(args: argparse.Namespace) -> List[Result]:
     e2e = [r for o in outs for r in o.get("e2e_results", [])]
     env = dict(outs[-1]["environment"])
     env["malloc_modes"] = modes
+    env["isolation"] = args.isolation
     env["loadavg_end"] = _loadavg()
     env["per_mode"] = {m: o["environment"] for m, o in zip(modes, outs)}
     add_ratios(results)
@@ -1211,6 +1329,8 @@ def cli(argv: Optional[List[str]] = None) -> int:
 
     def body() -> None:
         args = parse_args(argv)
+        if args.serve:
+            raise SystemExit(serve(json.loads(args.serve), functools.partial(make_job, args)))
         memory_probe(args) if args.memory_probe else main(args)
 
     return run_cli(body)
