@@ -129,7 +129,7 @@ def test_rank_with_part_done_does_not_time_out_waiting(data, tiny_sam_ckpt, tmp_
     for suffix in (".bin", ".json"):  # rank 1's part is lost: only rank 1 has work left
         os.remove(out / f"part_00001-of-00002{suffix}")
     os.remove(out / "index.json")
-    proc = _torchrun(tmp_path, _argv(data, tiny_sam_ckpt, out, "--dist-timeout", "2"), 3)
+    proc = _torchrun(tmp_path, _argv(data, tiny_sam_ckpt, out, "--dist-timeout", "0.03"), 3)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     index = json.load(open(out / "index.json"))
     assert [p["count"] for p in index["parts"]] == [3, 3]

@@ -76,14 +76,14 @@ def test_rank0_metrics_longer_than_timeout_write_every_result(coco3, tiny_sam_ck
     out = tmp_path / "out"
     proc, _ = _torchrun(tmp_path, "slow_metrics", 4, _argv(
         coco3, out, "--model", "tiny_bl", "--sam-checkpoint", tiny_sam_ckpt,
-        "--keep-ratios", "0.5", "1.0", "--prompt", "point1", "box", "--dist-timeout", "3"))
+        "--keep-ratios", "0.5", "1.0", "--prompt", "point1", "box", "--dist-timeout", "0.05"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(f for f in os.listdir(out) if f.endswith(".json") and "curve" not in f)
     assert len(files) == 4, files
     for f in files:
         r = json.load(open(out / f))
-        assert r["timing"]["world_size"] == 2 and r["timing"]["dist_timeout_s"] == 3
-        assert r["config"]["dist_timeout"] == 3
+        assert r["timing"]["world_size"] == 2 and r["timing"]["dist_timeout_min"] == 0.05
+        assert r["config"]["dist_timeout"] == 0.05
         assert r["counts"]["images"] == 3 and r["checkpoint_sha256"]
 
 
@@ -101,7 +101,7 @@ def test_error_on_rank1_ends_both_ranks_at_once(coco3, tiny_sam_ckpt, tmp_path):
     out = tmp_path / "out"
     proc, wall = _torchrun(tmp_path, "slow_images", 3, _argv(
         bad, out, "--model", "tiny_vit", "--checkpoint", tiny_sam_ckpt, "--prompt", "box",
-        "--dist-timeout", "5"))
+        "--dist-timeout", "0.08"))
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text[-3000:]
     msg = "error: on rank 1: image"

@@ -37,7 +37,7 @@ from blsam.utils.cli import (
     check_model_args,
     check_option,
 )
-from blsam.utils.collectives import DEFAULT_TIMEOUT_S
+from blsam.utils.collectives import DEFAULT_TIMEOUT_MIN
 from blsam.utils.images import EXIF_MODES
 from blsam.utils.config import parse_args_with_config
 from blsam.specs import BLVIT_MODELS, MODEL_SPECS, check_keep_ratio
@@ -111,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--amp", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: encoder and decoder under bf16 autocast (GPU throughput; "
                         "recorded, and labelled in --table); fp32: the papers' numbers")
-    o.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
-                   help="torchrun: process-group timeout in seconds (NCCL's watchdog default "
-                        "is 10 minutes; recorded in the results)")
+    o.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MIN, metavar="MIN",
+                   help="torchrun: process-group timeout in minutes, as in blsam-train "
+                        "(NCCL's watchdog default is 10; recorded in the results)")
     o.add_argument("--table", nargs="+", default=None, metavar="JSON",
                    help="only merge result JSON files into one Table 2 and print it")
     return p
@@ -236,7 +236,7 @@ def check_args(args: argparse.Namespace) -> List[ProtocolConfig]:
     if args.num_clicks < 0:
         raise OptionError(f"--num-clicks must be >= 0, got {args.num_clicks}")
     if not args.dist_timeout > 0:
-        raise OptionError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+        raise OptionError(f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
     check_model_args(args)
     protos = protocols_from_args(args)
     if any(c.prompt == "detector" for c in protos):
@@ -363,7 +363,7 @@ def make_result(args: argparse.Namespace, cfg: ProtocolConfig, protos: Sequence[
         "metrics": compute_metrics(merged, data.dataset, cfg),
         "gflops": gflops, "gflops_convention": "paper",
         "timing": {"world_size": world_size, "device": device,
-                   "dist_timeout_s": getattr(args, "dist_timeout", None),
+                   "dist_timeout_min": getattr(args, "dist_timeout", None),
                    "wall_s": wall,  # of the whole pass, shared by its protocols
                    "encoder_s_per_image": enc_s / c["images_encoded"] if c["images_encoded"]
                    else None,
@@ -439,10 +439,9 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
                                   f"{ref['dataset_kind']} is none of this run's protocols "
                                   f"{sorted(lines)}")
 
-    from blsam.utils.collectives import init_distributed_with_timeout
-    from blsam.utils.dist import cleanup
+    from blsam.utils.dist import cleanup, init_distributed
 
-    info = init_distributed_with_timeout(args.device, args.dist_timeout)
+    info = init_distributed(args.device, timeout_min=args.dist_timeout)
     try:
         out = _evaluate(args, protos, refs, info)
     except Exception as e:

@@ -18,7 +18,8 @@ import torch
 
 from ..specs import TEACHER_OF, check_img_size
 from ..utils.cli import OptionError, check_option
-from ..utils.collectives import DEFAULT_TIMEOUT_S, init_distributed_with_timeout
+from ..utils.collectives import DEFAULT_TIMEOUT_MIN
+from ..utils.dist import init_distributed
 from .data import SA1BDataset, add_data_args, collate, select_records
 from .distill import amp_dtype
 from .packed_cache import (CacheError, PartWriter, finished_part, forget, provenance,
@@ -47,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--teacher-compile", action="store_true", help="torch.compile the teacher encoder")
     a("--chunk-images", type=int, default=256,
       help="rows per resumable chunk of a part: a killed run resumes after its last chunk")
-    a("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
-      help="torchrun: process-group timeout in seconds (recorded in index.json); no rank "
-           "waits inside a collective for another rank's part")
+    a("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MIN, metavar="MIN",
+      help="torchrun: process-group timeout in minutes, as in blsam-train (recorded in "
+           "index.json); no rank waits inside a collective for another rank's part")
     a("--poll-seconds", type=float, default=5.0,
       help="rank 0: how often it looks for the other ranks' finished parts")
     return p
@@ -101,7 +102,7 @@ def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
     check_option(check_img_size, args.img_size, "--img-size")
     if not os.path.isfile(args.sam_checkpoint):
         raise FileNotFoundError(f"--sam-checkpoint {args.sam_checkpoint!r} does not exist")
-    info = init_distributed_with_timeout(args.device, args.dist_timeout)
+    info = init_distributed(args.device, timeout_min=args.dist_timeout)
     teacher_name = args.teacher or TEACHER_OF[args.model]
     records, skipped = select_records(args.data, args.shards, args.data_fraction, args.seed)
     meta = provenance(teacher_name, args.sam_checkpoint, args.img_size)
@@ -139,7 +140,7 @@ def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
         raise
     out = {"images": len(records), "written": written, "resumed": resumed,
            "skipped_index": len(skipped), "skipped_read": read_skipped,
-           "stale_temps_removed": len(stale), "dist_timeout_s": args.dist_timeout}
+           "stale_temps_removed": len(stale), "dist_timeout_min": args.dist_timeout}
     if info.is_main:
         wait_for_parts(args.output, info.world_size, metas, args.poll_seconds)
         index = write_index(args.output, info.world_size, meta)

@@ -1,12 +1,12 @@
-"""Collectives for long rank-0-only work: a process-group timeout, gather to rank 0 only, and
-errors that every rank sees at once.
+"""Collectives for long rank-0-only work: gather to rank 0 only, and errors that every rank
+sees at once.
 
 Why a module of its own: ``blsam.utils.dist`` serves training too; these helpers are what the
 evaluation and the teacher cache need at full scale (LVIS val, a multi-hour ViT-H cache):
 
-* ``init_distributed_with_timeout``: NCCL's default watchdog is 10 minutes, far shorter than
-  a rank-0-only LVISEval or another rank's 30-minute re-encode; the timeout is explicit (and
-  recorded by the callers) instead.
+* ``DEFAULT_TIMEOUT_MIN``: NCCL's default watchdog is 10 minutes, far shorter than a
+  rank-0-only LVISEval or another rank's 30-minute re-encode; the callers pass an explicit
+  ``--dist-timeout`` (minutes, as in training) to ``dist.init_distributed`` and record it.
 * ``gather_to_main``: per-rank results go to rank 0 only (``gather_object``), not copied into
   every rank's memory.
 * ``fail_together``: the failing rank prints its error at once (one line on stderr, the
@@ -25,23 +25,14 @@ from typing import Any, Iterator, List, Optional
 
 import torch.distributed as dist
 
-from .dist import DistInfo, RankError, _portable, default_store, init_distributed
+from .dist import RankError, _portable, default_store
 
-DEFAULT_TIMEOUT_S = 4 * 3600  # generous: a full LVISEval or a ViT-H part re-encode fits
+DEFAULT_TIMEOUT_MIN = 240.0  # generous: a full LVISEval or a ViT-H part re-encode fits
 ERROR_KEY = "blsam/fail_together/error"
 
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def init_distributed_with_timeout(device: Optional[str], timeout_s: float,
-                                  backend: Optional[str] = None) -> DistInfo:
-    """``init_distributed`` with a process-group timeout of ``timeout_s`` seconds (the NCCL
-    watchdog and gloo collectives give up after it instead of their 10/30-minute defaults)."""
-    if timeout_s <= 0:
-        raise ValueError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
-    return init_distributed(device, backend, timeout_min=timeout_s / 60.0)
 
 
 def gather_to_main(obj: Any) -> Optional[List[Any]]:
