@@ -1,21 +1,22 @@
 """Side-by-side speed benchmark: official SAM encoder vs our fused one vs bLViT at several keep
 ratios.
 
-Everything runs in one process, so the headline is the ratio to the official encoder measured
-in the same run (absolute times drift between machines and with load). Per model: GFLOPs in the
-paper's convention (whole SAM, one prompt) and in the full one (encoder, attention included),
-latency median and spread after warm-up, peak memory and images/s, for each device, dtype and
-batch size asked for.
+One command, one run: the headline is the ratio to the official encoder measured in the same
+run (absolute times drift between machines and with load). Per model: GFLOPs in the paper's
+convention (whole SAM, one prompt) and in the full one (encoder, attention included), latency
+median and spread after warm-up, peak memory and images/s, for each device, dtype and batch
+size asked for.
 
     blsam-benchmark --quick                       # ViT-B family, fp32, batch 1
     blsam-benchmark --families b h --dtypes fp32 bf16 --batch-sizes 1 8
     blsam-benchmark --quick --onnx --e2e          # + ONNX Runtime and SAM end to end
 
-Fair by default: every model is timed under the same allocator conditions, once with glibc's
-default allocator and once with it tuned (no page faults per forward; ``--malloc``), each in
-a fresh process, with the models' timed runs interleaved (round-robin) so that a drifting
-machine slows them alike. Minor page faults per forward are recorded, and the CPU's ISA
-(AVX2 / AVX-512 / AMX, native bf16 or not) goes into the environment record.
+Fair by default: every model runs in a persistent worker process of its own (``--isolation
+process``), all started with the same allocator setting, once with glibc's default allocator
+and once tuned (``--malloc``; no page faults per forward), so no model inherits another's
+fragmented heap. This process drives the workers round-robin, one forward per model per round,
+so a drifting machine slows them alike. Minor page faults per forward are recorded, and the
+CPU's ISA (AVX2 / AVX-512 / AMX, native bf16 or not) goes into the environment record.
 
 Weights are random: latency does not depend on them (k tokens per window are routed whatever
 the scores are), and no checkpoint download is needed.
