@@ -118,10 +118,11 @@ def test_benchmark_onnx_rows_and_emulated_bf16_on_request(tmp_path):
         "--onnx", "--allow-emulated-bf16", "--output-dir", str(tmp_path)])
     results = benchmark.main(args)
     ort_rows = {r.model: r for r in results if r.backend == "onnxruntime"}
-    assert sorted(ort_rows) == ["tiny_bl@0.5[ort]", "tiny_vit[ort]"]
+    assert sorted(ort_rows) == ["tiny_bl@0.5[ort]", "tiny_vit[ort]", "tiny_vit_sdpa[ort]"]
     assert all(r.dtype == "fp32" and r.error is None for r in ort_rows.values())
     assert ort_rows["tiny_bl@0.5[ort]"].ratio_latency_vs_eager > 0
     assert ort_rows["tiny_bl@0.5[ort]"].ratio_latency_vs_onnx_official > 0
+    assert ort_rows["tiny_bl@0.5[ort]"].ratio_latency_vs_onnx_fused > 0
     bf16 = [r for r in results if r.dtype == "bf16"]
     assert bf16 and all(r.error is None and r.latency_ms_median > 0 for r in bf16)
     env = json.loads((tmp_path / "benchmark.json").read_text())["environment"]

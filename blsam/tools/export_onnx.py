@@ -23,11 +23,13 @@ import torch
 
 from blsam.utils.cli import add_model_args, one_line_parse_errors, run_cli
 
+DEFAULT_OPSET = 17
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(p, device=False)
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--output", default="outputs/onnx/blsam_encoder.onnx")
     p.add_argument("--export-decoder", action="store_true",
                    help="also export SAM's prompt encoder + mask decoder (SamOnnxModel)")
