@@ -200,3 +200,35 @@ def test_export_onnx_matches_pytorch(tmp_path, tiny_sam_ckpt):
         masks = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
         assert masks.shape == (1, 1, h, w)
         assert np.abs(masks - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_export_onnx_fused_attention_matches_pytorch(tmp_path, monkeypatch, fused):
+    """Every attention exported as ONNX Runtime's MultiHeadAttention (the path the global
+    layers take at 1024 px), or all standard ops, matches PyTorch; E-blocks, gamma, alpha and
+    rel-pos tables are moved off their zero init so every branch reaches the output."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    import onnxruntime as ort
+
+    from blsam.build_blsam import blsam_model_registry
+    from blsam.modeling import attention
+
+    monkeypatch.setattr(attention, "FUSED_ATTENTION_MIN_KEYS", 1)  # windows (196 keys) too
+    torch.manual_seed(0)
+    sam = blsam_model_registry["tiny_bl"](img_size=64, keep_ratio=0.5).eval()
+    with torch.no_grad():
+        for p in sam.image_encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = str(tmp_path / "enc.onnx")
+    export_onnx.export_encoder(sam, path, 17, fused_attention=fused)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    n_attn = sum(1 for b in sam.image_encoder.blocks for _ in range(2 if b.mode == "big_little"
+                                                                     else 1))
+    assert ops.count("MultiHeadAttention") == (n_attn if fused else 0)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = sam.image_encoder(x).numpy()
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"image": x.numpy()})[0]
+    assert np.abs(out - ref).max() < 1e-4

@@ -128,6 +128,40 @@ def exporting() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
+# Exported attention over at least this many keys (the global layers at 1024 px: 4096) is one
+# com.microsoft ``MultiHeadAttention`` node: ONNX Runtime runs it as a tiled flash kernel on
+# CPU, which never writes the (heads, queries, keys) logits to memory (a 200 MB MatMul output,
+# Softmax, MatMul round trip per global layer otherwise). Window attention (196 keys) stays
+# standard ops: the fused kernel is slower at that size. None: standard ONNX ops only (a graph
+# for runtimes without ONNX Runtime's contrib ops); ``export_encoder(fused_attention=...)``.
+FUSED_ATTENTION_MIN_KEYS: Optional[int] = 1024
+
+
+class _OrtMultiHeadAttention(torch.autograd.Function):
+    """Per-head ``softmax(q . k^T) v`` with scale 1 on (B, S, heads*d) tensors; q/k and v head
+    sizes may differ. Exported as one com.microsoft ``MultiHeadAttention`` node."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # type: ignore[override]
+                num_heads: int) -> torch.Tensor:
+        b, n, _ = q.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, t.shape[1], num_heads, -1).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=1.0)
+        return out.transpose(1, 2).reshape(b, n, -1)
+
+    @staticmethod
+    def symbolic(g, q, k, v, num_heads: int):  # noqa: ANN001 (TorchScript graph values)
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads,
+                   scale_f=1.0)
+        q_sizes, v_sizes = q.type().varyingSizes(), v.type().varyingSizes()
+        if q_sizes and v_sizes and len(q_sizes) == 3:
+            out.setType(v.type().with_sizes([q_sizes[0], q_sizes[1], v_sizes[2]]))
+        return out
+
+
 def _plain_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Eager, no autograd, no autocast, one dtype: ``out=`` kernels are allowed."""
     if torch.is_grad_enabled() or exporting() or x.dtype != weight.dtype:
@@ -224,6 +258,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """(B, heads, Nq, hd) queries -> (B, Nq, dim) attention output before ``proj``."""
         if exporting():
+            min_keys = FUSED_ATTENTION_MIN_KEYS
+            if min_keys is not None and k_size[0] * k_size[1] >= min_keys:
+                return self._attend_fused(q, k, v, q_h, q_w, k_size)
             out = self._attend_folded(q, k, v, q_h, q_w, k_size)
             b, _, n, _ = out.shape
             return out.transpose(1, 2).reshape(b, n, self.dim)
@@ -232,22 +269,22 @@ class Attention(nn.Module):
         b, _, n, _ = out.shape
         return out.transpose(1, 2).reshape(b, n, self.dim)
 
-    def _attend_folded(
+    def _fold_rel_pos(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
-        v: torch.Tensor,
         q_h: torch.Tensor,
         q_w: torch.Tensor,
         k_size: Tuple[int, int],
-    ) -> torch.Tensor:
-        """Attention with the relative-position bias folded into the Q.K product (export).
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys whose product is the scaled, relative-position-biased logits.
 
         bias[q, (i, j)] = A[q, i] + B[q, j] is a product of [A, B] with the one-hot code of
         each key's row and column, so ``[q * scale, A, B] . [k, onehot(i), onehot(j)]`` gives
         the biased logits in one MatMul: no (heads, Nq, Nk) bias tensor is built and added
         (two memory-bound broadcast Adds over 200 MB per global layer in ONNX Runtime, more
-        than the kh + kw extra columns cost the MatMul). Returns (B, heads, Nq, hd).
+        than the kh + kw extra columns cost the MatMul), and a fused attention kernel without
+        a bias input can run it. Returns (B, heads, Nq, hd+kh+kw) and (B, heads, Nk, hd+kh+kw).
         """
         kh, kw = k_size
         b, nh, nq, _ = q.shape
@@ -261,8 +298,42 @@ class Attention(nn.Module):
         key = torch.arange(kh * kw, device=q.device)
         code = torch.cat([F.one_hot(key // kw, kh), F.one_hot(key % kw, kw)], -1).to(q.dtype)
         k_aug = torch.cat([k, code.expand(k.shape[0], nh, kh * kw, kh + kw)], -1)
+        return q_aug, k_aug
+
+    def _attend_folded(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_h: torch.Tensor,
+        q_w: torch.Tensor,
+        k_size: Tuple[int, int],
+    ) -> torch.Tensor:
+        """Attention with the relative-position bias folded into the Q.K product, in standard
+        ONNX ops (export). Returns (B, heads, Nq, hd)."""
+        q_aug, k_aug = self._fold_rel_pos(q, k, q_h, q_w, k_size)
         attn = torch.matmul(q_aug, k_aug.transpose(-1, -2)).softmax(-1)
         return torch.matmul(attn, v)
+
+    def _attend_fused(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_h: torch.Tensor,
+        q_w: torch.Tensor,
+        k_size: Tuple[int, int],
+    ) -> torch.Tensor:
+        """The folded attention as one ONNX Runtime ``MultiHeadAttention`` (export; see
+        ``FUSED_ATTENTION_MIN_KEYS``): the fold needs no bias input, which would switch the
+        kernel off its flash path. Returns (B, Nq, dim)."""
+        q_aug, k_aug = self._fold_rel_pos(q, k, q_h, q_w, k_size)
+
+        def tokens_major(t: torch.Tensor) -> torch.Tensor:  # (B, heads, N, d) -> (B, N, heads*d)
+            return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+        return _OrtMultiHeadAttention.apply(
+            tokens_major(q_aug), tokens_major(k_aug), tokens_major(v), self.num_heads)
 
     def forward(
         self, xn: torch.Tensor, window_size: int = 0, workspace: Workspace = None

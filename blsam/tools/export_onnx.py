@@ -47,15 +47,32 @@ def preprocess(sam: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
     return sam.preprocess(x)
 
 
-def export_encoder(sam: torch.nn.Module, path: str, opset: int) -> None:
+def export_encoder(
+    sam: torch.nn.Module, path: str, opset: int, fused_attention: bool = True
+) -> None:
+    """Export ``sam.image_encoder`` to ``path``.
+
+    ``fused_attention``: long attentions (bLViT's global layers) become ONNX Runtime's
+    ``com.microsoft.MultiHeadAttention`` (a flash kernel on CPU; see docs/onnx.md); False keeps
+    the graph to standard ONNX ops for other runtimes. SAM's own encoder exports unchanged.
+    """
+    from blsam.modeling import attention
+
     enc = sam.image_encoder.eval()
     size = enc.img_size
     x = torch.randn(1, 3, size, size)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer/constant-folding chatter; the check below counts
-        torch.onnx.export(enc, (x,), path, input_names=["image"],
-                          output_names=["image_embeddings"], opset_version=opset, dynamo=False)
+    min_keys = attention.FUSED_ATTENTION_MIN_KEYS
+    if not fused_attention:
+        attention.FUSED_ATTENTION_MIN_KEYS = None
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer/constant-folding chatter; the check counts
+            torch.onnx.export(enc, (x,), path, input_names=["image"],
+                              output_names=["image_embeddings"], opset_version=opset,
+                              dynamo=False)
+    finally:
+        attention.FUSED_ATTENTION_MIN_KEYS = min_keys
 
 
 def _traceable_sam_onnx_model(sam: torch.nn.Module) -> torch.nn.Module:
