@@ -28,6 +28,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(p, device=False)
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-fused-attention", dest="fused_attention", action="store_false",
+                   help="standard ONNX ops only, no com.microsoft MultiHeadAttention (for "
+                        "runtimes other than ONNX Runtime; slower there)")
     p.add_argument("--output", default="outputs/onnx/blsam_encoder.onnx")
     p.add_argument("--export-decoder", action="store_true",
                    help="also export SAM's prompt encoder + mask decoder (SamOnnxModel)")
@@ -52,8 +55,8 @@ def export_encoder(
 ) -> None:
     """Export ``sam.image_encoder`` to ``path``.
 
-    ``fused_attention``: long attentions (bLViT's global layers) become ONNX Runtime's
-    ``com.microsoft.MultiHeadAttention`` (a flash kernel on CPU; see docs/onnx.md); False keeps
+    ``fused_attention``: every bLViT attention becomes one ONNX Runtime
+    ``com.microsoft.MultiHeadAttention`` node (fused CPU kernels; see docs/onnx.md); False keeps
     the graph to standard ONNX ops for other runtimes. SAM's own encoder exports unchanged.
     """
     from blsam.modeling import attention
@@ -62,9 +65,8 @@ def export_encoder(
     size = enc.img_size
     x = torch.randn(1, 3, size, size)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    min_keys = attention.FUSED_ATTENTION_MIN_KEYS
-    if not fused_attention:
-        attention.FUSED_ATTENTION_MIN_KEYS = None
+    fused = attention.FUSED_ATTENTION
+    attention.FUSED_ATTENTION = fused_attention
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer/constant-folding chatter; the check counts
@@ -72,7 +74,7 @@ def export_encoder(
                               output_names=["image_embeddings"], opset_version=opset,
                               dynamo=False)
     finally:
-        attention.FUSED_ATTENTION_MIN_KEYS = min_keys
+        attention.FUSED_ATTENTION = fused
 
 
 def _traceable_sam_onnx_model(sam: torch.nn.Module) -> torch.nn.Module:
@@ -140,7 +142,7 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
         warnings.warn("no --checkpoint/--sam-checkpoint: exporting random weights")
     sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
                       args.img_size).eval()
-    export_encoder(sam, args.output, args.opset)
+    export_encoder(sam, args.output, args.opset, args.fused_attention)
     report: Dict[str, object] = {"encoder": args.output, "model": args.model,
                                  "keep_ratio": args.keep_ratio, "img_size": args.img_size}
     if args.export_decoder:
