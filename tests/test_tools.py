@@ -242,3 +242,36 @@ def test_export_onnx_matches_pytorch(tmp_path, tiny_sam_ckpt):
         masks = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
         assert masks.shape == (1, 1, h, w)
         assert np.abs(masks - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_export_onnx_fused_attention_matches_pytorch(tmp_path, fused):
+    """Every attention exported as ONNX Runtime's MultiHeadAttention (self-attention with the
+    rel-pos fold, semi-attention with an attention_bias input), or all in standard ops, matches
+    PyTorch; E-blocks, gamma, alpha and rel-pos tables are moved off their zero init so every
+    branch reaches the output."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    import onnxruntime as ort
+
+    from blsam.build_blsam import blsam_model_registry
+
+    torch.manual_seed(0)
+    sam = blsam_model_registry["tiny_bl"](img_size=64, keep_ratio=0.5).eval()
+    with torch.no_grad():
+        for p in sam.image_encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = str(tmp_path / "enc.onnx")
+    export_onnx.export_encoder(sam, path, 17, fused_attention=fused)
+    mha = [n for n in onnx.load(path).graph.node if n.op_type == "MultiHeadAttention"]
+    blocks = sam.image_encoder.blocks
+    n_semi = sum(b.mode != "full" for b in blocks)  # P-blocks of routed layers
+    n_self = len(blocks) - n_semi + sum(b.mode == "big_little" for b in blocks)
+    with_bias = [n for n in mha if len(n.input) == 6 and n.input[5]]
+    assert (len(mha), len(with_bias)) == ((n_self + n_semi, n_semi) if fused else (0, 0))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = sam.image_encoder(x).numpy()
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"image": x.numpy()})[0]
+    assert np.abs(out - ref).max() < 1e-4

@@ -30,6 +30,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(p, device=False)
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--no-fused-attention", dest="fused_attention", action="store_false",
+                   help="standard ONNX ops only, no com.microsoft MultiHeadAttention (for "
+                        "runtimes other than ONNX Runtime; slower there)")
     p.add_argument("--output", default="outputs/onnx/blsam_encoder.onnx")
     p.add_argument("--export-decoder", action="store_true",
                    help="also export SAM's prompt encoder + mask decoder (SamOnnxModel)")
@@ -49,15 +52,31 @@ def preprocess(sam: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
     return sam.preprocess(x)
 
 
-def export_encoder(sam: torch.nn.Module, path: str, opset: int) -> None:
+def export_encoder(
+    sam: torch.nn.Module, path: str, opset: int, fused_attention: bool = True
+) -> None:
+    """Export ``sam.image_encoder`` to ``path``.
+
+    ``fused_attention``: every bLViT attention becomes one ONNX Runtime
+    ``com.microsoft.MultiHeadAttention`` node (fused CPU kernels; see docs/onnx.md); False keeps
+    the graph to standard ONNX ops for other runtimes. SAM's own encoder exports unchanged.
+    """
+    from blsam.modeling import attention
+
     enc = sam.image_encoder.eval()
     size = enc.img_size
     x = torch.randn(1, 3, size, size)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer/constant-folding chatter; the check below counts
-        torch.onnx.export(enc, (x,), path, input_names=["image"],
-                          output_names=["image_embeddings"], opset_version=opset, dynamo=False)
+    fused = attention.FUSED_ATTENTION
+    attention.FUSED_ATTENTION = fused_attention
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer/constant-folding chatter; the check counts
+            torch.onnx.export(enc, (x,), path, input_names=["image"],
+                              output_names=["image_embeddings"], opset_version=opset,
+                              dynamo=False)
+    finally:
+        attention.FUSED_ATTENTION = fused
 
 
 def _traceable_sam_onnx_model(sam: torch.nn.Module) -> torch.nn.Module:
@@ -125,7 +144,7 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
         warnings.warn("no --checkpoint/--sam-checkpoint: exporting random weights")
     sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
                       args.img_size).eval()
-    export_encoder(sam, args.output, args.opset)
+    export_encoder(sam, args.output, args.opset, args.fused_attention)
     report: Dict[str, object] = {"encoder": args.output, "model": args.model,
                                  "keep_ratio": args.keep_ratio, "img_size": args.img_size}
     if args.export_decoder:
