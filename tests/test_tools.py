@@ -72,7 +72,7 @@ def test_worker_process_errors_are_one_line_results(tmp_path):
     job.close()
 
 
-@pytest.mark.slow  # eight worker processes (~40-80 s)
+@pytest.mark.slow  # eleven worker processes (1-3 min on 2 cores)
 def test_benchmark_both_allocators_in_fresh_processes_with_isa(tmp_path):
     """The default: every model under the default and the tuned allocator, each setting in a
     fresh process, runs interleaved; page faults per forward and the CPU's ISA recorded;

@@ -519,6 +519,18 @@ def _started(args: argparse.Namespace, jobs: List[Dict[str, object]], malloc: st
     return live
 
 
+def _call(h, handles: list, cmd: str, arg: str) -> Optional[Dict[str, object]]:
+    """``h.call``; a worker that fails (e.g. killed for memory) is dropped from ``handles``
+    with a warning, so the other models' rows still come out."""
+    try:
+        return h.call(cmd, arg)
+    except WorkerError as e:
+        print(f"warning: {h.job['name']}: {e}; its rows are left out", file=sys.stderr)
+        handles.remove(h)
+        h.close()
+        return None
+
+
 def photo_rows(args: argparse.Namespace, malloc: str) -> List[Result]:
     """``SamPredictor.set_image`` on real photos of several aspect ratios: official SAM vs
     bLViT with the paper's routing and with ``skip_padding``, rounds interleaved; counts
@@ -527,15 +539,18 @@ def photo_rows(args: argparse.Namespace, malloc: str) -> List[Result]:
     rows: List[Result] = []
     try:
         for aspect in args.photos:
-            for h in handles:
+            for h in list(handles):
                 for _ in range(args.warmup):
-                    h.call("set_image", aspect)
+                    if h in handles:
+                        _call(h, handles, "set_image", aspect)
             times: Dict[str, List[float]] = {h.job["name"]: [] for h in handles}
             last: Dict[str, Dict[str, object]] = {}
             for _ in range(args.repeats):
-                for h in handles:
-                    last[h.job["name"]] = out = h.call("set_image", aspect)
-                    times[h.job["name"]].append(out["ms"])
+                for h in list(handles):
+                    out = _call(h, handles, "set_image", aspect)
+                    if out:
+                        last[h.job["name"]] = out
+                        times[h.job["name"]].append(out["ms"])
             for h in handles:
                 job, out, t = h.job, last[h.job["name"]], times[h.job["name"]]
                 res = Result(job["name"], args.families[0], job["model"], job["keep_ratio"],
@@ -590,20 +605,23 @@ def e2e_rows(args: argparse.Namespace, malloc: str) -> List[Dict[str, object]]:
         for aspect in args.e2e_photos:
             rec = {h.job["name"]: {"set_image": [], "predict": [], "amg": [], "amg_encoder": [],
                                    "masks": []} for h in handles}
-            for h in handles:  # warm-up: one set_image + predict each
+            for h in list(handles):  # warm-up: one set_image + predict each
                 for _ in range(max(args.warmup, 1)):
-                    h.call("click", aspect)
+                    if h in handles:
+                        _call(h, handles, "click", aspect)
             for _ in range(args.repeats):
-                for h in handles:
-                    out = h.call("click", aspect)
-                    rec[h.job["name"]]["set_image"].append(out["set_image_ms"])
-                    rec[h.job["name"]]["predict"].append(out["predict_ms"])
+                for h in list(handles):
+                    out = _call(h, handles, "click", aspect)
+                    if out:
+                        rec[h.job["name"]]["set_image"].append(out["set_image_ms"])
+                        rec[h.job["name"]]["predict"].append(out["predict_ms"])
             for _ in range(args.e2e_amg_repeats):
-                for h in handles:
-                    out = h.call("amg", aspect)
-                    for k in ("amg", "amg_encoder"):
-                        rec[h.job["name"]][k].append(out[f"{k}_ms"])
-                    rec[h.job["name"]]["masks"].append(out["masks"])
+                for h in list(handles):
+                    out = _call(h, handles, "amg", aspect)
+                    if out:
+                        for k in ("amg", "amg_encoder"):
+                            rec[h.job["name"]][k].append(out[f"{k}_ms"])
+                        rec[h.job["name"]]["masks"].append(out["masks"])
             img = photo(aspect)
             photo_name = f"{aspect} {PHOTOS[aspect]} {img.shape[1]}x{img.shape[0]}"
             base = None
