@@ -275,3 +275,30 @@ def test_export_onnx_fused_attention_matches_pytorch(tmp_path, fused):
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     out = sess.run(None, {"image": x.numpy()})[0]
     assert np.abs(out - ref).max() < 1e-4
+
+
+def test_benchmark_drops_a_failing_sam_worker_and_keeps_the_others(capsys):
+    from blsam.utils.jobs import WorkerError
+
+    class Dead:
+        job = {"name": "dead"}
+        closed = False
+
+        def call(self, cmd, arg):
+            raise WorkerError("worker 'dead' exited with code -9")
+
+        def close(self):
+            self.closed = True
+
+    class Alive(Dead):
+        job = {"name": "alive"}
+
+        def call(self, cmd, arg):
+            return {"ms": 1.0}
+
+    dead, alive = Dead(), Alive()
+    handles = [dead, alive]
+    assert benchmark._call(dead, handles, "set_image", "4:3") is None
+    assert benchmark._call(alive, handles, "set_image", "4:3") == {"ms": 1.0}
+    assert handles == [alive] and dead.closed
+    assert "dead" in capsys.readouterr().err
