@@ -83,8 +83,9 @@ class RemoteJob:
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
-            raise WorkerError(f"worker {self.job.get('name', '')!r} exited with code {code} "
-                              f"(its stderr is above)")
+            why = " (SIGKILL: out of memory? every worker holds its model's peak memory; run "\
+                "fewer models per command)" if code == -9 else " (its stderr is above)"
+            raise WorkerError(f"worker {self.job.get('name', '')!r} exited with code {code}{why}")
         return json.loads(line)
 
     @property
