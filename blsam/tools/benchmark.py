@@ -472,6 +472,7 @@ class SamJob:
 
         img = self._photo(arg)
         h, w = img.shape[:2]
+        label = f"{arg} {PHOTOS[arg]} {w}x{h}"
         with torch.inference_mode():
             t0 = time.perf_counter()
             if cmd == "amg":
@@ -484,11 +485,11 @@ class SamJob:
             if cmd == "click":
                 self.predictor.predict(point_coords=np.array([[w // 2, h // 2]]),
                                        point_labels=np.array([1]), multimask_output=True)
-                return {"set_image_ms": (t1 - t0) * 1e3,
+                return {"set_image_ms": (t1 - t0) * 1e3, "photo": label,
                         "predict_ms": (time.perf_counter() - t1) * 1e3}
         if cmd != "set_image":
             raise ValueError(f"unknown command {cmd!r}")
-        out: Dict[str, object] = {"ms": (t1 - t0) * 1e3, "photo": f"{arg} {PHOTOS[arg]} {w}x{h}",
+        out: Dict[str, object] = {"ms": (t1 - t0) * 1e3, "photo": label,
                                   "gflops_full_encoder": self.hello["gflops_full_encoder"]}
         if self.blsam:  # padding-aware routing's cost depends on the photo
             x = torch.as_tensor(self.predictor.transform.apply_image(img)).permute(2, 0, 1)
@@ -531,6 +532,14 @@ def _call(h, handles: list, cmd: str, arg: str) -> Optional[Dict[str, object]]:
         return None
 
 
+def _warm_up(handles: list, cmd: str, arg: str, n: int) -> None:
+    """``n`` untimed calls of ``cmd`` on every worker (failing ones dropped, as ``_call``)."""
+    for h in list(handles):
+        for _ in range(n):
+            if h in handles:
+                _call(h, handles, cmd, arg)
+
+
 def photo_rows(args: argparse.Namespace, malloc: str) -> List[Result]:
     """``SamPredictor.set_image`` on real photos of several aspect ratios: official SAM vs
     bLViT with the paper's routing and with ``skip_padding``, rounds interleaved; counts
@@ -539,10 +548,7 @@ def photo_rows(args: argparse.Namespace, malloc: str) -> List[Result]:
     rows: List[Result] = []
     try:
         for aspect in args.photos:
-            for h in list(handles):
-                for _ in range(args.warmup):
-                    if h in handles:
-                        _call(h, handles, "set_image", aspect)
+            _warm_up(handles, "set_image", aspect, args.warmup)
             times: Dict[str, List[float]] = {h.job["name"]: [] for h in handles}
             last: Dict[str, Dict[str, object]] = {}
             for _ in range(args.repeats):
@@ -605,14 +611,13 @@ def e2e_rows(args: argparse.Namespace, malloc: str) -> List[Dict[str, object]]:
         for aspect in args.e2e_photos:
             rec = {h.job["name"]: {"set_image": [], "predict": [], "amg": [], "amg_encoder": [],
                                    "masks": []} for h in handles}
-            for h in list(handles):  # warm-up: one set_image + predict each
-                for _ in range(max(args.warmup, 1)):
-                    if h in handles:
-                        _call(h, handles, "click", aspect)
+            photo_name = ""
+            _warm_up(handles, "click", aspect, max(args.warmup, 1))
             for _ in range(args.repeats):
                 for h in list(handles):
                     out = _call(h, handles, "click", aspect)
                     if out:
+                        photo_name = out["photo"]
                         rec[h.job["name"]]["set_image"].append(out["set_image_ms"])
                         rec[h.job["name"]]["predict"].append(out["predict_ms"])
             for _ in range(args.e2e_amg_repeats):
@@ -622,8 +627,6 @@ def e2e_rows(args: argparse.Namespace, malloc: str) -> List[Dict[str, object]]:
                         for k in ("amg", "amg_encoder"):
                             rec[h.job["name"]][k].append(out[f"{k}_ms"])
                         rec[h.job["name"]]["masks"].append(out["masks"])
-            img = photo(aspect)
-            photo_name = f"{aspect} {PHOTOS[aspect]} {img.shape[1]}x{img.shape[0]}"
             base = None
             for h in handles:
                 t = rec[h.job["name"]]
@@ -899,8 +902,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "tuned allocator); shared: all in one process per setting (fast, for "
                         "tests; models fragment each other's heap)")
     p.add_argument("--onnx", action="store_true",
-                   help="add ONNX Runtime rows (CPU, fp32, batch 1) for the official encoder "
-                        "and every keep ratio, exported as blsam-export-onnx does")
+                   help="add ONNX Runtime rows (CPU, fp32, batch 1) for the official encoder, "
+                        "the fused one and every keep ratio, exported as blsam-export-onnx "
+                        "does")
     p.add_argument("--timm", choices=["auto", "skip"], default="auto",
                    help="auto: timm's SAM ViT as a row when timm is installed")
     p.add_argument("--allow-emulated-bf16", action="store_true",

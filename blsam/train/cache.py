@@ -19,7 +19,7 @@ import torch
 from ..specs import TEACHER_OF, check_img_size
 from ..utils.cli import OptionError, check_option
 from ..utils.collectives import DEFAULT_TIMEOUT_MIN
-from ..utils.dist import init_distributed
+from ..utils.dist import default_store, init_distributed
 from .data import SA1BDataset, add_data_args, collate, select_records
 from .distill import amp_dtype
 from .packed_cache import (CacheError, PartWriter, finished_part, forget, provenance,
@@ -63,20 +63,12 @@ def _keys_digest(keys: Any) -> str:
 FAILED_KEY = "blsam/cache_teacher/failed"
 
 
-def _store() -> Any:
-    import torch.distributed as dist
-
-    from ..utils.dist import default_store
-
-    return default_store() if dist.is_available() and dist.is_initialized() else None
-
-
 def wait_for_parts(out_dir: str, world: int, metas: List[Dict[str, Any]], poll_s: float
                    ) -> None:
     """Rank 0: wait until every rank's part is finished, by looking at the files (no
     collective, so no process-group timeout while a rank re-encodes its part for an hour); a
     rank that failed publishes its error in the store and ends the wait with it."""
-    store = _store()
+    store = default_store()
     waiting = list(range(world))
     logged = False
     while True:
@@ -131,7 +123,7 @@ def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
             written, read_skipped, resumed = _write_part(args, info, teacher_name, mine,
                                                          part_meta)
     except BaseException as e:
-        store = _store()
+        store = default_store()
         if store is not None:
             try:
                 store.set(FAILED_KEY, f"rank {info.rank}: {type(e).__name__}: {e}")

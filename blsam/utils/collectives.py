@@ -46,10 +46,6 @@ def gather_to_main(obj: Any) -> Optional[List[Any]]:
     return out
 
 
-def _store() -> Any:
-    return default_store()  # without it peers learn of an error at the next gather
-
-
 class PeerFailed(RuntimeError):
     """Raised on a healthy rank (by ``check_peers``) when another rank has failed."""
 
@@ -58,7 +54,7 @@ def check_peers() -> None:
     """Raise ``PeerFailed`` if another rank has published an error (cheap: one store check)."""
     if not _active():
         return
-    store = _store()
+    store = default_store()  # None: peers learn of it at the next gather
     if store is not None and store.check([ERROR_KEY]):
         raise PeerFailed("another rank failed")
 
@@ -104,7 +100,7 @@ def fail_together(log_dir: Optional[str] = None) -> Iterator[None]:
                     traceback.print_exception(type(err), err, err.__traceback__, file=f)
             except OSError:
                 pass
-        store = _store()
+        store = default_store()
         if store is not None:
             try:
                 store.set(ERROR_KEY, pickle.dumps(mine))
@@ -119,7 +115,7 @@ def fail_together(log_dir: Optional[str] = None) -> Iterator[None]:
             raise err
         exc: BaseException = RankError(f"a peer rank failed and this rank could not agree with "
                                        f"it: {gather_err}")
-        store = _store()
+        store = default_store()
         try:
             if store is not None and store.check([ERROR_KEY]):
                 exc = _rebuild(pickle.loads(store.get(ERROR_KEY)))
