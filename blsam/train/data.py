@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..segmentation import AnnotationError, rle_run_lengths  # noqa: F401  (tests use D.*)
 from . import packed_cache
 from .prompts import PROMPT_TYPES, choose_prompt, mask_box, noisy_box, sample_points
 from ..specs import check_img_size
@@ -51,10 +52,6 @@ AREA_TOL, BOX_TOL_PX = 0.01, 2.0  # decoded vs JSON: 1% of the area (>= 2 px), 2
 
 class DataError(UserError):
     """``--data`` cannot be used (missing, empty, no shard matches)."""
-
-
-class AnnotationError(ValueError):
-    """One SA-1B annotation whose mask does not match what its JSON claims."""
 
 
 def add_data_args(parser: argparse.ArgumentParser, require_data: bool = False
@@ -274,37 +271,6 @@ def hold_out_val(records: Sequence[Record], n: int, seed: int = 0
     train = [r for i, r in enumerate(records) if i not in held]
     val = sorted((records[i] for i in held), key=lambda r: r.key)
     return train, val
-
-
-def rle_run_lengths(counts: Any) -> np.ndarray:
-    """Run lengths (int64) of a COCO RLE: a list as is, or the compressed string (pycocotools'
-    format: 6-bit chunks from '0', 0x20 = more chunks follow, 0x10 in the last chunk = negative,
-    runs from the fourth on are deltas to the run two back). Vectorised: SA-1B strings run to
-    thousands of characters and every sampled annotation is checked."""
-    if not isinstance(counts, str):
-        return np.asarray([int(c) for c in counts], np.int64)
-    if not counts:
-        return np.zeros(0, np.int64)
-    c = np.frombuffer(counts.encode("latin-1"), np.uint8).astype(np.int64) - 48
-    if c.min() < 0 or c.max() >= 64:
-        raise AnnotationError("RLE counts has characters outside the RLE alphabet")
-    last = (c & 0x20) == 0  # the chunk that ends a number
-    if not last[-1]:
-        raise AnnotationError("RLE counts string ends inside a number")
-    ends = np.flatnonzero(last)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    lengths = ends - starts + 1
-    if lengths.max() > 12:  # 60 bits: no real run needs more than 7 chunks
-        raise AnnotationError("RLE counts holds an impossibly long number")
-    k = np.arange(len(c)) - np.repeat(starts, lengths)
-    x = np.add.reduceat((c & 0x1F) << (5 * k), starts)  # disjoint bits: sum == or
-    neg = (c[ends] & 0x10) != 0
-    x = np.where(neg, x - (np.int64(1) << (5 * lengths)), x)
-    runs = x.copy()
-    for first in (3, 4):  # runs[m] = x[m] + runs[m - 2] for m >= 3, per parity chain
-        if len(runs) > first:
-            runs[first - 2::2] = np.cumsum(runs[first - 2::2])
-    return runs
 
 
 def check_annotation(ann: Dict[str, Any], hw: Tuple[int, int]) -> None:
