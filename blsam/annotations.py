@@ -102,7 +102,7 @@ class AnnotationCounts:
         """One line: kept, and each reason with its count and first example."""
         first = {}
         for o in self.objects:
-            first.setdefault(o["reason"], o["detail"])
+            first.setdefault(o["reason"], f"annotation {o['id']}: {o['detail']}")
         parts = [f"{n} {r} (e.g. {first[r]})" for r, n in sorted(self.skipped.items())]
         return f"{self.kept} kept, {self.total_skipped} skipped" + (
             ": " + "; ".join(parts) if parts else "")
@@ -171,28 +171,28 @@ def _check_object(ann: Any, images: Dict[int, ImageEntry], cats: Dict[int, Any]
         raise _Skip("not_an_object", f"{type(ann).__name__} in 'annotations'")
     aid = ann.get("id")
     if not is_int(aid):
-        raise _Skip("bad_id", f"id {str(aid)[:40]!r}")
+        raise _Skip("bad_id", f"id {str(aid)[:40]!r} is not an integer")
     if "image_id" not in ann:
-        raise _Skip("missing_image_id", f"annotation {aid}")
+        raise _Skip("missing_image_id", "no image_id")
     iid = ann["image_id"]
     if not is_int(iid):
-        raise _Skip("bad_image_id", f"annotation {aid}: image_id {str(iid)[:40]!r}")
+        raise _Skip("bad_image_id", f"image_id {str(iid)[:40]!r} is not an integer")
     img = images.get(iid)
     if img is None:
-        raise _Skip("unknown_image", f"annotation {aid}: image_id {iid}")
+        raise _Skip("unknown_image", f"image_id {iid} is not in 'images'")
     cid = ann.get("category_id")
     if cid is not None and not is_int(cid):
-        raise _Skip("bad_category_id", f"annotation {aid}: category_id {str(cid)[:40]!r}")
+        raise _Skip("bad_category_id", f"category_id {str(cid)[:40]!r} is not an integer")
     if cid is not None and cid not in cats:
-        raise _Skip("unknown_category", f"annotation {aid}: category_id {cid}")
+        raise _Skip("unknown_category", f"category_id {cid} is not in 'categories'")
     crowd = ann.get("iscrowd", 0)
     if not (isinstance(crowd, (int, bool)) and crowd in (0, 1)):
-        raise _Skip("bad_iscrowd", f"annotation {aid}: iscrowd {str(crowd)[:40]!r} (0 or 1)")
+        raise _Skip("bad_iscrowd", f"iscrowd {str(crowd)[:40]!r} (0 or 1)")
     h, w = img.height, img.width
     area = ann.get("area")
     if area is not None and (not is_number(area) or not math.isfinite(area) or area < 0
                              or area > h * w * (1 + AREA_TOL)):
-        raise _Skip("bad_area", f"annotation {aid}: area {str(area)[:40]!r} for a {w}x{h} "
+        raise _Skip("bad_area", f"area {str(area)[:40]!r} for a {w}x{h} "
                                 f"image")
     seg = ann.get("segmentation")
     try:
@@ -206,22 +206,22 @@ def _check_object(ann: Any, images: Dict[int, ImageEntry], cats: Dict[int, Any]
     except AnnotationError as e:
         kind = "bad_polygon" if isinstance(seg, list) else "bad_rle" if isinstance(seg, dict) \
             else "bad_segmentation"
-        raise _Skip(kind, f"annotation {aid}: {e}") from None
+        raise _Skip(kind, str(e)) from None
     if "bbox" in ann:
         try:
             box = _check_box(ann["bbox"], h, w)
         except AnnotationError as e:
             if _zero_size(ann["bbox"]) and (seg is None or mask_area(seg, h, w) == 0):
-                raise _Skip(EMPTY, f"annotation {aid}: no mask, bbox {ann['bbox']}") from None
-            raise _Skip("bad_bbox", f"annotation {aid}: {e}") from None
+                raise _Skip(EMPTY, f"no mask, bbox {ann['bbox']}") from None
+            raise _Skip("bad_bbox", str(e)) from None
     elif seg is None:
-        raise _Skip(EMPTY, f"annotation {aid}: neither bbox nor segmentation")
+        raise _Skip(EMPTY, "neither bbox nor segmentation")
     else:
         from pycocotools import mask as mask_utils
 
         box = tuple(float(v) for v in mask_utils.toBbox(to_rle(seg, h, w)))
         if box[2] <= 0 or box[3] <= 0:
-            raise _Skip(EMPTY, f"annotation {aid}: no bbox and an empty mask")
+            raise _Skip(EMPTY, "no bbox and an empty mask")
     return ObjectEntry(aid, iid, cid, box, None if area is None else float(area),
                        bool(crowd), seg)
 
@@ -392,7 +392,7 @@ def load_annotation_file(path: str, kind: Optional[str] = None, *,
         try:
             obj = _check_object(ann, images, cats)
             if obj.id in seen:
-                raise _Skip("duplicate_id", f"annotation id {obj.id}")
+                raise _Skip("duplicate_id", "its id is used by an earlier annotation")
         except _Skip as s:
             counts.skip(s.reason, s.example, ann)
             continue

@@ -111,7 +111,8 @@ def test_bad_files_fail_before_the_model(data, tmp_path, capsys, no_model):
     ann["annotations"][1]["bbox"][3] = 0
     bad_ann = {**data, "coco": {**coco, "ann_file": _write(tmp_path / "ann.json", ann)}}
     _fails(_argv(bad_ann, "coco", tmp_path, "--prompt", "box"), capsys,
-           f"annotation {ann['annotations'][1]['id']} (image 10): empty or invalid bbox")
+           f"annotation {ann['annotations'][1]['id']} (image 10): bbox [16.0, 26.0, 48.0, 0] has "
+           f"no positive width and height (bad_bbox)")
     _fails(_argv(data, "lvis", tmp_path, "--dataset", "coco"), capsys, "looks like LVIS")
 
 

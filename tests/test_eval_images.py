@@ -100,7 +100,7 @@ def test_duplicate_image_ids_and_file_names_refused(coco, tiny_sam_ckpt, tmp_pat
 
 def test_bad_annotations_skipped_and_counted(coco, tiny_sam_ckpt, tmp_path, capsys):
     ann = json.load(open(coco["ann_file"]))
-    ann["annotations"][1]["bbox"][3] = 0  # zero-height box: bad for the box protocol only
+    ann["annotations"][1]["bbox"][3] = 0  # zero-height box on a mask: the object is wrong
     ann["annotations"][2]["segmentation"] = [[1, 2, 3, 4, 5]]  # degenerate polygon: for all
     path = _write(tmp_path / "bad.json", ann)
     _fails(_argv(coco, path, tiny_sam_ckpt, tmp_path, "--prompt", "box"), capsys,
@@ -113,9 +113,11 @@ def test_bad_annotations_skipped_and_counted(coco, tiny_sam_ckpt, tmp_path, caps
                                                     "--skip-bad-images")))["results"]
     by = {r["protocol"]["name"]: r for r in res}
     g = {r["protocol"]["name"]: r for r in good}
-    assert by["point1"]["counts"]["bad_annotations"] == 1
+    assert by["point1"]["counts"]["bad_annotations"] == 2  # for every protocol
     assert by["box"]["counts"]["bad_annotations"] == 2
-    for name, n in (("point1", 1), ("box", 2)):
+    assert by["box"]["annotation_check"]["skipped"] == {"bad_bbox": 1, "bad_polygon": 1,
+                                                        "empty_object": 1}
+    for name, n in (("point1", 2), ("box", 2)):
         c = by[name]["counts"]
         assert c["annotations_evaluated"] == g[name]["counts"]["annotations_evaluated"] - n
         assert len(by[name]["skipped_annotations"]) == n

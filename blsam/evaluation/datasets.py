@@ -1,7 +1,11 @@
-"""COCO / LVIS annotation files: loading, validation, image lookup, masks and detections.
+"""COCO / LVIS annotation files for evaluation: the shared checked reader
+(``blsam.annotations``), image lookup, masks and detections.
 
-Why validation here: a wrong ``--ann-file`` (a results file, a SA-1B json, a typo'd path) would
-otherwise surface as a ``KeyError`` deep in the loop or, worse, as an mIoU over nothing.
+Why every annotation is checked: a wrong ``--ann-file`` (a results file, a SA-1B json, a typo'd
+path) would otherwise surface as a ``KeyError`` deep in the loop, and one bad object (a short
+RLE, ``iscrowd: "0"``, a bbox of 1e39, polygon coordinates of 1e8) as a wrong mIoU or minutes
+inside pycocotools. Bad objects never reach the loop nor pycocotools: refused, or skipped and
+counted under ``--skip-bad-images``.
 """
 from __future__ import annotations
 
@@ -14,13 +18,22 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..errors import UserError
+from ..annotations import (
+    EMPTY,
+    AnnotationCounts,
+    AnnotationFileError,
+    ObjectEntry,
+    detect_kind,  # noqa: F401  (re-exported)
+    image_file_name,
+    is_int,
+    MAX_BOX_VALUE,
+    load_annotation_file,
+)
 
-REQUIRED_KEYS = ("images", "annotations", "categories")
 COCO_SPLIT_DIRS = ("val2017", "train2017")
 
 
-class DatasetError(UserError):
+class DatasetError(AnnotationFileError):
     """An annotation, image or detection file that cannot be evaluated."""
 
 
@@ -34,71 +47,13 @@ class EvalDataset:
     images: List[Dict[str, Any]]  # sorted by id: the order every rank and every model uses
     anns_by_image: Dict[int, List[Dict[str, Any]]] = field(default_factory=dict)
     categories: Dict[int, Dict[str, Any]] = field(default_factory=dict)
+    # ``blsam.annotations``' counts, and the skipped objects of each image: {"bad", "empty"}
+    annotation_counts: AnnotationCounts = field(default_factory=AnnotationCounts)
+    skipped_by_image: Dict[int, Dict[str, int]] = field(default_factory=dict)
 
     @property
     def image_ids(self) -> List[int]:
         return [img["id"] for img in self.images]
-
-
-def _read_json(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise DatasetError(f"annotation file not found: {path}")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path!r} is not a JSON file: {e}") from e
-
-
-def detect_kind(data: Dict[str, Any]) -> str:
-    """"lvis" when categories carry LVIS' ``frequency`` or images only have ``coco_url``."""
-    cats = data.get("categories") or []
-    imgs = data.get("images") or []
-    if any("frequency" in c for c in cats[:50]):
-        return "lvis"
-    if imgs and all("file_name" not in im and "coco_url" in im for im in imgs[:50]):
-        return "lvis"
-    return "coco"
-
-
-def validate_dataset(data: Any, path: str, kind: Optional[str] = None) -> str:
-    """Raise ``DatasetError`` unless ``data`` is a COCO/LVIS instances file; return its kind."""
-    if not isinstance(data, dict):
-        raise DatasetError(
-            f"{path!r} is not a COCO/LVIS annotation file: top level is a "
-            f"{type(data).__name__}, expected an object with keys {list(REQUIRED_KEYS)}"
-            + (" (a list looks like a detection results file)" if isinstance(data, list) else "")
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in data]
-    if missing:
-        raise DatasetError(
-            f"{path!r} is not a COCO/LVIS annotation file: missing key(s) {missing} "
-            f"(found {sorted(data)[:10]})"
-        )
-    for k in REQUIRED_KEYS:
-        if not isinstance(data[k], list):
-            raise DatasetError(f"{path!r}: '{k}' must be a list, got {type(data[k]).__name__}")
-    for im in data["images"][:100]:
-        if "id" not in im or "height" not in im or "width" not in im:
-            raise DatasetError(f"{path!r}: image entries need id, height and width: {im}")
-        if "file_name" not in im and "coco_url" not in im:
-            raise DatasetError(f"{path!r}: image {im['id']} has neither file_name nor coco_url")
-    for ann in data["annotations"][:100]:
-        for key in ("id", "image_id", "category_id", "segmentation"):
-            if key not in ann:
-                raise DatasetError(f"{path!r}: annotation without '{key}': {str(ann)[:200]}")
-    found = detect_kind(data)
-    if kind is not None and kind != found:
-        if kind == "lvis":
-            raise DatasetError(
-                f"--dataset lvis, but {path!r} looks like COCO (categories have no 'frequency'); "
-                f"use --dataset coco"
-            )
-        raise DatasetError(
-            f"--dataset coco, but {path!r} looks like LVIS (categories have 'frequency' or "
-            f"images only a coco_url); use --dataset lvis (COCOeval on LVIS is not LVIS AP)"
-        )
-    return kind or found
 
 
 def has_geometry(ann: Dict[str, Any]) -> bool:
@@ -110,51 +65,61 @@ def has_geometry(ann: Dict[str, Any]) -> bool:
 
 
 def _bad_box(box: Any) -> bool:
-    """A box that cannot be a prompt: not 4 finite numbers, or zero / negative width or height."""
-    try:
-        x, y, w, h = (float(v) for v in box)
-    except (TypeError, ValueError):
+    """A box that cannot be a prompt: not 4 finite numbers (float32 ones too: a bbox of 1e39
+    is an infinite prompt), or zero / negative width or height."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4 \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
         return True
-    return not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0
+    x, y, w, h = (float(v) for v in box)
+    return not all(np.isfinite([x, y, w, h])) or max(map(abs, (x, y, w, h))) > MAX_BOX_VALUE \
+        or w <= 0 or h <= 0
+
+
+def _ann_dict(o: ObjectEntry) -> Dict[str, Any]:
+    """A checked object as the loop reads it (``iscrowd`` 0/1, ``segmentation`` [] when the
+    file has none, ``area`` only when the file has one)."""
+    d = {"id": o.id, "image_id": o.image_id, "category_id": o.category_id,
+         "bbox": list(o.bbox), "iscrowd": int(o.iscrowd),
+         "segmentation": o.segmentation if o.segmentation is not None else []}
+    if o.area is not None:
+        d["area"] = o.area
+    return d
 
 
 def load_dataset(path: str, kind: Optional[str] = None) -> EvalDataset:
-    """Load and validate a COCO or LVIS instances file (``kind`` None: detect it)."""
-    path = os.fspath(path)
-    data = _read_json(path)
-    kind = validate_dataset(data, path, kind)
-    images = sorted(data["images"], key=lambda im: im["id"])
-    ids = {im["id"] for im in images}
-    if len(ids) != len(images):  # one image's pixels would be scored against the other's masks
-        seen, dup = set(), []
-        for im in images:
-            if im["id"] in seen and im["id"] not in dup:
-                dup.append(im["id"])
-            seen.add(im["id"])
-        raise DatasetError(f"{path!r}: {len(dup)} image id(s) listed more than once, e.g. "
-                           f"{dup[:5]}")
-    by_name: Dict[str, Any] = {}
-    dup_names = []
-    for im in images:
-        if not (im.get("file_name") or im.get("coco_url")):
-            continue
-        name = image_file_name(im)
-        if name in by_name:
-            dup_names.append(f"{name} (ids {by_name[name]} and {im['id']})")
-        by_name[name] = im["id"]
-    if dup_names:
-        raise DatasetError(f"{path!r}: {len(dup_names)} file name(s) used by more than one "
-                           f"image, e.g. {', '.join(dup_names[:3])}")
-    by_image: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
-    for ann in data["annotations"]:
-        if ann["image_id"] not in ids:
-            raise DatasetError(f"{path!r}: annotation {ann['id']} refers to unknown image "
-                               f"{ann['image_id']}")
-        by_image[ann["image_id"]].append(ann)
-    for anns in by_image.values():
-        anns.sort(key=lambda a: a["id"])
-    cats = {c["id"]: c for c in data["categories"]}
-    return EvalDataset(path, kind, data, images, dict(by_image), cats)
+    """Load and check every entry of a COCO or LVIS instances file (``kind`` None: detect
+    it): ``blsam.annotations.load_annotation_file``, its refusals as ``DatasetError``. An
+    object without a category cannot be scored by COCOeval / LVISEval: skipped and counted."""
+    try:
+        aset = load_annotation_file(os.fspath(path), kind)
+    except AnnotationFileError as e:
+        raise DatasetError(str(e)) from None
+    counts = aset.counts
+    by_image: Dict[int, List[Dict[str, Any]]] = {}
+    no_cat = set()
+    for iid, objs in aset.objects_by_image.items():
+        for o in objs:
+            if o.category_id is None:
+                counts.kept -= 1
+                counts.skip("no_category", "no category_id (COCOeval / LVISEval need one)",
+                            {"id": o.id, "image_id": iid})
+                no_cat.add(o.id)
+                continue
+            by_image.setdefault(iid, []).append(_ann_dict(o))
+    raw = aset.raw
+    if no_cat:
+        raw = dict(raw, annotations=[a for a in raw["annotations"] if a["id"] not in no_cat])
+    skipped: Dict[int, Dict[str, int]] = {}
+    for b in counts.objects:
+        if is_int(b["image_id"]) and b["image_id"] in aset.images:
+            c = skipped.setdefault(b["image_id"], {"bad": 0, "empty": 0})
+            c["empty" if b["reason"] == EMPTY else "bad"] += 1
+    images = sorted((dict(im, height=aset.images[im["id"]].height,
+                          width=aset.images[im["id"]].width) for im in raw["images"]),
+                    key=lambda im: im["id"])
+    raw = dict(raw, images=images)  # sizes as integers for pycocotools too
+    return EvalDataset(aset.path, aset.kind, raw, images, by_image, aset.categories, counts,
+                       skipped)
 
 
 def check_lvis_eval_fields(data: Dict[str, Any], path: str = "annotation file") -> None:
@@ -169,13 +134,6 @@ def check_lvis_eval_fields(data: Dict[str, Any], path: str = "annotation file") 
             if key not in im:
                 raise DatasetError(f"{path!r}: LVIS AP needs '{key}' on every image; image "
                                    f"{im['id']} has none")
-
-
-def image_file_name(img: Dict[str, Any]) -> str:
-    """COCO: ``file_name``; LVIS: the last part of ``coco_url``."""
-    if img.get("file_name"):
-        return os.path.basename(img["file_name"]) if "coco_url" in img else img["file_name"]
-    return img["coco_url"].rstrip("/").split("/")[-1]
 
 
 def resolve_image_path(img_dir: str, img: Dict[str, Any]) -> Optional[str]:
@@ -221,6 +179,18 @@ def check_image_file(path: str) -> Optional[str]:
     return None
 
 
+def size_problem(height: int, width: int) -> Optional[str]:
+    """Why an image the annotation file says is ``width`` x ``height`` is not decoded (over
+    PIL's pixel limit), or None: checked before its file is opened."""
+    from blsam.utils.images import check_pixels
+
+    try:
+        check_pixels(width, height, "the annotation file says it")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def read_image_oriented(path: str, height: Optional[int] = None, width: Optional[int] = None,
                         exif: str = "ignore") -> Tuple[np.ndarray, int]:
     """RGB uint8 HxWx3 (``blsam.utils.images.decode_rgb``: the training reader) and the file's
@@ -230,6 +200,8 @@ def read_image_oriented(path: str, height: Optional[int] = None, width: Optional
     from blsam.utils.images import SWAPS_SIDES, decode_rgb
 
     problem = check_image_file(path)
+    if problem is None and height is not None:
+        problem = size_problem(height, width)
     if problem is not None:
         raise DatasetError(f"image {path!r}: {problem}")
     if not os.path.isfile(path):
@@ -257,43 +229,13 @@ def read_image(path: str, height: Optional[int] = None, width: Optional[int] = N
     return read_image_oriented(path, height, width, exif)[0]
 
 
-def polygon_problem(seg: Any) -> Optional[str]:
-    """Why a polygon segmentation cannot be rasterised as drawn, or None (an empty list is an
-    empty annotation, not a bad one)."""
-    if not isinstance(seg, list):
-        return None
-    for ring in seg:
-        if not isinstance(ring, (list, tuple)):
-            return f"polygon ring is a {type(ring).__name__}, not a list of coordinates"
-        if len(ring) < 6 or len(ring) % 2:
-            return f"degenerate polygon ring of {len(ring)} coordinates (needs an even number >= 6)"
-        try:
-            if not np.all(np.isfinite(np.asarray(ring, dtype=np.float64))):
-                return "polygon with a non-finite coordinate"
-        except (TypeError, ValueError):
-            return "polygon with a non-numeric coordinate"
-    return None
-
-
-def find_bad_annotations(dataset: "EvalDataset", image_ids: Any, boxes: bool
-                         ) -> Dict[int, Dict[str, Any]]:
-    """Annotations of the given images that cannot be evaluated as drawn, by id:
-    ``{"id", "image_id", "reason", "box_only"}``. A degenerate polygon spoils the object for
-    every protocol; a zero-size / invalid ``bbox`` on an object with a mask only for the box
-    protocol (checked when ``boxes``)."""
-    bad: Dict[int, Dict[str, Any]] = {}
-    for img_id in image_ids:
-        for ann in dataset.anns_by_image.get(img_id, []):
-            why = polygon_problem(ann.get("segmentation"))
-            box_only = False
-            if why is None and boxes and "bbox" in ann and has_geometry(ann) \
-                    and _bad_box(ann["bbox"]):
-                why, box_only = (f"empty or invalid bbox {ann['bbox']} (width and height must "
-                                 f"be > 0)"), True
-            if why is not None:
-                bad[ann["id"]] = {"id": ann["id"], "image_id": img_id, "reason": why,
-                                  "box_only": box_only}
-    return bad
+def find_bad_annotations(dataset: EvalDataset, image_ids: Any) -> List[Dict[str, Any]]:
+    """The objects ``blsam.annotations`` skipped as wrong (not merely empty) in the given
+    images, and those it could not place in any image (a missing, non-integer or unknown
+    ``image_id``): ``{"id", "image_id", "reason", "detail"}``."""
+    ids, known = set(image_ids), set(dataset.image_ids)
+    return [b for b in dataset.annotation_counts.objects if b["reason"] != EMPTY
+            and (b["image_id"] in ids or not (is_int(b["image_id"]) and b["image_id"] in known))]
 
 
 def ann_to_rle(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
@@ -325,8 +267,11 @@ def mask_to_rle(mask: np.ndarray) -> Dict[str, Any]:
     return rle
 
 
-def load_detections(path: str, dataset: EvalDataset) -> Dict[int, List[Dict[str, Any]]]:
-    """COCO-format detection results grouped by image, sorted by descending score.
+def load_detections(path: str, dataset: EvalDataset, max_per_image: Optional[int] = None,
+                    info: Optional[Dict[str, Any]] = None) -> Dict[int, List[Dict[str, Any]]]:
+    """COCO-format detection results grouped by image, sorted by descending score, the best
+    ``max_per_image`` kept (COCO's 100, LVIS' 300: a 20k-detection file is not decoded 20k
+    times for results the evaluator drops); ``info`` gets the counts.
 
     Detections for images the annotation file does not have are an error: they mean the wrong
     detection file (e.g. test-dev boxes against val annotations).
@@ -349,19 +294,26 @@ def load_detections(path: str, dataset: EvalDataset) -> Dict[int, List[Dict[str,
     unknown = set()
     by_image: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
     for i, d in enumerate(dets):
+        where = f"detection {i} in {path!r}"
+        if not isinstance(d, dict):
+            raise DatasetError(f"{where} is a {type(d).__name__}, not an object")
         for key in ("image_id", "category_id", "bbox", "score"):
             if key not in d:
-                raise DatasetError(f"detection {i} in {path!r} has no '{key}': {str(d)[:200]}")
+                raise DatasetError(f"{where} has no '{key}': {str(d)[:200]}")
+        for key in ("image_id", "category_id"):
+            if not is_int(d[key]):
+                raise DatasetError(f"{where}: {key} {str(d[key])[:40]!r} is not an integer")
         if _bad_box(d["bbox"]):
-            raise DatasetError(f"detection {i} in {path!r} has an empty or invalid box "
-                               f"{d['bbox']} (XYWH, width and height must be > 0)")
-        if not isinstance(d["score"], (int, float)) or not np.isfinite(d["score"]):
-            raise DatasetError(f"detection {i} in {path!r} has a non-numeric score {d['score']!r}")
+            raise DatasetError(f"{where} has an empty or invalid box {str(d['bbox'])[:80]} "
+                               f"(XYWH, finite, width and height must be > 0)")
+        if not isinstance(d["score"], (int, float)) or isinstance(d["score"], bool) \
+                or not np.isfinite(d["score"]):
+            raise DatasetError(f"{where} has a non-numeric score {str(d['score'])[:40]!r}")
         if d["image_id"] not in ids:
             unknown.add(d["image_id"])
             continue
         if d["category_id"] not in dataset.categories:
-            raise DatasetError(f"detection {i} in {path!r}: unknown category {d['category_id']}")
+            raise DatasetError(f"{where}: unknown category {d['category_id']}")
         by_image[d["image_id"]].append(d)
     if unknown:
         raise DatasetError(
@@ -370,4 +322,11 @@ def load_detections(path: str, dataset: EvalDataset) -> Dict[int, List[Dict[str,
         )
     for v in by_image.values():
         v.sort(key=lambda d: -float(d["score"]))  # stable: ties keep file order
+    total = sum(map(len, by_image.values()))
+    if max_per_image is not None:
+        by_image = {k: v[:max_per_image] for k, v in by_image.items()}
+    if info is not None:
+        info.update(detections_in_file=len(dets), max_per_image=max_per_image,
+                    detections_kept=sum(map(len, by_image.values())),
+                    detections_dropped_over_max=total - sum(map(len, by_image.values())))
     return dict(by_image)

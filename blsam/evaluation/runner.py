@@ -29,6 +29,7 @@ from .datasets import (
     mask_to_rle,
     read_image_oriented,
     resolve_image_path,
+    size_problem,
 )
 from ..modeling.prompt_inputs import prompt_inputs
 from .metrics import batch_mask_iou, coco_segm_eval, lvis_segm_eval, size_of, summarize_miou
@@ -179,9 +180,7 @@ class Evaluator:
     def __init__(self, predictor: Any, dataset: EvalDataset, img_dir: str,
                  cfg: Union[ProtocolConfig, Sequence[ProtocolConfig]],
                  detections: Optional[Dict[int, List[Dict[str, Any]]]] = None,
-                 skip_bad_images: bool = False,
-                 bad_annotations: Optional[Dict[int, Dict[str, Any]]] = None,
-                 exif: str = "ignore") -> None:
+                 skip_bad_images: bool = False, exif: str = "ignore") -> None:
         self.protocols = [cfg] if isinstance(cfg, ProtocolConfig) else list(cfg)
         if not self.protocols:
             raise ValueError("no protocol to evaluate")
@@ -201,10 +200,6 @@ class Evaluator:
         self.batch_prompts = self.protocols[0].batch_prompts
         self.detections = detections or {}
         self.skip_bad_images = skip_bad_images
-        # skipped (``find_bad_annotations``): every GT protocol, or only the box protocol
-        bad = bad_annotations or {}
-        self.bad_masks = {i for i, b in bad.items() if not b.get("box_only")}
-        self.bad_boxes = {i for i, b in bad.items() if b.get("box_only")}
         self.exif = exif
         self.device = predictor.device
 
@@ -242,14 +237,15 @@ class Evaluator:
     def _usable_annotations(self, img: Dict[str, Any], counts: Dict[str, int]
                             ) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
         """(annotation, RLE) of every annotation that can be prompted; crowd and empty ones are
-        counted, not prompted. RLE areas are read without decoding the masks."""
+        counted, not prompted, as are those the loader skipped (bad or empty). RLE areas are
+        read without decoding the masks."""
         h, w = img["height"], img["width"]
         out = []
+        skipped = self.dataset.skipped_by_image.get(img["id"], {})
+        counts["bad_annotations"] += skipped.get("bad", 0)
+        counts["skipped_empty"] += skipped.get("empty", 0)
         for ann in self.dataset.anns_by_image.get(img["id"], []):
-            if ann["id"] in self.bad_masks:
-                counts["bad_annotations"] += 1
-                continue
-            if ann.get("iscrowd", 0):
+            if ann["iscrowd"]:
                 counts["skipped_crowd"] += 1
                 continue
             rle = ann_to_rle(ann["segmentation"], h, w) if has_geometry(ann) else None
@@ -294,12 +290,6 @@ class Evaluator:
 
     def _run_gt_batch(self, cfg: ProtocolConfig, items: Sequence[Tuple[Any, ...]],
                       gt: np.ndarray, out: Dict[str, Any]) -> None:
-        if cfg.prompt == "box" and self.bad_boxes:  # objects whose bbox cannot be a prompt
-            keep = [i for i, it in enumerate(items) if it[1]["id"] not in self.bad_boxes]
-            out["bad_annotations"] += len(items) - len(keep)
-            if not keep:
-                return
-            items, gt = [items[i] for i in keep], gt[keep]
         anns = [it[1] for it in items]
         rows = np.arange(len(items))
         coords = labels = boxes = None
@@ -449,7 +439,7 @@ def locate_images(
         if path is None:
             missing.append(img)
             continue
-        problem = check_image_file(path)
+        problem = size_problem(img["height"], img["width"]) or check_image_file(path)
         if problem is None:
             found.append((pos, img, path))
         elif skip_bad:

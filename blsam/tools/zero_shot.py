@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-clicks", type=int, default=0,
                    help="extra correction clicks with mask feedback (point/box protocols)")
     q.add_argument("--max-dets", type=int, default=None,
-                   help="detections per image, best scores first (default: 300 on LVIS, all "
-                        "on COCO)")
+                   help="detections per image, best scores first, the rest never decoded "
+                        "(default: 300 on LVIS, 100 on COCO: the evaluators' caps)")
     q.add_argument("--seed", type=int, default=0, help="point sampling seed")
     o = p.add_argument_group("run and output")
     o.add_argument("--batch-prompts", type=int, default=64, help="prompts per decoder batch")
@@ -167,8 +167,8 @@ def protocols_from_args(args: argparse.Namespace) -> List[ProtocolConfig]:
     """The run's protocols; each switch goes to the protocols it means something for, and a
     switch that means nothing for all of them is an ``OptionError``."""
     names = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt)
-    max_dets = args.max_dets if args.max_dets is not None else (
-        300 if args.dataset == "lvis" else None)
+    max_dets = args.max_dets if args.max_dets is not None else (  # the evaluators' caps
+        300 if args.dataset == "lvis" else 100)
     protos = []
     for name in names:
         m = PROMPT_RE.fullmatch(str(name))
@@ -275,7 +275,8 @@ class EvalData:
     found: List[Any]
     missing: List[int]
     bad: List[Dict[str, Any]] = field(default_factory=list)
-    bad_annotations: Dict[int, Dict[str, Any]] = field(default_factory=dict)
+    bad_annotations: List[Dict[str, Any]] = field(default_factory=list)
+    detection_counts: Dict[str, Any] = field(default_factory=dict)
 
 
 def load_data(args: argparse.Namespace, protos: Sequence[ProtocolConfig]) -> EvalData:
@@ -291,28 +292,29 @@ def load_data(args: argparse.Namespace, protos: Sequence[ProtocolConfig]) -> Eva
 
     dataset = load_dataset(args.ann_file, args.dataset)
     images = list(enumerate(dataset.images))[: args.limit]
-    bad_anns: Dict[int, Dict[str, Any]] = {}
-    if any(c.prompt != "detector" for c in protos):
-        bad_anns = find_bad_annotations(dataset, [im["id"] for _, im in images],
-                                        boxes=any(c.prompt == "box" for c in protos))
-        if bad_anns and not args.skip_bad_images:
-            b = next(iter(bad_anns.values()))
-            raise DatasetError(f"{args.ann_file!r}: {len(bad_anns)} annotation(s) cannot be "
-                               f"evaluated as drawn, e.g. annotation {b['id']} (image "
-                               f"{b['image_id']}): {b['reason']}; pass --skip-bad-images to "
-                               f"skip and count them")
+    # every object of the file was checked; those of the evaluated images (and those of no
+    # image) that are wrong refuse the run, or are skipped and counted
+    bad_anns = find_bad_annotations(dataset, [im["id"] for _, im in images])
+    if bad_anns and not args.skip_bad_images:
+        b = bad_anns[0]
+        raise DatasetError(f"{args.ann_file!r}: {len(bad_anns)} annotation(s) cannot be "
+                           f"evaluated as drawn, e.g. annotation {b['id']} (image "
+                           f"{b['image_id']}): {b['detail']} ({b['reason']}); pass "
+                           f"--skip-bad-images to skip and count them")
     detections = None
-    if any(c.prompt == "detector" for c in protos):
+    det_counts: Dict[str, Any] = {}
+    det = next((c for c in protos if c.prompt == "detector"), None)
+    if det is not None:
         if dataset.kind == "lvis":
             check_lvis_eval_fields(dataset.raw, args.ann_file)
-        detections = load_detections(args.det_file, dataset)
+        detections = load_detections(args.det_file, dataset, det.max_dets, det_counts)
     if detections is not None and not any(detections.get(im["id"]) for _, im in images):
         warnings.warn(f"{args.det_file}: no detection for any of the {len(images)} evaluated "
                       f"images: AP will be 0", UserWarning)
     # every rank checks every image, so a missing file fails all ranks alike
     found, missing, bad = locate_images(args.img_dir, images, args.skip_missing_images,
                                         args.skip_bad_images)
-    return EvalData(dataset, detections, found, missing, bad, bad_anns)
+    return EvalData(dataset, detections, found, missing, bad, bad_anns, det_counts)
 
 
 # --------------------------------------------------------------------------- results
@@ -355,9 +357,9 @@ def make_result(args: argparse.Namespace, cfg: ProtocolConfig, protos: Sequence[
             "images_encoded": c["images_encoded"], "images_not_encoded": c["images_not_encoded"],
         },
         "skipped_images": {"missing": merged["missing_images"], "bad": merged["bad_images"]},
-        "skipped_annotations": [b for b in data.bad_annotations.values()
-                                if cfg.prompt == "box" or not b["box_only"]]
-        if cfg.prompt != "detector" else [],
+        "skipped_annotations": data.bad_annotations if cfg.prompt != "detector" else [],
+        "annotation_check": data.dataset.annotation_counts.as_dict(),
+        "detection_counts": data.detection_counts if cfg.prompt == "detector" else {},
         "images": {"exif_orientation": getattr(args, "exif_orientation", "ignore"),
                    "reader": "PIL (blsam.utils.images.decode_rgb)"},
         "metrics": compute_metrics(merged, data.dataset, cfg),
@@ -475,8 +477,7 @@ def _evaluate(args: argparse.Namespace, protos: Sequence[ProtocolConfig],
             sam.image_encoder.keep_ratio = keep
         gflops[keep] = None if args.no_flops or not info.is_main else sam_gflops(sam)
     evaluator = Evaluator(Predictor(sam), data.dataset, args.img_dir, protos,
-                          data.detections, args.skip_bad_images, data.bad_annotations,
-                          args.exif_orientation)
+                          data.detections, args.skip_bad_images, args.exif_orientation)
     shard = data.found[info.rank::info.world_size]
     merged_by_keep, walls = {}, {}
     for keep in keeps:

@@ -23,10 +23,11 @@ import logging
 import os
 import signal
 import tempfile
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..checkpoint import first_nonfinite  # noqa: F401  (re-exported: loop, resume)
 from ..errors import UserError
 
 log = logging.getLogger("blsam.train")
@@ -74,35 +75,6 @@ def check_output_dir(path: str, what: str = "--output-dir") -> None:
 
 
 # ---------------------------------------------------------------- non-finite values
-
-
-def _tensors(obj: Any, prefix: str) -> Iterable[Tuple[str, torch.Tensor]]:
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{prefix}.{i}" if prefix else str(i))
-
-
-def first_nonfinite(state: Mapping[str, Any], parts: Sequence[str] = ("model", "optimizer")
-                    ) -> Optional[str]:
-    """Name of the first floating tensor of ``state[part]`` holding NaN/inf, else None. One
-    host sync for the whole state (a stacked flag per tensor), not one per tensor."""
-    named = [(n, t) for p in parts if p in state for n, t in _tensors(state[p], p)
-             if t.is_floating_point() and t.numel()]
-    if not named:
-        return None
-    by_dev: Dict[torch.device, List[int]] = {}
-    for i, (_, t) in enumerate(named):
-        by_dev.setdefault(t.device, []).append(i)
-    bad: List[int] = []
-    for dev, idx in by_dev.items():
-        ok = torch.stack([torch.isfinite(named[i][1]).all() for i in idx]).cpu()
-        bad += [idx[j] for j in (~ok).nonzero().flatten().tolist()]
-    return named[min(bad)][0] if bad else None
 
 
 def step_flags(loss_bad: torch.Tensor, grad_bad: torch.Tensor, stop: bool, distributed: bool

@@ -23,6 +23,23 @@ ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 = as stored, 2-8 = mirror and/or
 SWAPS_SIDES = (5, 6, 7, 8)  # orientations that exchange width and height
 
 
+def pixel_limit() -> Optional[int]:
+    """The most pixels an image may have: PIL's ``Image.MAX_IMAGE_PIXELS`` (its decompression
+    bomb guard, ~89 M by default; None: no limit), read when called so a user can raise it."""
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS
+
+
+def check_pixels(width: int, height: int, what: str) -> None:
+    """``ValueError`` when a ``width`` x ``height`` image is over ``pixel_limit()``: said
+    before anything is decoded, not a ``DecompressionBombError`` traceback (or gigabytes)."""
+    limit = pixel_limit()
+    if limit is not None and width * height > limit:
+        raise ValueError(f"{what} is {width}x{height} = {width * height} pixels, more than "
+                         f"the {limit}-pixel limit (PIL's Image.MAX_IMAGE_PIXELS)")
+
+
 def decode_rgb(src: Union[str, "os.PathLike[str]", bytes], exif: str = "ignore"
                ) -> Tuple[np.ndarray, int]:
     """RGB uint8 (H, W, 3) from a file path or encoded bytes, and the file's EXIF orientation
@@ -33,7 +50,12 @@ def decode_rgb(src: Union[str, "os.PathLike[str]", bytes], exif: str = "ignore"
     if exif not in EXIF_MODES:
         raise ValueError(f"exif orientation must be one of {EXIF_MODES}, got {exif!r}")
     fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src)
-    with Image.open(fp) as im:
+    try:
+        opened = Image.open(fp)  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise ValueError(str(e)) from None
+    with opened as im:
+        check_pixels(im.width, im.height, "image")
         im.load()
         try:
             orientation = int(im.getexif().get(ORIENTATION_TAG, 1) or 1)
