@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..segmentation import AnnotationError, rle_run_lengths  # noqa: F401  (tests use D.*)
+from ..segmentation import AnnotationError, check_rle, rle_run_lengths  # noqa: F401  (D.*)
 from . import packed_cache
 from .prompts import PROMPT_TYPES, choose_prompt, mask_box, noisy_box, sample_points
 from ..specs import check_img_size
@@ -52,6 +52,18 @@ AREA_TOL, BOX_TOL_PX = 0.01, 2.0  # decoded vs JSON: 1% of the area (>= 2 px), 2
 
 class DataError(UserError):
     """``--data`` cannot be used (missing, empty, no shard matches)."""
+
+
+class DamagedDataError(DataError):
+    """Every image of a row could not be used: the data, not one file, is damaged. A
+    DataLoader re-raises a worker's error as ``type(e)(its text + the worker's traceback)``:
+    only the original message is kept, so the CLI still prints one line."""
+
+    def __init__(self, message: str) -> None:
+        tag = f"{type(self).__name__}: "
+        if "Original Traceback" in message and tag in message:
+            message = message.rsplit(tag, 1)[1].strip()
+        super().__init__(message)
 
 
 def add_data_args(parser: argparse.ArgumentParser, require_data: bool = False
@@ -98,30 +110,50 @@ class Record:
     shard: str  # tar file name or folder path
     jpg: Member
     json: Member
+    member: str = ""  # path inside the shard without extension ("" : the key)
 
     @property
     def name(self) -> str:
-        """Human-readable location for warnings: shard/sa_N."""
-        return f"{self.shard}:{self.key}"
+        """Human-readable location for warnings: shard:member."""
+        return f"{self.shard}:{self.member or self.key}"
 
 
 def _pairs(files: Dict[str, Member], shard: str, skipped: List[str]) -> List[Record]:
-    """Match sa_N.jpg with sa_N.json; an unmatched half is logged and counted."""
+    """Match sa_N.jpg with sa_N.json in the same folder; an unmatched half is logged and
+    counted. The same stem in two folders is refused (``_check_unique_keys``): the record key
+    (teacher cache, validation split) is the stem, so one of the two would silently go."""
     stems: Dict[str, Dict[str, Member]] = {}
     for name, m in files.items():
-        stem, ext = os.path.splitext(os.path.basename(name))
+        base, ext = os.path.splitext(name)
         if ext.lower() in (".jpg", ".jpeg", ".json"):
-            stems.setdefault(stem, {})["json" if ext.lower() == ".json" else "jpg"] = m
+            stems.setdefault(base, {})["json" if ext.lower() == ".json" else "jpg"] = m
     out = []
-    for stem in sorted(stems):
-        d = stems[stem]
+    for base in sorted(stems):
+        d, stem = stems[base], os.path.basename(base)
         if "jpg" in d and "json" in d:
-            out.append(Record(stem, shard, d["jpg"], d["json"]))
+            out.append(Record(stem, shard, d["jpg"], d["json"], base))
         else:
-            log.warning("skipping %s:%s: no matching %s", shard, stem,
+            log.warning("skipping %s:%s: no matching %s", shard, base,
                         "json" if "jpg" in d else "jpg")
-            skipped.append(f"{shard}:{stem}")
+            skipped.append(f"{shard}:{base}")
+    _check_unique_keys(out)
     return out
+
+
+def _check_unique_keys(records: Sequence[Record]) -> None:
+    """``DataError`` when two records share a key (an image copied into two folders or two
+    shards): its teacher embedding, its mask choice and the train / validation split would
+    be shared by two images, or one dropped."""
+    seen: Dict[str, Record] = {}
+    dups = []
+    for r in records:
+        if r.key in seen:
+            dups.append(f"{seen[r.key].name} and {r.name}")
+        seen.setdefault(r.key, r)
+    if dups:
+        raise DataError(f"{len(dups)} image name(s) appear more than once in --data, e.g. "
+                        f"{'; '.join(dups[:3])}: remove the copies (image names are the "
+                        f"teacher-cache and validation keys)")
 
 
 def index_tar(path: str, skipped: List[str]) -> List[Record]:
@@ -207,6 +239,7 @@ def select_records(
         records += index_folder(data, skipped)
     if not records:
         raise DataError(f"--data {data!r}: no usable jpg/json pairs found")
+    _check_unique_keys(records)
     n_indexed = len(records)
     if fraction < 1.0:
         n = max(1, round(fraction * len(records)))
@@ -280,14 +313,7 @@ def check_annotation(ann: Dict[str, Any], hw: Tuple[int, int]) -> None:
 
     seg = ann["segmentation"]
     h, w = hw
-    if [int(v) for v in seg["size"]] != [h, w]:
-        raise AnnotationError(f"mask size {seg['size']} != image size {[h, w]}")
-    runs = rle_run_lengths(seg["counts"])
-    if len(runs) == 0:
-        raise AnnotationError("empty RLE counts")
-    if runs.min() < 0 or int(runs.sum()) != h * w:
-        raise AnnotationError(f"RLE runs add up to {int(runs.sum())} pixels, not {h}x{w}="
-                              f"{h * w}")
+    runs = check_rle(seg, h, w)
     area = int(runs[1::2].sum())
     if area == 0:
         raise AnnotationError("empty mask")
@@ -403,6 +429,7 @@ class SA1BDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: Any) -> Dict[str, Any]:
         epoch, idx = item if isinstance(item, tuple) else (0, int(item))
         skipped: List[str] = []
+        why = ""
         for attempt in range(min(self.max_retries, len(self.records))):
             j = (idx + attempt) % len(self.records)
             rec = self.records[j]
@@ -411,10 +438,15 @@ class SA1BDataset(torch.utils.data.Dataset):
             except Exception as e:  # corrupt jpg/json, unreadable member: count and move on
                 log.warning("skipping %s: %s: %s", rec.name, type(e).__name__, e)
                 skipped.append(rec.name)
+                why = why or f"{type(e).__name__}: {e}"
                 continue
             sample["skipped"] = skipped
             return sample
-        raise RuntimeError(f"{len(skipped)} damaged images in a row from index {idx}: {skipped}")
+        raise DamagedDataError(
+            f"{len(skipped)} images in a row could not be used (from image {idx} of "
+            f"{len(self.records)}), e.g. {', '.join(skipped[:3])}; the first: "
+            f"{' '.join(why.split())[:200]}: the data is damaged or not SA-1B (every image is "
+            f"logged above)")
 
     def load(self, rec: Record, epoch: int, index: int) -> Dict[str, Any]:
         meta = json.loads(rec.json.read().decode("utf-8"))

@@ -10,9 +10,17 @@ row (2 MiB at 1024 px) per image; nothing is loaded whole.
 Layout of ``<dir>``::
 
     index.json                    {"format", "teacher", "teacher_sha256", "img_size", "shape",
-                                   "dtype", "parts": [{"file", "count"}], "keys": [[...], ...]}
+                                   "dtype", "parts": [{"file", "count", "bytes", "sha256"}],
+                                   "keys": [[...], ...]}
     part_00000-of-00008.bin       rank 0's rows, C-contiguous fp16 (count, 256, S/16, S/16)
     part_00000-of-00008.json      rank 0's keys and provenance (lets an interrupted run resume)
+    .verified.json                parts already checked against their sha256 (by inode, size,
+                                  mtime and ctime: a part copied in since is checked again)
+
+The index is not trusted either: a part's ``file`` must be a plain name inside the folder (no
+``../other_cache/...``), and each part's size and sha256 (recorded by its writer) are checked
+before a run uses the cache (``verify_parts``, once per copy of the file), so a part copied
+from another cache is refused instead of training on the wrong embeddings.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from ..utils.files import write_json_atomic
 
 FORMAT = "blsam-teacher-cache/1"
 INDEX = "index.json"
+VERIFIED = ".verified.json"
 DTYPE = np.float16
 EMBED_DIM = 256  # SAM's neck output channels
 _HASHES: Dict[Tuple[str, int, float], str] = {}
@@ -57,6 +66,12 @@ def provenance(teacher: str, sam_checkpoint: str, img_size: int) -> Dict[str, An
     return {"format": FORMAT, "teacher": teacher, "teacher_sha256": file_sha256(sam_checkpoint),
             "img_size": int(img_size), "shape": [EMBED_DIM, img_size // 16, img_size // 16],
             "dtype": "float16"}
+
+
+def _checksum(path: str) -> Dict[str, Any]:
+    """What a part's reader checks: its size and sha256 (one read of the part, by the rank that
+    wrote it: far less than the teacher's forward passes that made it)."""
+    return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
 def _part_name(rank: int, world: int) -> str:
@@ -161,7 +176,8 @@ class PartWriter:
         self.commit()
         self.f.close()
         os.replace(self.partial, self.bin)
-        write_json_atomic({**self.meta, "keys": self.keys}, self.bin[:-4] + ".json")
+        write_json_atomic({**self.meta, "keys": self.keys, **_checksum(self.bin)},
+                          self.bin[:-4] + ".json")
         for f in self._chunk_files():
             os.remove(os.path.join(self.dir, f))
         return self.bin
@@ -232,7 +248,11 @@ def write_index(cache_dir: str, world: int, meta: Dict[str, Any]) -> Dict[str, A
         if dup:
             raise CacheError(f"part {name} repeats keys of an earlier part: {sorted(dup)[:5]}")
         seen.update(part["keys"])
-        parts.append({"file": name + ".bin", "count": len(part["keys"])})
+        path = os.path.join(cache_dir, name + ".bin")
+        check = {k: part[k] for k in ("bytes", "sha256") if k in part}
+        if check.get("bytes") != os.path.getsize(path) or "sha256" not in check:
+            check = _checksum(path)  # a part written before parts carried checksums
+        parts.append({"file": name + ".bin", "count": len(part["keys"]), **check})
         keys.append(part["keys"])
     index = {**meta, "parts": parts, "keys": keys}
     write_json_atomic(index, os.path.join(cache_dir, INDEX))
@@ -252,10 +272,82 @@ def read_index(cache_dir: str) -> Dict[str, Any]:
             index = json.load(f)
         except ValueError as e:
             raise CacheError(f"--teacher-cache {cache_dir!r}: {INDEX} is not JSON ({e})") from e
-    if index.get("format") != FORMAT:
-        raise CacheError(f"--teacher-cache {cache_dir!r}: format {index.get('format')!r}, "
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise CacheError(f"--teacher-cache {cache_dir!r}: format "
+                         f"{index.get('format') if isinstance(index, dict) else None!r}, "
                          f"this code reads {FORMAT!r}")
+    _check_part_entries(cache_dir, index)
     return index
+
+
+def _check_part_entries(cache_dir: str, index: Dict[str, Any]) -> None:
+    """Every part is a plain file name inside ``cache_dir`` with a row count: an index entry
+    ``"file": "../other_cache/part.bin"`` (or a link out of the folder) is refused."""
+    parts, keys = index.get("parts"), index.get("keys")
+    if not isinstance(parts, list) or not isinstance(keys, list) or len(parts) != len(keys):
+        raise CacheError(f"--teacher-cache {cache_dir!r}: {INDEX} needs as many 'parts' as "
+                         f"'keys' lists")
+    root = os.path.realpath(cache_dir)
+    for p in parts:
+        name = p.get("file") if isinstance(p, dict) else None
+        ok = (isinstance(name, str) and name and name == os.path.basename(name)
+              and "\\" not in name and not name.startswith(".")
+              and isinstance(p.get("count"), int) and p["count"] >= 0)
+        if ok:
+            ok = os.path.dirname(os.path.realpath(os.path.join(cache_dir, name))) == root
+        if not ok:
+            raise CacheError(f"--teacher-cache {cache_dir!r}: {INDEX} names a part "
+                             f"{str(p)[:80]} that is not a file of this folder with a row "
+                             f"count: refused (a cache reads only its own parts)")
+
+
+def _stat_key(path: str) -> List[int]:
+    st = os.stat(path)
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def verify_parts(cache_dir: str, index: Optional[Dict[str, Any]] = None) -> int:
+    """Check every part's size and sha256 against the index (``CacheError`` naming the part);
+    returns the bytes hashed. A part whose (inode, size, mtime, ctime) matches a previous
+    successful check (``.verified.json``) is not read again: a 440 GB cache costs its read
+    once, and a part copied or rewritten since has a new ctime and is checked again."""
+    index = index if index is not None else read_index(cache_dir)
+    stamp_path = os.path.join(cache_dir, VERIFIED)
+    try:
+        with open(stamp_path, "r", encoding="utf-8") as f:
+            stamps = json.load(f)
+        stamps = stamps if isinstance(stamps, dict) else {}
+    except (OSError, ValueError):
+        stamps = {}
+    hashed, changed = 0, False
+    for part in index["parts"]:
+        path = os.path.join(cache_dir, part["file"])
+        if "sha256" not in part or "bytes" not in part:
+            raise CacheError(f"--teacher-cache {cache_dir!r} was made before parts carried "
+                             f"checksums: run blsam-cache-teacher again with the same options "
+                             f"and --output (it adds them without encoding anything again)")
+        try:
+            key = _stat_key(path)
+        except OSError as e:
+            raise CacheError(f"teacher cache part {path!r}: {e.strerror or e}") from None
+        if key[1] != part["bytes"]:
+            raise CacheError(f"teacher cache part {path!r} is {key[1]} bytes, the index says "
+                             f"{part['bytes']}: damaged or from another cache")
+        if stamps.get(part["file"]) == [*key, part["sha256"]]:
+            continue
+        sha = file_sha256(path)
+        hashed += key[1]
+        if sha != part["sha256"]:
+            raise CacheError(f"teacher cache part {path!r} has sha256 {sha[:16]}..., the index "
+                             f"says {part['sha256'][:16]}...: a part of another cache, or "
+                             f"damaged; rebuild it with blsam-cache-teacher")
+        stamps[part["file"]], changed = [*key, sha], True
+    if changed:
+        try:
+            write_json_atomic(stamps, stamp_path)
+        except OSError:  # a read-only cache: checked again next time
+            pass
+    return hashed
 
 
 def check_provenance(cache_dir: str, meta: Dict[str, Any]) -> Dict[str, Any]:
@@ -265,6 +357,7 @@ def check_provenance(cache_dir: str, meta: Dict[str, Any]) -> Dict[str, Any]:
     if bad:
         raise CacheError(bad + " (rebuild it with tools/cache_teacher.py, or pass the "
                          "--sam-checkpoint / --img-size it was made with)")
+    verify_parts(cache_dir, index)
     return index
 
 

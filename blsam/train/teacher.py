@@ -17,14 +17,15 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..build_blsam import build_vanilla_sam
-from .packed_cache import CacheError, PackedCache, check_provenance, provenance
+from .packed_cache import CacheError, PackedCache, check_provenance, provenance, verify_parts
 
 __all__ = ["Teacher", "check_cache", "cache_covers", "CacheError"]
 
 
 def check_cache(cache_dir: str, teacher: str, img_size: int,
                 sam_checkpoint: Optional[str] = None) -> None:
-    """Refuse a cache made for another teacher (checkpoint hash), variant or image size.
+    """Refuse a cache made for another teacher (checkpoint hash), variant or image size, or
+    whose parts fail their size / sha256 check (``verify_parts``).
 
     ``sam_checkpoint`` None skips only the hash check (callers that have no file at hand)."""
     if sam_checkpoint is None:
@@ -33,6 +34,7 @@ def check_cache(cache_dir: str, teacher: str, img_size: int,
             raise CacheError(f"--teacher-cache {cache_dir!r} was made with teacher="
                              f"{index.get('teacher')!r}, img_size={index.get('img_size')!r}; "
                              f"this run needs teacher={teacher!r}, img_size={img_size}")
+        verify_parts(cache_dir, index)
         return
     check_provenance(cache_dir, provenance(teacher, sam_checkpoint, img_size))
 
