@@ -11,6 +11,7 @@ from PIL import Image
 import blsam.tools.zero_shot as zero_shot
 from blsam.tools import export_onnx
 from eval_fixtures import make_tiny_dataset
+from test_eval_images import _argv, _write
 
 SIZE = 64  # model input; the photos are PX x PX
 PX = 128
@@ -19,17 +20,6 @@ PX = 128
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
     return make_tiny_dataset(str(tmp_path_factory.mktemp("untrusted")), "coco", num_images=2)
-
-
-def _argv(d, ann_file, ckpt, out, *extra):
-    return ["--model", "tiny_vit", "--checkpoint", ckpt, "--img-size", str(SIZE),
-            "--dataset", "coco", "--ann-file", ann_file, "--img-dir", d["img_dir"],
-            "--output", str(out), "--no-progress", "--no-flops", *extra]
-
-
-def _write(path, obj):
-    path.write_text(json.dumps(obj))
-    return str(path)
 
 
 def _fails(cli, argv, capsys, match):
