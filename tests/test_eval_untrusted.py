@@ -22,6 +22,11 @@ def coco(tmp_path_factory):
     return make_tiny_dataset(str(tmp_path_factory.mktemp("untrusted")), "coco", num_images=2)
 
 
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def _fails(cli, argv, capsys, match):
     assert cli(argv) == 2
     err = capsys.readouterr().err
@@ -47,7 +52,7 @@ BAD = {
 
 
 def _bad_file(coco, tmp_path):
-    ann = json.load(open(coco["ann_file"]))
+    ann = _read(coco["ann_file"])
     for i, fields in BAD.items():
         ann["annotations"][i].update(fields)
     del ann["annotations"][9]["image_id"]  # missing
@@ -81,7 +86,7 @@ def test_every_bad_annotation_refused_or_counted(coco, tiny_sam_ckpt, tmp_path, 
 
 def test_lvis_frequency_refused_at_load_time(tmp_path, tiny_sam_ckpt, capsys, monkeypatch):
     lv = make_tiny_dataset(str(tmp_path / "lvis"), "lvis", num_images=1, with_detections=False)
-    ann = json.load(open(lv["ann_file"]))
+    ann = _read(lv["ann_file"])
     ann["categories"][1]["frequency"] = "x"
     path = _write(tmp_path / "l.json", ann)
     _no_model(monkeypatch)
@@ -92,7 +97,7 @@ def test_lvis_frequency_refused_at_load_time(tmp_path, tiny_sam_ckpt, capsys, mo
 
 def test_huge_images_are_bad_images_not_tracebacks(coco, tiny_sam_ckpt, tmp_path, capsys,
                                                    monkeypatch):
-    ann = json.load(open(coco["ann_file"]))
+    ann = _read(coco["ann_file"])
     ann["images"][1].update(height=20000, width=20000)  # the file claims a 20000^2 image
     ann["annotations"] = [a for a in ann["annotations"]  # its RLEs are of the real size
                           if a["image_id"] != 11 or isinstance(a["segmentation"], list)]

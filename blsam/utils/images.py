@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -51,7 +52,9 @@ def decode_rgb(src: Union[str, "os.PathLike[str]", bytes], exif: str = "ignore"
         raise ValueError(f"exif orientation must be one of {EXIF_MODES}, got {exif!r}")
     fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src)
     try:
-        opened = Image.open(fp)  # reads the header only
+        with warnings.catch_warnings():  # over the limit is refused just below, not warned
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(fp)  # reads the header only
     except Image.DecompressionBombError as e:
         raise ValueError(str(e)) from None
     with opened as im:
