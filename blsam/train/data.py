@@ -62,8 +62,12 @@ def add_data_args(parser: argparse.ArgumentParser, require_data: bool = False
     """The image-selection flags, one definition for tools/train.py and tools/cache_teacher.py:
     the same flags must pick the same images, or the teacher cache misses the training set."""
     g = parser.add_argument_group("data selection")
-    g.add_argument("--data", required=require_data, default=None,
-                   help="folder of sa_*.tar, folder of jpg/json pairs, or one tar")
+    from .sources.spec import add_source_args
+
+    g.add_argument("--data", default=None,
+                   help="sa1b: folder of sa_*.tar, folder of jpg/json pairs, or one tar; "
+                        "images: the folder of images")
+    add_source_args(g)
     g.add_argument("--shards", nargs="+", default=None,
                    help="use only these tar shards (sa_000020 or sa_000020.tar)")
     g.add_argument("--data-fraction", type=float, default=0.02,
@@ -456,16 +460,29 @@ class SA1BDataset(torch.utils.data.Dataset):
         info = meta["image"]
         if (img.shape[0], img.shape[1]) != (int(info["height"]), int(info["width"])):
             raise ValueError(f"jpg is {img.shape[:2]}, json says {info['height']}x{info['width']}")
-        image, (h, w) = (resize_and_pad_uint8 if self.uint8_images else preprocess_image)(
-            img, self.img_size)
-        sample: Dict[str, Any] = {"image": image, "key": rec.key, "hw": (h, w), "teacher": None}
-        if self.teacher_cache:  # packed cache: one memory-mapped row, None if absent
-            sample["teacher"] = packed_cache.lookup(self.teacher_cache, rec.key)
+        sample = self.base_sample(rec.key, img)
         if self.with_targets:
-            sample.update(self.targets(meta["annotations"], img.shape[:2], (h, w), epoch, index))
+            sample.update(self.targets(meta["annotations"], img.shape[:2], sample["hw"], epoch,
+                                       index))
         return sample
 
-    def targets(self, anns: List[Dict[str, Any]], orig_hw: Tuple[int, int],
+    def base_sample(self, key: str, img: np.ndarray) -> Dict[str, Any]:
+        """The image part of a sample (every source's): pixels resized and padded, the
+        resized (h, w), the cached teacher row (one memory-mapped row, None if absent)."""
+        image, hw = (resize_and_pad_uint8 if self.uint8_images else preprocess_image)(
+            img, self.img_size)
+        sample: Dict[str, Any] = {"image": image, "key": key, "hw": hw, "teacher": None}
+        if self.teacher_cache:
+            sample["teacher"] = packed_cache.lookup(self.teacher_cache, key)
+        return sample
+
+    def decode_mask(self, ann: Any, hw: Tuple[int, int]) -> np.ndarray:
+        """One annotation's (h, w) mask, checked against what the file claims (raises
+        ``AnnotationError`` / ``ValueError`` for a bad one); other sources override it."""
+        check_annotation(ann, hw)
+        return decode_rle(ann["segmentation"])
+
+    def targets(self, anns: List[Any], orig_hw: Tuple[int, int],
                 new_hw: Tuple[int, int], epoch: int, index: int) -> Dict[str, Any]:
         """Sample masks, check and decode only those, resize/pad like the image, draw prompts."""
         rng = np.random.default_rng([self.seed, epoch, index])
@@ -476,12 +493,11 @@ class SA1BDataset(torch.utils.data.Dataset):
         for a in order:
             ann = anns[a]
             try:
-                check_annotation(ann, orig_hw)
+                m = self.decode_mask(ann, orig_hw)
             except (AnnotationError, KeyError, TypeError, ValueError) as e:
-                log.debug("bad annotation %s: %s", ann.get("id"), e)
+                log.debug("bad annotation: %s", e)
                 bad += 1
                 continue
-            m = decode_rle(ann["segmentation"])
             if m.sum() > self.max_mask_fraction * m.size:
                 large += 1
                 continue
@@ -552,15 +568,19 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
-    def rank_indices(self, epoch: int) -> List[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
-        else:
-            perm = list(range(self.n))
+    def epoch_order(self, epoch: int) -> List[int]:
+        """The epoch's ``n`` dataset indices before the rank split (a mixture overrides it)."""
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def rank_indices(self, epoch: int, rank: Optional[int] = None) -> List[int]:
+        """This rank's (or ``rank``'s) indices of the epoch."""
+        perm = self.epoch_order(epoch)
         total = self.per_rank * self.world
         perm = (perm * math.ceil(total / self.n))[:total]
-        return perm[self.rank::self.world]
+        return perm[self.rank if rank is None else rank::self.world]
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank; the last one may be short)."""
