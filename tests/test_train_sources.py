@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from blsam.train.sources.mixture import MixtureBatchSampler, allocate
+from blsam.train.sampler import MixtureBatchSampler, allocate
 from blsam.train.tiny_sa1b import write_tiny_sa1b
 from source_fixtures import write_image_folder, write_tiny_coco
 
@@ -126,8 +126,12 @@ def test_mixture_shares_match_weights_ranks_disjoint_and_pure():
     assert [padded[r::3] for r in range(3)] == per_rank
     ranks[1].set_position(0, 5)  # resume in the middle of an epoch
     assert list(ranks[1])[0] == [(0, i) for i in per_rank[1][20:24]]
-    seen = ranks[0].seen(1, 10)
-    assert sum(seen) == 3 * ranks[0].per_rank + 3 * 40
+    manual = [0, 0, 0]
+    for e, limit in ((0, None), (1, 40)):  # one whole epoch, then 10 batches of 4 per rank
+        for r in ranks:
+            for i in r.rank_indices(e)[:limit]:
+                manual[r.member_of(i)] += 1
+    assert ranks[0].seen(1, 10) == manual and sum(manual) == 3 * ranks[0].per_rank + 3 * 40
 
 
 def test_option_mistakes_are_one_line_exit_2(sets, tiny_sam_ckpt, tmp_path, capsys,

@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import tarfile
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +36,7 @@ import torch
 from ..errors import UserError
 from . import packed_cache
 from .prompts import PROMPT_TYPES, choose_prompt, mask_box, noisy_box, sample_points
+from .sampler import EpochBatchSampler  # noqa: F401  (its home before sources had one)
 from ..specs import check_img_size
 from ..utils.images import resize_and_pad_uint8, sam_preprocess
 
@@ -548,45 +548,3 @@ def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     batch["bad_ann"] = sum(s.get("bad_ann", 0) for s in samples)
     batch["large_ann"] = sum(s.get("large_ann", 0) for s in samples)
     return batch
-
-
-class EpochBatchSampler(torch.utils.data.Sampler):
-    """DistributedSampler-style per-rank split that yields batches of ``(epoch, index)``.
-
-    The epoch's permutation depends only on (seed, epoch); it is padded (by wrapping) to a
-    multiple of world_size, so every rank has the same number of batches. ``start_batch``
-    resumes in the middle of an epoch.
-    """
-
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True) -> None:
-        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
-        self.epoch, self.start_batch = 0, 0
-        self.per_rank = math.ceil(n / world_size)
-
-    def set_position(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def epoch_order(self, epoch: int) -> List[int]:
-        """The epoch's ``n`` dataset indices before the rank split (a mixture overrides it)."""
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def rank_indices(self, epoch: int, rank: Optional[int] = None) -> List[int]:
-        """This rank's (or ``rank``'s) indices of the epoch."""
-        perm = self.epoch_order(epoch)
-        total = self.per_rank * self.world
-        perm = (perm * math.ceil(total / self.n))[:total]
-        return perm[self.rank if rank is None else rank::self.world]
-
-    def __len__(self) -> int:
-        """Batches per epoch (the same on every rank; the last one may be short)."""
-        return math.ceil(self.per_rank / self.batch_size)
-
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        idx = self.rank_indices(self.epoch)
-        for b in range(self.start_batch, len(self)):
-            yield [(self.epoch, i) for i in idx[b * self.batch_size:(b + 1) * self.batch_size]]

@@ -26,7 +26,8 @@ from ..specs import TEACHER_OF
 from ..checkpoint import load_strict, read_state_dict, save_atomic
 from ..utils.files import write_json_atomic
 from ..utils import dist as du
-from .data import EpochBatchSampler, SA1BDataset, collate
+from .data import SA1BDataset, collate
+from .sampler import EpochBatchSampler
 from .packed_cache import file_sha256
 from .sources.build import signature_extras, training_data
 from .distill import (METRIC_KEYS, DistillModel, amp_dtype, enable_grad_checkpointing,

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ...utils.cli import OptionError
-from ..data import (DataError, EpochBatchSampler, SA1BDataset, hold_out_val, select_records,
+from ..data import (DataError, SA1BDataset, hold_out_val, select_records,
                     select_val_records)
 from .coco import CocoDataset, index_coco
 from .common import pick_fraction
 from .images import ImageFolderDataset, index_images
-from .mixture import MixtureBatchSampler, MixtureDataset, allocate
+from ..sampler import EpochBatchSampler, MixtureBatchSampler, allocate
+from .mixture import MixtureDataset
 from .spec import SourceSpec, spec_from_args, val_spec_from_args
 
 log = logging.getLogger("blsam.train")
