@@ -57,7 +57,6 @@ class ImageFolderDataset(SA1BDataset):
     def __init__(self, records: List[ImageRecord], img_size: int = 1024, exif: str = "ignore",
                  **kw: Any) -> None:
         kw["with_targets"] = False
-        kw.pop("val", None)  # validation needs masks: refused before this (spec.py)
         super().__init__(records, img_size, **kw)
         self.exif = exif
 

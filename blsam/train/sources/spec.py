@@ -19,7 +19,7 @@ import argparse
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from ...utils.cli import OptionError
 
@@ -210,18 +210,3 @@ def read_mixture(path: str, exif: str = "ignore") -> SourceSpec:
               f"integer >= 1, got {size!r}")
     return SourceSpec("mixture", exif=exif, members=tuple(members), epoch_size=size)
 
-
-def describe(spec: SourceSpec) -> Dict[str, Any]:
-    """The spec as plain values (logs, summary.json)."""
-    if spec.format == "mixture":
-        return {"format": "mixture", "epoch_size": spec.epoch_size,
-                "members": [describe(m) for m in spec.members]}
-    out: Dict[str, Any] = {"format": spec.format}
-    for k in ("name", "data", "ann_file", "img_dir", "shards"):
-        v = getattr(spec, k)
-        if v:
-            out[k] = list(v) if isinstance(v, tuple) else v
-    if spec.name:
-        out["weight"] = spec.weight
-    out["data_fraction"] = spec.fraction
-    return out
