@@ -225,3 +225,57 @@ def test_domain_recipe_init_checkpoint_decoder_only_val_on_coco_json(sets, tiny_
     rc, lines, _ = _cli(_argv(tiny_sam_ckpt, tmp_path / "x", *_source_args(sets, "coco"),
                               "--init-checkpoint", tiny_sam_ckpt), capsys)
     assert rc == 2 and "--init-checkpoint" in lines[0]
+
+
+def test_mixed_batch_supervises_only_its_labelled_images(tiny_sam_ckpt):
+    """An image without masks (a folder image in a mixture) adds no prompt: the supervised
+    loss of [labelled, unlabelled] is the labelled image's alone; the feature loss covers
+    both."""
+    from blsam import blsam_model_registry
+    from blsam.train.data import collate
+    from blsam.train.distill import DistillModel
+    from blsam.train.sources.build import open_source
+    from blsam.train.sources.spec import SourceSpec
+
+    root = os.path.join(os.path.dirname(tiny_sam_ckpt), "mixed")
+    coco = write_tiny_coco(os.path.join(root, "coco"), num_images=1)
+    write_image_folder(os.path.join(root, "imgs"), num_images=1)
+    kw = dict(img_size=64, masks_per_image=3, prompt_types=["box"], seed=0)
+    lab = open_source(SourceSpec("coco", ann_file=coco["ann_file"], img_dir=coco["img_dir"]),
+                      0).dataset(**kw)[(0, 0)]
+    unl = open_source(SourceSpec("images", os.path.join(root, "imgs")), 0).dataset(**kw)[(0, 0)]
+    assert unl.get("masks") is None and lab["masks"].shape[0] == 3
+    sam = blsam_model_registry["tiny_bl"](sam_checkpoint=tiny_sam_ckpt, img_size=64).eval()
+    model = DistillModel(sam, 2.5)
+    both, alone = collate([lab, unl]), collate([lab])
+    with torch.no_grad():
+        teacher = torch.randn(2, 256, 4, 4)
+        out2 = model(both["image"].float(), both, teacher)
+        out1 = model(alone["image"].float(), alone, teacher[:1])
+    assert out2["n_masks"].item() == out1["n_masks"].item() == 3
+    for k in ("loss_mask", "loss_iou", "iou"):
+        torch.testing.assert_close(out2[k], out1[k], rtol=1e-5, atol=1e-6)
+
+
+def test_unreadable_images_are_replaced_and_counted_and_coco_holds_out_val(sets, tmp_path):
+    from blsam.tools.train import parse_args
+    from blsam.train.sources.build import open_source, training_data
+    from blsam.train.sources.spec import SourceSpec
+
+    root = tmp_path / "imgs"
+    paths = write_image_folder(str(root), num_images=3)
+    data = open(paths[0], "rb").read()
+    open(paths[0], "wb").write(data[: len(data) // 2])  # truncated
+    ds = open_source(SourceSpec("images", str(root)), 0).dataset(img_size=64)
+    bad = [r.key for r in ds.records if r.path == paths[0]][0]
+    i = [r.key for r in ds.records].index(bad)
+    s = ds[(0, i)]
+    assert s["skipped"] == [paths[0]] and s["key"] != bad
+    # a coco run without --val-ann-file validates on the file's images outside its subset
+    args = parse_args(_argv("x", tmp_path / "o", *_source_args(sets, "coco"), "--data-fraction",
+                            "0.5", "--val-every", "1", "--val-images", "5"))
+    d = training_data(args, 0, 1, "tiny_vit")
+    train_keys = {r.key for r in d.records}
+    val_keys = {r.key for r in d.val_ds.records}
+    assert len(train_keys) == 2 and len(val_keys) == 2 and not train_keys & val_keys
+    assert d.val_ds.val and d.val_ds.teacher_cache is None
