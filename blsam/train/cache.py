@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import time
@@ -20,10 +21,12 @@ from ..specs import TEACHER_OF, check_img_size
 from ..utils.cli import OptionError, check_option
 from ..utils.collectives import DEFAULT_TIMEOUT_MIN
 from ..utils.dist import default_store, init_distributed
-from .data import SA1BDataset, add_data_args, collate, select_records
+from .data import add_data_args, collate
 from .distill import amp_dtype
 from .packed_cache import (CacheError, PartWriter, finished_part, forget, provenance,
                            read_index, remove_stale_temps, write_index)
+from .sources.build import SA1B_IDENTITY, open_source
+from .sources.spec import spec_from_args
 from .teacher import Teacher
 
 log = logging.getLogger("blsam.train.cache")
@@ -34,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--config", default=None, help="YAML file of option: value defaults")
-    add_data_args(p, require_data=True)
+    add_data_args(p)
     a("--model", default="b_t", choices=sorted(TEACHER_OF), help="student; picks the teacher")
     a("--teacher", default=None, choices=sorted(set(TEACHER_OF.values())),
       help="teacher variant (default: TEACHER_OF[--model])")
@@ -96,18 +99,25 @@ def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
         raise FileNotFoundError(f"--sam-checkpoint {args.sam_checkpoint!r} does not exist")
     info = init_distributed(args.device, timeout_min=args.dist_timeout)
     teacher_name = args.teacher or TEACHER_OF[args.model]
-    records, skipped = select_records(args.data, args.shards, args.data_fraction, args.seed)
-    meta = provenance(teacher_name, args.sam_checkpoint, args.img_size)
+    src = open_source(spec_from_args(args), args.seed)
+    records, skipped = src.records, src.skipped
+    # the source's identity goes into every part and the index: a run reading another source
+    # refuses the cache (sources.build.check_cache_source), a part of another source never
+    # counts as this one's (its assigned digest covers the identity)
+    meta = {**provenance(teacher_name, args.sam_checkpoint, args.img_size),
+            "source": src.identity}
     if os.path.isfile(os.path.join(args.output, "index.json")):
         old = read_index(args.output)
-        diff = [k for k in ("teacher", "teacher_sha256", "img_size") if old.get(k) != meta[k]]
+        old.setdefault("source", SA1B_IDENTITY)
+        diff = [k for k in ("teacher", "teacher_sha256", "img_size", "source")
+                if old.get(k) != meta[k]]
         if diff:
             raise CacheError(f"--output {args.output!r} holds a cache made with "
                              + ", ".join(f"{k}={old.get(k)!r}" for k in diff)
                              + "; choose another folder")
-    metas = [{**meta,
-              "assigned_sha256": _keys_digest([r.key for r in records[k::info.world_size]])}
-             for k in range(info.world_size)]
+    salt = [] if src.identity == SA1B_IDENTITY else [json.dumps(src.identity, sort_keys=True)]
+    metas = [{**meta, "assigned_sha256": _keys_digest(
+        salt + [r.key for r in records[k::info.world_size]])} for k in range(info.world_size)]
     mine = records[info.rank::info.world_size]
     part_meta = metas[info.rank]
     stale = remove_stale_temps(args.output, info.rank, info.world_size)
@@ -120,7 +130,7 @@ def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
             log.info("rank %d: part already complete, skipping its %d images", info.rank,
                      len(mine))
         else:
-            written, read_skipped, resumed = _write_part(args, info, teacher_name, mine,
+            written, read_skipped, resumed = _write_part(args, info, teacher_name, src, mine,
                                                          part_meta)
     except BaseException as e:
         store = default_store()
@@ -142,8 +152,8 @@ def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
-def _write_part(args: argparse.Namespace, info: Any, teacher_name: str, mine: List[Any],
-                part_meta: Dict[str, Any]) -> Tuple[int, int, int]:
+def _write_part(args: argparse.Namespace, info: Any, teacher_name: str, src: Any,
+                mine: List[Any], part_meta: Dict[str, Any]) -> Tuple[int, int, int]:
     """Encode what is left of this rank's part; returns (written, read-skipped, resumed)."""
     writer = PartWriter(args.output, info.rank, info.world_size, part_meta, args.chunk_images)
     written = read_skipped = 0
@@ -154,7 +164,7 @@ def _write_part(args: argparse.Namespace, info: Any, teacher_name: str, mine: Li
                      writer.resumed_rows)
         left = [r for r in mine if r.key not in seen]
         if left:
-            ds = SA1BDataset(left, args.img_size, with_targets=False)
+            ds = src.dataset(left, img_size=args.img_size, with_targets=False)
             teacher = Teacher(teacher_name, args.sam_checkpoint, args.img_size, info.device,
                               amp_dtype(args.amp, info.device), compile=args.teacher_compile)
             loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size,

@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import tarfile
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from ..errors import UserError
 from ..segmentation import AnnotationError, check_rle, rle_run_lengths  # noqa: F401  (D.*)
 from . import packed_cache
 from .prompts import PROMPT_TYPES, choose_prompt, mask_box, noisy_box, sample_points
+from .sampler import EpochBatchSampler  # noqa: F401  (its home before sources had one)
 from ..specs import check_img_size
 from ..utils.images import resize_and_pad_uint8, sam_preprocess
 
@@ -71,8 +71,12 @@ def add_data_args(parser: argparse.ArgumentParser, require_data: bool = False
     """The image-selection flags, one definition for tools/train.py and tools/cache_teacher.py:
     the same flags must pick the same images, or the teacher cache misses the training set."""
     g = parser.add_argument_group("data selection")
-    g.add_argument("--data", required=require_data, default=None,
-                   help="folder of sa_*.tar, folder of jpg/json pairs, or one tar")
+    from .sources.spec import add_source_args
+
+    g.add_argument("--data", default=None,
+                   help="sa1b: folder of sa_*.tar, folder of jpg/json pairs, or one tar; "
+                        "images: the folder of images")
+    add_source_args(g)
     g.add_argument("--shards", nargs="+", default=None,
                    help="use only these tar shards (sa_000020 or sa_000020.tar)")
     g.add_argument("--data-fraction", type=float, default=0.02,
@@ -454,16 +458,29 @@ class SA1BDataset(torch.utils.data.Dataset):
         info = meta["image"]
         if (img.shape[0], img.shape[1]) != (int(info["height"]), int(info["width"])):
             raise ValueError(f"jpg is {img.shape[:2]}, json says {info['height']}x{info['width']}")
-        image, (h, w) = (resize_and_pad_uint8 if self.uint8_images else preprocess_image)(
-            img, self.img_size)
-        sample: Dict[str, Any] = {"image": image, "key": rec.key, "hw": (h, w), "teacher": None}
-        if self.teacher_cache:  # packed cache: one memory-mapped row, None if absent
-            sample["teacher"] = packed_cache.lookup(self.teacher_cache, rec.key)
+        sample = self.base_sample(rec.key, img)
         if self.with_targets:
-            sample.update(self.targets(meta["annotations"], img.shape[:2], (h, w), epoch, index))
+            sample.update(self.targets(meta["annotations"], img.shape[:2], sample["hw"], epoch,
+                                       index))
         return sample
 
-    def targets(self, anns: List[Dict[str, Any]], orig_hw: Tuple[int, int],
+    def base_sample(self, key: str, img: np.ndarray) -> Dict[str, Any]:
+        """The image part of a sample (every source's): pixels resized and padded, the
+        resized (h, w), the cached teacher row (one memory-mapped row, None if absent)."""
+        image, hw = (resize_and_pad_uint8 if self.uint8_images else preprocess_image)(
+            img, self.img_size)
+        sample: Dict[str, Any] = {"image": image, "key": key, "hw": hw, "teacher": None}
+        if self.teacher_cache:
+            sample["teacher"] = packed_cache.lookup(self.teacher_cache, key)
+        return sample
+
+    def decode_mask(self, ann: Any, hw: Tuple[int, int]) -> np.ndarray:
+        """One annotation's (h, w) mask, checked against what the file claims (raises
+        ``AnnotationError`` / ``ValueError`` for a bad one); other sources override it."""
+        check_annotation(ann, hw)
+        return decode_rle(ann["segmentation"])
+
+    def targets(self, anns: List[Any], orig_hw: Tuple[int, int],
                 new_hw: Tuple[int, int], epoch: int, index: int) -> Dict[str, Any]:
         """Sample masks, check and decode only those, resize/pad like the image, draw prompts."""
         rng = np.random.default_rng([self.seed, epoch, index])
@@ -474,12 +491,11 @@ class SA1BDataset(torch.utils.data.Dataset):
         for a in order:
             ann = anns[a]
             try:
-                check_annotation(ann, orig_hw)
+                m = self.decode_mask(ann, orig_hw)
             except (AnnotationError, KeyError, TypeError, ValueError) as e:
-                log.debug("bad annotation %s: %s", ann.get("id"), e)
+                log.debug("bad annotation: %s", e)
                 bad += 1
                 continue
-            m = decode_rle(ann["segmentation"])
             if m.sum() > self.max_mask_fraction * m.size:
                 large += 1
                 continue
@@ -530,41 +546,3 @@ def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     batch["bad_ann"] = sum(s.get("bad_ann", 0) for s in samples)
     batch["large_ann"] = sum(s.get("large_ann", 0) for s in samples)
     return batch
-
-
-class EpochBatchSampler(torch.utils.data.Sampler):
-    """DistributedSampler-style per-rank split that yields batches of ``(epoch, index)``.
-
-    The epoch's permutation depends only on (seed, epoch); it is padded (by wrapping) to a
-    multiple of world_size, so every rank has the same number of batches. ``start_batch``
-    resumes in the middle of an epoch.
-    """
-
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True) -> None:
-        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
-        self.epoch, self.start_batch = 0, 0
-        self.per_rank = math.ceil(n / world_size)
-
-    def set_position(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def rank_indices(self, epoch: int) -> List[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
-        else:
-            perm = list(range(self.n))
-        total = self.per_rank * self.world
-        perm = (perm * math.ceil(total / self.n))[:total]
-        return perm[self.rank::self.world]
-
-    def __len__(self) -> int:
-        """Batches per epoch (the same on every rank; the last one may be short)."""
-        return math.ceil(self.per_rank / self.batch_size)
-
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        idx = self.rank_indices(self.epoch)
-        for b in range(self.start_batch, len(self)):
-            yield [(self.epoch, i) for i in idx[b * self.batch_size:(b + 1) * self.batch_size]]

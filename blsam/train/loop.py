@@ -26,8 +26,10 @@ from ..specs import TEACHER_OF
 from ..checkpoint import load_strict, read_state_dict, save_atomic
 from ..utils.files import write_json_atomic
 from ..utils import dist as du
-from .data import (DataError, EpochBatchSampler, Record, SA1BDataset, collate, hold_out_val,
-                   select_records, select_val_records)
+from .data import SA1BDataset, collate
+from .sampler import EpochBatchSampler
+from .packed_cache import file_sha256
+from .sources.build import signature_extras, training_data
 from .distill import (METRIC_KEYS, DistillModel, amp_dtype, enable_grad_checkpointing,
                     lr_lambda, make_optimizer, set_trainable, state_checksum)
 from .resume import (COUNTERS, check_resume, clean_stale_temp_files, load_resume,
@@ -36,7 +38,7 @@ from .resume import (COUNTERS, check_resume, clean_stale_temp_files, load_resume
 from .cluster import (NonFiniteError, StopSignals, cache_key, check_ranks_agree,
                       first_nonfinite, step_flags)
 from .async_ckpt import AsyncCheckpointWriter
-from .teacher import Teacher, cache_covers, check_cache
+from .teacher import Teacher, cache_covers
 from .timing import PhaseTimer, StepProfiler, window_record
 from .loader import endless_loader, normalize_images, unpack_batch
 from .validation import VAL_KEYS, PromptHead, evaluate
@@ -137,6 +139,9 @@ def setup(args: argparse.Namespace) -> Run:
         sam_checkpoint=args.sam_checkpoint, keep_ratio=args.keep_ratio, img_size=args.img_size)
     head = PromptHead(copy.deepcopy(sam.prompt_encoder), copy.deepcopy(sam.mask_decoder))
     head.to(dev)
+    if getattr(args, "init_checkpoint", None):  # the student only: head and teacher stay SAM
+        load_strict(sam, read_state_dict(args.init_checkpoint, "--init-checkpoint"),
+                    f"--init-checkpoint {args.init_checkpoint!r}")
     parts = set_trainable(sam, args.trainable)
     sam.to(dev).train()
     if args.grad_checkpoint:
@@ -162,60 +167,32 @@ def setup(args: argparse.Namespace) -> Run:
 
 
 def _setup_data(args: argparse.Namespace, info: du.DistInfo, teacher_name: str) -> tuple:
-    selection: Dict[str, Any] = {}
-    records, index_skipped = select_records(args.data, args.shards, args.data_fraction,
-                                            args.seed, info=selection)
-    if args.teacher_cache:
-        check_cache(args.teacher_cache, teacher_name, args.img_size, args.sam_checkpoint)
-    val_records: List[Record] = []
-    if args.val_every or args.val_only:
-        records, val_records = _val_split(args, records, selection)
-    ds = SA1BDataset(records, args.img_size, args.masks_per_image, args.prompt_types,
-                     args.max_points, args.seed, args.teacher_cache,
-                     max_mask_fraction=args.max_mask_fraction, uint8_images=True)
-    sampler = EpochBatchSampler(len(ds), args.batch_size, info.rank, info.world_size, args.seed)
+    """The source (``sources.build``), validation loader, step count and run signature; a
+    checkpoint of another run is refused here, before any model is built."""
+    data = training_data(args, info.rank, info.world_size, teacher_name)
+    src, ds, sampler = data.source, data.ds, data.sampler
     total = total_steps(args, len(sampler))
     val_loader = None
-    if val_records:
-        val_ds = SA1BDataset(val_records[info.rank::info.world_size], args.img_size,
-                             args.val_masks, seed=args.seed, teacher_cache=args.teacher_cache,
-                             max_mask_fraction=args.max_mask_fraction, val=True)
+    if data.val_ds is not None:
         val_loader = torch.utils.data.DataLoader(
-            val_ds, batch_size=args.batch_size, collate_fn=collate, num_workers=0,
-            sampler=[(0, i) for i in range(len(val_ds))])
+            data.val_ds, batch_size=args.batch_size, collate_fn=collate, num_workers=0,
+            sampler=[(0, i) for i in range(len(data.val_ds))])
     if info.is_main:
         log.info("%d images (%d damaged items skipped while indexing), %d batches/epoch/rank, "
-                 "%d steps, world size %d", len(ds), len(index_skipped), len(sampler), total,
+                 "%d steps, world size %d", len(ds), len(src.skipped), len(sampler), total,
                  info.world_size)
-    signature = run_signature(args, info.world_size, total, [r.key for r in records])
+    signature = run_signature(args, info.world_size, total, [r.key for r in data.records])
+    signature.update(signature_extras(src))
+    if args.init_checkpoint:
+        signature["init_checkpoint_sha256"] = file_sha256(args.init_checkpoint)
     resume_path, resume_ck, resume_diffs = None, None, []
     if not args.val_only:  # a checkpoint of another run is refused before any model is built
         resume_path, resume_ck = load_resume(args.resume, args.output_dir)
         if resume_path:
             resume_diffs = check_resume(resume_path, saved_signature(resume_ck), signature,
                                         args.resume_remap)
-    return (records, index_skipped, selection, ds, sampler, total, val_loader, signature,
+    return (data.records, src.skipped, src.selection, ds, sampler, total, val_loader, signature,
             resume_path, resume_ck, resume_diffs)
-
-
-def _val_split(args: argparse.Namespace, records: List[Record], selection: Dict[str, Any]
-               ) -> Tuple[List[Record], List[Record]]:
-    """Held-out validation images: from ``--val-data`` (or the images of ``--data`` outside the
-    training subset); when ``--data`` has none left (a partial download with
-    ``--data-fraction 1``), ``--val-images`` of the selection are held out of training instead
-    (announced, and part of the run signature through the training keys)."""
-    try:
-        return records, select_val_records(args.val_data or args.data, records,
-                                           args.val_images, args.seed)
-    except DataError:
-        if args.val_data or args.val_only:
-            raise
-    train, val = hold_out_val(records, args.val_images, args.seed)
-    selection["val_held_out"] = len(val)
-    log.warning("no image of --data lies outside the training subset: %d of the %d selected "
-                "images are held out of training for validation (pass --val-data to use "
-                "other images)", len(val), len(records))
-    return train, val
 
 
 # ---------------------------------------------------------------- resume
@@ -590,7 +567,7 @@ def finish(run: Run, completed: bool) -> Dict[str, Any]:
     """Final weights and summary.json; checks every rank ended with the same weights."""
     args, info = run.args, run.info
     base = {"steps": run.step, "history": run.history, "val_history": run.val_history,
-            "selection": run.selection}
+            "selection": run.selection, "data_counts": data_counts(run)}
     base["nonfinite_steps"] = run.nonfinite_steps
     if not completed:
         if info.is_main:
@@ -617,6 +594,23 @@ def finish(run: Run, completed: bool) -> Dict[str, Any]:
     if not summary["ranks_in_sync"]:
         raise RuntimeError(f"ranks ended with different weights: {checksums}")
     return summary
+
+
+def data_counts(run: Run) -> Dict[str, Any]:
+    """Items skipped while indexing and (every rank's, as last logged) while reading, bad and
+    too-large annotations; for a mixture, the samples each member gave up to now (logged)."""
+    out: Dict[str, Any] = {"skipped_index": len(run.index_skipped)}
+    if run.history:
+        out.update({k: run.history[-1][k] for k in COUNTERS})
+    seen = getattr(run.sampler, "seen", None)
+    if seen is not None:
+        counts = seen(run.epoch, run.batch_in_epoch)
+        names = [m["name"] for m in run.selection["sources"]]
+        out["samples_by_source"] = dict(zip(names, counts))
+        if run.info.is_main:
+            log.info("mixture: samples seen by source: %s", ", ".join(
+                f"{n} {c} ({100 * c / max(sum(counts), 1):.1f}%)" for n, c in zip(names, counts)))
+    return out
 
 
 def val_only(run: Run) -> Dict[str, Any]:

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute encoder blocks in backward (h_b at batch 8 needs it)")
     g.add_argument("--trainable", default="image_encoder",
                    help="comma list of image_encoder, prompt_encoder, mask_decoder; or 'all'")
+    g.add_argument("--init-checkpoint", default=None,
+                   help="start the student from this trained bLViT-SAM state dict (domain "
+                        "fine-tuning); the teacher stays --sam-checkpoint (recorded: sha256)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=float, default=10)
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps; beats --epochs")
@@ -82,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-data", default=None,
                    help="where held-out images come from (default: --data, minus the "
                         "training subset)")
+    g.add_argument("--val-data-format", default=None, choices=("sa1b", "coco"),
+                   help="format of the held-out images (default: coco with --val-ann-file, "
+                        "else --data-format)")
+    g.add_argument("--val-ann-file", default=None, help="held-out COCO / LVIS instances json")
+    g.add_argument("--val-img-dir", default=None, help="the folder of --val-ann-file's images")
     g.add_argument("--val-only", action="store_true",
                    help="evaluate --checkpoint on the held-out images and exit")
     g.add_argument("--checkpoint", default=None, help="bLViT-SAM checkpoint for --val-only")
@@ -174,11 +182,38 @@ def check_args(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise OptionError(str(e)) from None
     check_sam_checkpoint(args.sam_checkpoint, TEACHER_OF[args.model])
+    check_data_args(args)
     if args.output_dir:  # before data indexing and model build, not after
         try:
             check_output_dir(args.output_dir)
         except OutputDirError as e:
             raise OptionError(str(e)) from None
+
+
+def check_data_args(args: argparse.Namespace) -> None:
+    """The source flags (``sources.spec``), and what an unlabelled source makes meaningless:
+    no --lambda-fd 0 (no loss would be left), no trainable prompt encoder or mask decoder
+    (nothing would train them; weight decay alone would move them)."""
+    from .sources.spec import spec_from_args, val_spec_from_args
+
+    spec = spec_from_args(args)
+    if not spec.labelled:
+        what = f"--data-format {spec.format}" + (" (no member has masks)"
+                                                 if spec.format == "mixture" else "")
+        if args.lambda_fd <= 0:
+            raise OptionError(f"{what} trains by feature distillation only: --lambda-fd "
+                              f"{args.lambda_fd:g} would leave no loss; give --lambda-fd > 0")
+        if parse_trainable(args.trainable) != ["image_encoder"]:
+            raise OptionError(f"{what} has no masks to train the prompt encoder or mask "
+                              f"decoder: --trainable image_encoder")
+    if args.val_every or args.val_only:
+        val_spec_from_args(args)
+    if args.init_checkpoint is not None:
+        if args.val_only:
+            raise OptionError("--init-checkpoint starts training; --val-only evaluates "
+                              "--checkpoint")
+        if not os.path.isfile(args.init_checkpoint):
+            raise OptionError(f"--init-checkpoint {args.init_checkpoint!r}: no such file")
 
 
 def check_sam_checkpoint(path: str, variant: str) -> None:
