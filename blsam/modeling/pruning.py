@@ -94,13 +94,18 @@ def tokens_kept(method: str, keep_ratio: float, grid: Tuple[int, int], ws: int) 
 def select_kept(score_map: torch.Tensor, k: int, ws: int) -> KeptSet:
     """Top-k scored tokens of every window of the padded grid. score_map: (B, H, W), >= 0.
 
-    Pads score -1, so each window's first min(k, real tokens) slots are its real tokens: which
-    slots are real is known from the shapes alone (the meta-device FLOP count needs that)."""
+    Pads score below -1, so each window's first min(k, real tokens) slots are its real tokens:
+    which slots are real is known from the shapes alone (the meta-device FLOP count needs that).
+    A window with fewer than k real tokens keeps its first pad slots (row-major)."""
     b, h, w = score_map.shape
     dev = score_map.device
     counts = window_counts((h, w), ws)
     nw, nww = len(counts), math.ceil(w / ws)
-    slot = _windowed(score_map.detach().float(), ws, -1.0).topk(k, dim=-1).indices  # (B, nW, k)
+    s = _windowed(score_map.detach().float(), ws, -1.0)
+    # pads: -1 - slot / area, so a window short of real tokens keeps its first pad slots
+    pad_score = -1.0 - torch.arange(ws * ws, device=dev, dtype=s.dtype) / (ws * ws)
+    s = torch.where(s < 0, pad_score, s)
+    slot = s.topk(k, dim=-1).indices  # (B, nW, k)
     win = torch.arange(nw, device=dev).view(1, nw, 1)
     pos_h = ((win // nww) * ws + slot // ws).reshape(b, -1)
     pos_w = ((win % nww) * ws + slot % ws).reshape(b, -1)
