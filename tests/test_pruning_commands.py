@@ -66,3 +66,31 @@ def test_eval_on_fixtures(tiny_sam_ckpt, tmp_path):
     saved = json.load(open(res["outputs"]["json"]))
     assert saved["model"] == "tiny_evit" and saved["keep_ratio"] == 0.5
     assert saved["gflops"] > 0 and 0.0 <= res["metrics"]["mIoU"] <= 1.0
+
+
+def test_benchmark_plans_the_baselines():
+    from blsam.tools import benchmark
+
+    specs = benchmark.model_specs(["tiny"], [0.25], baselines=True)
+    assert [s.name for s in specs][-2:] == ["tiny_evit@0.5", "tiny_evovit@0.5"]
+    assert all(s.kind == "pruning" for s in specs[-2:])
+    enc = specs[-1].build(64).image_encoder
+    assert enc.method == "evovit" and enc.keep_ratio == 0.5
+    assert [s.name for s in benchmark.model_specs(["tiny"], [0.25])][-1] == "tiny_bl@0.25"
+
+
+@pytest.mark.slow  # a whole benchmark run (10 s on 2 shared cores)
+def test_benchmark_times_the_baselines(tmp_path):
+    from blsam.tools import benchmark
+
+    args = benchmark.parse_args([
+        "--img-size", "64", "--keep-ratios", "0.5", "--dtypes", "fp32", "--batch-sizes", "1",
+        "--warmup", "0", "--repeats", "1", "--cpu-memory", "skip", "--gemm-rate", "skip",
+        "--devices", "cpu", "--families", "tiny", "--malloc", "default", "--timm", "skip",
+        "--isolation", "shared", "--baselines", "--output-dir", str(tmp_path)])
+    results = {r.model: r for r in benchmark.main(args)}
+    assert {"tiny_evit@0.5", "tiny_evovit@0.5"} <= set(results)
+    for name in ("tiny_evit@0.5", "tiny_evovit@0.5"):
+        r = results[name]
+        assert r.error is None and r.kind == "pruning" and r.ratio_latency_vs_official > 0
+        assert r.gflops_paper_sam < results["tiny_vit"].gflops_paper_sam
