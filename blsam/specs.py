@@ -224,16 +224,36 @@ def layer_table(name: str, img_size: int = 1024, keep_ratio: Optional[float] = N
     return "\n".join(lines)
 
 
+def paper_gflops(name: str, img_size: int = 1024, keep_ratio: Optional[float] = None) -> float:
+    """Paper-convention GFLOPs of registry model ``name`` (computed, never typed)."""
+    from .flops import count_gflops
+    from .testing import sam_with_meta_encoder
+
+    spec = get_spec(name)
+    kwargs = {"img_size": img_size}
+    if spec.has_keep_ratio:
+        kwargs["keep_ratio"] = spec.default_keep_ratio if keep_ratio is None else keep_ratio
+    return count_gflops(sam_with_meta_encoder(name, **kwargs), "paper")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="print the per-layer summary of a model")
     p.add_argument("model", nargs="?", choices=sorted(MODEL_SPECS), help="default: all")
     p.add_argument("--img-size", type=int, default=1024)
     p.add_argument("--keep-ratio", type=float, default=None,
                    help="default: the model's (0.25 bLViT, 0.5 pruning baselines)")
+    p.add_argument("--flops", action="store_true",
+                   help="also count paper-convention GFLOPs (SAM with one point prompt, counted "
+                        "on the meta device)")
     args = p.parse_args(argv)
     try:
         names = [args.model] if args.model else list(MODEL_SPECS)
-        print("\n\n".join(layer_table(n, args.img_size, args.keep_ratio) for n in names))
+        tables = [layer_table(n, args.img_size, args.keep_ratio) for n in names]
+        if args.flops:
+            tables = [t + f"\nGFLOPs (paper convention): "
+                      f"{paper_gflops(n, args.img_size, args.keep_ratio):.1f}"
+                      for t, n in zip(tables, names)]
+        print("\n\n".join(tables))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from segment_anything import SamPredictor
 
 from blsam import CheckpointError, blsam_model_registry, build_vanilla_sam
 from blsam.flops import count_gflops
-from blsam.specs import PRUNING_MODELS, TEACHER_OF, get_spec, layer_table
+from blsam.specs import PRUNING_MODELS, TEACHER_OF, get_spec, layer_table, paper_gflops
 from blsam.testing import randomize_, sam_with_meta_encoder
 
 TINY = ("tiny_evit", "tiny_evovit")
@@ -34,6 +34,7 @@ def test_registry_entries():
         assert spec.test_only == name.startswith("tiny")
     assert "k = 81 of 196" in layer_table("evit_b") and "cut" in layer_table("evit_b")
     assert "k = 98 of 196" in layer_table("evovit_h")
+    assert paper_gflops("tiny_evit", 256) < paper_gflops("tiny_evit", 256, 1.0)
 
 
 @pytest.mark.parametrize("name", TINY)
