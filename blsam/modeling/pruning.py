@@ -31,7 +31,7 @@ from segment_anything.modeling.image_encoder import Block, ImageEncoderViT
 
 from .attention import exporting, rel_pos_bias_at
 from .image_encoder import BLViTImageEncoder, EncoderSpec, RoutingStage
-from .routing import _windowed, check_keep_ratio, window_counts
+from .routing import _windowed, window_counts
 
 METHODS = ("evit", "evovit")
 SCORE_CHUNK = 512  # queries per chunk when scoring a global layer (bounds the softmax memory)
@@ -260,13 +260,7 @@ class PrunedImageEncoder(ImageEncoderViT):
         self.keep_ratio = keep_ratio
         self.last_routing: List[RoutingStage] = []
 
-    @property
-    def keep_ratio(self) -> float:
-        return self._keep_ratio
-
-    @keep_ratio.setter
-    def keep_ratio(self, value: float) -> None:
-        self._keep_ratio = check_keep_ratio(value)
+    keep_ratio = BLViTImageEncoder.keep_ratio  # the same validated knob, changeable at run time
 
     @property
     def skip_padding(self) -> bool:
