@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from segment_anything import SamPredictor
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from blsam import CheckpointError, blsam_model_registry, build_vanilla_sam
 from blsam.flops import count_gflops
 from blsam.specs import PRUNING_MODELS, TEACHER_OF, get_spec, layer_table, paper_gflops
 from blsam.testing import randomize_, sam_with_meta_encoder
+from blsam.train.distill import enable_grad_checkpointing
 
 TINY = ("tiny_evit", "tiny_evovit")
 
@@ -77,12 +78,20 @@ def test_gradient_reaches_every_parameter(name):
     torch.manual_seed(0)  # 8x8 tokens, one window: k = 16 of 64 real tokens
     enc = randomize_(blsam_model_registry[name](img_size=128, keep_ratio=0.25).image_encoder)
     enc.train()
-    feats = enc(torch.randn(1, 3, 128, 128))
+    x = torch.randn(1, 3, 128, 128)
+    feats = enc(x)
     assert enc.last_routing[0].mask.float().mean() < 1
-    (feats * torch.randn_like(feats)).sum().backward()
+    w = torch.randn_like(feats)
+    (feats * w).sum().backward()
+    grads = {}
     for n, p in enc.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
         assert p.grad.abs().sum() > 0, f"zero gradient for {n}"
+        grads[n], p.grad = p.grad, None
+    enable_grad_checkpointing(enc)  # blsam-train --grad-checkpoint: the same gradients
+    (enc(x) * w).sum().backward()
+    for n, p in enc.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
 
 
 def test_predictor_runs(tiny_sam_ckpt, photo):
@@ -94,3 +103,7 @@ def test_predictor_runs(tiny_sam_ckpt, photo):
                                          point_labels=np.array([1]), multimask_output=True)
     assert masks.shape == (3, h, w) and np.isfinite(scores).all()
     assert [s.after_layer for s in sam.image_encoder.last_routing] == [2, 4]
+    gen = SamAutomaticMaskGenerator(sam, points_per_side=2, pred_iou_thresh=0.0,
+                                    stability_score_thresh=0.0)
+    assert all(a["segmentation"].shape == (128, 128) for a in gen.generate(
+        photo[::4, ::4].copy()))

@@ -50,7 +50,8 @@ class EViTImageEncoder(PrunedImageEncoder):
                 stages.append((i + 1, kept))
                 xs = kept_mlp(blk, gather_kept(x, kept))
             else:
-                xs, _ = run_kept_layer(blk, xs, kept, (h, w), score=False)
+                xs, _ = run_kept_layer(blk, xs, kept, (h, w), False,
+                                       self.grad_checkpointing)
         if kept is not None:
             x = scatter_kept(x, xs, kept)
         return self._finish(x, stages)

@@ -59,7 +59,7 @@ class EvoViTImageEncoder(PrunedImageEncoder):
                 stages.append((i, kept))
                 xs = gather_kept(x, kept)
             # scores matter only until the last (re-)selection
-            xs, s = run_kept_layer(blk, xs, kept, (h, w), score=i < sel[-1])
+            xs, s = run_kept_layer(blk, xs, kept, (h, w), i < sel[-1], self.grad_checkpointing)
             if s is not None:
                 scores = score_map_of(s, kept, (h, w), scores, t)
         if kept is not None:

@@ -259,6 +259,7 @@ class PrunedImageEncoder(ImageEncoderViT):
         self.grid = (img_size // spec.patch_size,) * 2
         self.keep_ratio = keep_ratio
         self.last_routing: List[RoutingStage] = []
+        self.grad_checkpointing = False  # set by blsam.train.distill.enable_grad_checkpointing
 
     keep_ratio = BLViTImageEncoder.keep_ratio  # the same validated knob, changeable at run time
 
@@ -294,8 +295,19 @@ class PrunedImageEncoder(ImageEncoderViT):
         return self.neck(x.permute(0, 3, 1, 2))
 
 
-def run_kept_layer(blk: nn.Module, xs: torch.Tensor, kept: KeptSet, grid: Tuple[int, int],
-                   score: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One whole block on the kept tokens; returns the tokens and (optionally) their scores."""
+def _kept_layer(blk: nn.Module, xs: torch.Tensor, kept: KeptSet, grid: Tuple[int, int],
+                score: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     out, s = kept_attention(blk, xs, kept, grid, score)
     return kept_mlp(blk, xs + out), s
+
+
+def run_kept_layer(blk: nn.Module, xs: torch.Tensor, kept: KeptSet, grid: Tuple[int, int],
+                   score: bool, checkpointed: bool = False
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One whole block on the kept tokens; returns the tokens and (optionally) their scores.
+    ``checkpointed`` (training with ``--grad-checkpoint``): recomputed in backward."""
+    if checkpointed and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(_kept_layer, blk, xs, kept, grid, score, use_reentrant=False)
+    return _kept_layer(blk, xs, kept, grid, score)
