@@ -38,11 +38,15 @@ def test_registry_entries():
     assert paper_gflops("tiny_evit", 256) < paper_gflops("tiny_evit", 256, 1.0)
 
 
-@pytest.mark.parametrize("name", TINY)
-def test_keep_all_matches_official_sam(name, tiny_sam_ckpt):
+FULL_WIDTH = [pytest.param(n, marks=pytest.mark.slow) for n in ("evit_b", "evovit_b")]
+
+
+@pytest.mark.parametrize("name", [*TINY, *FULL_WIDTH])
+def test_keep_all_matches_official_sam(name, request):
     """keep ratio 1 keeps every slot: the kept-token path must be SAM's forward."""
-    ref = build_vanilla_sam("tiny_vit", tiny_sam_ckpt, img_size=256).image_encoder
-    enc = blsam_model_registry[name](sam_checkpoint=tiny_sam_ckpt, keep_ratio=1.0,
+    ckpt = request.getfixturevalue("tiny_sam_ckpt" if name in TINY else "sam_vit_b_ckpt")
+    ref = build_vanilla_sam(TEACHER_OF[name], ckpt, img_size=256).image_encoder
+    enc = blsam_model_registry[name](sam_checkpoint=ckpt, keep_ratio=1.0,
                                      img_size=256).image_encoder
     assert list(enc.state_dict()) == list(ref.state_dict())
     x = torch.randn(2, 3, 256, 256)

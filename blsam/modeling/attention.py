@@ -71,7 +71,7 @@ def rel_pos_bias_at(
     nk = k_h.shape[-1]
     ih = k_h.view(b, 1, 1, nk).expand(b, nh, nq, nk)
     iw = k_w.view(b, 1, 1, nk).expand(b, nh, nq, nk)
-    return rel_h.gather(-1, ih) + rel_w.gather(-1, iw)
+    return rel_h.gather(-1, ih).add_(rel_w.gather(-1, iw))  # one (Nq, Nk) buffer fewer
 
 
 def rel_pos_bias(

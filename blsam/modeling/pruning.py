@@ -186,7 +186,7 @@ def kept_attention(blk: Block, xs: torch.Tensor, kept: KeptSet, grid: Tuple[int,
     else:
         q_h, q_w, k_size = kept.pos_h, kept.pos_w, grid
     dim = attn.proj.in_features
-    q, k, v = t.view(t.shape[0], t.shape[1], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = t.view(*t.shape[:2], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
     def bias_fn(lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
         return rel_pos_bias_at(q[:, :, lo:hi], q_h[:, lo:hi], q_w[:, lo:hi], q_h, q_w,
