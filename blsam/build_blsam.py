@@ -33,6 +33,8 @@ from .checkpoint import (
     read_state_dict,
 )
 from .modeling import BLViTImageEncoder
+from .modeling.evit import EViTImageEncoder
+from .modeling.evovit import EvoViTImageEncoder
 from .utils.images import PIXEL_MEAN, PIXEL_STD
 from .specs import (
     DEFAULT_MODEL,
@@ -92,12 +94,16 @@ def check_sam_variant(state_dict: Dict[str, torch.Tensor], variant: str, path: s
         )
 
 
-def _check_build_args(variant: str, want_blvit: bool, keep_ratio: float, img_size: int,
+def _kind(variant: str) -> str:
+    spec = get_spec(variant)
+    return "bLViT" if spec.is_blvit else "token-pruning" if spec.is_pruning else "vanilla SAM"
+
+
+def _check_build_args(variant: str, want: str, keep_ratio: float, img_size: int,
                       skip_padding: bool) -> None:
     """Every argument checked before a block is built (an h_b costs seconds to build)."""
-    if get_spec(variant).is_blvit != want_blvit:
-        kind = "bLViT" if want_blvit else "vanilla SAM"
-        raise ValueError(f"{variant!r} is not a {kind} model")
+    if _kind(variant) != want:
+        raise ValueError(f"{variant!r} is not a {want} model")
     check_keep_ratio(keep_ratio)
     check_img_size(img_size)
     if not isinstance(skip_padding, bool):
@@ -116,7 +122,7 @@ def build_vanilla_sam(
 ) -> Sam:
     """Vanilla SAM; ``fused=True`` swaps in our SDPA encoder (same weights, same names)."""
     # vanilla SAM routes nothing; the arguments are accepted so every builder is interchangeable
-    _check_build_args(variant, False, keep_ratio, img_size, skip_padding)
+    _check_build_args(variant, "vanilla SAM", keep_ratio, img_size, skip_padding)
     if checkpoint is not None and sam_checkpoint is not None:
         raise ValueError("give either checkpoint or sam_checkpoint, not both")
     path = checkpoint if checkpoint is not None else sam_checkpoint
@@ -180,7 +186,7 @@ def build_blsam(
 
     ``skip_padding=True``: padding-aware routing (beyond the paper; see ``BLViTImageEncoder``).
     """
-    _check_build_args(variant, True, keep_ratio, img_size, skip_padding)
+    _check_build_args(variant, "bLViT", keep_ratio, img_size, skip_padding)
     if checkpoint is not None and sam_checkpoint is not None:
         raise ValueError("give either checkpoint (trained bLViT-SAM) or sam_checkpoint, not both")
     spec = get_spec(variant)
@@ -206,9 +212,51 @@ def build_blsam(
     return sam
 
 
+PRUNING_ENCODERS = {"evit": EViTImageEncoder, "evovit": EvoViTImageEncoder}
+
+
+def build_pruned_sam(
+    variant: str,
+    checkpoint: PathLike = None,
+    *,
+    sam_checkpoint: PathLike = None,
+    keep_ratio: Optional[float] = None,
+    img_size: int = 1024,
+    skip_padding: bool = False,
+) -> Sam:
+    """A token-pruning baseline (EViT, Evo-ViT) on SAM; ``keep_ratio`` default 0.5.
+
+    It has exactly SAM's parameters, so both an official SAM checkpoint (``sam_checkpoint``)
+    and a trained one (``checkpoint``) load with strict key checks."""
+    spec = get_spec(variant)
+    keep_ratio = spec.default_keep_ratio if keep_ratio is None else keep_ratio
+    _check_build_args(variant, "token-pruning", keep_ratio, img_size, skip_padding)
+    if skip_padding:
+        raise ValueError(f"{variant}: the pruning baselines have no padding-aware routing")
+    if checkpoint is not None and sam_checkpoint is not None:
+        raise ValueError("give either checkpoint (trained) or sam_checkpoint, not both")
+    path = checkpoint if checkpoint is not None else sam_checkpoint
+    sd = None
+    if path is not None:  # read and checked before building: a wrong file fails in a second
+        what = "SAM checkpoint" if checkpoint is None else f"{variant} checkpoint"
+        sd = read_state_dict(path, what)
+        check_sam_variant(sd, spec.teacher, os.fspath(path))
+    encoder = PRUNING_ENCODERS[spec.pruning.method](spec.encoder, spec.pruning,
+                                                    img_size=img_size, keep_ratio=keep_ratio)
+    sam = _sam_with_encoder(encoder, img_size)
+    if sd is not None:
+        load_strict(sam, adapt_sam_state_dict(sd, sam.state_dict()), f"checkpoint {path!r}")
+    return sam
+
+
+def _builder(spec) -> Callable[..., Sam]:
+    if spec.is_pruning:
+        return build_pruned_sam
+    return build_blsam if spec.is_blvit else build_vanilla_sam
+
+
 blsam_model_registry: Dict[str, Callable[..., Sam]] = {
-    name: partial(build_blsam if spec.is_blvit else build_vanilla_sam, name)
-    for name, spec in MODEL_SPECS.items()
+    name: partial(_builder(spec), name) for name, spec in MODEL_SPECS.items()
 }
 blsam_model_registry["default"] = blsam_model_registry[DEFAULT_MODEL]
 
@@ -217,17 +265,20 @@ def build_model(
     name: str,
     checkpoint: PathLike = None,
     sam_checkpoint: PathLike = None,
-    keep_ratio: float = 0.25,
+    keep_ratio: Optional[float] = None,
     img_size: int = 1024,
     skip_padding: bool = False,
 ) -> Sam:
     """Registry lookup for scripts with ``--model/--checkpoint/--sam-checkpoint`` flags.
 
     For vanilla SAM an official checkpoint may come through either flag (it is the same file).
+    ``keep_ratio`` None: the model's default (0.25 bLViT, 0.5 pruning baselines).
     """
     if name not in blsam_model_registry:
         raise KeyError(f"unknown model {name!r}; choose from {sorted(blsam_model_registry)}")
-    if not get_spec(name).is_blvit:
+    if keep_ratio is None:
+        keep_ratio = get_spec(name).default_keep_ratio
+    if get_spec(name).teacher is None:
         if checkpoint is not None and sam_checkpoint is not None:
             raise ValueError("vanilla SAM takes one checkpoint: give --checkpoint only")
         return blsam_model_registry[name](checkpoint if checkpoint is not None else sam_checkpoint,

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .modeling.image_encoder import EncoderSpec
+from .modeling.pruning import PruningSpec, tokens_kept
 from .modeling.routing import check_keep_ratio, tokens_per_window
 
 FULL, BIG_LITTLE, P_ONLY = "full", "big_little", "p_only"
@@ -30,9 +31,22 @@ class ModelSpec:
     checkpoint_file: str = ""  # the official SAM file this variant loads (documentation)
     test_only: bool = False  # tiny architectures for the fast test tier
     family: str = ""  # benchmark family (bLViT models): compared with their teacher
+    # token-pruning baselines (EViT, Evo-ViT): a vanilla SAM ViT whose tokens are pruned; they
+    # have a teacher (trained like bLViT) but no parameters beyond SAM's
+    pruning: Optional[PruningSpec] = None
+    default_keep_ratio: float = 0.25
 
     @property
     def is_blvit(self) -> bool:
+        return self.teacher is not None and self.pruning is None
+
+    @property
+    def is_pruning(self) -> bool:
+        return self.pruning is not None
+
+    @property
+    def has_keep_ratio(self) -> bool:
+        """bLViT and the pruning baselines take ``keep_ratio``; vanilla SAM does not."""
         return self.teacher is not None
 
 
@@ -76,6 +90,28 @@ _TINY_BL = EncoderSpec(  # every layer kind of b_t and h_b, at a width tests aff
     e_dim=32, e_heads=2, name="tiny_bl",
 )
 
+# Token-pruning baselines of paper Table 2 (docs/architecture.md: adaptation to SAM and FLOPs).
+# EViT: one cut inside the first global-attention layer; Evo-ViT: dense up to its first pruned
+# layer, re-selection at the listed layers (ViT-B: DeiT-B's layers 5 and 9; ViT-H: the first
+# layer of each 8-layer stage after the first global-attention layer).
+_PRUNING_BASELINES = tuple(
+    ModelSpec(name, display, enc, teacher=teacher, checkpoint_file=ckpt,
+              pruning=PruningSpec(method, layers), default_keep_ratio=0.5, family=family,
+              test_only=teacher == "tiny_vit")
+    for name, display, enc, teacher, ckpt, method, layers, family in (
+        ("evit_b", "EViT-B @ 0.5", _VIT_B, "vit_b", "sam_vit_b_01ec64.pth", "evit", (2,), "b"),
+        ("evovit_b", "Evo-ViT-B", _VIT_B, "vit_b", "sam_vit_b_01ec64.pth", "evovit", (4, 8),
+         "b"),
+        ("evit_h", "EViT-H @ 0.5", _VIT_H, "vit_h", "sam_vit_h_4b8939.pth", "evit", (7,), "h"),
+        ("evovit_h", "Evo-ViT-H", _VIT_H, "vit_h", "sam_vit_h_4b8939.pth", "evovit",
+         (8, 16, 24), "h"),
+        # tests: window and global layers before, at and after the cut / selections
+        ("tiny_evit", "Tiny EViT (tests)", _TINY_VIT, "tiny_vit", "", "evit", (1,), "tiny"),
+        ("tiny_evovit", "Tiny Evo-ViT (tests)", _TINY_VIT, "tiny_vit", "", "evovit", (2, 4),
+         "tiny"),
+    )
+)
+
 MODEL_SPECS: Dict[str, ModelSpec] = {
     s.name: s
     for s in (
@@ -89,18 +125,22 @@ MODEL_SPECS: Dict[str, ModelSpec] = {
         ModelSpec("tiny_bl", "Tiny bLViT (tests)", _TINY_BL, teacher="tiny_vit", test_only=True,
                   family="tiny"),
         ModelSpec("tiny_vit", "Tiny ViT (tests)", _TINY_VIT, test_only=True),
+        *_PRUNING_BASELINES,
     )
 }
 DEFAULT_MODEL = "h_b"
 
 BLVIT_MODELS: Tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.is_blvit)
-VANILLA_MODELS: Tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if not s.is_blvit)
+PRUNING_MODELS: Tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.is_pruning)
+# models that take keep_ratio (bLViT and the pruning baselines)
+KEEP_RATIO_MODELS: Tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.has_keep_ratio)
+VANILLA_MODELS: Tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.teacher is None)
 TEACHER_OF: Dict[str, str] = {k: s.teacher for k, s in MODEL_SPECS.items() if s.teacher}
 DISPLAY_NAMES: Dict[str, str] = {k: s.display_name for k, s in MODEL_SPECS.items()}
 # (embed_dim, depth) of a vanilla SAM encoder -> its name, to say what a wrong checkpoint holds
 SAM_ENCODER_NAMES: Dict[Tuple[int, int], str] = {
     (s.encoder.embed_dim, s.encoder.depth): s.display_name
-    for s in MODEL_SPECS.values() if not s.is_blvit
+    for s in MODEL_SPECS.values() if s.teacher is None
 }
 # benchmark family -> (vanilla teacher, bLViT student)
 FAMILIES: Dict[str, Tuple[str, str]] = {
@@ -120,11 +160,17 @@ def get_spec(name: str) -> ModelSpec:
     return MODEL_SPECS[name]
 
 
+def default_keep_ratio(name: str) -> float:
+    """The keep ratio a model runs at when none is given (bLViT 0.25, pruning baselines 0.5)."""
+    return get_spec(name).default_keep_ratio
+
+
 def dense_spec(variant: str) -> EncoderSpec:
     """A vanilla SAM ViT as an ``EncoderSpec`` for our fused-attention encoder."""
     spec = get_spec(variant)
-    if spec.is_blvit:
-        raise ValueError(f"{variant!r} is a bLViT model, not a vanilla SAM ViT")
+    if spec.teacher is not None:
+        kind = "token-pruning baseline" if spec.is_pruning else "bLViT model"
+        raise ValueError(f"{variant!r} is a {kind}, not a vanilla SAM ViT")
     e = spec.encoder
     return EncoderSpec(e.embed_dim, e.depth, e.num_heads, e.global_attn_indexes,
                        (FULL,) * e.depth, name=f"{variant}_sdpa")
@@ -137,12 +183,31 @@ def check_img_size(value: int, what: str = "img_size") -> int:
     return value
 
 
-def layer_table(name: str, img_size: int = 1024, keep_ratio: float = 0.25) -> str:
+def _pruning_modes(spec: ModelSpec) -> List[str]:
+    """Per layer of a pruning baseline: what it runs on (the table's mode column)."""
+    pr = spec.pruning
+    out = []
+    for i in range(spec.encoder.depth):
+        if pr.method == "evit":
+            out.append("dense" if i < pr.layers[0] else "cut" if i == pr.layers[0] else "kept")
+        else:
+            out.append("dense" if i < pr.layers[0] else "select" if i in pr.layers else "kept")
+    return out
+
+
+def layer_table(name: str, img_size: int = 1024, keep_ratio: Optional[float] = None) -> str:
     """Per-layer summary: mode, attention, widths, and where predictors score the tokens."""
     spec = get_spec(name)
     e = spec.encoder
+    keep_ratio = spec.default_keep_ratio if keep_ratio is None else keep_ratio
     grid = check_img_size(img_size) // e.patch_size
-    k = tokens_per_window(check_keep_ratio(keep_ratio), (grid, grid), e.window_size)
+    if spec.is_pruning:
+        k = tokens_kept(spec.pruning.method, check_keep_ratio(keep_ratio), (grid, grid),
+                        e.window_size)
+        modes = _pruning_modes(spec)
+    else:
+        k = tokens_per_window(check_keep_ratio(keep_ratio), (grid, grid), e.window_size)
+        modes = list(e.layer_modes)
     lines = [f"{spec.name} ({spec.display_name}): {e.depth} layers, P dim {e.embed_dim} "
              f"({e.num_heads} heads)" + (f", E dim {e.e_dim} ({e.e_heads} heads)" if e.e_dim
                                          else "")
@@ -150,22 +215,45 @@ def layer_table(name: str, img_size: int = 1024, keep_ratio: float = 0.25) -> st
              f"img_size {img_size}: {grid}x{grid} tokens, window {e.window_size}, "
              f"keep_ratio {keep_ratio}: k = {k} of {e.window_size ** 2} per window",
              f"{'layer':>5}  {'mode':<10}  {'attention':<9}  predictor"]
-    for i, mode in enumerate(e.layer_modes):
+    if spec.is_pruning:
+        lines[0] += f", pruning {spec.pruning.method} (kept tokens attend to kept tokens)"
+    for i, mode in enumerate(modes):
         attn = "global" if i in e.global_attn_indexes else "window"
         pred = "scores tokens after" if i in e.predictor_after else ""
         lines.append(f"{i + 1:>5}  {mode:<10}  {attn:<9}  {pred}".rstrip())
     return "\n".join(lines)
 
 
+def paper_gflops(name: str, img_size: int = 1024, keep_ratio: Optional[float] = None) -> float:
+    """Paper-convention GFLOPs of registry model ``name`` (computed, never typed)."""
+    from .flops import count_gflops
+    from .testing import sam_with_meta_encoder
+
+    spec = get_spec(name)
+    kwargs = {"img_size": img_size}
+    if spec.has_keep_ratio:
+        kwargs["keep_ratio"] = spec.default_keep_ratio if keep_ratio is None else keep_ratio
+    return count_gflops(sam_with_meta_encoder(name, **kwargs), "paper")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="print the per-layer summary of a model")
     p.add_argument("model", nargs="?", choices=sorted(MODEL_SPECS), help="default: all")
     p.add_argument("--img-size", type=int, default=1024)
-    p.add_argument("--keep-ratio", type=float, default=0.25)
+    p.add_argument("--keep-ratio", type=float, default=None,
+                   help="default: the model's (0.25 bLViT, 0.5 pruning baselines)")
+    p.add_argument("--flops", action="store_true",
+                   help="also count paper-convention GFLOPs (SAM with one point prompt, counted "
+                        "on the meta device)")
     args = p.parse_args(argv)
     try:
         names = [args.model] if args.model else list(MODEL_SPECS)
-        print("\n\n".join(layer_table(n, args.img_size, args.keep_ratio) for n in names))
+        tables = [layer_table(n, args.img_size, args.keep_ratio) for n in names]
+        if args.flops:
+            tables = [t + f"\nGFLOPs (paper convention): "
+                      f"{paper_gflops(n, args.img_size, args.keep_ratio):.1f}"
+                      for t, n in zip(tables, names)]
+        print("\n\n".join(tables))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

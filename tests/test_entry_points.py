@@ -48,18 +48,20 @@ def test_console_scripts_run(argv, code, text):
 def test_every_model_table_derives_from_the_spec():
     from blsam import blsam_model_registry
     from blsam.checkpoint import SAM_ENCODER_NAMES
-    from blsam.specs import BLVIT_MODELS, DISPLAY_NAMES, FAMILIES, MODEL_SPECS, TEACHER_OF
+    from blsam.specs import (
+        BLVIT_MODELS, DISPLAY_NAMES, FAMILIES, MODEL_SPECS, PRUNING_MODELS, TEACHER_OF)
     from blsam.tools import zero_shot
     from blsam.train.options import build_parser
 
     assert set(blsam_model_registry) == set(MODEL_SPECS) | {"default"}
     assert set(zero_shot.MODELS) == set(MODEL_SPECS) and set(zero_shot.BLVIT) == set(BLVIT_MODELS)
-    assert set(TEACHER_OF) == set(BLVIT_MODELS) and set(DISPLAY_NAMES) == set(MODEL_SPECS)
+    students = set(BLVIT_MODELS) | set(PRUNING_MODELS)  # bLViT and the pruning baselines train
+    assert set(TEACHER_OF) == students and set(DISPLAY_NAMES) == set(MODEL_SPECS)
     assert {s for _, s in FAMILIES.values()} == set(BLVIT_MODELS)
     assert sorted(SAM_ENCODER_NAMES.values()) == sorted(
-        s.display_name for s in MODEL_SPECS.values() if not s.is_blvit)
+        s.display_name for s in MODEL_SPECS.values() if s.teacher is None)
     model_opt = next(a for a in build_parser()._actions if a.dest == "model")
-    assert set(model_opt.choices) == set(BLVIT_MODELS)
+    assert set(model_opt.choices) == students
 
 
 def test_spec_checks_and_layer_table():

@@ -30,6 +30,50 @@ from .routing import select_rows
 Workspace = Optional[Dict[tuple, torch.Tensor]]
 
 
+def _rel_terms(
+    q: torch.Tensor,
+    q_h: torch.Tensor,
+    q_w: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    k_size: Tuple[int, int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, heads, Nq, kh) and (B, heads, Nq, kw): each query's row and column bias terms for
+    every key row / column of the grid."""
+    kh, kw = k_size
+    b, nh, nq, _ = q.shape
+    # Project every query on the whole table once ((2k-1) columns), then pick the k entries
+    # each query needs: cheaper than materialising SAM's (Nq, k, hd) gathered tables.
+    th = torch.matmul(q, rel_pos_h.to(q.dtype).t())  # (B, heads, Nq, 2kh-1)
+    tw = torch.matmul(q, rel_pos_w.to(q.dtype).t())
+    ar_h = torch.arange(kh, device=q.device)
+    ar_w = torch.arange(kw, device=q.device)
+    idx_h = (q_h.unsqueeze(-1) - ar_h + (kh - 1)).unsqueeze(1).expand(b, nh, nq, kh)
+    idx_w = (q_w.unsqueeze(-1) - ar_w + (kw - 1)).unsqueeze(1).expand(b, nh, nq, kw)
+    return th.gather(-1, idx_h), tw.gather(-1, idx_w)
+
+
+def rel_pos_bias_at(
+    q: torch.Tensor,
+    q_h: torch.Tensor,
+    q_w: torch.Tensor,
+    k_h: torch.Tensor,
+    k_w: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    k_size: Tuple[int, int],
+) -> torch.Tensor:
+    """``rel_pos_bias`` for an arbitrary key subset of the grid (token pruning: kept tokens
+    attend to kept tokens only). k_h, k_w: (B, Nk) grid row/column of every key.
+    Returns (B, heads, Nq, Nk)."""
+    rel_h, rel_w = _rel_terms(q, q_h, q_w, rel_pos_h, rel_pos_w, k_size)
+    b, nh, nq, _ = rel_h.shape
+    nk = k_h.shape[-1]
+    ih = k_h.view(b, 1, 1, nk).expand(b, nh, nq, nk)
+    iw = k_w.view(b, 1, 1, nk).expand(b, nh, nq, nk)
+    return rel_h.gather(-1, ih).add_(rel_w.gather(-1, iw))  # one (Nq, Nk) buffer fewer
+
+
 def rel_pos_bias(
     q: torch.Tensor,
     q_h: torch.Tensor,
@@ -54,16 +98,8 @@ def rel_pos_bias(
     """
     kh, kw = k_size
     b, nh, nq, _ = q.shape
-    # Project every query on the whole table once ((2k-1) columns), then pick the k entries
-    # each query needs: cheaper than materialising SAM's (Nq, k, hd) gathered tables.
-    th = torch.matmul(q, rel_pos_h.to(q.dtype).t())  # (B, heads, Nq, 2kh-1)
-    tw = torch.matmul(q, rel_pos_w.to(q.dtype).t())
-    ar_h = torch.arange(kh, device=q.device)
-    ar_w = torch.arange(kw, device=q.device)
-    idx_h = (q_h.unsqueeze(-1) - ar_h + (kh - 1)).unsqueeze(1).expand(b, nh, nq, kh)
-    idx_w = (q_w.unsqueeze(-1) - ar_w + (kw - 1)).unsqueeze(1).expand(b, nh, nq, kw)
-    rel_h = th.gather(-1, idx_h).unsqueeze(-1)
-    rel_w = tw.gather(-1, idx_w).unsqueeze(-2)
+    rel_h, rel_w = _rel_terms(q, q_h, q_w, rel_pos_h, rel_pos_w, k_size)
+    rel_h, rel_w = rel_h.unsqueeze(-1), rel_w.unsqueeze(-2)
     if workspace is None or torch.is_grad_enabled():
         return (rel_h + rel_w).reshape(b, nh, nq, kh * kw)
     key = ("rel_pos_bias", q.dtype, q.device)

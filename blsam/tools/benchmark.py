@@ -42,7 +42,7 @@ import torch
 from blsam import blsam_model_registry
 from blsam.build_blsam import build_vanilla_sam
 from blsam.flops import count_flops
-from blsam.specs import FAMILIES, check_img_size, check_keep_ratio
+from blsam.specs import FAMILIES, MODEL_SPECS, PRUNING_MODELS, check_img_size, check_keep_ratio
 from blsam.utils.cli import check_option, one_line_parse_errors, run_cli
 from blsam.utils.jobs import LocalJob, RemoteJob, WorkerError, serve
 
@@ -52,13 +52,15 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class ModelSpec:
-    """One benchmarked encoder: ``kind`` is official, fused or blsam."""
+    """One benchmarked encoder: ``kind`` is official, fused, blsam or pruning (a token-pruning
+    baseline: ``registry`` names it, e.g. evit_b)."""
 
     name: str
     family: str
     kind: str
     keep_ratio: Optional[float] = None
     backend: str = "eager"  # or "onnxruntime"
+    registry: Optional[str] = None
 
     def build(self, img_size: int) -> torch.nn.Module:
         vanilla, student = FAMILIES[self.family]
@@ -68,6 +70,9 @@ class ModelSpec:
             return build_vanilla_sam(vanilla, img_size=img_size)
         if self.kind == "fused":
             return build_vanilla_sam(vanilla, img_size=img_size, fused=True)
+        if self.kind == "pruning":
+            return blsam_model_registry[self.registry](img_size=img_size,
+                                                       keep_ratio=self.keep_ratio)
         return blsam_model_registry[student](img_size=img_size, keep_ratio=self.keep_ratio)
 
 
@@ -146,7 +151,11 @@ def timm_available() -> bool:
     return True
 
 
-def model_specs(families: Sequence[str], keep_ratios: Sequence[float]) -> List[ModelSpec]:
+def model_specs(families: Sequence[str], keep_ratios: Sequence[float],
+                baselines: bool = False) -> List[ModelSpec]:
+    """Per family: official, fused, the bLViT student at every keep ratio and, with
+    ``baselines``, the family's token-pruning baselines (EViT, Evo-ViT) at their default
+    keep ratio (0.5, the paper's Table 2)."""
     specs = []
     for fam in families:
         vanilla, student = FAMILIES[fam]
@@ -154,6 +163,11 @@ def model_specs(families: Sequence[str], keep_ratios: Sequence[float]) -> List[M
         specs.append(ModelSpec(f"{vanilla}_sdpa", fam, "fused"))
         for r in keep_ratios:
             specs.append(ModelSpec(f"{student}@{r:g}", fam, "blsam", r))
+        for name in (PRUNING_MODELS if baselines else ()):
+            spec = MODEL_SPECS[name]
+            if spec.family == fam:
+                r = spec.default_keep_ratio
+                specs.append(ModelSpec(f"{name}@{r:g}", fam, "pruning", r, registry=name))
     return specs
 
 
@@ -303,7 +317,7 @@ def memory_probe(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     name = args.memory_probe
     keep = [float(name.split("@")[1])] if "@" in name else []
-    specs = {s.name: s for s in model_specs(sorted(FAMILIES), keep)}
+    specs = {s.name: s for s in model_specs(sorted(FAMILIES), keep, baselines=True)}
     enc = specs[name].build(args.img_size).eval().image_encoder
     x = torch.randn(args.batch_sizes[0], 3, args.img_size, args.img_size)
     dtype = DTYPES[args.dtypes[0]]
@@ -877,6 +891,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="b: vit_b vs b_t; h: vit_h vs h_b; tiny: the test pair; the first "
                         "family's student also sets the GEMM replay and --photos rows")
     p.add_argument("--keep-ratios", nargs="+", type=float, default=[0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--baselines", action="store_true",
+                   help="also time each family's token-pruning baselines (EViT, Evo-ViT) at "
+                        "keep 0.5, the paper's Table 2 setting")
     p.add_argument("--devices", nargs="+", default=None,
                    help="default: cuda on a GPU node (CPU rows there would only spend node "
                         "time), else cpu; give both for both")
@@ -1134,7 +1151,8 @@ def start_job(args: argparse.Namespace, job: Dict[str, object], malloc: str):
 def _plan(args: argparse.Namespace, malloc: str, env: Dict[str, object]) -> List[_Entry]:
     """Every configuration to time; rows that will not run say why in ``error``."""
     devices = args.devices or default_devices()
-    specs = [] if args.skip_models else model_specs(args.families, args.keep_ratios)
+    specs = [] if args.skip_models else model_specs(args.families, args.keep_ratios,
+                                                    args.baselines)
     specs += [] if args.skip_models else extra_specs(args)
     native = bool(env.get("native_bf16"))
     entries: List[_Entry] = []

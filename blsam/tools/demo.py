@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from blsam.utils.cli import add_model_args, one_line_parse_errors, run_cli
+from blsam.utils.cli import add_model_args, resolve_keep_ratio, one_line_parse_errors, run_cli
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -39,6 +39,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.checkpoint is None and args.sam_checkpoint is None:
         warnings.warn("no --checkpoint/--sam-checkpoint given: random weights, masks are "
                       "not meaningful (see README for the official SAM checkpoints)")
+    resolve_keep_ratio(args)
     sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
                       args.img_size).to(args.device).eval()
 

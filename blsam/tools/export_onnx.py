@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from blsam.utils.cli import add_model_args, one_line_parse_errors, run_cli
+from blsam.utils.cli import add_model_args, resolve_keep_ratio, one_line_parse_errors, run_cli
 
 DEFAULT_OPSET = 17
 
@@ -142,6 +142,7 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
 
     if args.checkpoint is None and args.sam_checkpoint is None:
         warnings.warn("no --checkpoint/--sam-checkpoint: exporting random weights")
+    resolve_keep_ratio(args)
     sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
                       args.img_size).eval()
     export_encoder(sam, args.output, args.opset, args.fused_attention)

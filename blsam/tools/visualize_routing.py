@@ -12,15 +12,15 @@ import sys
 import os
 from typing import List, Optional
 
-from blsam.specs import BLVIT_MODELS
-from blsam.utils.cli import add_model_args, one_line_parse_errors, run_cli
+from blsam.specs import KEEP_RATIO_MODELS
+from blsam.utils.cli import add_model_args, resolve_keep_ratio, one_line_parse_errors, run_cli
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("image", nargs="?", default=None,
                    help="RGB image file; default: the bundled astronaut photo")
-    add_model_args(p, choices=BLVIT_MODELS)
+    add_model_args(p, choices=KEEP_RATIO_MODELS)
     p.add_argument("--skip-padding", action="store_true",
                    help="padding-aware routing: never route the zero padding SamPredictor "
                         "adds (beyond the paper; default: the paper's per-window top-k)")
@@ -43,6 +43,7 @@ def main(args: argparse.Namespace) -> str:
     if args.checkpoint is None and args.sam_checkpoint is None:
         warnings.warn("no --checkpoint/--sam-checkpoint: random predictors, the routing is "
                       "arbitrary (a trained bLViT-SAM checkpoint shows the learned one)")
+    resolve_keep_ratio(args)
     sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
                       args.img_size, skip_padding=args.skip_padding).to(args.device).eval()
     predictor = SamPredictor(sam)

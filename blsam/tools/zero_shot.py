@@ -40,10 +40,11 @@ from blsam.utils.cli import (
 from blsam.utils.collectives import DEFAULT_TIMEOUT_MIN
 from blsam.utils.images import EXIF_MODES
 from blsam.utils.config import parse_args_with_config
-from blsam.specs import BLVIT_MODELS, MODEL_SPECS, check_keep_ratio
+from blsam.specs import BLVIT_MODELS, KEEP_RATIO_MODELS, MODEL_SPECS, check_keep_ratio
 
 MODELS = tuple(MODEL_SPECS)
 BLVIT = BLVIT_MODELS
+KEEP = KEEP_RATIO_MODELS  # bLViT and the token-pruning baselines
 PROMPT_RE = re.compile(r"point(\d*)|box|detector")
 
 
@@ -142,7 +143,7 @@ def _row_name(args: argparse.Namespace, names: Dict[str, str]) -> str:
     """The paper's model name, flagged when the weights are not the trained ones."""
     name = names.get(args.model, args.model)
     if args.checkpoint is None:
-        name += " (SAM init)" if args.sam_checkpoint and args.model in BLVIT else \
+        name += " (SAM init)" if args.sam_checkpoint and args.model in KEEP else \
             (" (random)" if not args.sam_checkpoint else "")
     return name
 
@@ -245,9 +246,9 @@ def check_args(args: argparse.Namespace) -> List[ProtocolConfig]:
         if not os.path.isfile(args.det_file):
             raise OptionError(f"--det-file {args.det_file!r}: no such file")
     if args.keep_ratios is not None:
-        if args.model not in BLVIT:
+        if args.model not in KEEP:
             raise OptionError(f"--keep-ratios: {args.model} has no token routing "
-                              f"({', '.join(BLVIT)})")
+                              f"({', '.join(KEEP)})")
         for r in args.keep_ratios:
             check_option(check_keep_ratio, r, "--keep-ratios")
         if len(set(args.keep_ratios)) != len(args.keep_ratios):
@@ -468,7 +469,7 @@ def _evaluate(args: argparse.Namespace, protos: Sequence[ProtocolConfig],
         data = load_data(args, protos)
     with fail_together(log_dir):
         sam = build_model(args).to(info.device).eval()
-    blvit = args.model in BLVIT
+    blvit = args.model in KEEP
     keeps: List[Optional[float]] = (list(args.keep_ratios) if args.keep_ratios else
                                     [args.keep_ratio]) if blvit else [None]
     gflops: Dict[Optional[float], Optional[float]] = {}

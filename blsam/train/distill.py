@@ -246,6 +246,7 @@ def enable_grad_checkpointing(encoder: nn.Module) -> None:
     """
     from torch.utils.checkpoint import checkpoint
 
+    encoder.grad_checkpointing = True  # the pruning baselines' kept-token layers read this
     for blk in encoder.blocks:
         inner = blk.forward
 

@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any, Dict
 
-from ..specs import TEACHER_OF, check_img_size, check_keep_ratio
+from ..specs import TEACHER_OF, check_img_size, check_keep_ratio, default_keep_ratio
 from ..utils.cli import OptionError, check_option
 from ..checkpoint import check_not_blsam, read_state_dict
 from .cluster import OutputDirError, StopSignals, check_output_dir, signal_numbers
@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="b_t", choices=sorted(TEACHER_OF))
     g.add_argument("--sam-checkpoint", default=None, help="SAM weights: teacher + P-block init")
     g.add_argument("--img-size", type=int, default=1024)
-    g.add_argument("--keep-ratio", type=float, default=0.25)
+    g.add_argument("--keep-ratio", type=float, default=None,
+                   help="share of tokens kept/routed; default: the model's (0.25 bLViT, 0.5 "
+                        "EViT / Evo-ViT)")
     g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute encoder blocks in backward (h_b at batch 8 needs it)")
     g.add_argument("--trainable", default="image_encoder",
@@ -157,6 +159,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_option(check_img_size, args.img_size, "--img-size")
     need(0 < args.data_fraction <= 1, f"--data-fraction must be in (0, 1], "
          f"got {args.data_fraction}")
+    if args.keep_ratio is None:  # resolved here, so the run signature records the value
+        args.keep_ratio = default_keep_ratio(args.model)
     check_option(check_keep_ratio, args.keep_ratio, "--keep-ratio")
     need(0 < args.max_mask_fraction <= 1,
          f"--max-mask-fraction must be in (0, 1], got {args.max_mask_fraction}")

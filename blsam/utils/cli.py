@@ -31,15 +31,26 @@ def add_model_args(
     p.add_argument("--checkpoint", default=None,
                    help="trained bLViT-SAM state dict (or an official SAM one for vit_*)")
     p.add_argument("--sam-checkpoint", default=None, help="official SAM checkpoint (P-block init)")
-    p.add_argument("--keep-ratio", type=float, default=0.25,
-                   help="bLViT: share of tokens routed to the P-blocks, in (0, 1] (ignored by "
-                        "vit_*)")
+    p.add_argument("--keep-ratio", type=float, default=None,
+                   help="bLViT: share of tokens routed to the P-blocks; EViT / Evo-ViT: share "
+                        "kept; in (0, 1]; default: the model's (0.25 bLViT, 0.5 baselines; "
+                        "ignored by vit_*)")
     p.add_argument("--img-size", type=int, default=1024,
                    help="model input size, a multiple of 16 (position tables are resized)")
     if device:
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="cpu or cuda (under torchrun: this rank's GPU)")
     return p
+
+
+def resolve_keep_ratio(args: argparse.Namespace) -> argparse.Namespace:
+    """``--keep-ratio`` left out: the model's default (0.25 bLViT, 0.5 pruning baselines), set
+    on ``args`` so what is recorded and printed is the value that ran."""
+    from ..specs import MODEL_SPECS
+
+    if getattr(args, "keep_ratio", None) is None and getattr(args, "model", None) in MODEL_SPECS:
+        args.keep_ratio = MODEL_SPECS[args.model].default_keep_ratio
+    return args
 
 
 def check_option(check: Callable[[Any, str], Any], value: Any, flag: str) -> Any:
@@ -55,6 +66,7 @@ def check_model_args(args: argparse.Namespace) -> None:
     """Refuse model options that mean nothing, before anything is built (``OptionError``)."""
     from ..specs import check_img_size, check_keep_ratio
 
+    resolve_keep_ratio(args)
     if getattr(args, "keep_ratio", None) is not None:
         check_option(check_keep_ratio, args.keep_ratio, "--keep-ratio")
     if getattr(args, "img_size", None) is not None:
