@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .modeling.image_encoder import EncoderSpec
@@ -35,6 +35,7 @@ class ModelSpec:
     # have a teacher (trained like bLViT) but no parameters beyond SAM's
     pruning: Optional[PruningSpec] = None
     default_keep_ratio: float = 0.25
+    ablation_of: str = ""  # a Table-3 design step of this full bLViT model (not benchmarked)
 
     @property
     def is_blvit(self) -> bool:
@@ -112,6 +113,35 @@ _PRUNING_BASELINES = tuple(
     )
 )
 
+# Design steps of paper Table 3 on SAM (docs/architecture.md, "Design steps"), one component
+# added at a time on the way to B+T: P-blocks on the routed 25% from layer 2 chosen by the
+# attention tokens receive in layer 1 (early prune), + E-blocks, + learned predictors (routed
+# tokens still attend to routed tokens only), then b_t itself (+ semi-cross attention).
+_ATTN_SCORED = {"scorer": "attention", "p_attention": "self"}
+_ABLATION_STEPS = tuple(
+    ModelSpec(name, display, replace(enc, name=name, **fields), teacher=teacher,
+              checkpoint_file=ckpt, ablation_of=of, test_only=of == "tiny_bl")
+    for name, display, enc, fields, teacher, ckpt, of in (
+        ("b_t_early_prune", "B + T: early prune", _B_T,
+         {"layer_modes": (FULL,) + (P_ONLY,) * 11, "predictor_after": (0,), "e_dim": 0,
+          "e_heads": 0, **_ATTN_SCORED}, "vit_b", "sam_vit_b_01ec64.pth", "b_t"),
+        ("b_t_eblock", "B + T: + E-block", _B_T, {"predictor_after": (0,), **_ATTN_SCORED},
+         "vit_b", "sam_vit_b_01ec64.pth", "b_t"),
+        ("b_t_predictor", "B + T: + predictor", _B_T, {"p_attention": "self"},
+         "vit_b", "sam_vit_b_01ec64.pth", "b_t"),
+        # tests: attention scored after a window and a global layer
+        ("tiny_bl_early_prune", "Tiny early prune (tests)", _TINY_BL,
+         {"layer_modes": (FULL, FULL) + (P_ONLY,) * 4, "predictor_after": (0, 1), "e_dim": 0,
+          "e_heads": 0, **_ATTN_SCORED}, "tiny_vit", "", "tiny_bl"),
+        ("tiny_bl_eblock", "Tiny + E-block (tests)", _TINY_BL,
+         {"predictor_after": (0, 1), **_ATTN_SCORED}, "tiny_vit", "", "tiny_bl"),
+        ("tiny_bl_predictor", "Tiny + predictor (tests)", _TINY_BL, {"p_attention": "self"},
+         "tiny_vit", "", "tiny_bl"),
+    )
+)
+# Table-3 order: each step adds one component; the last is the full model
+ABLATION_ORDER: Tuple[str, ...] = ("b_t_early_prune", "b_t_eblock", "b_t_predictor", "b_t")
+
 MODEL_SPECS: Dict[str, ModelSpec] = {
     s.name: s
     for s in (
@@ -126,6 +156,7 @@ MODEL_SPECS: Dict[str, ModelSpec] = {
                   family="tiny"),
         ModelSpec("tiny_vit", "Tiny ViT (tests)", _TINY_VIT, test_only=True),
         *_PRUNING_BASELINES,
+        *_ABLATION_STEPS,
     )
 }
 DEFAULT_MODEL = "h_b"
@@ -144,10 +175,12 @@ SAM_ENCODER_NAMES: Dict[Tuple[int, int], str] = {
 }
 # benchmark family -> (vanilla teacher, bLViT student)
 FAMILIES: Dict[str, Tuple[str, str]] = {
-    s.family: (s.teacher, s.name) for s in MODEL_SPECS.values() if s.is_blvit
+    s.family: (s.teacher, s.name) for s in MODEL_SPECS.values()
+    if s.is_blvit and not s.ablation_of
 }
 BLVIT_BY_SHAPE: Dict[Tuple[int, int], str] = {
-    (s.encoder.embed_dim, s.encoder.depth): s.name for s in MODEL_SPECS.values() if s.is_blvit
+    (s.encoder.embed_dim, s.encoder.depth): s.name for s in MODEL_SPECS.values()
+    if s.is_blvit and not s.ablation_of
 }
 
 

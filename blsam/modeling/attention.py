@@ -20,12 +20,12 @@ The relative-position bias is built per *query position* and passed to
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .routing import select_rows
+from .routing import Routing, select_rows
 
 Workspace = Optional[Dict[tuple, torch.Tensor]]
 
@@ -416,18 +416,73 @@ class Attention(nn.Module):
             self.scale)
 
     def forward(
-        self, xn: torch.Tensor, window_size: int = 0, workspace: Workspace = None
-    ) -> torch.Tensor:
-        """Self-attention of a normalised (B, H, W, in_dim) map -> (B, H, W, out_dim)."""
+        self, xn: torch.Tensor, window_size: int = 0, workspace: Workspace = None,
+        scores: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Self-attention of a normalised (B, H, W, in_dim) map -> (B, H, W, out_dim).
+
+        ``scores``: also return (B, H, W) fp32 the attention each token receives (mean over
+        heads and real queries, x keys: 1 = uniform), detached (attention-scored routing)."""
         b, h, w, _ = xn.shape
         qkv, grid = self._project_windows(xn, slice(None), window_size)
         q, k, v = self._heads(qkv, 3).unbind(0)
         pos = torch.arange(grid[0] * grid[1], device=xn.device).unsqueeze(0)
-        out = self._attend(q, k, v, pos // grid[1], pos % grid[1], grid, workspace)
-        if window_size > 0:  # back to the image layout, pad slots dropped, before ``proj``
-            out = out.reshape(-1, self.dim).index_select(
-                0, unwindow_rows(b, h, w, window_size, xn.device))
-        return self.proj(out.reshape(b, h, w, self.dim))
+        q_h, q_w = pos // grid[1], pos % grid[1]
+        out = self._attend(q, k, v, q_h, q_w, grid, workspace)
+        back = unwindow_rows(b, h, w, window_size, xn.device) if window_size > 0 else None
+        if back is not None:  # back to the image layout, pad slots dropped, before ``proj``
+            out = out.reshape(-1, self.dim).index_select(0, back)
+        out = self.proj(out.reshape(b, h, w, self.dim))
+        if not scores:
+            return out
+        from .pruning import _received  # (pruning builds on this module)
+
+        with torch.no_grad():
+            weight = None  # window layers: SAM's pad slots are queries, but not counted
+            if back is not None:
+                area = window_size * window_size
+                weight = (window_rows(b, h, w, window_size, xn.device) < b * h * w).view(
+                    -1, area).float()
+
+            def bias_fn(lo: int, hi: int) -> torch.Tensor:
+                return rel_pos_bias(q[:, :, lo:hi], q_h[:, lo:hi], q_w[:, lo:hi],
+                                    self.rel_pos_h, self.rel_pos_w, grid).to(q.dtype)
+
+            s = _received(q.detach(), k.detach(), bias_fn, self.scale, weight).reshape(-1)
+            s = s.index_select(0, back) if back is not None else s
+        return out, s.view(b, h, w)
+
+    def forward_routed(self, xn: torch.Tensor, r: Routing, window_size: int = 0
+                       ) -> torch.Tensor:
+        """Self-attention among the routed tokens only (no semi-cross attention: the Table-3
+        ablation step before it) -> (B, n, out_dim) outputs of the routed slots.
+
+        Window layers: the routed tokens of each window attend to each other; a routed pad
+        slot outside the image is a zero token after norm1, exactly SAM's window padding.
+        Global layers: the routed tokens of the image; pad slots are no keys. A slot that is
+        not routed (padding-aware routing) is no key. So keep ratio 1 is SAM's attention."""
+        b, h, w, c = xn.shape
+        d = self.dim
+        xr = select_rows(xn.reshape(b, h * w, c), r.gather_idx)
+        xr = xr * r.real.unsqueeze(-1).to(xr.dtype)
+        t = self.qkv(xr)  # (B, n, 3*dim): routed slots only
+        if window_size > 0:
+            t = t.reshape(-1, r.k, 3 * d)
+            q_h, q_w, k_size = r.slot // window_size, r.slot % window_size, (window_size,) * 2
+            outside = (r.pos_h >= h) | (r.pos_w >= w)  # SAM's zero pad tokens: keys
+            key_ok = (r.real | outside).reshape(-1, r.k)
+        else:
+            q_h, q_w, k_size = r.pos_h.clamp(max=h - 1), r.pos_w.clamp(max=w - 1), (h, w)
+            key_ok = r.real
+        q, k, v = self._heads(t, 3).unbind(0)
+        bias = rel_pos_bias_at(q, q_h, q_w, q_h, q_w, self.rel_pos_h, self.rel_pos_w, k_size)
+        if not r.all_real:
+            n = key_ok.shape[-1]  # every slot sees itself: no query without a key
+            ok = key_ok[:, None, None, :] | torch.eye(n, dtype=torch.bool, device=xn.device)
+            bias = bias.masked_fill(~ok, float("-inf"))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                             scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, -1, d))
 
     def forward_semi(
         self,

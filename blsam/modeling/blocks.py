@@ -9,7 +9,7 @@ SAM's parameter names (``norm1``, ``attn``, ``norm2``, ``mlp``) at every depth:
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -85,18 +85,22 @@ class BigLittleBlock(nn.Module):
         e_heads: Optional[int] = None,
         e_mlp_ratio: float = 4.0,
         gamma_init: float = 1e-5,
+        p_attention: str = "semi",
+        modulate: bool = True,
     ) -> None:
         super().__init__()
         if mode not in LAYER_MODES:
             raise ValueError(f"unknown layer mode {mode!r}, expected one of {LAYER_MODES}")
         self.mode = mode
         self.window_size = window_size
+        self.p_attention = p_attention  # "semi": routed queries, all keys; "self": routed only
+        self.modulate = modulate and mode != "full"
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         attn_size = (window_size, window_size) if window_size > 0 else input_size
         self.attn = Attention(dim, num_heads, attn_size)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
-        if mode != "full":
+        if self.modulate:
             # alpha scales P outputs by (alpha * s + 1): the predictor's only gradient path
             self.alpha_attn = nn.Parameter(torch.zeros(1))
             self.alpha_mlp = nn.Parameter(torch.zeros(1))
@@ -108,30 +112,45 @@ class BigLittleBlock(nn.Module):
             self.gamma_mlp = nn.Parameter(torch.full((dim,), gamma_init))
 
     def forward(
-        self, x: torch.Tensor, routing: Optional[Routing] = None, workspace: Workspace = None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, routing: Optional[Routing] = None, workspace: Workspace = None,
+        score: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """``score`` (full blocks): also return the (B, H, W) attention each token received,
+        the routing score of ``EncoderSpec.scorer == "attention"``."""
         if self.mode == "full":
-            x = x + self.attn(self.norm1(x), self.window_size, workspace)
-            return x + self.mlp(self.norm2(x))
+            a = self.attn(self.norm1(x), self.window_size, workspace, scores=score)
+            a, received = a if score else (a, None)
+            x = x + a
+            x = x + self.mlp(self.norm2(x))
+            return (x, received) if score else x
+        if score:
+            raise ValueError("only a full block scores tokens by attention")
         if routing is None:
             raise RuntimeError("a routed block needs the routing of a preceding predictor")
         b, h, w, c = x.shape
         r = routing
         s = r.scores.unsqueeze(-1)
 
-        p = self._p_attention(x, r, workspace) * (self.alpha_attn * s + 1)
+        p = self._p_attention(x, r, workspace)
+        if self.modulate:
+            p = p * (self.alpha_attn * s + 1)
         e = self.e_block.attention(x, workspace) if self.mode == "big_little" else None
         xf = self._fuse(x.reshape(b, h * w, c), p, e, r, getattr(self, "gamma_attn", None))
 
-        p = self.mlp(self.norm2(select_rows(xf, r.gather_idx))) * (self.alpha_mlp * s + 1)
+        p = self.mlp(self.norm2(select_rows(xf, r.gather_idx)))
+        if self.modulate:
+            p = p * (self.alpha_mlp * s + 1)
         e = self.e_block.ffn(xf) if self.mode == "big_little" else None
         xf = self._fuse(xf, p, e, r, getattr(self, "gamma_mlp", None))
         return xf.view(b, h, w, c)
 
     def _p_attention(self, x: torch.Tensor, r: Routing, workspace: Workspace) -> torch.Tensor:
-        """Semi-cross attention of the routed tokens -> (B, n_routed, C)."""
+        """Semi-cross (or, ``p_attention="self"``, self-) attention of the routed tokens ->
+        (B, n_routed, C)."""
         xn = self.norm1(x)
         ws = self.window_size
+        if self.p_attention == "self":
+            return self.attn.forward_routed(xn, r, ws)
         if ws > 0:
             q_h, q_w = r.slot // ws, r.slot % ws
         else:  # pad slots (routed only when a window has < k real tokens) are computed, dropped

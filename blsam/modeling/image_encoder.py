@@ -17,6 +17,10 @@ from .predictor import TokenPredictor
 from .routing import Routing, check_keep_ratio, route_tokens, tokens_per_window
 
 
+SCORERS = ("predictor", "attention")
+P_ATTENTIONS = ("semi", "self")
+
+
 class PatchProj(nn.Conv2d):
     """SAM's patch-embedding convolution (kernel = stride, no padding) as one GEMM over the
     flattened 16x16 patches: the same sums, but the CPU convolution kernel runs this shape at
@@ -74,11 +78,28 @@ class EncoderSpec:
     window_size: int = 14
     patch_size: int = 16
     out_chans: int = 256
+    # Table-3 ablation switches (docs/architecture.md, "Design steps"): how tokens are scored
+    # for routing -- "predictor" (learned, paper §3.2) or "attention" (the attention a token
+    # receives in the dense layer before, as pruning baselines score) -- and whom the routed
+    # tokens attend to in P-blocks: "semi" (every token, paper's semi-cross attention) or
+    # "self" (the routed tokens only)
+    scorer: str = "predictor"
+    p_attention: str = "semi"
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if len(self.layer_modes) != self.depth:
             raise ValueError(f"{len(self.layer_modes)} layer modes for depth {self.depth}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.p_attention not in P_ATTENTIONS:
+            raise ValueError(f"p_attention must be one of {P_ATTENTIONS}, got "
+                             f"{self.p_attention!r}")
+        if self.scorer == "attention" and any(
+                self.layer_modes[i] != "full" for i in self.predictor_after):
+            # a routed layer's P-attention (semi or self) has not every token as a query, so
+            # the received attention of the unrouted tokens is undefined there
+            raise ValueError("attention scoring needs dense layers: score after 'full' layers")
         first_routed = next((i for i, m in enumerate(self.layer_modes) if m != "full"), None)
         if first_routed is not None and not any(p < first_routed for p in self.predictor_after):
             raise ValueError("the first routed layer has no predictor before it")
@@ -134,10 +155,13 @@ class BLViTImageEncoder(nn.Module):
                 e_dim=spec.e_dim or None,
                 e_heads=spec.e_heads or None,
                 e_mlp_ratio=spec.e_mlp_ratio,
+                p_attention=spec.p_attention,
+                modulate=spec.scorer == "predictor",
             )
             for i, mode in enumerate(spec.layer_modes)
         )
-        self.predictors = nn.ModuleList(TokenPredictor(c) for _ in spec.predictor_after)
+        self.predictors = nn.ModuleList(
+            TokenPredictor(c) for _ in spec.predictor_after if spec.scorer == "predictor")
         self._predictor_at = {blk: j for j, blk in enumerate(spec.predictor_after)}
         self.neck = nn.Sequential(
             nn.Conv2d(c, spec.out_chans, kernel_size=1, bias=False),
@@ -206,12 +230,16 @@ class BLViTImageEncoder(nn.Module):
         export = exporting()
         # reused attention-bias buffers (eager inference only: out= ops don't export)
         workspace: Optional[dict] = None if export else {}
+        by_attention = self.spec.scorer == "attention"
         for i, blk in enumerate(self.blocks):
-            x = blk(x, routing, workspace)
             j = self._predictor_at.get(i)
+            if j is not None and by_attention:
+                x, scores = blk(x, routing, workspace, score=True)
+            else:
+                x = blk(x, routing, workspace)
+                scores = self.predictors[j](x) if j is not None else None
             if j is not None:
-                routing = route_tokens(self.predictors[j](x), self.keep_ratio, self.window_size,
-                                       content)
+                routing = route_tokens(scores, self.keep_ratio, self.window_size, content)
                 stages.append(routing)
         feats = self.neck(x.permute(0, 3, 1, 2))
         if export:
