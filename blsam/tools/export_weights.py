@@ -6,7 +6,7 @@ registry name, keep ratio and image size in its metadata (``blsam.weights``).
 The checkpoint is loaded into the model first (strict key and shape checks), so a file that
 would not load is refused here, not by whoever downloads it. The result loads with
 ``blsam_model_registry["b_t"](checkpoint="blsam_b_t.safetensors")`` or, from a folder or the
-Hub, ``blsam.hub.BLViTSam.from_pretrained`` (docs/sharing.md).
+Hub, ``blsam.hub.BLViTSam.from_pretrained`` (README, "Weights to share").
 """
 from __future__ import annotations
 
