@@ -15,7 +15,7 @@ import sys
 from typing import List, Optional
 
 from blsam.utils.cli import (HelpFormatter, OptionError, add_model_args, check_model_args,
-                             one_line_parse_errors, run_cli)
+                             one_line_parse_errors, require_extra, run_cli)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -33,6 +33,8 @@ def main(args: argparse.Namespace) -> str:
     from blsam.weights import save_weights
 
     check_model_args(args)
+    if args.hub_folder:
+        require_extra("hub")
     if args.checkpoint is None and args.sam_checkpoint is None:
         raise OptionError("give --checkpoint (or --sam-checkpoint): there is nothing to export")
     if not args.hub_folder and not args.output.endswith(".safetensors"):
