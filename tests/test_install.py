@@ -78,11 +78,15 @@ def test_wheel_with_core_dependencies_only(core_venv, tmp_path):
             assert proc.stderr.count("\n") == 1, (name, proc.stderr)
             assert f'pip install "blsam[{extra}]"' in proc.stderr, (name, proc.stderr)
     where = _run([py, "-c", "import blsam, sys; from blsam.utils.config import resolve_config; "
+                  "from segment_anything import sam_model_registry as r; "
+                  "assert 'b_t' in blsam.add_to_sam_registry() and 'h_b' in r; "
                   "print(blsam.__file__); print(resolve_config('distill_b_t')); "
                   "print(resolve_config('configs/eval_lvis_all.yaml'))"], tmp_path, env)
     assert where.returncode == 0, where.stderr
     pkg, cfg, cfg2 = where.stdout.split()
     assert not pkg.startswith(ROOT) and os.path.isfile(cfg) and os.path.isfile(cfg2)
     assert cfg.startswith(os.path.dirname(pkg)), cfg
+    hub = _run([py, "-c", "import blsam.hub"], tmp_path, env)
+    assert 'pip install "blsam[hub]"' in hub.stderr, hub.stderr
     snippet = _run([py, "-c", readme_snippet()], tmp_path, env)
     assert snippet.returncode == 0, snippet.stderr
