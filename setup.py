@@ -1,9 +1,12 @@
+import os
+
 from setuptools import find_packages, setup
 
-_TRAIN = ["pyyaml", "tqdm", "tensorboard", "scikit-image", "opencv-python-headless", "pillow"]
-_EVAL = ["pyyaml", "tqdm", "pycocotools", "lvis", "opencv-python-headless", "matplotlib",
-         "scikit-image", "pillow"]
-_BENCH = ["matplotlib", "onnx", "onnxruntime", "scikit-image", "opencv-python-headless"]
+# one table of extras and console scripts, shared with blsam.utils.cli (read without importing
+# blsam: that would import torch)
+_META: dict = {}
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "blsam", "extras.py")) as f:
+    exec(f.read(), _META)
 
 setup(
     name="blsam",
@@ -13,28 +16,14 @@ setup(
     # torch 2.14 (the pinned, tested version) supports Python >= 3.10
     python_requires=">=3.10",
     packages=find_packages(include=["blsam", "blsam.*"]),
+    # training and evaluation configs, found by name (--config distill_b_t) from a wheel
+    package_data={"blsam": ["configs/*.yaml", "configs/*/*.yaml"]},
     # the encoder alone: build, load checkpoints, run in SamPredictor
-    install_requires=["torch>=2.1", "torchvision", "segment-anything", "numpy"],
-    extras_require={
-        "train": _TRAIN,
-        "eval": _EVAL,
-        "bench": _BENCH,
-        "all": sorted(set(_TRAIN + _EVAL + _BENCH)),
-        "dev": sorted(set(_TRAIN + _EVAL + _BENCH + ["pytest", "ruff"])),
-    },
+    # safetensors: the shared-weights format (small, no dependencies of its own), so a published
+    # .safetensors loads with a plain install
+    install_requires=["torch>=2.1", "torchvision", "segment-anything", "numpy", "safetensors"],
+    extras_require=_META["extras_require"](),
     entry_points={
-        "console_scripts": [
-            "blsam-train=blsam.tools.train:cli",
-            "blsam-eval=blsam.tools.zero_shot:cli",
-            "blsam-cache-teacher=blsam.tools.cache_teacher:cli",
-            "blsam-routing=blsam.tools.visualize_routing:cli",
-            "blsam-demo=blsam.tools.demo:cli",
-            "blsam-make-tiny-sa1b=blsam.tools.make_tiny_sa1b:cli",
-            "blsam-estimate-train-memory=blsam.tools.estimate_train_memory:cli",
-            "blsam-benchmark=blsam.tools.benchmark:cli",
-            "blsam-export-onnx=blsam.tools.export_onnx:cli",
-            "blsam-benchmark-train=blsam.tools.benchmark_train:cli",
-            "blsam-specs=blsam.specs:main",
-        ],
+        "console_scripts": [f"{name}={entry}" for name, (entry, _) in _META["SCRIPTS"].items()],
     },
 )

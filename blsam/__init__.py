@@ -2,10 +2,12 @@
 from .build_blsam import blsam_model_registry, build_blsam, build_model, build_vanilla_sam
 from .checkpoint import CheckpointError
 from .modeling import BLViTImageEncoder
+from .sam_registry import add_to_sam_registry
 from .specs import MODEL_SPECS, TEACHER_OF, ModelSpec, dense_spec, get_spec
 
 __all__ = [
     "TEACHER_OF",
+    "add_to_sam_registry",
     "blsam_model_registry",
     "build_blsam",
     "build_model",

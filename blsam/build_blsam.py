@@ -35,6 +35,7 @@ from .checkpoint import (
 from .modeling import BLViTImageEncoder
 from .modeling.evit import EViTImageEncoder
 from .modeling.evovit import EvoViTImageEncoder
+from .weights import check_metadata
 from .utils.images import PIXEL_MEAN, PIXEL_STD
 from .specs import (
     DEFAULT_MODEL,
@@ -128,6 +129,7 @@ def build_vanilla_sam(
     path = checkpoint if checkpoint is not None else sam_checkpoint
     sd = None
     if path is not None:  # read and checked before building: a wrong file fails in a second
+        check_metadata(path, variant, None)  # an official SAM: positions resize
         sd = read_state_dict(path, "SAM checkpoint")
         check_sam_variant(sd, variant, os.fspath(path))
     enc = get_spec(variant).encoder
@@ -192,9 +194,11 @@ def build_blsam(
     spec = get_spec(variant)
     sd = None  # read and checked before building: a wrong file fails in a second
     if sam_checkpoint is not None:
+        check_metadata(sam_checkpoint, spec.teacher, None)
         sd = read_state_dict(sam_checkpoint, "SAM checkpoint")
         check_sam_variant(sd, spec.teacher, os.fspath(sam_checkpoint))
     elif checkpoint is not None:
+        check_metadata(checkpoint, variant, img_size)
         sd = read_state_dict(checkpoint, "bLViT-SAM checkpoint")
         if describe_sam_encoder(sd) and not any(".e_block." in k for k in sd):
             raise CheckpointError(

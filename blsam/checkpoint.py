@@ -27,19 +27,21 @@ def read_state_dict(path: str | os.PathLike, what: str = "checkpoint",
                     mmap: bool = False, finite: Optional[bool] = None) -> StateDict:
     """Read a state dict safely; unwrap training checkpoints (``{"model": ...}``) and DDP
     prefixes. ``mmap``: memory-map the file (reading only the keys of a 2.5 GB ViT-H file
-    costs nothing); legacy non-zip files are read whole. ``finite`` (default: unless
-    ``mmap``): refuse a NaN / inf weight, which would evaluate or export to garbage silently
-    (mIoU 0.0 in a table) as training resume already refuses it."""
+    costs nothing); legacy non-zip files are read whole. A ``.safetensors`` file (told by its
+    content) is read through the ``safetensors`` package (``blsam.weights``). ``finite``
+    (default: unless ``mmap``): refuse a NaN / inf weight, which would evaluate or export to
+    garbage silently (mIoU 0.0 in a table) as training resume already refuses it."""
     import zipfile
+
+    from .weights import is_safetensors, read_safetensors
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        obj = safe_load(path, mmap=mmap and zipfile.is_zipfile(path))
-    except Exception as e:  # pickle errors, truncated zip, non-tensor payloads
-        raise CheckpointError(f"could not read {what} {path!r}: {load_error_text(path, e)}"
-                              ) from e
+    if is_safetensors(path):
+        obj: object = read_safetensors(path, what)[0]
+    else:
+        obj = _read_torch(path, what, mmap and zipfile.is_zipfile(path))
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -82,6 +84,14 @@ def first_nonfinite(state: Mapping[str, Any], parts: Sequence[str] = ("model", "
     return named[min(bad)][0] if bad else None
 
 
+def _read_torch(path: str, what: str, mmap: bool) -> object:
+    try:
+        return safe_load(path, mmap=mmap)
+    except Exception as e:  # pickle errors, truncated zip, non-tensor payloads
+        raise CheckpointError(f"could not read {what} {path!r}: {load_error_text(path, e)}"
+                              ) from e
+
+
 def safe_load(path: str, mmap: bool = False) -> object:
     """``torch.load(weights_only=True)`` on CPU, without torch's warning that asks users to
     "file an issue" when a file was pickled with another protocol (a wrong file, not a bug)."""
@@ -121,6 +131,19 @@ def blsam_variant_of(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
         return None
     found = describe_sam_encoder(state_dict)
     return BLVIT_BY_SHAPE.get(found, "bLViT") if found else "bLViT"
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """'blsam' (a trained bLViT-SAM: E-blocks or predictors) or 'sam' (an official SAM
+    checkpoint), told by the file's keys (memory-mapped: cheap even for ViT-H). Why: SAM's
+    scripts have one ``--checkpoint`` flag for both (``blsam.add_to_sam_registry``)."""
+    sd = read_state_dict(path, "checkpoint", mmap=True)
+    if blsam_variant_of(sd) is not None:
+        return "blsam"
+    if describe_sam_encoder(sd) is not None:
+        return "sam"
+    raise CheckpointError(f"{os.fspath(path)!r} is neither a SAM nor a bLViT-SAM checkpoint: "
+                          f"no 'image_encoder.patch_embed.proj.weight' key")
 
 
 def check_not_blsam(state_dict: Mapping[str, torch.Tensor], path: str,

@@ -1385,7 +1385,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
             raise SystemExit(serve(json.loads(args.serve), functools.partial(make_job, args)))
         memory_probe(args) if args.memory_probe else main(args)
 
-    return run_cli(body)
+    return run_cli(body, extra="bench", argv=argv)
 
 
 if __name__ == "__main__":

@@ -319,7 +319,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
             raise OptionError(str(e)) from None
         main(args)
 
-    return run_cli(body)
+    return run_cli(body, extra="train", argv=argv)
 
 
 if __name__ == "__main__":

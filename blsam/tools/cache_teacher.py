@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> None:
 def cli(argv: Optional[List[str]] = None) -> int:
     """``blsam-cache-teacher``: a user error (data, cache, checkpoint, option) is one
     ``error:`` line and exit 2."""
-    return run_cli(lambda: main(parse_args(argv)))
+    return run_cli(lambda: main(parse_args(argv)), extra="train", argv=argv)
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
 
 def cli(argv: Optional[List[str]] = None) -> int:
     """``blsam-export-onnx``: a user error is one ``error:`` line and exit 2."""
-    return run_cli(lambda: main(parse_args(argv)))
+    return run_cli(lambda: main(parse_args(argv)), extra="onnx", argv=argv)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
                   "since the last save", file=sys.stderr)
             return EXIT_INTERRUPTED
 
-    return run_cli(body)
+    return run_cli(body, extra="train", argv=argv)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> str:
 
 def cli(argv: Optional[List[str]] = None) -> int:
     """``blsam-visualize-routing``: a user error is one ``error:`` line and exit 2."""
-    return run_cli(lambda: main(parse_args(argv)))
+    return run_cli(lambda: main(parse_args(argv)), extra="demo", argv=argv)
 
 
 if __name__ == "__main__":

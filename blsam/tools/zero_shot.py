@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from blsam.evaluation.runner import POINT_MODES, ProtocolConfig
+from blsam.evaluation.protocol import POINT_MODES, ProtocolConfig
 from blsam.utils.cli import (
     one_line_parse_errors,
     run_cli,
@@ -509,7 +509,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
     """``blsam-eval``: bad input ends with one ``error:`` line (exit 2), not a traceback."""
     from blsam.utils.dist import RankError
 
-    return run_cli(lambda: main(parse_args(argv)), (RankError,))
+    return run_cli(lambda: main(parse_args(argv)), (RankError,), extra="eval", argv=argv)
 
 
 if __name__ == "__main__":

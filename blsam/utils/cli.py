@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Type
 
 from ..errors import UserError
+from ..extras import EXTRAS
 
 
 class OptionError(UserError):
@@ -98,16 +99,59 @@ def one_line_parse_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
+class MissingExtraError(UserError):
+    """A command run without the optional dependencies it needs (``blsam.extras``)."""
+
+
+def missing_modules(extra: str) -> List[str]:
+    """The modules of ``extra`` (``blsam.extras.EXTRAS``) that cannot be imported here."""
+    import importlib.util
+
+    return sorted(m for m in set(EXTRAS[extra].values()) if importlib.util.find_spec(m) is None)
+
+
+def extra_message(extra: str, missing: Sequence[str]) -> str:
+    """The one line that names the extra to install."""
+    return (f"this command needs the optional dependencies of blsam[{extra}] (missing: "
+            f"{', '.join(missing)}): pip install \"blsam[{extra}]\"")
+
+
+def require_extra(extra: str) -> None:
+    """Raise ``MissingExtraError`` (one line naming the extra) if ``extra`` is not installed."""
+    missing = missing_modules(extra)
+    if missing:
+        raise MissingExtraError(extra_message(extra, missing))
+
+
+def _wants_help(argv: Optional[Sequence[str]]) -> bool:
+    args = sys.argv[1:] if argv is None else argv
+    return any(a in ("-h", "--help") for a in args)
+
+
 def run_cli(body: Callable[[], object],
-            extra_errors: Tuple[Type[BaseException], ...] = ()) -> int:
+            extra_errors: Tuple[Type[BaseException], ...] = (), extra: Optional[str] = None,
+            argv: Optional[Sequence[str]] = None) -> int:
     """Run a tool's ``main``: ``UserError`` (and ``FileNotFoundError``, ``extra_errors``)
     become one ``error:`` line and exit 2; ``--help`` / argparse errors keep their codes.
+
+    ``extra``: the optional dependencies the tool needs (``blsam.extras``). Without them the
+    tool stops before any work with one line naming the extra, exit 2; ``--help`` (in ``argv``,
+    default ``sys.argv``) still prints the help, as it needs only the core dependencies (a
+    module of the extra imported anyway gives the same one line).
 
     An error already printed (``e.printed``, e.g. by the failing rank of a torchrun job) is not
     printed again; ``e.all_ranks`` waits for every rank before exiting (torchrun kills the
     others when one exits)."""
     try:
+        if extra is not None and not _wants_help(argv):
+            require_extra(extra)
         code = body()
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if extra is None or top not in EXTRAS[extra].values():
+            raise
+        sys.stderr.write(f"error: {extra_message(extra, [top])}\n")
+        return EXIT_USAGE
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
     except (UserError, FileNotFoundError) + tuple(extra_errors) as e:

@@ -2,6 +2,9 @@
 
 Every config key is an argparse option of the script, so anything in a config can be overridden
 on the command line, and a key the script does not know is an error instead of a silent no-op.
+``--config`` takes a file, or the name of a config shipped in the package (``blsam/configs``:
+``distill_b_t``, ``distill_b_t.yaml`` or ``configs/distill_b_t.yaml``, as the README writes it),
+so the documented commands work from a wheel outside the source tree.
 """
 from __future__ import annotations
 
@@ -9,20 +12,50 @@ import argparse
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-import yaml
-
 from ..errors import UserError
+
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "configs")
 
 
 class ConfigError(UserError):
     """A config file that cannot be used (unreadable, not a mapping, unknown keys)."""
 
 
+def packaged_configs() -> List[str]:
+    """Names of the shipped configs (``distill_b_t``, ``sub/name``), sorted."""
+    names = []
+    for folder, _, files in os.walk(PACKAGED_CONFIGS):
+        rel = os.path.relpath(folder, PACKAGED_CONFIGS)
+        for f in files:
+            if f.endswith(".yaml"):
+                name = f[:-len(".yaml")]
+                names.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
+    return sorted(names)
+
+
+def resolve_config(name: str | os.PathLike) -> str:
+    """An existing file as given; else the packaged config of that name (``.yaml`` and a
+    leading ``configs/`` optional); else ``ConfigError`` listing the packaged names."""
+    path = os.fspath(name)
+    if os.path.isfile(path):
+        return path
+    rel = path.replace(os.sep, "/")
+    rel = rel[len("configs/"):] if rel.startswith("configs/") else rel
+    rel = rel if rel.endswith(".yaml") else rel + ".yaml"
+    candidate = os.path.normpath(os.path.join(PACKAGED_CONFIGS, rel))
+    if not os.path.isabs(rel) and ".." not in rel.split("/") and os.path.isfile(candidate):
+        return candidate
+    raise ConfigError(f"config {path!r} does not exist (neither a file nor a packaged config); "
+                      f"packaged: {', '.join(packaged_configs()) or '(none)'}")
+
+
 def load_yaml_config(path: str | os.PathLike) -> Dict[str, Any]:
-    """Read a flat YAML mapping; keys may use ``-`` or ``_``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
+    """Read a flat YAML mapping (a file or a packaged config name); keys may use ``-`` or
+    ``_``."""
+    import yaml  # the train / eval extras: only needed when a config is given
+
+    path = resolve_config(path)
     try:
         with open(path, "r", encoding="utf-8") as f:
             data = yaml.safe_load(f)
