@@ -242,6 +242,8 @@ WRAPPER = """
 import os, sys
 sys.argv = [a.replace("@RANK@", os.environ["RANK"]) for a in sys.argv]
 sys.path.insert(0, {root!r})
+if os.environ.get("BLSAM_TEST_HOOK"):  # a test's fault injection (test_train_rank_failures)
+    exec(open(os.environ["BLSAM_TEST_HOOK"]).read())
 from blsam.tools.train import cli
 sys.exit(cli(sys.argv[1:]))
 """

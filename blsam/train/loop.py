@@ -36,6 +36,7 @@ from .resume import (COUNTERS, check_resume, clean_stale_temp_files, load_resume
 from .cluster import (NonFiniteError, StopSignals, cache_key, check_ranks_agree,
                       first_nonfinite, step_flags)
 from .async_ckpt import AsyncCheckpointWriter
+from .failures import LocalFailures, check_boundary, raise_agreed
 from .teacher import Teacher, cache_covers, check_cache
 from .timing import PhaseTimer, StepProfiler, window_record
 from .loader import endless_loader, normalize_images, unpack_batch
@@ -86,6 +87,7 @@ class Run:
     last_good: Optional[str] = None  # the newest checkpoint known finite (written or resumed)
     signals: Optional[StopSignals] = None  # set by options.train: preemption requests
     preempted: Optional[str] = None  # the signal the run stopped for
+    failures: LocalFailures = field(default_factory=LocalFailures)  # rank-local work's errors
 
     @property
     def dev(self) -> torch.device:
@@ -301,6 +303,7 @@ class MetricsLog:
         self.writer = None
         self.train_f = self.val_f = None
         self.bar = None
+        self.failures = run.failures  # a failed write stops every rank at the next step
         args = run.args
         if not run.info.is_main:
             return
@@ -320,6 +323,10 @@ class MetricsLog:
         f = self.train_f if split == "train" else self.val_f
         if f is None:
             return
+        with self.failures.guard(f"writing {split} metrics"):
+            self._write(f, split, rec, keys)
+
+    def _write(self, f: Any, split: str, rec: Dict[str, Any], keys: Tuple[str, ...]) -> None:
         f.write(json.dumps(rec) + "\n")
         f.flush()
         if self.writer is not None:
@@ -393,8 +400,9 @@ def batch_stream(ds: SA1BDataset, sampler: EpochBatchSampler, num_workers: int, 
 def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
     """``accum_steps`` micro-batches, one optimizer update; returns the LR it used."""
     args, dev, timer = run.args, run.dev, run.timer
-    if run.ckpt_writer is not None:
-        run.ckpt_writer.check()  # a failed background write ends the run now, not at the next save
+    if run.ckpt_writer is not None:  # a failed background write ends every rank at this step
+        with run.failures.guard("background checkpoint write"):
+            run.ckpt_writer.check()
     loss_bad = torch.zeros((), dtype=torch.bool, device=dev)
     for micro in range(args.accum_steps):
         epoch, b, batch = next(stream)
@@ -432,9 +440,11 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
     grad_bad = (torch.zeros((), dtype=torch.bool, device=dev) if run.scaler
                 else ~torch.isfinite(norm))
     # every rank takes the same decision: one 3-value all-reduce, one host sync per step
-    bad_loss, bad_grad, stop = step_flags(
+    bad_loss, bad_grad, stop, failed = step_flags(
         loss_bad, grad_bad, run.signals is not None and run.signals.requested is not None,
-        run.info.distributed)
+        run.info.distributed, run.failures.failed)
+    if failed:  # some rank's rank-local work failed: every rank raises its message now
+        raise_agreed(run.failures, run.info.distributed)
     skip = bad_loss or bad_grad
     if not skip:
         if args.clip_grad > 0:
@@ -551,10 +561,14 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
     try:
         done = _steps(run, mlog, stream, win, timer, prof)
     except BaseException:
-        prof.stop()
-        run.ckpt_writer.wait()  # a failed background write is raised here
+        with run.failures.guard("profiler trace export"):
+            prof.stop()
+        with run.failures.guard("background checkpoint write"):
+            run.ckpt_writer.wait()  # logged here: the error being raised ends the run
         raise
-    prof.stop()
+    with run.failures.guard("profiler trace export"):
+        prof.stop()
+    check_boundary(run.failures, run.info.distributed, run.dev)  # after the last step
     # the last background write, before finish()'s collective: the others wait for it outside
     # any collective
     with du.main_writes("the last checkpoint", write_timeout(args)):
@@ -567,7 +581,8 @@ def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: LogInterval, timer
     args = run.args
     while run.step < run.total:
         lr = train_step(run, stream, win)
-        prof.step()
+        with run.failures.guard("profiler trace export"):
+            prof.step()
         step = run.step
         if step % args.log_every == 0 or step == run.total:
             log_window(run, win, mlog, lr)
