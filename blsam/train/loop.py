@@ -28,8 +28,9 @@ from ..utils.files import write_json_atomic
 from ..utils import dist as du
 from .data import (DataError, EpochBatchSampler, Record, SA1BDataset, collate, hold_out_val,
                    select_records, select_val_records)
-from .distill import (METRIC_KEYS, DistillModel, amp_dtype, enable_grad_checkpointing,
-                    lr_lambda, make_optimizer, set_trainable, state_checksum)
+from .distill import (METRIC_KEYS, DistillModel, enable_grad_checkpointing, lr_lambda,
+                      make_optimizer, set_trainable, state_checksum)
+from .precision import amp_dtype
 from .resume import (COUNTERS, check_resume, clean_stale_temp_files, load_resume,
                      remap_position, restore_counters, rng_state, run_signature,
                      save_training_checkpoint, saved_signature, set_rng_state, truncate_jsonl)
@@ -436,9 +437,9 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
     params = [p for p in run.sam.parameters() if p.grad is not None]
     norm = (torch.nn.utils.get_total_norm([p.grad for p in params]) if params
             else torch.zeros((), device=dev))
-    # fp16: an inf gradient is GradScaler's calibration (it skips that step itself), not a fault
-    grad_bad = (torch.zeros((), dtype=torch.bool, device=dev) if run.scaler
-                else ~torch.isfinite(norm))
+    # fp16: GradScaler skips a step with an inf/NaN gradient and lowers its scale; the guard
+    # counts that skip too, so a persistent NaN stops the run (exit 3) as it does in bf16
+    grad_bad = ~torch.isfinite(norm)
     # every rank takes the same decision: one 3-value all-reduce, one host sync per step
     bad_loss, bad_grad, stop, failed = step_flags(
         loss_bad, grad_bad, run.signals is not None and run.signals.requested is not None,
@@ -457,7 +458,8 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
     run.sched.step()  # the schedule and data position move on: a skip changes nothing else
     run.step += 1
     if skip:
-        _nonfinite(run, "loss" if bad_loss else "gradient norm")
+        _nonfinite(run, "loss" if bad_loss else "gradient norm" + (
+            f" (fp16 loss scale now {run.scaler.get_scale():g})" if run.scaler else ""))
     else:
         run.nonfinite_run = 0
     if stop and run.preempted is None:
@@ -496,6 +498,7 @@ def checkpoint_state(run: Run, counters: Dict[str, List[int]]) -> Dict[str, Any]
         "skipped_read": sum(counters["skipped_read"]),
         "rng": rng_state(), "config": dict(vars(run.args)), "run": run.signature,
         "nonfinite_steps": run.nonfinite_steps,
+        "amp_dtype": str(run.dtype or torch.float32).replace("torch.", ""),  # what auto chose
     }
 
 
@@ -620,7 +623,8 @@ def finish(run: Run, completed: bool) -> Dict[str, Any]:
                "teacher_images_computed": run.teacher.images_computed,
                "teacher_built": run.teacher.encoder is not None, "run": run.signature,
                "dist_timeout_min": getattr(args, "dist_timeout", None),
-               "write_timeout_min": write_timeout(args)}
+               "write_timeout_min": write_timeout(args),
+               "amp_dtype": str(run.dtype or torch.float32).replace("torch.", "")}
     # rank 0 writes, the others wait outside any collective (no barrier: the write may outlast
     # --dist-timeout); every rank returns once final.pth and summary.json are on disk
     with du.main_writes("final.pth and summary.json", write_timeout(args)) as main:
