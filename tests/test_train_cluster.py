@@ -242,6 +242,8 @@ WRAPPER = """
 import os, sys
 sys.argv = [a.replace("@RANK@", os.environ["RANK"]) for a in sys.argv]
 sys.path.insert(0, {root!r})
+if os.environ.get("BLSAM_TEST_HOOK"):  # a test's fault injection (test_train_rank_failures)
+    exec(open(os.environ["BLSAM_TEST_HOOK"]).read())
 from blsam.tools.train import cli
 sys.exit(cli(sys.argv[1:]))
 """
@@ -399,14 +401,56 @@ def test_process_group_gets_the_timeout(monkeypatch):
 
 
 def test_amp_auto_falls_back_to_fp16_without_bf16(monkeypatch):
-    from blsam.train.distill import amp_dtype
+    """The device's capability is faked (not the function deciding): a V100 (7.0) or T4 (7.5)
+    gets fp16 + GradScaler (was bf16: is_bf16_supported counts emulation), Ampere+ bf16."""
+    from blsam.train.precision import amp_dtype
 
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert amp_dtype("auto", cuda) == torch.float16  # was bf16 on any GPU (V100, T4: emulated)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert amp_dtype("auto", cuda) == torch.bfloat16
-    assert amp_dtype("auto", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.version, "hip", None)
+    for cap, want in (((7, 0), torch.float16), ((7, 5), torch.float16),
+                      ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda d=None, c=cap: type("P", (), {"major": c[0], "minor": c[1]}))
+        assert amp_dtype("auto", cuda) == want, cap
+    assert amp_dtype("fp16", cuda) == torch.float16 and amp_dtype("none", cuda) is None
+    cpu = torch.device("cpu")  # the CPU's ISA decides: bf16 with AVX512-BF16 or AMX
+    for amx, avx, want in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                           (False, False, None)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v)
+        assert amp_dtype("auto", cpu) == want, (amx, avx)
+
+
+def test_fp16_persistent_nan_gradient_stops_like_bf16(data, tiny_sam_ckpt, tmp_path, capsys,
+                                                      monkeypatch):
+    """--amp fp16: a gradient that is always NaN (the loss finite) was only GradScaler's
+    calibration (the scale shrank forever, never counted, never stopped); now each skip is
+    counted and --max-nonfinite-steps in a row end the run (exit 3)."""
+    from blsam.train.distill import DistillModel
+
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.shape = x.shape
+            return x.sum() * 0
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.full(ctx.shape, float("nan"), dtype=g.dtype, device=g.device)
+
+    orig = DistillModel.forward
+
+    def forward(self, *a, **k):
+        out = orig(self, *a, **k)
+        p = next(q for q in self.sam.image_encoder.parameters() if q.requires_grad)
+        return dict(out, loss=out["loss"] + NanGrad.apply(p))
+
+    monkeypatch.setattr(DistillModel, "forward", forward)
+    rc, errors, cap = _cli(_argv(data / "a", tiny_sam_ckpt, tmp_path / "run", "--max-steps",
+                                 "6", "--amp", "fp16", "--max-nonfinite-steps", "3"), capsys)
+    assert rc == 3 and len(errors) == 1, cap.err[-3000:]
+    assert "step 3: 3 consecutive steps with a non-finite gradient norm" in errors[0], errors
 
 
 def test_rng_state_is_this_processes_device_only(monkeypatch):

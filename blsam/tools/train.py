@@ -10,7 +10,10 @@ A user error (bad option, data, teacher cache, checkpoint, resume, output folder
 disagree) is one ``error:`` line on stderr and exit code 2, never a traceback. Exit codes:
 0 done (or --stop-after), 2 user error, 3 too many non-finite steps (one line naming the step
 and the newest good checkpoint), 75 stopped by SIGTERM/SIGUSR1/SIGINT with a checkpoint
-written (rerun with --resume auto), 130 a second Ctrl-C (no checkpoint).
+written (rerun with --resume auto), 130 a second Ctrl-C (no checkpoint), 1 a failure of one
+rank's own work (a checkpoint write, metrics.jsonl, the profiler trace) that every rank learnt
+at the same step boundary (one line naming the rank), or a crash (traceback). The process
+group is destroyed only after an exit every rank agreed on (blsam.train.failures).
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import os
 import sys
 from typing import List, Optional
 
+from blsam.errors import UserError
 from blsam.train.cluster import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError
+from blsam.train.failures import EXIT_FAILED, RankFailure, agreed_exit, end_process_group
 from blsam.train.options import build_parser, train
 from blsam.utils.cli import one_line, one_line_parse_errors, run_cli
 from blsam.utils.config import parse_args_with_config
@@ -36,15 +41,17 @@ def main(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    try:
-        out = train(args)
-        if args.val_only and rank == 0:
-            print(json.dumps(out))
-    finally:
-        from blsam.utils.dist import cleanup
-
-        cleanup()
+    out = train(args)
+    if args.val_only and rank == 0:
+        print(json.dumps(out))
     return EXIT_PREEMPTED if out.get("preempted") else 0
+
+
+def _error(e: BaseException) -> None:
+    if not getattr(e, "printed", False):
+        sys.stderr.write(f"error: {one_line(e)}\n")  # one write: ranks sharing a pipe
+        sys.stderr.flush()
+        e.printed = True  # type: ignore[attr-defined]
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
@@ -52,15 +59,29 @@ def cli(argv: Optional[List[str]] = None) -> int:
     too many non-finite steps exit 3; a second Ctrl-C exits 130 (docs/training.md)."""
 
     def body() -> int:
+        exc: BaseException | None = None
         try:
             return main(parse_args(argv))
         except NonFiniteError as e:
-            print(f"error: {one_line(e)}", file=sys.stderr)
+            exc = e
+            _error(e)
             return EXIT_NONFINITE
-        except KeyboardInterrupt:
+        except RankFailure as e:
+            exc = e
+            _error(e)
+            return EXIT_FAILED
+        except KeyboardInterrupt as e:
+            exc = e
             print("error: interrupted (a second Ctrl-C): no checkpoint written for the steps "
                   "since the last save", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except BaseException as e:
+            exc = e
+            if isinstance(e, (UserError, FileNotFoundError)) and agreed_exit(e):
+                _error(e)  # printed before the others may exit (torchrun stops them)
+            raise
+        finally:  # every rank printed its line: now the agreed ones leave together
+            end_process_group(agreed_exit(exc))
 
     return run_cli(body, extra="train", argv=argv)
 

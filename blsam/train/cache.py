@@ -22,7 +22,7 @@ from ..utils.cli import OptionError, check_option
 from ..utils.collectives import DEFAULT_TIMEOUT_MIN
 from ..utils.dist import default_store, init_distributed
 from .data import add_data_args, collate
-from .distill import amp_dtype
+from .precision import amp_dtype
 from .packed_cache import (CacheError, PartWriter, finished_part, forget, provenance,
                            read_index, remove_stale_temps, write_index)
 from .sources.build import SA1B_IDENTITY, open_source
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=8)
     a("--device", default=None)
     a("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-      help="teacher autocast on GPU (auto: bf16); the CPU always runs fp32")
+      help="teacher autocast on GPU (auto: bf16 where native, compute capability >= "
+           "8.0, else fp16); the CPU always runs fp32")
     a("--teacher-compile", action="store_true", help="torch.compile the teacher encoder")
     a("--chunk-images", type=int, default=256,
       help="rows per resumable chunk of a part: a killed run resumes after its last chunk")

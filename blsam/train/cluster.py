@@ -3,8 +3,9 @@ ranks that agree before the first step, and an output folder checked before anyt
 
 * Non-finite guard: a step whose loss or gradient norm is not finite (on any rank) skips the
   optimizer update on every rank. The ranks agree through ONE small all-reduce per step
-  (``step_flags``), which also carries the "stop now" flag of a preemption signal, so every
-  rank stops at the same step boundary. ``--max-nonfinite-steps`` consecutive skips end the run
+  (``step_flags``), which also carries the "stop now" flag of a preemption signal and the
+  "failed" flag of rank-local work (``blsam.train.failures``), so every rank stops at the same
+  step boundary. ``--max-nonfinite-steps`` consecutive skips end the run
   (``NonFiniteError``, exit code 3). No checkpoint is written with a non-finite tensor and a
   checkpoint holding one is refused on resume (``first_nonfinite``).
 * Preemption: ``StopSignals`` turns SIGTERM / SIGUSR1 (``--preempt-signals``) and SIGINT into a
@@ -77,16 +78,18 @@ def check_output_dir(path: str, what: str = "--output-dir") -> None:
 # ---------------------------------------------------------------- non-finite values
 
 
-def step_flags(loss_bad: torch.Tensor, grad_bad: torch.Tensor, stop: bool, distributed: bool
-               ) -> Tuple[bool, bool, bool]:
+def step_flags(loss_bad: torch.Tensor, grad_bad: torch.Tensor, stop: bool, distributed: bool,
+               failed: bool = False) -> Tuple[bool, bool, bool, bool]:
     """(loss non-finite on some rank, grad norm non-finite on some rank, some rank asked to
-    stop): one 3-element MAX all-reduce and one host sync per step."""
+    stop, some rank's rank-local work failed): one 4-element MAX all-reduce and one host sync
+    per step."""
     flags = torch.stack([loss_bad.float().reshape(()), grad_bad.float().reshape(()),
-                         torch.tensor(float(stop), device=loss_bad.device)])
+                         torch.tensor(float(stop), device=loss_bad.device),
+                         torch.tensor(float(failed), device=loss_bad.device)])
     if distributed:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    a, b, c = flags.tolist()
-    return a > 0, b > 0, c > 0
+    a, b, c, d = flags.tolist()
+    return a > 0, b > 0, c > 0, d > 0
 
 
 # ---------------------------------------------------------------- signals

@@ -291,14 +291,6 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    if amp == "auto":  # bf16 where the GPU has it (Ampere+), else fp16 (with GradScaler)
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
 def state_checksum(state: Dict[str, torch.Tensor]) -> str:
     """sha256 over a state dict's tensors in key order (bitwise identity across ranks)."""
     h = hashlib.sha256()

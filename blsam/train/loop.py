@@ -30,14 +30,16 @@ from .data import SA1BDataset, collate
 from .sampler import EpochBatchSampler
 from .packed_cache import file_sha256
 from .sources.build import signature_extras, training_data
-from .distill import (METRIC_KEYS, DistillModel, amp_dtype, enable_grad_checkpointing,
-                    lr_lambda, make_optimizer, set_trainable, state_checksum)
+from .distill import (METRIC_KEYS, DistillModel, enable_grad_checkpointing,
+                      lr_lambda, make_optimizer, set_trainable, state_checksum)
+from .precision import amp_dtype
 from .resume import (COUNTERS, check_resume, clean_stale_temp_files, load_resume,
                      remap_position, restore_counters, rng_state, run_signature,
                      save_training_checkpoint, saved_signature, set_rng_state, truncate_jsonl)
 from .cluster import (NonFiniteError, StopSignals, cache_key, check_ranks_agree,
                       first_nonfinite, step_flags)
 from .async_ckpt import AsyncCheckpointWriter
+from .failures import LocalFailures, check_boundary, raise_agreed
 from .teacher import Teacher, cache_covers
 from .timing import PhaseTimer, StepProfiler, window_record
 from .loader import endless_loader, normalize_images, unpack_batch
@@ -88,6 +90,7 @@ class Run:
     last_good: Optional[str] = None  # the newest checkpoint known finite (written or resumed)
     signals: Optional[StopSignals] = None  # set by options.train: preemption requests
     preempted: Optional[str] = None  # the signal the run stopped for
+    failures: LocalFailures = field(default_factory=LocalFailures)  # rank-local work's errors
 
     @property
     def dev(self) -> torch.device:
@@ -278,6 +281,7 @@ class MetricsLog:
         self.writer = None
         self.train_f = self.val_f = None
         self.bar = None
+        self.failures = run.failures  # a failed write stops every rank at the next step
         args = run.args
         if not run.info.is_main:
             return
@@ -297,6 +301,10 @@ class MetricsLog:
         f = self.train_f if split == "train" else self.val_f
         if f is None:
             return
+        with self.failures.guard(f"writing {split} metrics"):
+            self._write(f, split, rec, keys)
+
+    def _write(self, f: Any, split: str, rec: Dict[str, Any], keys: Tuple[str, ...]) -> None:
         f.write(json.dumps(rec) + "\n")
         f.flush()
         if self.writer is not None:
@@ -370,8 +378,9 @@ def batch_stream(ds: SA1BDataset, sampler: EpochBatchSampler, num_workers: int, 
 def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
     """``accum_steps`` micro-batches, one optimizer update; returns the LR it used."""
     args, dev, timer = run.args, run.dev, run.timer
-    if run.ckpt_writer is not None:
-        run.ckpt_writer.check()  # a failed background write ends the run now, not at the next save
+    if run.ckpt_writer is not None:  # a failed background write ends every rank at this step
+        with run.failures.guard("background checkpoint write"):
+            run.ckpt_writer.check()
     loss_bad = torch.zeros((), dtype=torch.bool, device=dev)
     for micro in range(args.accum_steps):
         epoch, b, batch = next(stream)
@@ -405,13 +414,15 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
     params = [p for p in run.sam.parameters() if p.grad is not None]
     norm = (torch.nn.utils.get_total_norm([p.grad for p in params]) if params
             else torch.zeros((), device=dev))
-    # fp16: an inf gradient is GradScaler's calibration (it skips that step itself), not a fault
-    grad_bad = (torch.zeros((), dtype=torch.bool, device=dev) if run.scaler
-                else ~torch.isfinite(norm))
+    # fp16: GradScaler skips a step with an inf/NaN gradient and lowers its scale; the guard
+    # counts that skip too, so a persistent NaN stops the run (exit 3) as it does in bf16
+    grad_bad = ~torch.isfinite(norm)
     # every rank takes the same decision: one 3-value all-reduce, one host sync per step
-    bad_loss, bad_grad, stop = step_flags(
+    bad_loss, bad_grad, stop, failed = step_flags(
         loss_bad, grad_bad, run.signals is not None and run.signals.requested is not None,
-        run.info.distributed)
+        run.info.distributed, run.failures.failed)
+    if failed:  # some rank's rank-local work failed: every rank raises its message now
+        raise_agreed(run.failures, run.info.distributed)
     skip = bad_loss or bad_grad
     if not skip:
         if args.clip_grad > 0:
@@ -424,7 +435,8 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
     run.sched.step()  # the schedule and data position move on: a skip changes nothing else
     run.step += 1
     if skip:
-        _nonfinite(run, "loss" if bad_loss else "gradient norm")
+        _nonfinite(run, "loss" if bad_loss else "gradient norm" + (
+            f" (fp16 loss scale now {run.scaler.get_scale():g})" if run.scaler else ""))
     else:
         run.nonfinite_run = 0
     if stop and run.preempted is None:
@@ -463,6 +475,7 @@ def checkpoint_state(run: Run, counters: Dict[str, List[int]]) -> Dict[str, Any]
         "skipped_read": sum(counters["skipped_read"]),
         "rng": rng_state(), "config": dict(vars(run.args)), "run": run.signature,
         "nonfinite_steps": run.nonfinite_steps,
+        "amp_dtype": str(run.dtype or torch.float32).replace("torch.", ""),  # what auto chose
     }
 
 
@@ -528,10 +541,14 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
     try:
         done = _steps(run, mlog, stream, win, timer, prof)
     except BaseException:
-        prof.stop()
-        run.ckpt_writer.wait()  # a failed background write is raised here
+        with run.failures.guard("profiler trace export"):
+            prof.stop()
+        with run.failures.guard("background checkpoint write"):
+            run.ckpt_writer.wait()  # logged here: the error being raised ends the run
         raise
-    prof.stop()
+    with run.failures.guard("profiler trace export"):
+        prof.stop()
+    check_boundary(run.failures, run.info.distributed, run.dev)  # after the last step
     # the last background write, before finish()'s collective: the others wait for it outside
     # any collective
     with du.main_writes("the last checkpoint", write_timeout(args)):
@@ -544,7 +561,8 @@ def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: LogInterval, timer
     args = run.args
     while run.step < run.total:
         lr = train_step(run, stream, win)
-        prof.step()
+        with run.failures.guard("profiler trace export"):
+            prof.step()
         step = run.step
         if step % args.log_every == 0 or step == run.total:
             log_window(run, win, mlog, lr)
@@ -582,7 +600,8 @@ def finish(run: Run, completed: bool) -> Dict[str, Any]:
                "teacher_images_computed": run.teacher.images_computed,
                "teacher_built": run.teacher.encoder is not None, "run": run.signature,
                "dist_timeout_min": getattr(args, "dist_timeout", None),
-               "write_timeout_min": write_timeout(args)}
+               "write_timeout_min": write_timeout(args),
+               "amp_dtype": str(run.dtype or torch.float32).replace("torch.", "")}
     # rank 0 writes, the others wait outside any collective (no barrier: the write may outlast
     # --dist-timeout); every rank returns once final.pth and summary.json are on disk
     with du.main_writes("final.pth and summary.json", write_timeout(args)) as main:

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fd-padding", default="exclude", choices=FD_PADDING,
                    help="feature loss over SAM's zero padding: exclude (EdgeSAM) or include")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-                   help="auto: bf16 on a GPU with bf16, else fp16 (GradScaler); none on CPU")
+                   help="auto: bf16 where native (GPU capability >= 8.0; CPU with AVX512-BF16 "
+                        "or AMX), else fp16 + GradScaler on GPU, fp32 on CPU")
     g = p.add_argument_group("validation")
     g.add_argument("--val-every", type=int, default=0,
                    help="validate every N steps (and at start and end) on held-out images; "
