@@ -258,6 +258,9 @@ def test_resume_continues_exactly(tiny, tiny_sam_ckpt, tmp_path):
     # what a kill -9 after step 3's log and during a save leaves behind
     from torch.utils.tensorboard import SummaryWriter
 
+    from blsam.utils.files import wait_for_later_event_file
+
+    wait_for_later_event_file(tmp_path / "b" / "tb")  # TensorBoard orders files by name
     w = SummaryWriter(str(tmp_path / "b" / "tb"))
     for st in (2, 3):
         w.add_scalar("train/loss", 999.0, st)

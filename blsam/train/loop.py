@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..build_blsam import blsam_model_registry
 from ..specs import TEACHER_OF
 from ..checkpoint import load_strict, read_state_dict, save_atomic
-from ..utils.files import write_json_atomic
+from ..utils.files import wait_for_later_event_file, write_json_atomic
 from ..utils import dist as du
 from .data import SA1BDataset, collate
 from .sampler import EpochBatchSampler
@@ -287,6 +287,7 @@ class MetricsLog:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
+            wait_for_later_event_file(os.path.join(args.output_dir, "tb"))
             self.writer = SummaryWriter(os.path.join(args.output_dir, "tb"),
                                         purge_step=run.step + 1 if run.resumed_from else None)
         except ImportError:

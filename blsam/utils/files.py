@@ -32,3 +32,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
 
 def write_json_atomic(obj: Any, path: str | os.PathLike, indent: int | None = None) -> str:
     return write_text_atomic(path, json.dumps(obj, indent=indent))
+
+
+def wait_for_later_event_file(log_dir: str | os.PathLike) -> None:
+    """Sleep until the clock's second is past every TensorBoard event file in ``log_dir``.
+
+    TensorBoard reads a folder's event files in name order, and the name starts with the
+    creation second, then a per-process counter compared as text ("10" < "9"): a resumed run
+    whose file is made in the same second as the previous one can sort before it, and its
+    ``purge_step`` would then purge the wrong events."""
+    import glob
+    import time
+
+    stamps = []
+    for f in glob.glob(os.path.join(os.fspath(log_dir), "events.out.tfevents.*")):
+        part = os.path.basename(f).split(".")[3:4]
+        if part and part[0].isdigit():
+            stamps.append(int(part[0]))
+    if stamps:
+        delay = max(stamps) + 1 - time.time()
+        if 0 < delay <= 2:
+            time.sleep(delay)
