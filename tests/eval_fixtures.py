@@ -188,3 +188,22 @@ class GTPredictor:
             iou = torch.tensor([[0.9, 0.5, 0.1] if self.rank_empty_first else [0.1, 0.9, 0.5]]
                                ).repeat(n, 1)
         return masks, iou, torch.zeros(n, masks.shape[1], 16, 16)
+
+
+def with_wrong_size_image(d: Dict[str, Any], image_id: int, out_dir: str, width: int
+                          ) -> Dict[str, Any]:
+    """A copy of a COCO fixture whose image ``image_id`` is stored ``width`` pixels wide while
+    the (still consistent) annotation file keeps its size: an error only the image's reader
+    sees, on the rank that reads it."""
+    import shutil
+
+    import cv2
+
+    img_dir = os.path.join(out_dir, "images")
+    shutil.copytree(d["img_dir"], img_dir)
+    ann = json.load(open(d["ann_file"]))
+    name = next(im["file_name"] for im in ann["images"] if im["id"] == image_id)
+    path = os.path.join(img_dir, name)
+    img = cv2.imread(path)
+    cv2.imwrite(path, cv2.resize(img, (width, img.shape[0])))
+    return dict(d, img_dir=img_dir)

@@ -10,7 +10,7 @@ import pytest
 
 import blsam.tools.zero_shot as zero_shot
 from blsam.testing import save_random_sam_checkpoint
-from eval_fixtures import make_tiny_dataset
+from eval_fixtures import make_tiny_dataset, with_wrong_size_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -147,12 +147,7 @@ def test_torchrun_error_on_one_rank_ends_every_rank(data, tmp_path):
     """Image 11 (rank 1's shard) is not the size its annotation claims: found only when rank 1
     reads it, after rank 0 finished its shard and waits to gather. Both ranks must end with
     rank 1's error line (exit 2), none may hang."""
-    coco = data["coco"]
-    ann = json.load(open(coco["ann_file"]))
-    for im in ann["images"]:
-        if im["id"] == 11:
-            im["width"] = 144
-    bad = {**data, "coco": {**coco, "ann_file": _write(tmp_path / "ann.json", ann)}}
+    bad = {**data, "coco": with_wrong_size_image(data["coco"], 11, str(tmp_path), 144)}
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -163,4 +158,4 @@ def test_torchrun_error_on_one_rank_ends_every_rank(data, tmp_path):
     text = proc.stdout + proc.stderr
     msg = "error: on rank 1: image"
     assert text.count(msg) == 2, text[-3000:]  # printed by both ranks
-    assert "but the annotation file says 144x128" in text.split(msg)[1]
+    assert "is 144x128, but the annotation file says" in text.split(msg)[1]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from eval_fixtures import make_tiny_dataset
+from eval_fixtures import make_tiny_dataset, with_wrong_size_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -92,12 +92,7 @@ def test_error_on_rank1_ends_both_ranks_at_once(coco3, tiny_sam_ckpt, tmp_path):
     """Image 11 (rank 1's only image) has the wrong size; rank 0 needs 3 s per image for its 2
     images (6 s, longer than the 5 s timeout). Rank 1 prints its error at once, rank 0 stops at
     its next image and ends with the same message; both exit 2."""
-    ann = json.load(open(coco3["ann_file"]))
-    for im in ann["images"]:
-        if im["id"] == 11:
-            im["width"] = 144
-    bad = dict(coco3, ann_file=str(tmp_path / "ann.json"))
-    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    bad = with_wrong_size_image(coco3, 11, str(tmp_path), 144)
     out = tmp_path / "out"
     proc, wall = _torchrun(tmp_path, "slow_images", 3, _argv(
         bad, out, "--model", "tiny_vit", "--checkpoint", tiny_sam_ckpt, "--prompt", "box",
@@ -106,7 +101,7 @@ def test_error_on_rank1_ends_both_ranks_at_once(coco3, tiny_sam_ckpt, tmp_path):
     assert proc.returncode != 0, text[-3000:]
     msg = "error: on rank 1: image"
     assert text.count(msg) == 2, text[-3000:]  # rank 1 at once, rank 0 when it joins
-    assert "but the annotation file says 144x128" in text.split(msg)[1]
+    assert "is 144x128, but the annotation file says" in text.split(msg)[1]
     assert "in _evaluate" not in text  # the traceback goes to the log, not to stderr
     log = (out / "error_rank1.log").read_text()
     assert "Traceback" in log and "144x128" in log
