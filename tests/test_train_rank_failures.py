@@ -102,7 +102,9 @@ def test_rank0_failure_ends_both_ranks_naming_it(what, extra, data, tiny_sam_ckp
     lines = [ln for ln in err.splitlines() if ln.startswith("error: on rank 0:")]
     assert proc.returncode != 0 and len(lines) == 2, err[-3000:]
     assert all("No space left" in ln for ln in lines), lines
-    assert "exitcode  : 1" in err or "exitcode: 1" in err.replace(" ", ""), err[-3000:]
+    # torchrun's own exit is 1 for a failed worker; its per-worker summary is not checked:
+    # once one rank has exited the agent may SIGTERM the other before it exits by itself
+    assert proc.returncode == 1, err[-3000:]
     noted = [ln for ln in err.splitlines() if "failed on this rank" in ln]
     assert noted, err[-3000:]
     stamp = datetime.datetime.strptime(noted[0].split(" [rank")[0], "%Y-%m-%d %H:%M:%S,%f")
