@@ -11,6 +11,7 @@ import torch
 from blsam.checkpoint import read_state_dict
 from blsam.train.tiny_sa1b import write_tiny_sa1b
 from eval_fixtures import make_tiny_dataset
+from train_checks import assert_resume_matches_full
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,12 +40,7 @@ def test_train_two_steps_and_resume_exactly(tiny_sam_ckpt, tmp_path):
                              "--keep-last", "2"))
     step1 = tmp_path / "a" / "step_0000001.pth"
     resumed = train(_train_args(data, tiny_sam_ckpt, tmp_path / "b", "--resume", str(step1)))
-    a = read_state_dict(tmp_path / "a" / "final.pth")
-    b = read_state_dict(tmp_path / "b" / "final.pth")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
-    assert [h["loss"] for h in full["history"][1:]] == pytest.approx(
-        [h["loss"] for h in resumed["history"]], abs=1e-5)
+    a = assert_resume_matches_full(tmp_path / "a", tmp_path / "b", full, resumed)
     init = read_state_dict(tiny_sam_ckpt)
     moved = [k for k in a if k.startswith("image_encoder.blocks.")
              and a[k].shape == init[k].shape and not torch.equal(a[k], init[k])]

@@ -17,6 +17,7 @@ from blsam.checkpoint import read_state_dict
 from blsam.train.options import train
 from blsam.train.distill import DistillModel, enable_grad_checkpointing, state_checksum
 from blsam.train.tiny_sa1b import write_tiny_sa1b
+from train_checks import assert_resume_matches_full
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMG = "64"
@@ -276,12 +277,7 @@ def test_resume_continues_exactly(tiny, tiny_sam_ckpt, tmp_path):
     acc.Reload()
     events = acc.Scalars("train/loss")
     assert [e.step for e in events] == [1, 2, 3] and all(e.value < 999 for e in events)
-    a = read_state_dict(tmp_path / "a" / "final.pth")
-    b = read_state_dict(tmp_path / "b" / "final.pth")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
-    assert [h["loss"] for h in full["history"][1:]] == pytest.approx(
-        [h["loss"] for h in resumed["history"]], abs=1e-5)
+    assert_resume_matches_full(tmp_path / "a", tmp_path / "b", full, resumed)
     lines = [json.loads(ln)["step"] for ln in open(tmp_path / "b" / "metrics.jsonl")]
     assert lines == [1, 2, 3]
     assert sorted(f for f in os.listdir(tmp_path / "b") if f.endswith(".pth")) == [

@@ -1,0 +1,22 @@
+"""Assertions shared by the training tests (resume equals an uninterrupted run)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from blsam.checkpoint import read_state_dict
+
+
+def assert_resume_matches_full(dir_full: os.PathLike, dir_resumed: os.PathLike,
+                               full: dict, resumed: dict) -> dict:
+    """The resumed run's final weights equal the uninterrupted run's, and its losses continue
+    the uninterrupted run's history after its first step. Returns the full run's weights."""
+    a = read_state_dict(os.path.join(dir_full, "final.pth"))
+    b = read_state_dict(os.path.join(dir_resumed, "final.pth"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    assert [h["loss"] for h in full["history"][1:]] == pytest.approx(
+        [h["loss"] for h in resumed["history"]], abs=1e-5)
+    return a
