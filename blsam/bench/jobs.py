@@ -41,6 +41,20 @@ def forward_fn(encoder: torch.nn.Module, x: torch.Tensor, dtype: Optional[torch.
     return run
 
 
+def attention_path(device: str, dtype: str) -> Optional[str]:
+    """The attention kernel this device and dtype take, where the model code can say
+    (``blsam.modeling.attention.attention_path``; None with a version that cannot)."""
+    from blsam.modeling import attention
+
+    fn = getattr(attention, "attention_path", None)
+    if fn is None:
+        return None
+    try:
+        return str(fn(torch.device(device).type, DTYPES[dtype] or torch.float32))
+    except Exception as e:  # noqa: BLE001 - a label, never a reason to lose the row
+        return f"unknown ({type(e).__name__})"
+
+
 def make_runner(spec: BenchModel, dev_name: str, dt: str, bs: int, encoder: torch.nn.Module,
                  cfg: BenchConfig) -> Callable[[], None]:
     dev = torch.device(dev_name)
@@ -86,9 +100,14 @@ class EncoderJob:
         for _ in range(cfg.warmup):
             self._run()
         gc.collect()
-        self.hello = {"flops": flops, "tuned": tunables_active()}
+        self.hello = {"flops": flops, "tuned": tunables_active(),
+                      "attention_path": attention_path(job["device"], job["dtype"])}
 
     def call(self, cmd: str, arg: str) -> Dict[str, object]:
+        if cmd == "profile":  # after the timed runs: one forward under torch.profiler
+            from .profile import profile_ops
+
+            return {"op_profile": profile_ops(self._run)}
         if cmd != "run":
             raise ValueError(f"unknown command {cmd!r}")
         cuda = self.dev.type == "cuda"
@@ -113,7 +132,7 @@ class GemmJob:
         m = (cfg.img_size // 16) ** 2
         self.hello: Dict[str, object] = {
             "fp32_matmul_gmacs_per_s": matmul_rate(torch.float32, m), "tuned": tunables_active()}
-        if job.get("bf16"):
+        if job.get("bf16"):  # bf16 and autocast rows
             self.hello["bf16_matmul_gmacs_per_s"] = matmul_rate(torch.bfloat16, m)
         self.replay: Optional[GemmReplay] = None
         if job.get("replay"):

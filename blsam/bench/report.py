@@ -91,7 +91,9 @@ def markdown_table(results: List[Result], env: Dict[str, object]) -> str:
                       f"(best of 3, MAC-weighted) once at the start: "
                       f"{env['gemm_burst_gmacs_per_s']:.1f} GMAC/s."]
     if "bf16_matmul_gmacs_per_s" in env:
-        lines += ["", f"bf16 rows: model cast with `.to(torch.bfloat16)`; **of GEMM rate** is "
+        lines += ["", f"bf16 rows: model cast with `.to(torch.bfloat16)`; autocast rows: fp32 "
+                      f"weights under `torch.autocast('cpu', torch.bfloat16)`; for both, "
+                      f"**of GEMM rate** is "
                       f"over a bf16 (M, 768) x (768, 3072) matmul timed in the same run: "
                       f"{env['bf16_matmul_gmacs_per_s']:.1f} GMAC/s (fp32: "
                       f"{env['fp32_matmul_gmacs_per_s']:.1f})."]
@@ -138,6 +140,25 @@ def e2e_table(rows: List[Dict[str, object]]) -> str:
             f"| {r['amg_ms'] / 1e3:.1f} "
             f"| {fmt(r.get('amg_vs_official', nan))} | {r['amg_encoder_ms'] / 1e3:.1f} "
             f"| {r['amg_encoder_share']:.2f} | {r['amg_masks']} |")
+    return "\n".join(lines) + "\n"
+
+
+def op_profile_table(results: List[Result]) -> str:
+    """``--profile-ops``: one forward's self CPU ms per op class, per model and dtype."""
+    from .profile import CLASSES
+
+    rows = [r for r in results if r.op_profile]
+    if not rows:
+        return ""
+    lines = ["Per-op profile (`--profile-ops`): self CPU time of one forward per op class, "
+             "ms (torch.profiler, after the timed runs; the profiler adds overhead, so compare "
+             "rows, not with the latencies above)", "",
+             "| model | dtype | malloc | attention path | " + " | ".join(CLASSES)
+             + " | total |", "|---|---|---|---|" + "---:|" * (len(CLASSES) + 1)]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.dtype} | {r.malloc} | {r.attention_path or '–'} | "
+                     + " | ".join(f"{r.op_profile.get(c, 0.0):.1f}" for c in CLASSES)
+                     + f" | {r.op_profile.get('total', 0.0):.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,9 +20,12 @@ from .config import BenchConfig, default_devices, malloc_modes
 from .jobs import cpu_peak_memory, start_job
 from .machine import GLIBC_TUNABLES, environment, loadavg, tune_glibc_malloc, tunables_active
 from .models import BenchModel, export_onnx_rows, extra_specs, model_specs
-from .report import e2e_table, headline, markdown_table, photo_table, plot
+from .report import e2e_table, headline, markdown_table, op_profile_table, photo_table, plot
 from .results import Result, add_ratios, from_dicts, relative_to, summarise
 from .schedule import drop_with_warning, interleaved, started, warm_up
+
+
+BF16_ROWS = {"bf16", "autocast"}  # rows whose matmuls run in bf16 (weights cast, or autocast)
 
 
 class _Entry:
@@ -60,7 +63,7 @@ def _plan(cfg: BenchConfig, malloc: str, env: Dict[str, object]) -> List[_Entry]
                     res = Result(spec.name, spec.family, spec.kind, spec.keep_ratio, dev, dt,
                                  bs, nan, nan, backend=spec.backend, malloc=malloc)
                     entries.append(_Entry(spec, dev, dt, bs, res))
-                    if dt == "bf16" and dev == "cpu":
+                    if dt in BF16_ROWS and dev == "cpu":
                         res.bf16 = "native" if native else "emulated"
                         if not native and not cfg.allow_emulated_bf16:
                             res.error = ("skipped: bf16 is emulated on this CPU (no AMX / "
@@ -90,11 +93,13 @@ def run_models(cfg: BenchConfig, malloc: str, env: Dict[str, object],
             e.job.close()
             continue
         e.res.gflops_paper_sam, e.res.gflops_full_encoder = hello["flops"]
+        e.res.attention_path = hello.get("attention_path")
         if cfg.isolation == "process":
             e.res.worker_pid, e.res.worker_tuned = hello["pid"], hello["tuned"]
     live = [e for e in live if e.res.error is None]
     gc.collect()
     cpu_fp32 = [e for e in live if e.dev == "cpu" and e.dt == "fp32" and replay is not None]
+
     def one_run(e: _Entry) -> None:
         if e in cpu_fp32 and not e.gaps:
             e.gaps.append(replay.call("run")["s"])
@@ -109,8 +114,15 @@ def run_models(cfg: BenchConfig, malloc: str, env: Dict[str, object],
     def failed(e: _Entry, err: WorkerError) -> None:  # e.g. out of memory
         e.res.error = str(err)[:120]
 
+    def profile(e: _Entry) -> None:
+        e.res.op_profile = e.job.call("profile")["op_profile"]
+
     try:
-        interleaved(live, cfg.repeats, one_run, failed)
+        timed = interleaved(live, cfg.repeats, one_run, failed)
+        if cfg.profile_ops:  # after the timed runs, so the profiler cannot slow them
+            interleaved([e for e in timed if e.spec.backend == "eager"], 1, profile,
+                        lambda e, err: print(f"warning: {e.spec.name}: profile: {err}",
+                                             file=sys.stderr))
     finally:
         for e in live:
             e.job.close()
@@ -156,7 +168,7 @@ def sweep(cfg: BenchConfig, malloc: str, extras: bool = True) -> Dict[str, objec
     env = environment(cfg, tuned)
     if not shared:
         env["glibc_tunables"] = GLIBC_TUNABLES if tuned else None
-    bf16 = "bf16" in (cfg.cpu_dtypes or cfg.dtypes) and "cpu" in devices and (
+    bf16 = bool(BF16_ROWS & set(cfg.cpu_dtypes or cfg.dtypes)) and "cpu" in devices and (
         env["native_bf16"] or cfg.allow_emulated_bf16)
     replay_on = cfg.gemm_rate != "skip" and "cpu" in devices
     gemm = None
@@ -183,7 +195,8 @@ def sweep(cfg: BenchConfig, malloc: str, extras: bool = True) -> Dict[str, objec
             r.gmacs_per_s = r.gflops_full_encoder * r.batch_size / (r.latency_ms_median / 1e3)
             if r.device == "cpu" and r.dtype == "fp32" and "gemm_burst_gmacs_per_s" in env:
                 r.frac_of_burst_gemm_rate = r.gmacs_per_s / env["gemm_burst_gmacs_per_s"]
-            if r.device == "cpu" and r.dtype == "bf16" and "bf16_matmul_gmacs_per_s" in env:
+            if (r.device == "cpu" and r.dtype in BF16_ROWS
+                    and "bf16_matmul_gmacs_per_s" in env):
                 r.frac_of_gemm_rate = r.gmacs_per_s / env["bf16_matmul_gmacs_per_s"]
     out: Dict[str, object] = {"environment": env, "results": [asdict(r) for r in results]}
     if cfg.photos and extras:
@@ -341,6 +354,8 @@ def main(cfg: BenchConfig) -> List[Result]:
         if rows:
             table += f"\n### glibc allocator: {mode}\n\n" + markdown_table(
                 rows, env["per_mode"][mode])
+    if cfg.profile_ops:
+        table += "\n" + op_profile_table(results)
     if photos:
         table += "\n" + photo_table(photos)
     if e2e:

@@ -10,6 +10,8 @@ size asked for.
     blsam-benchmark --quick                       # ViT-B family, fp32, batch 1
     blsam-benchmark --families b h --dtypes fp32 bf16 --batch-sizes 1 8
     blsam-benchmark --quick --onnx --e2e          # + ONNX Runtime and SAM end to end
+    blsam-benchmark --families b --keep-ratios 0.25 --cpu-dtypes fp32 bf16 autocast \\
+        --profile-ops                             # + where each precision's time goes
 
 Fair by default: every model runs in a persistent worker process of its own (``--isolation
 process``), all started with the same allocator setting, once with glibc's default allocator
@@ -52,7 +54,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cpu-batch-sizes", nargs="+", type=int, default=None,
                    help="batch sizes on CPU if different (large batches are slow there)")
     p.add_argument("--cpu-dtypes", nargs="+", default=None, choices=sorted(DTYPES),
-                   help="dtypes on CPU if different")
+                   help="dtypes on CPU if different (bf16: the model cast with "
+                        ".to(torch.bfloat16); autocast: fp32 weights under "
+                        "torch.autocast('cpu', torch.bfloat16))")
+    p.add_argument("--profile-ops", action="store_true",
+                   help="after the timed runs, one profiled forward per row: self CPU time "
+                        "per op class (GEMM, attention, elementwise, gather/scatter, copy)")
     p.add_argument("--img-size", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (fixed, printed)")
     p.add_argument("--warmup", type=int, default=2)
