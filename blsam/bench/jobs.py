@@ -88,19 +88,25 @@ class EncoderJob:
         spec = BenchModel(**job["spec"])
         self.dev = torch.device(job["device"])
         torch.manual_seed(0)
+        t0 = time.perf_counter()
         sam = spec.build(cfg.img_size).eval()
         ref = BenchModel("", spec.family, "official").build(cfg.img_size) \
             if spec.kind == "timm" else sam
         flops = (count_flops(ref, "paper").total,
                  count_flops(ref, "full", part="image_encoder").total)
+        t1 = time.perf_counter()
         encoder = sam.image_encoder.to(self.dev)
         del sam, ref
         self._run = make_runner(spec, job["device"], job["dtype"], job["batch_size"], encoder,
                                  cfg)
+        t2 = time.perf_counter()
         for _ in range(cfg.warmup):
             self._run()
         gc.collect()
+        # where a slow start goes: building + FLOP counting (two fp32 forwards whatever the
+        # dtype) vs the warm-up forwards in the row's own dtype
         self.hello = {"flops": flops, "tuned": tunables_active(),
+                      "build_s": round(t1 - t0, 2), "warmup_s": round(time.perf_counter() - t2, 2),
                       "attention_path": attention_path(job["device"], job["dtype"])}
 
     def call(self, cmd: str, arg: str) -> Dict[str, object]:

@@ -49,6 +49,8 @@ class Result:
     ratio_latency_vs_onnx_fused: float = float("nan")  # ONNX rows: / fused vanilla in ORT
     worker_pid: Optional[int] = None  # the process that ran it (--isolation process)
     worker_tuned: Optional[bool] = None  # whether that process ran with GLIBC_TUNABLES tuned
+    build_s: float = float("nan")  # worker: build + FLOP count (s), before the warm-up
+    warmup_s: float = float("nan")  # worker: the --warmup forwards (s)
     attention_path: Optional[str] = None  # attention kernel for this device/dtype, if known
     # --profile-ops: self CPU ms of one forward per op class (gemm, attention, ...)
     op_profile: Optional[Dict[str, float]] = None

@@ -94,6 +94,10 @@ def run_models(cfg: BenchConfig, malloc: str, env: Dict[str, object],
             continue
         e.res.gflops_paper_sam, e.res.gflops_full_encoder = hello["flops"]
         e.res.attention_path = hello.get("attention_path")
+        e.res.build_s = hello.get("build_s", float("nan"))
+        e.res.warmup_s = hello.get("warmup_s", float("nan"))
+        bar.write(f"{e.spec.name} {e.dev} {e.dt} b{e.bs}: built in {e.res.build_s:.1f} s, "
+                  f"{cfg.warmup} warm-up forwards in {e.res.warmup_s:.1f} s")
         if cfg.isolation == "process":
             e.res.worker_pid, e.res.worker_tuned = hello["pid"], hello["tuned"]
     live = [e for e in live if e.res.error is None]
