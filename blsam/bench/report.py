@@ -79,6 +79,13 @@ def markdown_table(results: List[Result], env: Dict[str, object]) -> str:
             f"| {fmt(r.gmacs_per_s, 1)} | {fmt(r.frac_of_gemm_rate)} "
             f"| {fmt(r.frac_of_burst_gemm_rate)} | {fmt(r.minor_faults_per_forward, 0)} |"
         )
+    slow = max((r for r in results if r.build_s == r.build_s),
+               key=lambda r: r.build_s + r.warmup_s, default=None)
+    if slow is not None:
+        lines += ["", f"Slowest start: {slow.model} {slow.dtype} (built and FLOP-counted in "
+                      f"{slow.build_s:.0f} s, fp32 whatever the dtype; {env['warmup']} warm-up "
+                      f"forwards in {slow.warmup_s:.0f} s); every row's times are in the JSON "
+                      f"(build_s, warmup_s)."]
     if "gemm_burst_gmacs_per_s" in env:
         sustained = [v for r in results for v in r.gemm_gmacs_per_s_runs]
         span = f"{min(sustained):.1f}–{max(sustained):.1f}" if sustained else "–"
