@@ -65,14 +65,14 @@ def test_eval_on_fixtures(tiny_sam_ckpt, tmp_path):
 
 
 def test_benchmark_plans_the_baselines():
-    from blsam.tools import benchmark
+    from blsam.bench.models import model_specs
 
-    specs = benchmark.model_specs(["tiny"], [0.25], baselines=True)
+    specs = model_specs(["tiny"], [0.25], baselines=True)
     assert [s.name for s in specs][-2:] == ["tiny_evit@0.5", "tiny_evovit@0.5"]
     assert all(s.kind == "pruning" for s in specs[-2:])
     enc = specs[-1].build(64).image_encoder
     assert enc.method == "evovit" and enc.keep_ratio == 0.5
-    assert [s.name for s in benchmark.model_specs(["tiny"], [0.25])][-1] == "tiny_bl@0.25"
+    assert [s.name for s in model_specs(["tiny"], [0.25])][-1] == "tiny_bl@0.25"
 
 
 @pytest.mark.slow  # a whole benchmark run (10 s on 2 shared cores)

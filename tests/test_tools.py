@@ -63,9 +63,11 @@ def test_worker_process_errors_are_one_line_results(tmp_path):
     """A model that fails to build in its worker becomes a row with its error; the others run."""
     from blsam.utils.jobs import RemoteJob, WorkerError
 
-    job = RemoteJob("blsam.tools.benchmark", {"kind": "encoder", "name": "bad", "spec": {
+    from blsam.bench.config import BenchConfig
+
+    job = RemoteJob("blsam.bench.workers", {"kind": "encoder", "name": "bad", "spec": {
         "name": "x", "family": "nope", "kind": "official"}, "device": "cpu", "dtype": "fp32",
-        "batch_size": 1}, ["--img-size", "64"])
+        "batch_size": 1}, [BenchConfig(img_size=64).to_json()])
     assert job.hello["error"].startswith("KeyError")
     with pytest.raises(WorkerError):
         job.call("run")
@@ -148,15 +150,17 @@ def test_benchmark_e2e_rows(tmp_path):
 
 
 def test_benchmark_timm_row_is_sam_vit_b():
+    from blsam.bench.models import extra_specs
+
     pytest.importorskip("timm")
     args = benchmark.parse_args(["--families", "b", "--img-size", "64"])
-    specs = benchmark.extra_specs(args)
+    specs = extra_specs(benchmark.config(args))
     assert [s.kind for s in specs] == ["timm"]
     enc = specs[0].build(64).eval().image_encoder
     with torch.no_grad():
         assert enc(torch.randn(1, 3, 64, 64)).shape == (1, 256, 4, 4)
     args = benchmark.parse_args(["--families", "b", "--timm", "skip"])
-    assert benchmark.extra_specs(args) == []
+    assert extra_specs(benchmark.config(args)) == []
 
 
 def test_benchmark_photo_rows_count_padding_queries(tmp_path):
@@ -175,10 +179,13 @@ def test_benchmark_photo_rows_count_padding_queries(tmp_path):
 
 
 def test_benchmark_cpu_memory_probe_in_fresh_process():
-    args = benchmark.parse_args(["--img-size", "64", "--threads", "1"])
-    spec = benchmark.model_specs(["tiny"], [0.5])[2]
+    from blsam.bench.jobs import cpu_peak_memory
+    from blsam.bench.models import model_specs
+
+    cfg = benchmark.config(benchmark.parse_args(["--img-size", "64", "--threads", "1"]))
+    spec = model_specs(["tiny"], [0.5])[2]
     assert spec.name == "tiny_bl@0.5"
-    assert benchmark.cpu_peak_memory(spec, args, "fp32", 1) > 0
+    assert cpu_peak_memory(spec, cfg, "fp32", 1) > 0
 
 
 def test_benchmark_rejects_bad_keep_ratio(capsys):
@@ -278,6 +285,7 @@ def test_export_onnx_fused_attention_matches_pytorch(tmp_path, fused):
 
 
 def test_benchmark_drops_a_failing_sam_worker_and_keeps_the_others(capsys):
+    from blsam.bench.schedule import call_or_drop
     from blsam.utils.jobs import WorkerError
 
     class Dead:
@@ -298,7 +306,7 @@ def test_benchmark_drops_a_failing_sam_worker_and_keeps_the_others(capsys):
 
     dead, alive = Dead(), Alive()
     handles = [dead, alive]
-    assert benchmark._call(dead, handles, "set_image", "4:3") is None
-    assert benchmark._call(alive, handles, "set_image", "4:3") == {"ms": 1.0}
+    assert call_or_drop(dead, handles, "set_image", "4:3") is None
+    assert call_or_drop(alive, handles, "set_image", "4:3") == {"ms": 1.0}
     assert handles == [alive] and dead.closed
     assert "dead" in capsys.readouterr().err

@@ -1,0 +1,378 @@
+"""One benchmark run: the plan, the workers started under each allocator setting, the
+interleaved timing, the photo and end-to-end rows, the files written."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import sys
+from dataclasses import asdict
+from typing import Dict, List
+
+import torch
+
+from blsam.specs import FAMILIES
+from blsam.utils.files import write_json_atomic, write_text_atomic
+from blsam.utils.jobs import WorkerError
+
+from .config import BenchConfig, default_devices, malloc_modes
+from .jobs import cpu_peak_memory, start_job
+from .machine import GLIBC_TUNABLES, environment, loadavg, tune_glibc_malloc, tunables_active
+from .models import BenchModel, export_onnx_rows, extra_specs, model_specs
+from .report import e2e_table, headline, markdown_table, op_profile_table, photo_table, plot
+from .results import Result, add_ratios, from_dicts, relative_to, summarise
+from .schedule import drop_with_warning, interleaved, started, warm_up
+
+
+BF16_ROWS = {"bf16", "autocast"}  # rows whose matmuls run in bf16 (weights cast, or autocast)
+
+
+class _Entry:
+    """One timed configuration: a model on a device, dtype and batch size."""
+
+    def __init__(self, spec: BenchModel, dev: str, dt: str, bs: int, res: Result) -> None:
+        self.spec, self.dev, self.dt, self.bs, self.res = spec, dev, dt, bs, res
+        self.job = None  # RemoteJob or LocalJob once started
+        self.times: List[float] = []
+        self.faults: List[int] = []
+        self.gaps: List[float] = []  # GEMM replay seconds before the first run and after each
+        self.peak = 0.0
+
+
+def _plan(cfg: BenchConfig, malloc: str, env: Dict[str, object]) -> List[_Entry]:
+    """Every configuration to time; rows that will not run say why in ``error``."""
+    devices = cfg.devices or default_devices()
+    specs = [] if cfg.skip_models else model_specs(cfg.families, cfg.keep_ratios,
+                                                    cfg.baselines)
+    specs += [] if cfg.skip_models else extra_specs(cfg)
+    native = bool(env.get("native_bf16"))
+    entries: List[_Entry] = []
+    for spec in specs:
+        for dev in devices:
+            if spec.backend == "onnxruntime" and dev != "cpu":
+                continue
+            dtypes = cfg.cpu_dtypes if dev == "cpu" and cfg.cpu_dtypes else cfg.dtypes
+            sizes = (cfg.cpu_batch_sizes if dev == "cpu" and cfg.cpu_batch_sizes
+                     else cfg.batch_sizes)
+            if spec.backend == "onnxruntime":  # exported graphs: fp32, batch 1
+                dtypes, sizes = [d for d in dtypes if d == "fp32"], [1]
+            for dt in dtypes:
+                for bs in sizes:
+                    nan = float("nan")
+                    res = Result(spec.name, spec.family, spec.kind, spec.keep_ratio, dev, dt,
+                                 bs, nan, nan, backend=spec.backend, malloc=malloc)
+                    entries.append(_Entry(spec, dev, dt, bs, res))
+                    if dt in BF16_ROWS and dev == "cpu":
+                        res.bf16 = "native" if native else "emulated"
+                        if not native and not cfg.allow_emulated_bf16:
+                            res.error = ("skipped: bf16 is emulated on this CPU (no AMX / "
+                                         "AVX512-BF16); --allow-emulated-bf16 runs it")
+    return entries
+
+
+def run_models(cfg: BenchConfig, malloc: str, env: Dict[str, object],
+               replay=None) -> List[Result]:
+    """Build every configuration (each in its own worker process unless ``--isolation
+    shared``) and warm it up, then time them round-robin: round r runs every model once, so
+    slow phases of a shared machine hit all models alike. ``replay``: the GEMM job whose
+    sustained rate is measured around every CPU fp32 run."""
+    from tqdm import tqdm
+
+    entries = _plan(cfg, malloc, env)
+    live = [e for e in entries if e.res.error is None]
+    for e in live:  # started together (imports in parallel), built one by one below
+        e.job = start_job(cfg, {"kind": "encoder", "name": e.spec.name, "spec": asdict(e.spec),
+                                 "device": e.dev, "dtype": e.dt, "batch_size": e.bs}, malloc)
+    bar = tqdm(total=len(live) * (cfg.repeats + 1), desc=f"benchmark ({malloc})", unit="run")
+    for e in live:
+        hello = e.job.hello
+        bar.update()
+        if "error" in hello:
+            e.res.error = str(hello["error"])[:120]
+            e.job.close()
+            continue
+        e.res.gflops_paper_sam, e.res.gflops_full_encoder = hello["flops"]
+        e.res.attention_path = hello.get("attention_path")
+        e.res.build_s = hello.get("build_s", float("nan"))
+        e.res.warmup_s = hello.get("warmup_s", float("nan"))
+        bar.write(f"{e.spec.name} {e.dev} {e.dt} b{e.bs}: built in {e.res.build_s:.1f} s, "
+                  f"{cfg.warmup} warm-up forwards in {e.res.warmup_s:.1f} s")
+        if cfg.isolation == "process":
+            e.res.worker_pid, e.res.worker_tuned = hello["pid"], hello["tuned"]
+    live = [e for e in live if e.res.error is None]
+    gc.collect()
+    cpu_fp32 = [e for e in live if e.dev == "cpu" and e.dt == "fp32" and replay is not None]
+
+    def one_run(e: _Entry) -> None:
+        if e in cpu_fp32 and not e.gaps:
+            e.gaps.append(replay.call("run")["s"])
+        out = e.job.call("run")
+        e.times.append(out["ms"])
+        e.faults.append(out["faults"])
+        e.peak = max(e.peak, out.get("peak_mib", 0.0))
+        if e in cpu_fp32:
+            e.gaps.append(replay.call("run")["s"])
+        bar.update()
+
+    def failed(e: _Entry, err: WorkerError) -> None:  # e.g. out of memory
+        e.res.error = str(err)[:120]
+
+    def profile(e: _Entry) -> None:
+        e.res.op_profile = e.job.call("profile")["op_profile"]
+
+    try:
+        timed = interleaved(live, cfg.repeats, one_run, failed)
+        if cfg.profile_ops:  # after the timed runs, so the profiler cannot slow them
+            interleaved([e for e in timed if e.spec.backend == "eager"], 1, profile,
+                        lambda e, err: print(f"warning: {e.spec.name}: profile: {err}",
+                                             file=sys.stderr))
+    finally:
+        for e in live:
+            e.job.close()
+        bar.close()
+    results = []
+    for e in entries:
+        res = e.res
+        results.append(res)
+        if res.error or not e.times:
+            continue
+        t = e.times
+        summarise(res, t, e.bs)
+        res.minor_faults_per_forward = float(statistics.median(e.faults))
+        res.peak_mem_mib = e.peak if e.dev == "cuda" else float("nan")
+        if e.gaps:  # each run against the sustained GEMM rate just before and after it
+            gmacs = env["gemm_gmacs"]
+            rates = [gmacs / ((a + b) / 2) for a, b in zip(e.gaps, e.gaps[1:])]
+            res.gemm_gmacs_per_s_runs = [round(v, 2) for v in rates]
+            res.frac_of_gemm_rate = statistics.median(
+                res.gflops_full_encoder * e.bs / (ms / 1e3) / rate for ms, rate in zip(t, rates))
+        if (e.dev == "cpu" and cfg.cpu_memory == "probe" and e.spec.backend == "eager"
+                and e.spec.kind != "timm"):
+            try:
+                res.peak_mem_mib = cpu_peak_memory(e.spec, cfg, e.dt, e.bs)
+            except RuntimeError as err:
+                print(f"warning: {e.spec.name}: {err}", file=sys.stderr)
+    return results
+
+
+def sweep(cfg: BenchConfig, malloc: str, extras: bool = True) -> Dict[str, object]:
+    """Everything timed under one allocator setting (``extras``: the photo and end-to-end
+    rows too). With ``--isolation process`` every model and the GEMM probe run in worker
+    processes started with that setting; with ``shared`` all run in this process, which must
+    then have been started with it."""
+    torch.set_num_threads(cfg.threads)
+    shared = cfg.isolation == "shared"
+    tuned = tune_glibc_malloc() if malloc == "tuned" and shared else malloc == "tuned"
+    devices = cfg.devices or default_devices()
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise SystemExit("--devices cuda asked for, but CUDA is not available")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on every device
+    torch.backends.cudnn.allow_tf32 = False
+    env = environment(cfg, tuned)
+    if not shared:
+        env["glibc_tunables"] = GLIBC_TUNABLES if tuned else None
+    bf16 = bool(BF16_ROWS & set(cfg.cpu_dtypes or cfg.dtypes)) and "cpu" in devices and (
+        env["native_bf16"] or cfg.allow_emulated_bf16)
+    replay_on = cfg.gemm_rate != "skip" and "cpu" in devices
+    gemm = None
+    if replay_on or bf16:  # the machine's matmul rates, under the same allocator setting
+        gemm = start_job(cfg, {"kind": "gemm", "name": "gemm", "bf16": bf16,
+                                "replay": replay_on, "student": FAMILIES[cfg.families[0]][1]},
+                         malloc)
+    try:
+        if gemm is not None:
+            if "error" in gemm.hello:
+                raise RuntimeError(f"GEMM probe failed: {gemm.hello['error']}")
+            env.update({k: v for k, v in gemm.hello.items() if k not in ("pid", "tuned")})
+        print(json.dumps(env))
+        sustained = gemm if replay_on and cfg.gemm_rate == "measure" else None
+        results = run_models(cfg, malloc, env, sustained)
+    finally:
+        if gemm is not None:
+            gemm.close()
+    if not shared:  # what the workers ran under (the environment they were started with)
+        hellos = [r.worker_tuned for r in results if r.worker_tuned is not None]
+        env["glibc_malloc_tuned"] = all(hellos) if hellos else tuned
+    for r in results:
+        if r.error is None:
+            r.gmacs_per_s = r.gflops_full_encoder * r.batch_size / (r.latency_ms_median / 1e3)
+            if r.device == "cpu" and r.dtype == "fp32" and "gemm_burst_gmacs_per_s" in env:
+                r.frac_of_burst_gemm_rate = r.gmacs_per_s / env["gemm_burst_gmacs_per_s"]
+            if (r.device == "cpu" and r.dtype in BF16_ROWS
+                    and "bf16_matmul_gmacs_per_s" in env):
+                r.frac_of_gemm_rate = r.gmacs_per_s / env["bf16_matmul_gmacs_per_s"]
+    out: Dict[str, object] = {"environment": env, "results": [asdict(r) for r in results]}
+    if cfg.photos and extras:
+        out["photo_results"] = [asdict(r) for r in photo_rows(cfg, malloc)]
+    if cfg.e2e and extras:
+        out["e2e_results"] = e2e_rows(cfg, malloc)
+    return out
+
+
+def sam_variants(cfg: BenchConfig) -> List[Dict[str, object]]:
+    """The whole-SAM rows of the photo and end-to-end sections, as jobs: the first family's
+    official SAM, then its bLViT at every keep ratio without and with ``skip_padding``."""
+    vanilla, student = FAMILIES[cfg.families[0]]
+    variants = [{"kind": "sam", "name": vanilla, "model": "official", "keep_ratio": None,
+                 "skip_padding": False}]
+    for r in cfg.keep_ratios:
+        for skip in (False, True):
+            variants.append({"kind": "sam", "name": f"{student}@{r:g}" + (
+                "+skip_padding" if skip else ""), "model": "blsam", "keep_ratio": r,
+                "skip_padding": skip})
+    return variants
+
+
+def photo_rows(cfg: BenchConfig, malloc: str) -> List[Result]:
+    """``SamPredictor.set_image`` on real photos of several aspect ratios: official SAM vs
+    bLViT with the paper's routing and with ``skip_padding``, rounds interleaved; counts
+    P-block queries on padding."""
+    handles = started(cfg, sam_variants(cfg), malloc)
+    rows: List[Result] = []
+    try:
+        for aspect in cfg.photos:
+            warm_up(handles, "set_image", aspect, cfg.warmup)
+            times: Dict[str, List[float]] = {h.job["name"]: [] for h in handles}
+            last: Dict[str, Dict[str, object]] = {}
+
+            def set_image(h, aspect: str = aspect) -> None:
+                out = last[h.job["name"]] = h.call("set_image", aspect)
+                times[h.job["name"]].append(out["ms"])
+
+            interleaved(list(handles), cfg.repeats, set_image, drop_with_warning(handles))
+            for h in handles:
+                job, out, t = h.job, last[h.job["name"]], times[h.job["name"]]
+                res = Result(job["name"], cfg.families[0], job["model"], job["keep_ratio"],
+                             "cpu", "fp32", 1, float("nan"), out["gflops_full_encoder"],
+                             skip_padding=job["skip_padding"], photo=out["photo"], malloc=malloc)
+                summarise(res, t, 1)
+                res.gmacs_per_s = res.gflops_full_encoder / (res.latency_ms_median / 1e3)
+                res.padding_queries = out.get("padding_queries", float("nan"))
+                res.routed_queries = out.get("routed_queries", float("nan"))
+                rows.append(res)
+    finally:
+        for h in handles:
+            h.close()
+    off = {r.photo: r for r in rows if r.kind == "official"}
+    for r in rows:
+        if r.photo in off:
+            r.ratio_latency_vs_official = relative_to(r, off[r.photo])
+    return rows
+
+
+def e2e_rows(cfg: BenchConfig, malloc: str) -> List[Dict[str, object]]:
+    """What a SAM user waits for, on real photos: ``SamPredictor.set_image`` + ``predict``
+    (one click, 3 masks) and ``SamAutomaticMaskGenerator.generate`` with its defaults, for the
+    official encoder and bLViT at every keep ratio with and without ``skip_padding``. Each
+    model in its own worker (``--isolation``); rounds interleaved across models."""
+    handles = started(cfg, sam_variants(cfg), malloc)
+    rows: List[Dict[str, object]] = []
+    try:
+        for aspect in cfg.e2e_photos:
+            rec = {h.job["name"]: {"set_image": [], "predict": [], "amg": [], "amg_encoder": [],
+                                   "masks": []} for h in handles}
+            photo_name = ""
+            warm_up(handles, "click", aspect, max(cfg.warmup, 1))
+
+            def click(h, aspect: str = aspect) -> None:
+                nonlocal photo_name
+                out = h.call("click", aspect)
+                photo_name = out["photo"]
+                rec[h.job["name"]]["set_image"].append(out["set_image_ms"])
+                rec[h.job["name"]]["predict"].append(out["predict_ms"])
+
+            def amg(h, aspect: str = aspect) -> None:
+                out = h.call("amg", aspect)
+                for k in ("amg", "amg_encoder"):
+                    rec[h.job["name"]][k].append(out[f"{k}_ms"])
+                rec[h.job["name"]]["masks"].append(out["masks"])
+
+            drop = drop_with_warning(handles)
+            interleaved(list(handles), cfg.repeats, click, drop)
+            interleaved(list(handles), cfg.e2e_amg_repeats, amg, drop)
+            base = None
+            for h in handles:
+                t = rec[h.job["name"]]
+                row = {"model": h.job["name"], "kind": h.job["model"],
+                       "keep_ratio": h.job["keep_ratio"], "skip_padding": h.job["skip_padding"],
+                       "photo": photo_name, "malloc": malloc, "isolation": cfg.isolation,
+                       "set_image_ms": statistics.median(t["set_image"]),
+                       "predict_ms": statistics.median(t["predict"]),
+                       "amg_ms": statistics.median(t["amg"]),
+                       "amg_encoder_ms": statistics.median(t["amg_encoder"]),
+                       "amg_masks": t["masks"][-1], "times_ms": t,
+                       "points_per_side": cfg.e2e_points_per_side}
+                row["amg_encoder_share"] = row["amg_encoder_ms"] / row["amg_ms"]
+                row["click_ms"] = row["set_image_ms"] + row["predict_ms"]
+                if h.job["model"] == "official":
+                    base = row
+                if base is not None:
+                    row["click_vs_official"] = row["click_ms"] / base["click_ms"]
+                    row["amg_vs_official"] = row["amg_ms"] / base["amg_ms"]
+                rows.append(row)
+    finally:
+        for h in handles:
+            h.close()
+    return rows
+
+
+def sweep_in_fresh_process(cfg: BenchConfig, mode: str, extras: bool) -> Dict[str, object]:
+    """``sweep`` under allocator ``mode`` in a fresh process started with it (``--isolation
+    shared``: the allocator setting must be there before torch starts)."""
+    from .jobs import start_sweep
+
+    job = start_sweep(cfg, mode, extras)
+    try:
+        hello = job.hello
+    finally:
+        job.close()
+    if "error" in hello:
+        raise RuntimeError(f"the {mode} allocator's sweep failed: {hello['error']}")
+    return hello["out"]
+
+
+def main(cfg: BenchConfig) -> List[Result]:
+    """The whole run: every allocator setting, ratios, tables, JSON and plot (atomic)."""
+    modes = malloc_modes(cfg)
+    if cfg.onnx and not cfg.skip_models:
+        export_onnx_rows(cfg)  # once, before the timed processes
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if cfg.isolation == "process" or (
+            len(modes) == 1 and (modes[0] == "default" or tunables_active())):
+        outs = [sweep(cfg, mode, mode == modes[-1]) for mode in modes]
+    else:  # shared: a fresh process per allocator setting, with the same settings otherwise
+        outs = [sweep_in_fresh_process(cfg, mode, mode == modes[-1]) for mode in modes]
+    results = [r for o in outs for r in from_dicts(o["results"])]
+    photos = [r for o in outs for r in from_dicts(o.get("photo_results", []))]
+    e2e = [r for o in outs for r in o.get("e2e_results", [])]
+    env = dict(outs[-1]["environment"])
+    env["malloc_modes"] = modes
+    env["isolation"] = cfg.isolation
+    env["loadavg_end"] = loadavg()
+    env["per_mode"] = {m: o["environment"] for m, o in zip(modes, outs)}
+    add_ratios(results)
+    table = headline(results, env) if results else ""
+    for mode in modes:
+        rows = [r for r in results if r.malloc == mode]
+        if rows:
+            table += f"\n### glibc allocator: {mode}\n\n" + markdown_table(
+                rows, env["per_mode"][mode])
+    if cfg.profile_ops:
+        table += "\n" + op_profile_table(results)
+    if photos:
+        table += "\n" + photo_table(photos)
+    if e2e:
+        table += "\n" + e2e_table(e2e)
+    write_text_atomic(os.path.join(cfg.output_dir, "benchmark.md"), table)
+    write_json_atomic({"environment": env, "args": cfg.as_dict(),
+                       "results": [asdict(r) for r in results],
+                       "photo_results": [asdict(r) for r in photos],
+                       "e2e_results": e2e}, os.path.join(cfg.output_dir, "benchmark.json"),
+                      indent=1)
+    if results:
+        plot([r for r in results if r.malloc == modes[-1] and r.backend == "eager"],
+             os.path.join(cfg.output_dir, "benchmark.png"))
+    print(table)
+    print(f"wrote {cfg.output_dir}/benchmark.{{md,json,png}}")
+    return results + photos
