@@ -15,12 +15,16 @@ slot. This is exactly SAM's arithmetic without spending matmuls on the 16% pad t
 rather than SAM's pad + permute copies.
 
 The relative-position bias is built per *query position* and passed to
-``F.scaled_dot_product_attention`` as an additive mask; that equals SAM's
+``F.scaled_dot_product_attention`` (or, where ``attention_path`` picks it, batched ``bmm``) as an
+additive mask; that equals SAM's
 ``add_decomposed_rel_pos`` on the full attention matrix, restricted to those queries.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+import contextlib
+import os
+from contextvars import ContextVar
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -30,7 +34,7 @@ from .routing import Routing, select_rows
 Workspace = Optional[Dict[tuple, torch.Tensor]]
 
 
-def _rel_terms(
+def rel_terms(
     q: torch.Tensor,
     q_h: torch.Tensor,
     q_w: torch.Tensor,
@@ -66,7 +70,7 @@ def rel_pos_bias_at(
     """``rel_pos_bias`` for an arbitrary key subset of the grid (token pruning: kept tokens
     attend to kept tokens only). k_h, k_w: (B, Nk) grid row/column of every key.
     Returns (B, heads, Nq, Nk)."""
-    rel_h, rel_w = _rel_terms(q, q_h, q_w, rel_pos_h, rel_pos_w, k_size)
+    rel_h, rel_w = rel_terms(q, q_h, q_w, rel_pos_h, rel_pos_w, k_size)
     b, nh, nq, _ = rel_h.shape
     nk = k_h.shape[-1]
     ih = k_h.view(b, 1, 1, nk).expand(b, nh, nq, nk)
@@ -98,7 +102,7 @@ def rel_pos_bias(
     """
     kh, kw = k_size
     b, nh, nq, _ = q.shape
-    rel_h, rel_w = _rel_terms(q, q_h, q_w, rel_pos_h, rel_pos_w, k_size)
+    rel_h, rel_w = rel_terms(q, q_h, q_w, rel_pos_h, rel_pos_w, k_size)
     rel_h, rel_w = rel_h.unsqueeze(-1), rel_w.unsqueeze(-2)
     if workspace is None or torch.is_grad_enabled():
         return (rel_h + rel_w).reshape(b, nh, nq, kh * kw)
@@ -164,67 +168,79 @@ def exporting() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-# Exported attention is one com.microsoft ``MultiHeadAttention`` node per layer (ONNX Runtime's
-# fused CPU kernel) instead of MatMul, Softmax, MatMul over a materialised (heads, queries,
-# keys) logits tensor (200 MB per global layer at 1024 px). False: standard ONNX ops only, a
-# graph for runtimes without ONNX Runtime's contrib ops (``export_encoder(fused_attention=)``).
-FUSED_ATTENTION: bool = True
+# The export kernel (``blsam.utils.onnx.export_attention``); None: the fused ONNX Runtime node,
+# the exporter's default
+EXPORT_KERNEL: ContextVar[Optional[Callable]] = ContextVar("blsam_export_attention", default=None)
 
 
-def _mha_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
-                   scale: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """What the node computes, on (B, S, heads*d) tensors (q/k and v head sizes may differ):
-    per head ``softmax(q . k^T * scale + bias) v``, heads concatenated -> (B, Sq, heads*dv)."""
-    b, n, _ = q.shape
+def export_kernel() -> Callable:
+    kernel = EXPORT_KERNEL.get()
+    if kernel is None:
+        from blsam.utils.onnx import attend_fused  # ONNX code lives beside the exporter
 
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(b, t.shape[1], num_heads, -1).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias,
-                                         scale=scale)
-    return out.transpose(1, 2).reshape(b, n, -1)
+        kernel = attend_fused
+    return kernel
 
 
-def _mha_node(g, q, k, v, num_heads: int, scale: float, bias=None):  # noqa: ANN001 (graph values)
-    if bias is None:
-        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads,
-                   scale_f=scale)
-    else:  # inputs 3 and 4 (packed bias, key padding mask) absent, 5 the attention bias
-        none = g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
-        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, none, none, bias,
-                   num_heads_i=num_heads, scale_f=scale)
-    q_sizes, v_sizes = q.type().varyingSizes(), v.type().varyingSizes()
-    if q_sizes and v_sizes and len(q_sizes) == 3:
-        out.setType(v.type().with_sizes([q_sizes[0], q_sizes[1], v_sizes[2]]))
-    return out
+ATTENTION_PATHS = ("sdpa", "bmm")
+# ``BLSAM_ATTENTION=sdpa|bmm`` (or ``use_attention_path``) forces a path: benchmarks and tests
+_FORCED: ContextVar[Optional[str]] = ContextVar("blsam_attention_path", default=None)
 
 
-class _OrtMultiHeadAttention(torch.autograd.Function):
-    """``_mha_reference`` without a bias; exported as one ``MultiHeadAttention`` node, which
-    ONNX Runtime runs on its tiled flash kernel (no bias input is what allows that path)."""
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # type: ignore[override]
-                num_heads: int, scale: float) -> torch.Tensor:
-        return _mha_reference(q, k, v, num_heads, scale, None)
-
-    @staticmethod
-    def symbolic(g, q, k, v, num_heads: int, scale: float):  # noqa: ANN001
-        return _mha_node(g, q, k, v, num_heads, scale)
+def _amx() -> bool:
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-class _OrtBiasedMultiHeadAttention(torch.autograd.Function):
-    """``_mha_reference`` with an additive (B, heads, Sq, Sk) bias (the node's
-    ``attention_bias`` input): ONNX Runtime's unfused kernel, head by head."""
+def attention_path(device_type: str, dtype: torch.dtype) -> str:
+    """The attention kernel for ``device_type`` and ``dtype``, chosen by measurement (the one
+    place the rule lives; the benchmark records it per row).
 
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # type: ignore[override]
-                bias: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
-        return _mha_reference(q, k, v, num_heads, scale, bias)
+    Fused SDPA everywhere except bf16/fp16 on a CPU without AMX: there (2-core AMD EPYC with
+    AVX512-BF16, 1024 px) SDPA's CPU flash kernel with an additive bias does not speed up
+    from fp32 (1.16 -> 1.10 s per b_t forward) while batched ``bmm`` does (SAM's explicit
+    attention 2.08 -> 0.76 s). With AMX (Intel Xeon) SDPA wins in bf16 as well: a global
+    4096-token layer 576 ms SDPA vs 1515 ms ``bmm``, a 14x14 window layer 60 vs 80 ms
+    (docs/benchmarks/notes.md). Meta and other devices: SDPA (FLOP counting decomposes it).
+    """
+    forced = _FORCED.get() or os.environ.get("BLSAM_ATTENTION", "").strip().lower() or None
+    if forced is not None:
+        if forced not in ATTENTION_PATHS:
+            raise ValueError(f"BLSAM_ATTENTION must be one of {ATTENTION_PATHS}, got {forced!r}")
+        return forced
+    if device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _amx():
+        return "bmm"
+    return "sdpa"
 
-    @staticmethod
-    def symbolic(g, q, k, v, bias, num_heads: int, scale: float):  # noqa: ANN001
-        return _mha_node(g, q, k, v, num_heads, scale, bias)
+
+@contextlib.contextmanager
+def use_attention_path(path: Optional[str]) -> Iterator[None]:
+    """Force ``path`` ("sdpa", "bmm"; None: the rule) inside this block."""
+    if path is not None and path not in ATTENTION_PATHS:
+        raise ValueError(f"attention path must be one of {ATTENTION_PATHS}, got {path!r}")
+    token = _FORCED.set(path)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+           bias_is_scratch: bool = False) -> torch.Tensor:
+    """softmax(q.k^T * scale + bias) v on (B, heads, N, hd) tensors through the path
+    ``attention_path`` picks. ``bias_is_scratch``: the bias is dead after this call, so the
+    ``bmm`` path may write the logits into it (inference only)."""
+    if attention_path(q.device.type, q.dtype) == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    qf, kf = q.reshape(b * h, nq, d), k.reshape(b * h, nk, d).transpose(1, 2)
+    logits = bias.expand(b, h, nq, nk).reshape(b * h, nq, nk)
+    if bias_is_scratch and not torch.is_grad_enabled() and logits.data_ptr() == bias.data_ptr():
+        logits = logits.baddbmm_(qf, kf, alpha=scale)  # the bias buffer becomes the logits
+    else:
+        logits = torch.baddbmm(logits, qf, kf, alpha=scale)
+    out = torch.bmm(logits.softmax(-1), v.reshape(b * h, nk, v.shape[-1]))
+    return out.view(b, h, nq, v.shape[-1])
 
 
 def _plain_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -327,93 +343,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """(B, heads, Nq, hd) queries -> (B, Nq, dim) attention output before ``proj``."""
         if exporting():
-            if FUSED_ATTENTION:
-                return self._attend_fused(q, k, v, q_h, q_w, k_size)
-            out = self._attend_folded(q, k, v, q_h, q_w, k_size)
-            b, _, n, _ = out.shape
-            return out.transpose(1, 2).reshape(b, n, self.dim)
+            return export_kernel()(self, q, k, v, q_h, q_w, k_size)
         bias = rel_pos_bias(q, q_h, q_w, self.rel_pos_h, self.rel_pos_w, k_size, workspace)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+        out = attend(q, k, v, bias.to(q.dtype), self.scale, bias_is_scratch=True)
         b, _, n, _ = out.shape
         return out.transpose(1, 2).reshape(b, n, self.dim)
-
-    def _fold_rel_pos(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        q_h: torch.Tensor,
-        q_w: torch.Tensor,
-        k_size: Tuple[int, int],
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Queries and keys whose product is the scaled, relative-position-biased logits.
-
-        bias[q, (i, j)] = A[q, i] + B[q, j] is a product of [A, B] with the one-hot code of
-        each key's row and column, so ``[q * scale, A, B] . [k, onehot(i), onehot(j)]`` gives
-        the biased logits in one MatMul: no (heads, Nq, Nk) bias tensor is built and added
-        (two memory-bound broadcast Adds over 200 MB per global layer in ONNX Runtime, more
-        than the kh + kw extra columns cost the MatMul), and a fused attention kernel without
-        a bias input can run it. Returns (B, heads, Nq, hd+kh+kw) and (B, heads, Nk, hd+kh+kw).
-        """
-        kh, kw = k_size
-        b, nh, nq, _ = q.shape
-        th = torch.matmul(q, self.rel_pos_h.to(q.dtype).t())  # (B, heads, Nq, 2kh-1)
-        tw = torch.matmul(q, self.rel_pos_w.to(q.dtype).t())
-        ar_h = torch.arange(kh, device=q.device)
-        ar_w = torch.arange(kw, device=q.device)
-        idx_h = (q_h.unsqueeze(-1) - ar_h + (kh - 1)).unsqueeze(1).expand(b, nh, nq, kh)
-        idx_w = (q_w.unsqueeze(-1) - ar_w + (kw - 1)).unsqueeze(1).expand(b, nh, nq, kw)
-        q_aug = torch.cat([q * self.scale, th.gather(-1, idx_h), tw.gather(-1, idx_w)], -1)
-        key = torch.arange(kh * kw, device=q.device)
-        code = torch.cat([F.one_hot(key // kw, kh), F.one_hot(key % kw, kw)], -1).to(q.dtype)
-        k_aug = torch.cat([k, code.expand(k.shape[0], nh, kh * kw, kh + kw)], -1)
-        return q_aug, k_aug
-
-    def _attend_folded(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        q_h: torch.Tensor,
-        q_w: torch.Tensor,
-        k_size: Tuple[int, int],
-    ) -> torch.Tensor:
-        """Attention with the relative-position bias folded into the Q.K product, in standard
-        ONNX ops (export). Returns (B, heads, Nq, hd)."""
-        q_aug, k_aug = self._fold_rel_pos(q, k, q_h, q_w, k_size)
-        attn = torch.matmul(q_aug, k_aug.transpose(-1, -2)).softmax(-1)
-        return torch.matmul(attn, v)
-
-    def _attend_fused(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        q_h: torch.Tensor,
-        q_w: torch.Tensor,
-        k_size: Tuple[int, int],
-    ) -> torch.Tensor:
-        """Attention as one ONNX Runtime ``MultiHeadAttention`` node (export; see
-        ``FUSED_ATTENTION``). Returns (B, Nq, dim).
-
-        Self-attention (as many queries as keys) folds the relative-position bias into Q.K,
-        which needs no bias input, so the node runs ONNX Runtime's flash kernel: at 1024 px
-        a global E-layer takes ~255 ms, against ~290 ms for the (heads, Nq, Nk) bias path.
-        Semi-attention (routed queries, fewer than the keys) passes the bias instead: flash
-        tiles are poorly filled by 41 queries per window, and a 1025 x 4096 head fits in L3,
-        so its plain 64-wide Q.K plus bias beats the 3x wider folded product (~210 vs ~320 ms
-        per global P-layer, ~44 vs ~57 ms per window P-layer; 2-core AVX2 VM).
-        """
-        def tokens_major(t: torch.Tensor) -> torch.Tensor:  # (B, heads, N, d) -> (B, N, heads*d)
-            return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
-
-        if q.shape[2] == k.shape[2]:
-            q_aug, k_aug = self._fold_rel_pos(q, k, q_h, q_w, k_size)
-            return _OrtMultiHeadAttention.apply(
-                tokens_major(q_aug), tokens_major(k_aug), tokens_major(v), self.num_heads, 1.0)
-        bias = rel_pos_bias(q, q_h, q_w, self.rel_pos_h, self.rel_pos_w, k_size)
-        return _OrtBiasedMultiHeadAttention.apply(
-            tokens_major(q), tokens_major(k), tokens_major(v), bias.to(q.dtype), self.num_heads,
-            self.scale)
 
     def forward(
         self, xn: torch.Tensor, window_size: int = 0, workspace: Workspace = None,
@@ -480,8 +414,7 @@ class Attention(nn.Module):
             n = key_ok.shape[-1]  # every slot sees itself: no query without a key
             ok = key_ok[:, None, None, :] | torch.eye(n, dtype=torch.bool, device=xn.device)
             bias = bias.masked_fill(~ok, float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                             scale=self.scale)
+        out = attend(q, k, v, bias.to(q.dtype), self.scale, bias_is_scratch=True)
         return self.proj(out.transpose(1, 2).reshape(b, -1, d))
 
     def forward_semi(

@@ -25,11 +25,10 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from segment_anything.modeling.image_encoder import Block, ImageEncoderViT
 
-from .attention import exporting, rel_pos_bias_at
+from .attention import attend, exporting, rel_pos_bias_at
 from .image_encoder import BLViTImageEncoder, EncoderSpec, RoutingStage
 from .routing import _windowed, window_counts
 
@@ -192,8 +191,7 @@ def kept_attention(blk: Block, xs: torch.Tensor, kept: KeptSet, grid: Tuple[int,
         return rel_pos_bias_at(q[:, :, lo:hi], q_h[:, lo:hi], q_w[:, lo:hi], q_h, q_w,
                                attn.rel_pos_h, attn.rel_pos_w, k_size)
 
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_fn().to(q.dtype),
-                                         scale=attn.scale)
+    out = attend(q, k, v, bias_fn().to(q.dtype), attn.scale, bias_is_scratch=True)
     out = out.transpose(1, 2).reshape(-1, dim)
     if ws > 0:  # back to the compact layout, pad slots dropped
         out = out.index_select(0, kept.real_slots)

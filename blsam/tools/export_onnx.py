@@ -61,22 +61,16 @@ def export_encoder(
     ``com.microsoft.MultiHeadAttention`` node (fused CPU kernels; see docs/onnx.md); False keeps
     the graph to standard ONNX ops for other runtimes. SAM's own encoder exports unchanged.
     """
-    from blsam.modeling import attention
+    from blsam.utils.onnx import export_attention
 
     enc = sam.image_encoder.eval()
     size = enc.img_size
     x = torch.randn(1, 3, size, size)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fused = attention.FUSED_ATTENTION
-    attention.FUSED_ATTENTION = fused_attention
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer/constant-folding chatter; the check counts
-            torch.onnx.export(enc, (x,), path, input_names=["image"],
-                              output_names=["image_embeddings"], opset_version=opset,
-                              dynamo=False)
-    finally:
-        attention.FUSED_ATTENTION = fused
+    with export_attention(fused_attention), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer/constant-folding chatter; the check counts
+        torch.onnx.export(enc, (x,), path, input_names=["image"],
+                          output_names=["image_embeddings"], opset_version=opset, dynamo=False)
 
 
 def _traceable_sam_onnx_model(sam: torch.nn.Module) -> torch.nn.Module:
