@@ -269,7 +269,8 @@ def wrap_ddp(run: Run) -> None:
         run.ddp = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[dev.index] if dev.type == "cuda" else None,
             # the prompt encoder has embeddings no prompt kind uses (mask_downscaling, ...)
-            find_unused_parameters="prompt_encoder" in run.parts)
+            find_unused_parameters="prompt_encoder" in run.parts,
+            gradient_as_bucket_view=True)  # issue 27.5: no second fp32 copy of the grads
     else:
         run.ddp = run.model
 
