@@ -234,7 +234,9 @@ def start_rotation(folder: str, resumed_step: Optional[int]) -> None:
             log.warning("--output-dir %s holds %d step file(s) of an earlier run (%s ... %s): "
                         "this run's rotation leaves them alone", folder, len(theirs), theirs[0],
                         theirs[-1])
-        write_json_atomic({"files": []}, path)
+            write_json_atomic({"files": []}, path)
+        elif os.path.isfile(path):  # no list: every step file that appears is this run's
+            os.remove(path)
     elif not os.path.isfile(path):
         mine = [f for f in step_files(folder) if int(_STEP.match(f).group(1)) <= resumed_step]
         write_json_atomic({"files": mine}, path)
