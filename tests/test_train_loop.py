@@ -266,7 +266,13 @@ def test_resume_continues_exactly(tiny, tiny_sam_ckpt, tmp_path):
     for st in (2, 3):
         w.add_scalar("train/loss", 999.0, st)
     w.close()
-    stale = [tmp_path / "b" / ".step_0000002.pth.tmp.4242", tmp_path / "b" / ".last.pth.link.7"]
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # temp files of dead processes
+    gone.wait()  # (a live pid's temp file is kept: tests/test_train_rundir.py)
+    stale = [tmp_path / "b" / f".step_0000002.pth.tmp.{gone.pid}",
+             tmp_path / "b" / f".last.pth.link.{gone.pid}"]
     for f in stale:
         f.write_bytes(b"x" * 1000)
     resumed = train(_args(tiny, tiny_sam_ckpt, tmp_path / "b", *common, "--resume", "auto"))

@@ -32,6 +32,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--masks-per-image", type=int, default=16)
     p.add_argument("--prompt", default="point", choices=("box", "point", "points"))
     p.add_argument("--trainable", default="image_encoder")
+    p.add_argument("--ddp-buckets", default="view", choices=("view", "copy"),
+                   help="DDP gradient buckets: views of the grads (gradient_as_bucket_view, "
+                        "the trainer's setting) or a second fp32 copy of every trainable grad")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="blocks recomputed in backward: only each block's input is kept")
     return one_line_parse_errors(p).parse_args(argv)
@@ -49,11 +52,14 @@ def estimate(args: argparse.Namespace) -> Dict[str, float]:
     predictor.TokenPredictor.forward = (  # no autocast context on meta
         lambda self, x: self.fc(self.norm(x.float())).softmax(dim=-1)[..., 0])
     attn_bytes = [0]
+    mask_bytes: List[int] = []  # issue 27.5: bf16 masks kept for backward, one per SDPA call
     sdpa = F.scaled_dot_product_attention
 
     def flash_like(q, k, v, attn_mask=None, scale=None, **kw):
         out = q * 1.0 if v.shape == q.shape else sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
         attn_bytes[0] += sum(t.numel() * 2 for t in (q, k, v, out)) + q[..., 0].numel() * 4
+        if attn_mask is not None:  # memory-efficient SDPA keeps the dense (B, H, N, S) mask
+            mask_bytes.append(q[..., 0].numel() * k.shape[-2] * 2)
         return out
 
     attention.F.scaled_dot_product_attention = flash_like
@@ -89,17 +95,22 @@ def estimate(args: argparse.Namespace) -> Dict[str, float]:
         attn_bytes[0] = attn_bytes[0] // spec.depth
         saved[-1] = kept
     act32 = sum(saved.values()) / GiB + attn_bytes[0] / GiB
+    # checkpointed: only the recomputed block's masks are live; otherwise every block's
+    masks = (max(mask_bytes, default=0) if args.grad_checkpoint else sum(mask_bytes)) / GiB
     out = {
         "student_params_M": (trainable + frozen) / 1e6,
         "trainable_params_M": trainable / 1e6,
         "weights_grads_adamw_GiB": (16 * trainable + 4 * frozen) / GiB,
         "teacher_weights_GiB": 4 * sum(p.numel() for p in teacher.parameters()) / GiB,
         "activations_fp32_GiB_per_image": act32,
+        "sdpa_masks_GiB_per_image": masks,
+        "ddp_grad_buckets_GiB": 4 * trainable / GiB if args.ddp_buckets == "copy" else 0.0,
     }
     b = args.batch_size
-    base = out["weights_grads_adamw_GiB"] + out["teacher_weights_GiB"]
-    out["total_bf16_GiB_low"] = base + 0.5 * act32 * b
-    out["total_bf16_GiB_high"] = base + act32 * b
+    base = (out["weights_grads_adamw_GiB"] + out["teacher_weights_GiB"]
+            + out["ddp_grad_buckets_GiB"])
+    out["total_bf16_GiB_low"] = base + (0.5 * act32 + masks) * b
+    out["total_bf16_GiB_high"] = base + (act32 + masks) * b
     return out
 
 

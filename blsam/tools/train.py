@@ -26,6 +26,7 @@ from typing import List, Optional
 
 from blsam.errors import UserError
 from blsam.train.cluster import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError
+from blsam.train import fatal
 from blsam.train.failures import EXIT_FAILED, RankFailure, agreed_exit, end_process_group
 from blsam.train.options import build_parser, train
 from blsam.utils.cli import one_line, one_line_parse_errors, run_cli
@@ -83,7 +84,8 @@ def cli(argv: Optional[List[str]] = None) -> int:
         finally:  # every rank printed its line: now the agreed ones leave together
             end_process_group(agreed_exit(exc))
 
-    return run_cli(body, extra="train", argv=argv)
+    # issue 27.3: a deterministic failure of an earlier torchrun attempt is not retried
+    return fatal.guarded(lambda: run_cli(body, extra="train", argv=argv))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from .sources.build import signature_extras, training_data
 from .distill import (METRIC_KEYS, DistillModel, enable_grad_checkpointing,
                       lr_lambda, make_optimizer, set_trainable, state_checksum)
 from .precision import amp_dtype
+from . import rundir
 from .resume import (COUNTERS, check_resume, clean_stale_temp_files, load_resume,
                      remap_position, restore_counters, rng_state, run_signature,
                      save_training_checkpoint, saved_signature, set_rng_state, truncate_jsonl)
@@ -189,6 +190,8 @@ def _setup_data(args: argparse.Namespace, info: du.DistInfo, teacher_name: str) 
     if args.init_checkpoint:
         signature["init_checkpoint_sha256"] = file_sha256(args.init_checkpoint)
     resume_path, resume_ck, resume_diffs = None, None, []
+    if info.is_main and not args.val_only:  # issue 27.6: one run owns --output-dir
+        rundir.claim(args.output_dir)
     if not args.val_only:  # a checkpoint of another run is refused before any model is built
         resume_path, resume_ck = load_resume(args.resume, args.output_dir)
         if resume_path:
@@ -220,6 +223,7 @@ def resume(run: Run) -> None:
                             "scratch and overwriting it", args.output_dir)
             for name in ("metrics.jsonl", "val.jsonl"):  # a fresh log
                 truncate_jsonl(os.path.join(args.output_dir, name), 0)
+            rundir.start_rotation(args.output_dir, None)  # issue 27.6
         return
     run.sam.load_state_dict(ck["model"])
     run.opt.load_state_dict(ck["optimizer"])
@@ -256,6 +260,7 @@ def resume(run: Run) -> None:
                  run.batch_in_epoch)
         for name in ("metrics.jsonl", "val.jsonl"):
             truncate_jsonl(os.path.join(args.output_dir, name), run.step)
+        rundir.start_rotation(args.output_dir, run.step)  # issue 27.6
 
 
 def wrap_ddp(run: Run) -> None:
@@ -264,7 +269,8 @@ def wrap_ddp(run: Run) -> None:
         run.ddp = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[dev.index] if dev.type == "cuda" else None,
             # the prompt encoder has embeddings no prompt kind uses (mask_downscaling, ...)
-            find_unused_parameters="prompt_encoder" in run.parts)
+            find_unused_parameters="prompt_encoder" in run.parts,
+            gradient_as_bucket_view=True)  # issue 27.5: no second fp32 copy of the grads
     else:
         run.ddp = run.model
 

@@ -18,6 +18,7 @@ from typing import Any, Dict
 from ..specs import TEACHER_OF, check_img_size, check_keep_ratio, default_keep_ratio
 from ..utils.cli import OptionError, check_option
 from ..checkpoint import check_not_blsam, read_state_dict
+from . import rundir
 from .cluster import OutputDirError, StopSignals, check_output_dir, signal_numbers
 from .data import MAX_MASK_FRACTION, add_data_args
 from .distill import FD_PADDING, parse_trainable
@@ -233,9 +234,17 @@ def check_sam_checkpoint(path: str, variant: str) -> None:
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Run (or resume) a distillation run, or ``--val-only``; returns rank 0's summary."""
+    check_args(args)
+    try:
+        return _train(args)
+    finally:
+        if args.output_dir:
+            rundir.release(args.output_dir)  # issue 27.6 (claimed in loop._setup_data)
+
+
+def _train(args: argparse.Namespace) -> Dict[str, Any]:
     from . import loop
 
-    check_args(args)
     # from here a preemption signal (or Ctrl-C) is a flag read at the next step boundary
     with StopSignals(signal_numbers(args.preempt_signals)) as signals:
         run = loop.setup(args)

@@ -289,36 +289,37 @@ def save_training_checkpoint(state: Dict[str, Any], output_dir: str, step: int,
         os.replace(tmp, last)
     except OSError:
         save_atomic(state, last)
-    old = sorted(f for f in os.listdir(output_dir) if f.startswith("step_") and f.endswith(".pth"))
-    for f in old[:-keep_last] if keep_last > 0 else []:
-        os.remove(os.path.join(output_dir, f))
+    from .rundir import rotate  # issue 27.6: only this run's step files are pruned
+
+    rotate(output_dir, path, keep_last)
 
 
 def clean_stale_temp_files(output_dir: str) -> List[str]:
-    """Remove what a save killed mid-write left behind (``.<name>.tmp.<pid>`` from
-    ``save_atomic``, ``.last.pth.link.<pid>``): 1.2 GB (b_t) to 9 GB (h_b) each, never read.
-    Called at start, before this run writes anything; returns the removed names."""
-    if not os.path.isdir(output_dir):
-        return []
-    removed, size = [], 0
-    for name in sorted(os.listdir(output_dir)):
-        if name.startswith(".") and (".tmp." in name or name.startswith(".last.pth.link.")):
-            path = os.path.join(output_dir, name)
-            if os.path.isfile(path):
-                size += os.path.getsize(path)
-                os.remove(path)
-                removed.append(name)
-    if removed:
-        log.warning("removed %d stale temp file(s) of an interrupted save (%.1f MB): %s",
-                    len(removed), size / 2 ** 20, ", ".join(removed))
-    return removed
+    """Temp files of dead processes removed, live ones kept (``rundir.clean_stale_temp_files``)."""
+    from .rundir import clean_stale_temp_files as clean
+
+    return clean(output_dir)
 
 
 def truncate_jsonl(path: str, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+    """Drop log lines written after the checkpoint we resume from (they will be redone), and
+    a torn line (a kill mid-write) with a warning: never fatal."""
     if not os.path.isfile(path):
         return
-    with open(path, "r", encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    lines, torn = [], 0
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        for ln in f:
+            if not ln.strip():
+                continue
+            try:
+                rec = json.loads(ln)
+                keep = int(rec.get("step", 0)) <= step
+            except (ValueError, AttributeError, TypeError):
+                torn += 1
+                continue
+            if keep:
+                lines.append(ln if ln.endswith("\n") else ln + "\n")
+    if torn:
+        log.warning("%s: dropped %d unreadable line(s) (a write cut off by a kill)", path, torn)
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(lines)
