@@ -1,15 +1,15 @@
-"""The training run in parts that read alone: ``setup`` (data, models, optimizer), ``resume``,
-``train_step`` (one optimizer update), ``MetricsLog`` (JSONL, TensorBoard, progress bar),
-``save`` (checkpoint), ``validate``, ``run_loop`` and ``finish``. ``blsam.train.options.train``
-chains them. State that changes while training lives in one ``Run`` object, so a hook (for
-example an asynchronous checkpoint writer) needs only that object.
+"""The training run in parts that read alone: ``setup`` (data, models, optimizer),
+``train_step`` (one optimizer update), ``validate``, ``run_loop`` and ``finish``; checkpoints
+(``save``, ``resume``) are ``blsam.train.checkpointer``'s, the logs
+``blsam.train.metrics_log``'s; ``blsam.train.trainer.Trainer.fit`` chains them. State that
+changes while training lives in one ``Run`` object, so a hook (for example an asynchronous
+checkpoint writer) needs only that object.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
-import json
 import logging
 import os
 import random
@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..build_blsam import blsam_model_registry
 from ..specs import TEACHER_OF
 from ..checkpoint import load_strict, read_state_dict, save_atomic
-from ..utils.files import wait_for_later_event_file, write_json_atomic
+from ..utils.files import write_json_atomic
 from ..utils import dist as du
 from .data import SA1BDataset, collate
 from .sampler import EpochBatchSampler
@@ -33,15 +33,15 @@ from .sources.build import signature_extras, training_data
 from .distill import (METRIC_KEYS, DistillModel, enable_grad_checkpointing,
                       lr_lambda, make_optimizer, set_trainable, state_checksum)
 from .precision import amp_dtype
-from .resume import (COUNTERS, check_resume, clean_stale_temp_files, load_resume,
-                     remap_position, restore_counters, rng_state, run_signature,
-                     save_training_checkpoint, saved_signature, set_rng_state, truncate_jsonl)
+from .resume import COUNTERS, check_resume, load_resume, run_signature, saved_signature
+from .checkpointer import resume, save, write_timeout  # noqa: F401  (loop.resume: its parts)
+from .metrics_log import LogInterval, MetricsLog, log_window  # noqa: F401  (loop.MetricsLog)
 from .cluster import (NonFiniteError, StopSignals, cache_key, check_ranks_agree,
-                      first_nonfinite, step_flags)
+                      step_flags)
 from .async_ckpt import AsyncCheckpointWriter
 from .failures import LocalFailures, check_boundary, raise_agreed
 from .teacher import Teacher, cache_covers
-from .timing import PhaseTimer, StepProfiler, window_record
+from .timing import PhaseTimer, StepProfiler
 from .loader import endless_loader, normalize_images, unpack_batch
 from .validation import VAL_KEYS, PromptHead, evaluate
 
@@ -88,7 +88,7 @@ class Run:
     nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss / grad norm
     nonfinite_run: int = 0  # ... of them in a row, up to now
     last_good: Optional[str] = None  # the newest checkpoint known finite (written or resumed)
-    signals: Optional[StopSignals] = None  # set by options.train: preemption requests
+    signals: Optional[StopSignals] = None  # set by Trainer.fit: preemption requests
     preempted: Optional[str] = None  # the signal the run stopped for
     failures: LocalFailures = field(default_factory=LocalFailures)  # rank-local work's errors
 
@@ -104,6 +104,7 @@ class Run:
     def global_batch(self) -> int:
         a = self.args
         return self.info.world_size * a.batch_size * a.accum_steps
+
 
 
 # ---------------------------------------------------------------- setup
@@ -198,65 +199,6 @@ def _setup_data(args: argparse.Namespace, info: du.DistInfo, teacher_name: str) 
             resume_path, resume_ck, resume_diffs)
 
 
-# ---------------------------------------------------------------- resume
-
-
-def resume(run: Run) -> None:
-    """Continue from ``--resume``: exactly when the run's signature matches the checkpoint's,
-    by images seen with ``--resume-remap``, refused otherwise. Also cleans stale temp files and
-    the log lines the checkpoint does not cover."""
-    args, info = run.args, run.info
-    if info.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-        clean_stale_temp_files(args.output_dir)
-    path, ck, diffs = run.resume_path, run.resume_ck, run.resume_diffs
-    if not path:
-        if info.is_main:
-            if args.resume:
-                log.info("--resume %s: no checkpoint in %s, starting fresh", args.resume,
-                         args.output_dir)
-            elif os.path.isfile(os.path.join(args.output_dir, "last.pth")):
-                log.warning("%s holds a checkpoint but --resume was not given: starting from "
-                            "scratch and overwriting it", args.output_dir)
-            for name in ("metrics.jsonl", "val.jsonl"):  # a fresh log
-                truncate_jsonl(os.path.join(args.output_dir, name), 0)
-        return
-    run.sam.load_state_dict(ck["model"])
-    run.opt.load_state_dict(ck["optimizer"])
-    if run.scaler is not None and ck.get("scaler"):
-        run.scaler.load_state_dict(ck["scaler"])
-    if not diffs:
-        run.sched.load_state_dict(ck["scheduler"])
-        run.step, run.epoch, run.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
-        run.images_seen = int(ck.get("images_seen", run.step * run.global_batch))
-        set_rng_state(ck["rng"])
-    else:
-        pos = remap_position(ck, run.global_batch, run.batches_per_epoch)
-        run.step, run.epoch, run.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
-        run.images_seen = pos["images_seen"]
-        f = lr_lambda(args.warmup_steps, run.total, args.min_lr_ratio)
-        for g in run.opt.param_groups:  # the new schedule at the new step, from --lr
-            g["initial_lr"] = args.lr
-            g["lr"] = args.lr * f(run.step)
-        run.sched.base_lrs = [args.lr] * len(run.opt.param_groups)
-        run.sched.last_epoch = run.step
-        run.sched._last_lr = [g["lr"] for g in run.opt.param_groups]
-        if info.is_main:
-            log.warning("--resume-remap: %s was written by another run geometry (%s); "
-                        "continuing by images seen (%d): step %d -> %d, data position epoch %d "
-                        "batch %d. This is NOT the run the checkpoint started.", path,
-                        "; ".join(diffs), run.images_seen, ck["step"], run.step, run.epoch,
-                        run.batch_in_epoch)
-    run.counters = restore_counters(ck, info.rank, info.world_size, exact=not diffs)
-    run.nonfinite_steps = int(ck.get("nonfinite_steps", 0))
-    run.resumed_from = run.last_good = path
-    run.resume_ck = None  # free the checkpoint's memory
-    if info.is_main:
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.step, run.epoch,
-                 run.batch_in_epoch)
-        for name in ("metrics.jsonl", "val.jsonl"):
-            truncate_jsonl(os.path.join(args.output_dir, name), run.step)
-
 
 def wrap_ddp(run: Run) -> None:
     if run.info.distributed:
@@ -268,102 +210,6 @@ def wrap_ddp(run: Run) -> None:
     else:
         run.ddp = run.model
 
-
-# ---------------------------------------------------------------- logging
-
-
-class MetricsLog:
-    """metrics.jsonl / val.jsonl and TensorBoard on rank 0. After a resume TensorBoard purges
-    the events the killed run wrote past the checkpoint (``purge_step``), so no step shows
-    twice."""
-
-    def __init__(self, run: Run) -> None:
-        self.writer = None
-        self.train_f = self.val_f = None
-        self.bar = None
-        self.failures = run.failures  # a failed write stops every rank at the next step
-        args = run.args
-        if not run.info.is_main:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            wait_for_later_event_file(os.path.join(args.output_dir, "tb"))
-            self.writer = SummaryWriter(os.path.join(args.output_dir, "tb"),
-                                        purge_step=run.step + 1 if run.resumed_from else None)
-        except ImportError:
-            log.info("tensorboard not installed: no TensorBoard scalars (metrics.jsonl only)")
-        self.train_f = open(os.path.join(args.output_dir, "metrics.jsonl"), "a", encoding="utf-8")
-        self.val_f = open(os.path.join(args.output_dir, "val.jsonl"), "a", encoding="utf-8")
-        if not args.no_progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=run.total, initial=run.step, dynamic_ncols=True, desc="train")
-
-    def write(self, split: str, rec: Dict[str, Any], keys: Tuple[str, ...]) -> None:
-        f = self.train_f if split == "train" else self.val_f
-        if f is None:
-            return
-        with self.failures.guard(f"writing {split} metrics"):
-            self._write(f, split, rec, keys)
-
-    def _write(self, f: Any, split: str, rec: Dict[str, Any], keys: Tuple[str, ...]) -> None:
-        f.write(json.dumps(rec) + "\n")
-        f.flush()
-        if self.writer is not None:
-            for k in keys:
-                self.writer.add_scalar(f"{split}/{k}", rec[k], rec["step"])
-            self.writer.flush()
-        if self.bar is not None and split == "train":
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", cos=f"{rec['cos_sim']:.3f}",
-                                 img_s=f"{rec['images_per_s']:.2f}")
-
-    def close(self) -> None:
-        for f in (self.train_f, self.val_f):
-            if f is not None:
-                f.close()
-        if self.writer is not None:
-            self.writer.close()
-        if self.bar is not None:
-            self.bar.close()
-
-
-class LogInterval:
-    """Metrics summed over the steps since the last log line (on the device: no host sync per
-    step), images and micro-steps; the window's time comes from ``run.timer``'s laps."""
-
-    def __init__(self, dev: torch.device) -> None:
-        self.dev_sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=dev)
-        self.images = 0
-        self.micro = 0
-
-    def reset(self) -> None:
-        self.dev_sums.zero_()
-        self.images = self.micro = 0
-
-
-def log_window(run: Run, win: LogInterval, mlog: MetricsLog, lr: float) -> None:
-    """One train record: metrics averaged over every rank's micro-steps; ``images_per_s`` is
-    the global rate (all ranks) over the window's training time: the timer's laps without the
-    checkpoint and validation phases (``global_images_per_s``, the same number)."""
-    counts = [float(run.counters[k]) for k in COUNTERS]
-    agg = torch.cat([win.dev_sums.double().cpu(),
-                     torch.tensor([win.images, win.micro] + counts, dtype=torch.float64)])
-    if run.info.distributed:  # on the process group's device (nccl reduces CUDA tensors)
-        agg = agg.to(run.dev)
-        torch.distributed.all_reduce(agg)
-        agg = agg.cpu()
-    nk = len(METRIC_KEYS)
-    images, n_micro = agg[nk].item(), max(agg[nk + 1].item(), 1.0)
-    timing = window_record(run.timer.collect(), images)
-    rec = {"step": run.step,
-           "epoch": round(run.epoch + run.batch_in_epoch / run.batches_per_epoch, 4),
-           **{k: agg[i].item() / n_micro for i, k in enumerate(METRIC_KEYS)},
-           "lr": lr, "images": int(images), "images_per_s": timing["global_images_per_s"],
-           **{k: int(agg[nk + 2 + j].item()) for j, k in enumerate(COUNTERS)},
-           "skipped_index": len(run.index_skipped), "nonfinite_steps": run.nonfinite_steps,
-           "time": time.time(), **timing}
-    run.history.append(rec)
-    mlog.write("train", rec, METRIC_KEYS + ("lr", "images_per_s"))
-    win.reset()
 
 
 # ---------------------------------------------------------------- one step
@@ -462,50 +308,8 @@ def _nonfinite(run: Run, what: str) -> None:
             f"{run.last_good or 'none (no checkpoint written yet)'}")
 
 
-# ---------------------------------------------------------------- checkpoint, validation
 
-
-def checkpoint_state(run: Run, counters: Dict[str, List[int]]) -> Dict[str, Any]:
-    return {
-        "model": run.sam.state_dict(), "optimizer": run.opt.state_dict(),
-        "scheduler": run.sched.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler else None,
-        "step": run.step, "total_steps": run.total, "epoch": run.epoch,
-        "batch_in_epoch": run.batch_in_epoch, "batches_per_epoch": run.batches_per_epoch,
-        "images_seen": run.images_seen, "counters": counters,
-        "skipped_read": sum(counters["skipped_read"]),
-        "rng": rng_state(), "config": dict(vars(run.args)), "run": run.signature,
-        "nonfinite_steps": run.nonfinite_steps,
-        "amp_dtype": str(run.dtype or torch.float32).replace("torch.", ""),  # what auto chose
-    }
-
-
-def write_timeout(args: argparse.Namespace) -> float:
-    """Minutes the other ranks wait for rank 0's file writes (``--write-timeout``)."""
-    return float(getattr(args, "write_timeout", None) or 120.0)
-
-
-def save(run: Run, numbered: bool) -> None:
-    """Every rank's counters gathered (a collective), rank 0 snapshots the state off the device
-    and a background thread writes it (atomic rename, last good file kept); the loop times it
-    as the "checkpoint" phase, which is not training time. The other ranks wait for rank 0
-    outside any collective (``du.main_writes``), so a write longer than ``--dist-timeout``
-    does not end the run."""
-    # every rank holds the same weights: each checks them, so all stop together
-    bad = first_nonfinite({"model": run.sam.state_dict(), "optimizer": run.opt.state_dict()})
-    if bad:
-        raise NonFiniteError(f"step {run.step}: {bad} is not finite: no checkpoint written; "
-                             f"newest good checkpoint: {run.last_good or 'none'}")
-    gathered = du.all_gather_objects(dict(run.counters))
-    counters = {k: [int(c[k]) for c in gathered] for k in COUNTERS}
-    # no collective waits on rank 0's write (it may outlast --dist-timeout): the others wait
-    # for it through the store, up to --write-timeout
-    with du.main_writes(f"checkpoint step {run.step}", write_timeout(run.args)) as main:
-        if main:
-            run.ckpt_writer.save(save_training_checkpoint, checkpoint_state(run, counters),
-                                 run.args.output_dir, run.step, numbered, run.args.keep_last)
-    out = run.args.output_dir
-    run.last_good = os.path.join(out, f"step_{run.step:07d}.pth" if numbered else "last.pth")
+# ---------------------------------------------------------------- validation
 
 
 def validate(run: Run, mlog: Optional[MetricsLog]) -> Dict[str, Any]:

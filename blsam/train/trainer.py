@@ -1,0 +1,47 @@
+"""``Trainer``: the distillation run (paper §3.3, §4.1) from checked options to summary.
+
+``Trainer(args).fit()`` reads top to bottom like torchtitan's ``train()``: set up data, models
+and optimizer (``loop.setup``), restore a checkpoint (``checkpointer.resume``), wrap in DDP,
+step until done or stopped (``loop.run_loop``: logging, validation, checkpoints) and finish
+(final weights, summary). ``train(args)`` is the entry point ``blsam-train`` calls.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict
+
+from . import loop
+from .checkpointer import resume
+from .cluster import StopSignals, signal_numbers
+from .metrics_log import MetricsLog
+from .options import check_args
+
+
+class Trainer:
+    """Owns one run's parts (``loop.Run``) between the option checks and the summary."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        check_args(args)  # before any data is indexed or model built
+        self.args = args
+
+    def fit(self) -> Dict[str, Any]:
+        """Run (or resume) the training, or ``--val-only``; returns rank 0's summary."""
+        # from here a preemption signal (or Ctrl-C) is a flag read at the next step boundary
+        with StopSignals(signal_numbers(self.args.preempt_signals)) as signals:
+            run = loop.setup(self.args)
+            run.signals = signals
+            if self.args.val_only:
+                return loop.val_only(run)
+            resume(run)
+            loop.wrap_ddp(run)
+            mlog = MetricsLog(run)
+            try:
+                completed = loop.run_loop(run, mlog)
+            finally:
+                mlog.close()
+            return loop.finish(run, completed)
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run (or resume) a distillation run, or ``--val-only``; returns rank 0's summary."""
+    return Trainer(args).fit()
