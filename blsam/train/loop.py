@@ -185,7 +185,7 @@ def _setup_data(args: argparse.Namespace, info: du.DistInfo, teacher_name: str) 
         log.info("%d images (%d damaged items skipped while indexing), %d batches/epoch/rank, "
                  "%d steps, world size %d", len(ds), len(src.skipped), len(sampler), total,
                  info.world_size)
-    signature = run_signature(args, info.world_size, total, [r.key for r in data.records])
+    signature = run_signature(vars(args), info.world_size, total, [r.key for r in data.records])
     signature.update(signature_extras(src))
     if args.init_checkpoint:
         signature["init_checkpoint_sha256"] = file_sha256(args.init_checkpoint)

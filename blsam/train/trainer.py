@@ -13,16 +13,17 @@ from typing import Any, Dict
 from . import loop
 from .checkpointer import resume
 from .cluster import StopSignals, signal_numbers
+from .config import TrainConfig
 from .metrics_log import MetricsLog
-from .options import check_args
 
 
 class Trainer:
-    """Owns one run's parts (``loop.Run``) between the option checks and the summary."""
+    """Owns one run's parts (``loop.Run``) from its checked configuration to the summary."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        check_args(args)  # before any data is indexed or model built
-        self.args = args
+    def __init__(self, config: TrainConfig) -> None:
+        config.validate()  # before any data is indexed or model built
+        self.config = config
+        self.args = config.namespace()  # the flat view the loop's parts still read
 
     def fit(self) -> Dict[str, Any]:
         """Run (or resume) the training, or ``--val-only``; returns rank 0's summary."""
@@ -43,5 +44,6 @@ class Trainer:
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run (or resume) a distillation run, or ``--val-only``; returns rank 0's summary."""
-    return Trainer(args).fit()
+    """Run (or resume) a distillation run, or ``--val-only``; returns rank 0's summary. The
+    parsed options become the typed ``TrainConfig`` here, once."""
+    return Trainer(TrainConfig.from_namespace(args)).fit()
