@@ -5,7 +5,6 @@ restores them, exactly or remapped by images seen (``blsam.train.resume`` decide
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from typing import TYPE_CHECKING, Any, Dict, List, Sequence
@@ -19,6 +18,7 @@ from .resume import (COUNTERS, clean_stale_temp_files, remap_position, restore_c
                      rng_state, save_training_checkpoint, set_rng_state, truncate_jsonl)
 
 if TYPE_CHECKING:
+    from .config import TrainConfig
     from .loop import Run
 
 log = logging.getLogger("blsam.train")
@@ -48,15 +48,15 @@ def checkpoint_state(run: Run, counters: Dict[str, List[int]]) -> Dict[str, Any]
         "batch_in_epoch": run.batch_in_epoch, "batches_per_epoch": run.batches_per_epoch,
         "images_seen": run.images_seen, "counters": counters,
         "skipped_read": sum(counters["skipped_read"]),
-        "rng": rng_state(), "config": dict(vars(run.args)), "run": run.signature,
+        "rng": rng_state(), "config": run.cfg.options(), "run": run.signature,
         "nonfinite_steps": run.nonfinite_steps,
         "amp_dtype": str(run.dtype or torch.float32).replace("torch.", ""),  # what auto chose
     }
 
 
-def write_timeout(args: argparse.Namespace) -> float:
+def write_timeout(cfg: TrainConfig) -> float:
     """Minutes the other ranks wait for rank 0's file writes (``--write-timeout``)."""
-    return float(getattr(args, "write_timeout", None) or 120.0)
+    return float(cfg.cluster.write_timeout or 120.0)
 
 
 def save(run: Run, numbered: bool) -> None:
@@ -74,11 +74,12 @@ def save(run: Run, numbered: bool) -> None:
     counters = {k: [int(c[k]) for c in gathered] for k in COUNTERS}
     # no collective waits on rank 0's write (it may outlast --dist-timeout): the others wait
     # for it through the store, up to --write-timeout
-    with du.main_writes(f"checkpoint step {run.step}", write_timeout(run.args)) as main:
+    with du.main_writes(f"checkpoint step {run.step}", write_timeout(run.cfg)) as main:
         if main:
             run.ckpt_writer.save(save_training_checkpoint, checkpoint_state(run, counters),
-                                 run.args.output_dir, run.step, numbered, run.args.keep_last)
-    out = run.args.output_dir
+                                 run.cfg.ckpt.output_dir, run.step, numbered,
+                                 run.cfg.ckpt.keep_last)
+    out = run.cfg.ckpt.output_dir
     run.last_good = os.path.join(out, f"step_{run.step:07d}.pth" if numbered else "last.pth")
 
 
@@ -87,21 +88,21 @@ def resume(run: Run) -> None:
     """Continue from ``--resume``: exactly when the run's signature matches the checkpoint's,
     by images seen with ``--resume-remap``, refused otherwise. Also cleans stale temp files and
     the log lines the checkpoint does not cover."""
-    args, info = run.args, run.info
+    cfg, info = run.cfg, run.info
     if info.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-        clean_stale_temp_files(args.output_dir)
+        os.makedirs(cfg.ckpt.output_dir, exist_ok=True)
+        clean_stale_temp_files(cfg.ckpt.output_dir)
     path, ck, diffs = run.resume_path, run.resume_ck, run.resume_diffs
     if not path:
         if info.is_main:
-            if args.resume:
-                log.info("--resume %s: no checkpoint in %s, starting fresh", args.resume,
-                         args.output_dir)
-            elif os.path.isfile(os.path.join(args.output_dir, "last.pth")):
+            if cfg.ckpt.resume:
+                log.info("--resume %s: no checkpoint in %s, starting fresh", cfg.ckpt.resume,
+                         cfg.ckpt.output_dir)
+            elif os.path.isfile(os.path.join(cfg.ckpt.output_dir, "last.pth")):
                 log.warning("%s holds a checkpoint but --resume was not given: starting from "
-                            "scratch and overwriting it", args.output_dir)
+                            "scratch and overwriting it", cfg.ckpt.output_dir)
             for name in ("metrics.jsonl", "val.jsonl"):  # a fresh log
-                truncate_jsonl(os.path.join(args.output_dir, name), 0)
+                truncate_jsonl(os.path.join(cfg.ckpt.output_dir, name), 0)
         return
     # an exact resume restores every stateful part; a remapped one all but the schedule
     load_parts(run, ck, skip=("scheduler",) if diffs else ())
@@ -113,12 +114,12 @@ def resume(run: Run) -> None:
         pos = remap_position(ck, run.global_batch, run.batches_per_epoch)
         run.step, run.epoch, run.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
         run.images_seen = pos["images_seen"]
-        f = lr_lambda(args.warmup_steps, run.total, args.min_lr_ratio)
+        f = lr_lambda(cfg.optim.warmup_steps, run.total, cfg.optim.min_lr_ratio)
         for g in run.opt.param_groups:  # the new schedule at the new step, from --lr
-            g["initial_lr"] = args.lr
-            g["lr"] = args.lr * f(run.step)
+            g["initial_lr"] = cfg.optim.lr
+            g["lr"] = cfg.optim.lr * f(run.step)
         sched = run.sched.state_dict()  # the schedule moved by its public state dict
-        sched.update(base_lrs=[args.lr] * len(run.opt.param_groups), last_epoch=run.step,
+        sched.update(base_lrs=[cfg.optim.lr] * len(run.opt.param_groups), last_epoch=run.step,
                      _last_lr=[g["lr"] for g in run.opt.param_groups])
         run.sched.load_state_dict(sched)
         if info.is_main:
@@ -135,4 +136,4 @@ def resume(run: Run) -> None:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.step, run.epoch,
                  run.batch_in_epoch)
         for name in ("metrics.jsonl", "val.jsonl"):
-            truncate_jsonl(os.path.join(args.output_dir, name), run.step)
+            truncate_jsonl(os.path.join(cfg.ckpt.output_dir, name), run.step)

@@ -7,7 +7,6 @@ checkpoint writer) needs only that object.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import logging
@@ -32,6 +31,7 @@ from .packed_cache import file_sha256
 from .sources.build import signature_extras, training_data
 from .distill import (METRIC_KEYS, DistillModel, enable_grad_checkpointing,
                       lr_lambda, make_optimizer, set_trainable, state_checksum)
+from .config import TrainConfig
 from .precision import amp_dtype
 from .resume import COUNTERS, check_resume, load_resume, run_signature, saved_signature
 from .checkpointer import resume, save, write_timeout  # noqa: F401  (loop.resume: its parts)
@@ -52,7 +52,7 @@ log = logging.getLogger("blsam.train")
 class Run:
     """Everything a training run holds; the loop's parts read and update it."""
 
-    args: argparse.Namespace
+    cfg: TrainConfig
     info: du.DistInfo
     dtype: Optional[torch.dtype]
     records: list
@@ -102,27 +102,28 @@ class Run:
 
     @property
     def global_batch(self) -> int:
-        a = self.args
-        return self.info.world_size * a.batch_size * a.accum_steps
+        o = self.cfg.optim
+        return self.info.world_size * o.batch_size * o.accum_steps
 
 
 
 # ---------------------------------------------------------------- setup
 
 
-def total_steps(args: argparse.Namespace, batches_per_epoch: int) -> int:
-    return args.max_steps or max(1, int(args.epochs * batches_per_epoch) // args.accum_steps)
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    o = cfg.optim
+    return o.max_steps or max(1, int(o.epochs * batches_per_epoch) // o.accum_steps)
 
 
-def setup(args: argparse.Namespace) -> Run:
+def setup(cfg: TrainConfig) -> Run:
     """Data first (a bad --data fails before any model is built), then the student (P-blocks
     from SAM), a frozen copy of SAM's prompt encoder + decoder for validation, the teacher,
     optimizer and schedule."""
-    info = du.init_distributed(args.device, timeout_min=getattr(args, "dist_timeout", None))
+    info = du.init_distributed(cfg.cluster.device, timeout_min=cfg.cluster.dist_timeout)
     dev = info.device
-    teacher_name = TEACHER_OF[args.model]
+    teacher_name = TEACHER_OF[cfg.model.model]
     with du.fail_together():  # a rank whose data or resume file fails ends every rank
-        run_parts = _setup_data(args, info, teacher_name)
+        run_parts = _setup_data(cfg, info, teacher_name)
     (records, index_skipped, selection, ds, sampler, total, val_loader, signature,
      resume_path, resume_ck, resume_diffs) = run_parts
     # every rank describes the same run, or all stop here naming the difference (never train
@@ -134,67 +135,68 @@ def setup(args: argparse.Namespace) -> Run:
         "batches per epoch": len(sampler), "total steps": total,
         "resume file": resume_path and os.path.abspath(resume_path),
         "resume step": resume_ck["step"] if resume_ck else None,
-        "teacher cache": cache_key(args.teacher_cache)})
+        "teacher cache": cache_key(cfg.data.teacher_cache)})
 
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-    sam = blsam_model_registry[args.model](
-        sam_checkpoint=args.sam_checkpoint, keep_ratio=args.keep_ratio, img_size=args.img_size)
+    torch.manual_seed(cfg.data.seed)
+    np.random.seed(cfg.data.seed)
+    random.seed(cfg.data.seed)
+    sam = blsam_model_registry[cfg.model.model](
+        sam_checkpoint=cfg.model.sam_checkpoint, keep_ratio=cfg.model.keep_ratio,
+        img_size=cfg.model.img_size)
     head = PromptHead(copy.deepcopy(sam.prompt_encoder), copy.deepcopy(sam.mask_decoder))
     head.to(dev)
-    if getattr(args, "init_checkpoint", None):  # the student only: head and teacher stay SAM
-        load_strict(sam, read_state_dict(args.init_checkpoint, "--init-checkpoint"),
-                    f"--init-checkpoint {args.init_checkpoint!r}")
-    parts = set_trainable(sam, args.trainable)
+    if cfg.model.init_checkpoint:  # the student only: head and teacher stay SAM
+        load_strict(sam, read_state_dict(cfg.model.init_checkpoint, "--init-checkpoint"),
+                    f"--init-checkpoint {cfg.model.init_checkpoint!r}")
+    parts = set_trainable(sam, cfg.model.trainable)
     sam.to(dev).train()
-    if args.grad_checkpoint:
+    if cfg.model.grad_checkpoint:
         enable_grad_checkpointing(sam.image_encoder)
-    dtype = amp_dtype(args.amp, dev)
-    teacher = Teacher(teacher_name, args.sam_checkpoint, args.img_size, dev, dtype,
-                      compile=args.teacher_compile)
-    if args.val_only:
+    dtype = amp_dtype(cfg.optim.amp, dev)
+    teacher = Teacher(teacher_name, cfg.model.sam_checkpoint, cfg.model.img_size, dev, dtype,
+                      compile=cfg.data.teacher_compile)
+    if cfg.val.val_only:
         pass  # the teacher is built on first use, if the cache lacks a validation image
-    elif not cache_covers(args.teacher_cache, [r.key for r in records]):
+    elif not cache_covers(cfg.data.teacher_cache, [r.key for r in records]):
         teacher.build()
     elif info.is_main:
         log.info("teacher cache covers every image: no teacher model built")
 
-    model = DistillModel(sam, args.lambda_fd, args.prompt_iters, args.fd_padding)
-    opt = make_optimizer(sam, args)
+    model = DistillModel(sam, cfg.optim.lambda_fd, cfg.data.prompt_iters, cfg.optim.fd_padding)
+    opt = make_optimizer(sam, cfg.optim)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(args.warmup_steps, total, args.min_lr_ratio))
+        opt, lr_lambda(cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio))
     scaler = torch.amp.GradScaler(dev.type) if dtype == torch.float16 else None
-    return Run(args, info, dtype, records, index_skipped, selection, ds, sampler, total, sam,
+    return Run(cfg, info, dtype, records, index_skipped, selection, ds, sampler, total, sam,
                parts, teacher, head, model, opt, sched, scaler, signature, val_loader,
                resume_path=resume_path, resume_ck=resume_ck, resume_diffs=resume_diffs)
 
 
-def _setup_data(args: argparse.Namespace, info: du.DistInfo, teacher_name: str) -> tuple:
+def _setup_data(cfg: TrainConfig, info: du.DistInfo, teacher_name: str) -> tuple:
     """The source (``sources.build``), validation loader, step count and run signature; a
     checkpoint of another run is refused here, before any model is built."""
-    data = training_data(args, info.rank, info.world_size, teacher_name)
+    data = training_data(cfg.namespace(), info.rank, info.world_size, teacher_name)
     src, ds, sampler = data.source, data.ds, data.sampler
-    total = total_steps(args, len(sampler))
+    total = total_steps(cfg, len(sampler))
     val_loader = None
     if data.val_ds is not None:
         val_loader = torch.utils.data.DataLoader(
-            data.val_ds, batch_size=args.batch_size, collate_fn=collate, num_workers=0,
+            data.val_ds, batch_size=cfg.optim.batch_size, collate_fn=collate, num_workers=0,
             sampler=[(0, i) for i in range(len(data.val_ds))])
     if info.is_main:
         log.info("%d images (%d damaged items skipped while indexing), %d batches/epoch/rank, "
                  "%d steps, world size %d", len(ds), len(src.skipped), len(sampler), total,
                  info.world_size)
-    signature = run_signature(vars(args), info.world_size, total, [r.key for r in data.records])
+    signature = run_signature(cfg.options(), info.world_size, total, [r.key for r in data.records])
     signature.update(signature_extras(src))
-    if args.init_checkpoint:
-        signature["init_checkpoint_sha256"] = file_sha256(args.init_checkpoint)
+    if cfg.model.init_checkpoint:
+        signature["init_checkpoint_sha256"] = file_sha256(cfg.model.init_checkpoint)
     resume_path, resume_ck, resume_diffs = None, None, []
-    if not args.val_only:  # a checkpoint of another run is refused before any model is built
-        resume_path, resume_ck = load_resume(args.resume, args.output_dir)
+    if not cfg.val.val_only:  # a checkpoint of another run is refused before any model is built
+        resume_path, resume_ck = load_resume(cfg.ckpt.resume, cfg.ckpt.output_dir)
         if resume_path:
             resume_diffs = check_resume(resume_path, saved_signature(resume_ck), signature,
-                                        args.resume_remap)
+                                        cfg.ckpt.resume_remap)
     return (data.records, src.skipped, src.selection, ds, sampler, total, val_loader, signature,
             resume_path, resume_ck, resume_diffs)
 
@@ -224,12 +226,12 @@ def batch_stream(ds: SA1BDataset, sampler: EpochBatchSampler, num_workers: int, 
 
 def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
     """``accum_steps`` micro-batches, one optimizer update; returns the LR it used."""
-    args, dev, timer = run.args, run.dev, run.timer
+    cfg, dev, timer = run.cfg, run.dev, run.timer
     if run.ckpt_writer is not None:  # a failed background write ends every rank at this step
         with run.failures.guard("background checkpoint write"):
             run.ckpt_writer.check()
     loss_bad = torch.zeros((), dtype=torch.bool, device=dev)
-    for micro in range(args.accum_steps):
+    for micro in range(cfg.optim.accum_steps):
         epoch, b, batch = next(stream)
         batch = unpack_batch(batch, dev)  # one non-blocking copy per batch (CUDA)
         timer.lap("data")
@@ -241,14 +243,14 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
         images = normalize_images(batch["image"].to(dev, non_blocking=True), batch["hw"])
         t_emb = run.teacher.embeddings(images, batch["teacher"])
         timer.lap("teacher")
-        sync = (contextlib.nullcontext() if micro == args.accum_steps - 1
+        sync = (contextlib.nullcontext() if micro == cfg.optim.accum_steps - 1
                 or not run.info.distributed else run.ddp.no_sync())
         with sync:
             with torch.autocast(dev.type, dtype=run.dtype or torch.float32,
                                 enabled=run.dtype is not None):
                 out = run.ddp(images, batch, t_emb)
             timer.lap("forward")
-            loss = out["loss"] / args.accum_steps
+            loss = out["loss"] / cfg.optim.accum_steps
             loss_bad |= ~torch.isfinite(out["loss"].detach())
             (run.scaler.scale(loss) if run.scaler else loss).backward()
         timer.lap("backward")
@@ -272,8 +274,8 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
         raise_agreed(run.failures, run.info.distributed)
     skip = bad_loss or bad_grad
     if not skip:
-        if args.clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, args.clip_grad, norm)
+        if cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.clip_grad, norm)
         (run.scaler.step(run.opt) if run.scaler else run.opt.step())
     if run.scaler:
         run.scaler.update()  # found_inf was recorded by unscale_
@@ -296,7 +298,7 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
 def _nonfinite(run: Run, what: str) -> None:
     run.nonfinite_steps += 1
     run.nonfinite_run += 1
-    limit = run.args.max_nonfinite_steps
+    limit = run.cfg.cluster.max_nonfinite_steps
     if run.info.is_main:
         log.warning("step %d: non-finite %s: optimizer step skipped on every rank (%d in a "
                     "row, %d in this run)", run.step, what, run.nonfinite_run,
@@ -314,7 +316,7 @@ def _nonfinite(run: Run, what: str) -> None:
 
 def validate(run: Run, mlog: Optional[MetricsLog]) -> Dict[str, Any]:
     res = evaluate(run.sam, run.head, run.teacher, run.val_loader, run.dev, run.dtype,
-                   run.args.fd_padding)
+                   run.cfg.optim.fd_padding)
     rec = {"step": run.step, **res, "time": time.time()}
     run.val_history.append(rec)
     if mlog is not None:
@@ -330,19 +332,19 @@ def validate(run: Run, mlog: Optional[MetricsLog]) -> Dict[str, Any]:
 
 def run_loop(run: Run, mlog: MetricsLog) -> bool:
     """Steps until ``total`` (True) or ``--stop-after`` (False; the checkpoint is written)."""
-    args = run.args
-    stream = batch_stream(run.ds, run.sampler, args.num_workers, run.epoch, run.batch_in_epoch,
+    cfg = run.cfg
+    stream = batch_stream(run.ds, run.sampler, cfg.data.num_workers, run.epoch, run.batch_in_epoch,
                           pin=run.dev.type == "cuda")
     win = LogInterval(run.dev)
     if run.val_loader is not None and run.step == 0:
         validate(run, mlog)  # the curve's starting point
     run.timer = timer = PhaseTimer(run.dev)
-    mode = args.async_checkpoint
+    mode = cfg.ckpt.async_checkpoint
     run.ckpt_writer = AsyncCheckpointWriter(
         background=mode == "on" or (mode == "auto" and run.dev.type == "cuda"))
     # a profiler trace on global rank 0 only
-    prof = StepProfiler(args.profile if run.info.is_main else 0, args.output_dir, run.info.rank,
-                        run.dev)
+    prof = StepProfiler(cfg.log.profile if run.info.is_main else 0, cfg.ckpt.output_dir,
+                        run.info.rank, run.dev)
     try:
         done = _steps(run, mlog, stream, win, timer, prof)
     except BaseException:
@@ -356,30 +358,30 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
     check_boundary(run.failures, run.info.distributed, run.dev)  # after the last step
     # the last background write, before finish()'s collective: the others wait for it outside
     # any collective
-    with du.main_writes("the last checkpoint", write_timeout(args)):
+    with du.main_writes("the last checkpoint", write_timeout(cfg)):
         run.ckpt_writer.wait()  # a failed background write is raised here
     return done
 
 
 def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: LogInterval, timer: PhaseTimer,
            prof: StepProfiler) -> bool:
-    args = run.args
+    cfg = run.cfg
     while run.step < run.total:
         lr = train_step(run, stream, win)
         with run.failures.guard("profiler trace export"):
             prof.step()
         step = run.step
-        if step % args.log_every == 0 or step == run.total:
+        if step % cfg.log.log_every == 0 or step == run.total:
             log_window(run, win, mlog, lr)
         if mlog.bar is not None:
             mlog.bar.update(1)
-        if run.val_loader is not None and (step % args.val_every == 0 or step == run.total):
+        if run.val_loader is not None and (step % cfg.val.val_every == 0 or step == run.total):
             validate(run, mlog)
         timer.lap("validation")
-        stop_now = ((args.stop_after is not None and args.stop_after <= step < run.total)
+        stop_now = ((cfg.ckpt.stop_after is not None and cfg.ckpt.stop_after <= step < run.total)
                     or (run.preempted is not None and step < run.total))
-        if step % args.save_every == 0 or step == run.total or stop_now:
-            save(run, step % args.save_every == 0)
+        if step % cfg.ckpt.save_every == 0 or step == run.total or stop_now:
+            save(run, step % cfg.ckpt.save_every == 0)
         timer.lap("checkpoint")
         if stop_now:
             return False
@@ -388,7 +390,7 @@ def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: LogInterval, timer
 
 def finish(run: Run, completed: bool) -> Dict[str, Any]:
     """Final weights and summary.json; checks every rank ended with the same weights."""
-    args, info = run.args, run.info
+    cfg, info = run.cfg, run.info
     base = {"steps": run.step, "history": run.history, "val_history": run.val_history,
             "selection": run.selection, "data_counts": data_counts(run)}
     base["nonfinite_steps"] = run.nonfinite_steps
@@ -396,7 +398,7 @@ def finish(run: Run, completed: bool) -> Dict[str, Any]:
         if info.is_main:
             log.info("stopped after step %d of %d (%s): checkpoint %s; resume with --resume "
                      "auto", run.step, run.total,
-                     run.preempted or "--stop-after", os.path.join(args.output_dir, "last.pth"))
+                     run.preempted or "--stop-after", os.path.join(cfg.ckpt.output_dir, "last.pth"))
         return {**base, "stopped": True, "preempted": run.preempted}
     checksum = state_checksum(run.sam.state_dict())
     checksums = du.all_gather_objects(checksum)
@@ -404,17 +406,17 @@ def finish(run: Run, completed: bool) -> Dict[str, Any]:
                "ranks_in_sync": len(set(checksums)) == 1,
                "teacher_images_computed": run.teacher.images_computed,
                "teacher_built": run.teacher.encoder is not None, "run": run.signature,
-               "dist_timeout_min": getattr(args, "dist_timeout", None),
-               "write_timeout_min": write_timeout(args),
+               "dist_timeout_min": cfg.cluster.dist_timeout,
+               "write_timeout_min": write_timeout(cfg),
                "amp_dtype": str(run.dtype or torch.float32).replace("torch.", "")}
     # rank 0 writes, the others wait outside any collective (no barrier: the write may outlast
     # --dist-timeout); every rank returns once final.pth and summary.json are on disk
-    with du.main_writes("final.pth and summary.json", write_timeout(args)) as main:
+    with du.main_writes("final.pth and summary.json", write_timeout(cfg)) as main:
         if main:
-            save_atomic(run.sam.state_dict(), os.path.join(args.output_dir, "final.pth"))
+            save_atomic(run.sam.state_dict(), os.path.join(cfg.ckpt.output_dir, "final.pth"))
             write_json_atomic({k: v for k, v in summary.items()
                                if k not in ("history", "val_history")},
-                              os.path.join(args.output_dir, "summary.json"), indent=1)
+                              os.path.join(cfg.ckpt.output_dir, "summary.json"), indent=1)
     if not summary["ranks_in_sync"]:
         raise RuntimeError(f"ranks ended with different weights: {checksums}")
     return summary
@@ -439,15 +441,15 @@ def data_counts(run: Run) -> Dict[str, Any]:
 
 def val_only(run: Run) -> Dict[str, Any]:
     """``--val-only --checkpoint X``: load X into the student (strict), validate, report."""
-    path = run.args.checkpoint
+    path = run.cfg.val.checkpoint
     load_strict(run.sam, read_state_dict(path, "--checkpoint"), f"--checkpoint {path!r}")
     rec = validate(run, None)
     out = {"checkpoint": path, **rec, "run": run.signature}
-    if run.info.is_main and run.args.output_dir:
+    if run.info.is_main and run.cfg.ckpt.output_dir:
         try:  # the result is returned (and printed) even when the folder fails
-            os.makedirs(run.args.output_dir, exist_ok=True)
-            write_json_atomic(out, os.path.join(run.args.output_dir, "val_only.json"), indent=1)
+            os.makedirs(run.cfg.ckpt.output_dir, exist_ok=True)
+            write_json_atomic(out, os.path.join(run.cfg.ckpt.output_dir, "val_only.json"), indent=1)
         except OSError as e:
             log.error("could not write %s/val_only.json (%s): the result is printed only",
-                      run.args.output_dir, e)
+                      run.cfg.ckpt.output_dir, e)
     return out

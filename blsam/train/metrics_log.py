@@ -31,19 +31,20 @@ class MetricsLog:
         self.train_f = self.val_f = None
         self.bar = None
         self.failures = run.failures  # a failed write stops every rank at the next step
-        args = run.args
+        cfg = run.cfg
         if not run.info.is_main:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
-            wait_for_later_event_file(os.path.join(args.output_dir, "tb"))
-            self.writer = SummaryWriter(os.path.join(args.output_dir, "tb"),
+            wait_for_later_event_file(os.path.join(cfg.ckpt.output_dir, "tb"))
+            self.writer = SummaryWriter(os.path.join(cfg.ckpt.output_dir, "tb"),
                                         purge_step=run.step + 1 if run.resumed_from else None)
         except ImportError:
             log.info("tensorboard not installed: no TensorBoard scalars (metrics.jsonl only)")
-        self.train_f = open(os.path.join(args.output_dir, "metrics.jsonl"), "a", encoding="utf-8")
-        self.val_f = open(os.path.join(args.output_dir, "val.jsonl"), "a", encoding="utf-8")
-        if not args.no_progress:
+        out = cfg.ckpt.output_dir
+        self.train_f = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8")
+        self.val_f = open(os.path.join(out, "val.jsonl"), "a", encoding="utf-8")
+        if not cfg.log.no_progress:
             from tqdm import tqdm
             self.bar = tqdm(total=run.total, initial=run.step, dynamic_ncols=True, desc="train")
 

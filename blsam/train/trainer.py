@@ -1,6 +1,6 @@
 """``Trainer``: the distillation run (paper §3.3, §4.1) from checked options to summary.
 
-``Trainer(args).fit()`` reads top to bottom like torchtitan's ``train()``: set up data, models
+``Trainer(config).fit()`` reads top to bottom like torchtitan's ``train()``: set up data, models
 and optimizer (``loop.setup``), restore a checkpoint (``checkpointer.resume``), wrap in DDP,
 step until done or stopped (``loop.run_loop``: logging, validation, checkpoints) and finish
 (final weights, summary). ``train(args)`` is the entry point ``blsam-train`` calls.
@@ -23,15 +23,14 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         config.validate()  # before any data is indexed or model built
         self.config = config
-        self.args = config.namespace()  # the flat view the loop's parts still read
 
     def fit(self) -> Dict[str, Any]:
         """Run (or resume) the training, or ``--val-only``; returns rank 0's summary."""
         # from here a preemption signal (or Ctrl-C) is a flag read at the next step boundary
-        with StopSignals(signal_numbers(self.args.preempt_signals)) as signals:
-            run = loop.setup(self.args)
+        with StopSignals(signal_numbers(self.config.cluster.preempt_signals)) as signals:
+            run = loop.setup(self.config)
             run.signals = signals
-            if self.args.val_only:
+            if self.config.val.val_only:
                 return loop.val_only(run)
             resume(run)
             loop.wrap_ddp(run)
