@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from .sources.spec import SourceSpec
 
 
 @dataclass
@@ -168,6 +171,18 @@ class TrainConfig:
         ns = self.namespace()
         check_args(ns)
         self.model.keep_ratio = ns.keep_ratio
+
+    def source_spec(self) -> SourceSpec:
+        """The training source (``sources.spec``), from the data options."""
+        from .sources.spec import spec_from_args
+
+        return spec_from_args(self.namespace())
+
+    def val_source_spec(self) -> Optional[SourceSpec]:
+        """The held-out source of ``--val-data...``, or None (held out of the training one)."""
+        from .sources.spec import val_spec_from_args
+
+        return val_spec_from_args(self.namespace())
 
     def signature(self, world_size: int, total_steps: int, keys: Sequence[str]
                   ) -> Dict[str, Any]:

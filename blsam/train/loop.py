@@ -175,7 +175,7 @@ def setup(cfg: TrainConfig) -> Run:
 def _setup_data(cfg: TrainConfig, info: du.DistInfo, teacher_name: str) -> tuple:
     """The source (``sources.build``), validation loader, step count and run signature; a
     checkpoint of another run is refused here, before any model is built."""
-    data = training_data(cfg.namespace(), info.rank, info.world_size, teacher_name)
+    data = training_data(cfg, info.rank, info.world_size, teacher_name)
     src, ds, sampler = data.source, data.ds, data.sampler
     total = total_steps(cfg, len(sampler))
     val_loader = None
