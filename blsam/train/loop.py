@@ -123,9 +123,9 @@ def setup(cfg: TrainConfig) -> Run:
     dev = info.device
     teacher_name = TEACHER_OF[cfg.model.model]
     with du.fail_together():  # a rank whose data or resume file fails ends every rank
-        run_parts = _setup_data(cfg, info, teacher_name)
-    (records, index_skipped, selection, ds, sampler, total, val_loader, signature,
-     resume_path, resume_ck, resume_diffs) = run_parts
+        d = _setup_data(cfg, info, teacher_name)
+    records, ds, sampler, total, signature = d.records, d.ds, d.sampler, d.total, d.signature
+    resume_path, resume_ck = d.resume_path, d.resume_ck
     # every rank describes the same run, or all stop here naming the difference (never train
     # on different data, never wait in a collective another rank will not reach)
     check_ranks_agree({
@@ -167,12 +167,32 @@ def setup(cfg: TrainConfig) -> Run:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio))
     scaler = torch.amp.GradScaler(dev.type) if dtype == torch.float16 else None
-    return Run(cfg, info, dtype, records, index_skipped, selection, ds, sampler, total, sam,
-               parts, teacher, head, model, opt, sched, scaler, signature, val_loader,
-               resume_path=resume_path, resume_ck=resume_ck, resume_diffs=resume_diffs)
+    return Run(cfg=cfg, info=info, dtype=dtype, records=records, index_skipped=d.index_skipped,
+               selection=d.selection, ds=ds, sampler=sampler, total=total, sam=sam, parts=parts,
+               teacher=teacher, head=head, model=model, opt=opt, sched=sched, scaler=scaler,
+               signature=signature, val_loader=d.val_loader, resume_path=resume_path,
+               resume_ck=resume_ck, resume_diffs=d.resume_diffs)
 
 
-def _setup_data(cfg: TrainConfig, info: du.DistInfo, teacher_name: str) -> tuple:
+@dataclass
+class RunData:
+    """What ``_setup_data`` found: the data, the step count, the signature and the checked
+    resume file (loaded by ``checkpointer.resume``)."""
+
+    records: list
+    index_skipped: List[str]
+    selection: Dict[str, Any]
+    ds: SA1BDataset
+    sampler: EpochBatchSampler
+    total: int
+    val_loader: Optional[Any]
+    signature: Dict[str, Any]
+    resume_path: Optional[str]
+    resume_ck: Optional[Dict[str, Any]]
+    resume_diffs: List[str]
+
+
+def _setup_data(cfg: TrainConfig, info: du.DistInfo, teacher_name: str) -> RunData:
     """The source (``sources.build``), validation loader, step count and run signature; a
     checkpoint of another run is refused here, before any model is built."""
     data = training_data(cfg, info.rank, info.world_size, teacher_name)
@@ -197,8 +217,8 @@ def _setup_data(cfg: TrainConfig, info: du.DistInfo, teacher_name: str) -> tuple
         if resume_path:
             resume_diffs = check_resume(resume_path, saved_signature(resume_ck), signature,
                                         cfg.ckpt.resume_remap)
-    return (data.records, src.skipped, src.selection, ds, sampler, total, val_loader, signature,
-            resume_path, resume_ck, resume_diffs)
+    return RunData(data.records, src.skipped, src.selection, ds, sampler, total, val_loader,
+                   signature, resume_path, resume_ck, resume_diffs)
 
 
 
