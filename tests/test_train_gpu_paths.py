@@ -364,6 +364,7 @@ def test_teacher_and_distill_model_on_fake_cuda(monkeypatch):
 SLOW_WRITER = """
 import os, sys, time
 sys.path.insert(0, {root!r})
+import blsam.train.checkpointer as checkpointer
 import blsam.train.loop as loop
 from blsam.tools.train import cli
 
@@ -374,7 +375,7 @@ def slow(fn):
         return fn(*a, **k)
     return wrapped
 
-loop.save_training_checkpoint = slow(loop.save_training_checkpoint)
+checkpointer.save_training_checkpoint = slow(checkpointer.save_training_checkpoint)
 loop.save_atomic = slow(loop.save_atomic)
 sys.exit(cli(sys.argv[1:]))
 """

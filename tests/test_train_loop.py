@@ -96,15 +96,15 @@ def test_overfit_loss_down_cos_up_and_final_model_loads(tiny, tiny_sam_ckpt, tmp
     final.pth reproduces the last validation; ``images_per_s`` leaves save time out."""
     import time
 
-    from blsam.train import loop
+    from blsam.train import checkpointer
 
-    real_save = loop.save_training_checkpoint
+    real_save = checkpointer.save_training_checkpoint
 
     def slow_save(*a, **k):  # a slow disk: 1.5 s per checkpoint
         real_save(*a, **k)
         time.sleep(1.5)
 
-    monkeypatch.setattr(loop, "save_training_checkpoint", slow_save)
+    monkeypatch.setattr(checkpointer, "save_training_checkpoint", slow_save)
     out = tmp_path / "run"
     args = _args(tiny, tiny_sam_ckpt, out, "--shards", "sa_000000", "--max-steps", "8",
                  "--lr", "2e-4", "--masks-per-image", "8", "--prompt-types", "box",

@@ -20,11 +20,11 @@ FAIL_HOOK = """
 import os
 FAIL = os.environ.get("BLSAM_TEST_FAIL")
 if FAIL and os.environ.get("RANK", "0") == "0":
-    from blsam.train import loop, timing
+    from blsam.train import checkpointer, loop, timing
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
     if FAIL == "ckpt":
-        loop.save_training_checkpoint = boom
+        checkpointer.save_training_checkpoint = boom
     elif FAIL == "metrics":
         _orig = loop.MetricsLog._write
         def _write(self, f, split, rec, keys):
@@ -41,9 +41,10 @@ def _fail(monkeypatch, what):
     """Install the failure in this process (the fast tier runs the CLI in one process)."""
     monkeypatch.setenv("BLSAM_TEST_FAIL", what)
     monkeypatch.setenv("RANK", "0")
-    from blsam.train import loop, timing
+    from blsam.train import checkpointer, loop, timing
 
-    monkeypatch.setattr(loop, "save_training_checkpoint", loop.save_training_checkpoint)
+    monkeypatch.setattr(checkpointer, "save_training_checkpoint",
+                        checkpointer.save_training_checkpoint)
     monkeypatch.setattr(loop.MetricsLog, "_write", loop.MetricsLog._write)
     monkeypatch.setattr(timing.StepProfiler, "_save", timing.StepProfiler._save)
     exec(FAIL_HOOK, {})

@@ -259,6 +259,7 @@ def test_mixed_batch_supervises_only_its_labelled_images(tiny_sam_ckpt):
 
 def test_unreadable_images_are_replaced_and_counted_and_coco_holds_out_val(sets, tmp_path):
     from blsam.tools.train import parse_args
+    from blsam.train.config import TrainConfig
     from blsam.train.sources.build import open_source, training_data
     from blsam.train.sources.spec import SourceSpec
 
@@ -274,7 +275,7 @@ def test_unreadable_images_are_replaced_and_counted_and_coco_holds_out_val(sets,
     # a coco run without --val-ann-file validates on the file's images outside its subset
     args = parse_args(_argv("x", tmp_path / "o", *_source_args(sets, "coco"), "--data-fraction",
                             "0.5", "--val-every", "1", "--val-images", "5"))
-    d = training_data(args, 0, 1, "tiny_vit")
+    d = training_data(TrainConfig.from_namespace(args), 0, 1, "tiny_vit")
     train_keys = {r.key for r in d.records}
     val_keys = {r.key for r in d.val_ds.records}
     assert len(train_keys) == 2 and len(val_keys) == 2 and not train_keys & val_keys

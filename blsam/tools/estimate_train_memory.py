@@ -13,7 +13,9 @@ is a range, 0.5x to 1x of the fp32 count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from unittest import mock
 from typing import Dict, List, Optional
 
 import torch
@@ -45,12 +47,14 @@ def estimate(args: argparse.Namespace) -> Dict[str, float]:
 
     import blsam.modeling.attention as attention
     import blsam.modeling.predictor as predictor
-    from blsam import TEACHER_OF, blsam_model_registry
-    from blsam.train.distill import DistillModel, enable_grad_checkpointing, set_trainable
 
-    fx_config.meta_nonzero_assume_all_nonzero = True  # SAM's prompt encoder masks by label
-    predictor.TokenPredictor.forward = (  # no autocast context on meta
-        lambda self, x: self.fc(self.norm(x.float())).softmax(dim=-1)[..., 0])
+    # patched for this call only (an in-process caller's later forwards are real again)
+    stack = contextlib.ExitStack()
+    # SAM's prompt encoder masks by label
+    stack.enter_context(mock.patch.object(fx_config, "meta_nonzero_assume_all_nonzero", True))
+    stack.enter_context(mock.patch.object(  # no autocast context on meta
+        predictor.TokenPredictor, "forward",
+        lambda self, x: self.fc(self.norm(x.float())).softmax(dim=-1)[..., 0]))
     attn_bytes = [0]
     mask_bytes: List[int] = []  # issue 27.5: bf16 masks kept for backward, one per SDPA call
     sdpa = F.scaled_dot_product_attention
@@ -62,7 +66,17 @@ def estimate(args: argparse.Namespace) -> Dict[str, float]:
             mask_bytes.append(q[..., 0].numel() * k.shape[-2] * 2)
         return out
 
-    attention.F.scaled_dot_product_attention = flash_like
+    stack.enter_context(mock.patch.object(attention.F, "scaled_dot_product_attention",
+                                          flash_like))
+    with stack:
+        return _estimate(args, attn_bytes, mask_bytes)
+
+
+def _estimate(args: argparse.Namespace, attn_bytes: List[int], mask_bytes: List[int]
+              ) -> Dict[str, float]:
+    from blsam import TEACHER_OF, blsam_model_registry
+    from blsam.train.distill import DistillModel, enable_grad_checkpointing, set_trainable
+
     saved: Dict[int, int] = {}
     s, m = args.img_size, args.masks_per_image
     with torch.device("meta"):

@@ -28,7 +28,8 @@ from blsam.errors import UserError
 from blsam.train.cluster import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError
 from blsam.train import fatal
 from blsam.train.failures import EXIT_FAILED, RankFailure, agreed_exit, end_process_group
-from blsam.train.options import build_parser, train
+from blsam.train.options import build_parser
+from blsam.train.trainer import train
 from blsam.utils.cli import one_line, one_line_parse_errors, run_cli
 from blsam.utils.config import parse_args_with_config
 

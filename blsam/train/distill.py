@@ -17,11 +17,10 @@ autocast, no host sync), the one function validation and evaluation use too.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +34,9 @@ TRAINABLE_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 NO_DECAY_KEYS = ("pos_embed", "rel_pos", "alpha_", "gamma_")
 METRIC_KEYS = ("loss", "loss_mask", "loss_iou", "loss_fd", "cos_sim", "iou", "iou_final")
 FD_PADDING = ("exclude", "include")
+
+if TYPE_CHECKING:
+    from .config import OptimConfig
 
 
 def click_schedule(iters: int, seed: int) -> List[bool]:
@@ -272,13 +274,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; the fused kernel (one pass over all tensors, ~6x faster on CPU) when available."""
-    groups = param_groups(model, args.weight_decay)
+    groups = param_groups(model, optim.weight_decay)
     try:
-        return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=True)
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas))
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):

@@ -1,15 +1,14 @@
-"""The training run in parts that read alone: ``setup`` (data, models, optimizer), ``resume``,
-``train_step`` (one optimizer update), ``MetricsLog`` (JSONL, TensorBoard, progress bar),
-``save`` (checkpoint), ``validate``, ``run_loop`` and ``finish``. ``blsam.train.options.train``
-chains them. State that changes while training lives in one ``Run`` object, so a hook (for
-example an asynchronous checkpoint writer) needs only that object.
+"""The training run in parts that read alone: ``setup`` (data, models, optimizer),
+``train_step`` (one optimizer update), ``validate``, ``run_loop`` and ``finish``; checkpoints
+(``save``, ``resume``) are ``blsam.train.checkpointer``'s, the logs
+``blsam.train.metrics_log``'s; ``blsam.train.trainer.Trainer.fit`` chains them. State that
+changes while training lives in one ``Run`` object, so a hook (for example an asynchronous
+checkpoint writer) needs only that object.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import json
 import logging
 import os
 import random
@@ -24,7 +23,7 @@ import torch.nn as nn
 from ..build_blsam import blsam_model_registry
 from ..specs import TEACHER_OF
 from ..checkpoint import load_strict, read_state_dict, save_atomic
-from ..utils.files import wait_for_later_event_file, write_json_atomic
+from ..utils.files import write_json_atomic
 from ..utils import dist as du
 from .data import SA1BDataset, collate
 from .sampler import EpochBatchSampler
@@ -32,17 +31,18 @@ from .packed_cache import file_sha256
 from .sources.build import signature_extras, training_data
 from .distill import (METRIC_KEYS, DistillModel, enable_grad_checkpointing,
                       lr_lambda, make_optimizer, set_trainable, state_checksum)
+from .config import TrainConfig
 from .precision import amp_dtype
+from .resume import COUNTERS, check_resume, load_resume, run_signature, saved_signature
+from .checkpointer import resume, save, write_timeout  # noqa: F401  (loop.resume: its parts)
+from .metrics_log import LogInterval, MetricsLog, log_window  # noqa: F401  (loop.MetricsLog)
 from . import rundir
-from .resume import (COUNTERS, check_resume, clean_stale_temp_files, load_resume,
-                     remap_position, restore_counters, rng_state, run_signature,
-                     save_training_checkpoint, saved_signature, set_rng_state, truncate_jsonl)
 from .cluster import (NonFiniteError, StopSignals, cache_key, check_ranks_agree,
-                      first_nonfinite, step_flags)
+                      step_flags)
 from .async_ckpt import AsyncCheckpointWriter
 from .failures import LocalFailures, check_boundary, raise_agreed
 from .teacher import Teacher, cache_covers
-from .timing import PhaseTimer, StepProfiler, window_record
+from .timing import PhaseTimer, StepProfiler
 from .loader import endless_loader, normalize_images, unpack_batch
 from .validation import VAL_KEYS, PromptHead, evaluate
 
@@ -53,7 +53,7 @@ log = logging.getLogger("blsam.train")
 class Run:
     """Everything a training run holds; the loop's parts read and update it."""
 
-    args: argparse.Namespace
+    cfg: TrainConfig
     info: du.DistInfo
     dtype: Optional[torch.dtype]
     records: list
@@ -89,7 +89,7 @@ class Run:
     nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss / grad norm
     nonfinite_run: int = 0  # ... of them in a row, up to now
     last_good: Optional[str] = None  # the newest checkpoint known finite (written or resumed)
-    signals: Optional[StopSignals] = None  # set by options.train: preemption requests
+    signals: Optional[StopSignals] = None  # set by Trainer.fit: preemption requests
     preempted: Optional[str] = None  # the signal the run stopped for
     failures: LocalFailures = field(default_factory=LocalFailures)  # rank-local work's errors
 
@@ -103,28 +103,30 @@ class Run:
 
     @property
     def global_batch(self) -> int:
-        a = self.args
-        return self.info.world_size * a.batch_size * a.accum_steps
+        o = self.cfg.optim
+        return self.info.world_size * o.batch_size * o.accum_steps
+
 
 
 # ---------------------------------------------------------------- setup
 
 
-def total_steps(args: argparse.Namespace, batches_per_epoch: int) -> int:
-    return args.max_steps or max(1, int(args.epochs * batches_per_epoch) // args.accum_steps)
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    o = cfg.optim
+    return o.max_steps or max(1, int(o.epochs * batches_per_epoch) // o.accum_steps)
 
 
-def setup(args: argparse.Namespace) -> Run:
+def setup(cfg: TrainConfig) -> Run:
     """Data first (a bad --data fails before any model is built), then the student (P-blocks
     from SAM), a frozen copy of SAM's prompt encoder + decoder for validation, the teacher,
     optimizer and schedule."""
-    info = du.init_distributed(args.device, timeout_min=getattr(args, "dist_timeout", None))
+    info = du.init_distributed(cfg.cluster.device, timeout_min=cfg.cluster.dist_timeout)
     dev = info.device
-    teacher_name = TEACHER_OF[args.model]
+    teacher_name = TEACHER_OF[cfg.model.model]
     with du.fail_together():  # a rank whose data or resume file fails ends every rank
-        run_parts = _setup_data(args, info, teacher_name)
-    (records, index_skipped, selection, ds, sampler, total, val_loader, signature,
-     resume_path, resume_ck, resume_diffs) = run_parts
+        d = _setup_data(cfg, info, teacher_name)
+    records, ds, sampler, total, signature = d.records, d.ds, d.sampler, d.total, d.signature
+    resume_path, resume_ck = d.resume_path, d.resume_ck
     # every rank describes the same run, or all stop here naming the difference (never train
     # on different data, never wait in a collective another rank will not reach)
     check_ranks_agree({
@@ -134,133 +136,93 @@ def setup(args: argparse.Namespace) -> Run:
         "batches per epoch": len(sampler), "total steps": total,
         "resume file": resume_path and os.path.abspath(resume_path),
         "resume step": resume_ck["step"] if resume_ck else None,
-        "teacher cache": cache_key(args.teacher_cache)})
+        "teacher cache": cache_key(cfg.data.teacher_cache)})
 
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-    sam = blsam_model_registry[args.model](
-        sam_checkpoint=args.sam_checkpoint, keep_ratio=args.keep_ratio, img_size=args.img_size)
+    torch.manual_seed(cfg.data.seed)
+    np.random.seed(cfg.data.seed)
+    random.seed(cfg.data.seed)
+    sam = blsam_model_registry[cfg.model.model](
+        sam_checkpoint=cfg.model.sam_checkpoint, keep_ratio=cfg.model.keep_ratio,
+        img_size=cfg.model.img_size)
     head = PromptHead(copy.deepcopy(sam.prompt_encoder), copy.deepcopy(sam.mask_decoder))
     head.to(dev)
-    if getattr(args, "init_checkpoint", None):  # the student only: head and teacher stay SAM
-        load_strict(sam, read_state_dict(args.init_checkpoint, "--init-checkpoint"),
-                    f"--init-checkpoint {args.init_checkpoint!r}")
-    parts = set_trainable(sam, args.trainable)
+    if cfg.model.init_checkpoint:  # the student only: head and teacher stay SAM
+        load_strict(sam, read_state_dict(cfg.model.init_checkpoint, "--init-checkpoint"),
+                    f"--init-checkpoint {cfg.model.init_checkpoint!r}")
+    parts = set_trainable(sam, cfg.model.trainable)
     sam.to(dev).train()
-    if args.grad_checkpoint:
+    if cfg.model.grad_checkpoint:
         enable_grad_checkpointing(sam.image_encoder)
-    dtype = amp_dtype(args.amp, dev)
-    teacher = Teacher(teacher_name, args.sam_checkpoint, args.img_size, dev, dtype,
-                      compile=args.teacher_compile)
-    if args.val_only:
+    dtype = amp_dtype(cfg.optim.amp, dev)
+    teacher = Teacher(teacher_name, cfg.model.sam_checkpoint, cfg.model.img_size, dev, dtype,
+                      compile=cfg.data.teacher_compile)
+    if cfg.val.val_only:
         pass  # the teacher is built on first use, if the cache lacks a validation image
-    elif not cache_covers(args.teacher_cache, [r.key for r in records]):
+    elif not cache_covers(cfg.data.teacher_cache, [r.key for r in records]):
         teacher.build()
     elif info.is_main:
         log.info("teacher cache covers every image: no teacher model built")
 
-    model = DistillModel(sam, args.lambda_fd, args.prompt_iters, args.fd_padding)
-    opt = make_optimizer(sam, args)
+    model = DistillModel(sam, cfg.optim.lambda_fd, cfg.data.prompt_iters, cfg.optim.fd_padding)
+    opt = make_optimizer(sam, cfg.optim)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(args.warmup_steps, total, args.min_lr_ratio))
+        opt, lr_lambda(cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio))
     scaler = torch.amp.GradScaler(dev.type) if dtype == torch.float16 else None
-    return Run(args, info, dtype, records, index_skipped, selection, ds, sampler, total, sam,
-               parts, teacher, head, model, opt, sched, scaler, signature, val_loader,
-               resume_path=resume_path, resume_ck=resume_ck, resume_diffs=resume_diffs)
+    return Run(cfg=cfg, info=info, dtype=dtype, records=records, index_skipped=d.index_skipped,
+               selection=d.selection, ds=ds, sampler=sampler, total=total, sam=sam, parts=parts,
+               teacher=teacher, head=head, model=model, opt=opt, sched=sched, scaler=scaler,
+               signature=signature, val_loader=d.val_loader, resume_path=resume_path,
+               resume_ck=resume_ck, resume_diffs=d.resume_diffs)
 
 
-def _setup_data(args: argparse.Namespace, info: du.DistInfo, teacher_name: str) -> tuple:
+@dataclass
+class RunData:
+    """What ``_setup_data`` found: the data, the step count, the signature and the checked
+    resume file (loaded by ``checkpointer.resume``)."""
+
+    records: list
+    index_skipped: List[str]
+    selection: Dict[str, Any]
+    ds: SA1BDataset
+    sampler: EpochBatchSampler
+    total: int
+    val_loader: Optional[Any]
+    signature: Dict[str, Any]
+    resume_path: Optional[str]
+    resume_ck: Optional[Dict[str, Any]]
+    resume_diffs: List[str]
+
+
+def _setup_data(cfg: TrainConfig, info: du.DistInfo, teacher_name: str) -> RunData:
     """The source (``sources.build``), validation loader, step count and run signature; a
     checkpoint of another run is refused here, before any model is built."""
-    data = training_data(args, info.rank, info.world_size, teacher_name)
+    data = training_data(cfg, info.rank, info.world_size, teacher_name)
     src, ds, sampler = data.source, data.ds, data.sampler
-    total = total_steps(args, len(sampler))
+    total = total_steps(cfg, len(sampler))
     val_loader = None
     if data.val_ds is not None:
         val_loader = torch.utils.data.DataLoader(
-            data.val_ds, batch_size=args.batch_size, collate_fn=collate, num_workers=0,
+            data.val_ds, batch_size=cfg.optim.batch_size, collate_fn=collate, num_workers=0,
             sampler=[(0, i) for i in range(len(data.val_ds))])
     if info.is_main:
         log.info("%d images (%d damaged items skipped while indexing), %d batches/epoch/rank, "
                  "%d steps, world size %d", len(ds), len(src.skipped), len(sampler), total,
                  info.world_size)
-    signature = run_signature(args, info.world_size, total, [r.key for r in data.records])
+    signature = run_signature(cfg.options(), info.world_size, total, [r.key for r in data.records])
     signature.update(signature_extras(src))
-    if args.init_checkpoint:
-        signature["init_checkpoint_sha256"] = file_sha256(args.init_checkpoint)
+    if cfg.model.init_checkpoint:
+        signature["init_checkpoint_sha256"] = file_sha256(cfg.model.init_checkpoint)
     resume_path, resume_ck, resume_diffs = None, None, []
-    if info.is_main and not args.val_only:  # issue 27.6: one run owns --output-dir
-        rundir.claim(args.output_dir)
-    if not args.val_only:  # a checkpoint of another run is refused before any model is built
-        resume_path, resume_ck = load_resume(args.resume, args.output_dir)
+    if info.is_main and not cfg.val.val_only:  # issue 27.6: one run owns --output-dir
+        rundir.claim(cfg.ckpt.output_dir)
+    if not cfg.val.val_only:  # a checkpoint of another run is refused before any model is built
+        resume_path, resume_ck = load_resume(cfg.ckpt.resume, cfg.ckpt.output_dir)
         if resume_path:
             resume_diffs = check_resume(resume_path, saved_signature(resume_ck), signature,
-                                        args.resume_remap)
-    return (data.records, src.skipped, src.selection, ds, sampler, total, val_loader, signature,
-            resume_path, resume_ck, resume_diffs)
+                                        cfg.ckpt.resume_remap)
+    return RunData(data.records, src.skipped, src.selection, ds, sampler, total, val_loader,
+                   signature, resume_path, resume_ck, resume_diffs)
 
-
-# ---------------------------------------------------------------- resume
-
-
-def resume(run: Run) -> None:
-    """Continue from ``--resume``: exactly when the run's signature matches the checkpoint's,
-    by images seen with ``--resume-remap``, refused otherwise. Also cleans stale temp files and
-    the log lines the checkpoint does not cover."""
-    args, info = run.args, run.info
-    if info.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-        clean_stale_temp_files(args.output_dir)
-    path, ck, diffs = run.resume_path, run.resume_ck, run.resume_diffs
-    if not path:
-        if info.is_main:
-            if args.resume:
-                log.info("--resume %s: no checkpoint in %s, starting fresh", args.resume,
-                         args.output_dir)
-            elif os.path.isfile(os.path.join(args.output_dir, "last.pth")):
-                log.warning("%s holds a checkpoint but --resume was not given: starting from "
-                            "scratch and overwriting it", args.output_dir)
-            for name in ("metrics.jsonl", "val.jsonl"):  # a fresh log
-                truncate_jsonl(os.path.join(args.output_dir, name), 0)
-            rundir.start_rotation(args.output_dir, None)  # issue 27.6
-        return
-    run.sam.load_state_dict(ck["model"])
-    run.opt.load_state_dict(ck["optimizer"])
-    if run.scaler is not None and ck.get("scaler"):
-        run.scaler.load_state_dict(ck["scaler"])
-    if not diffs:
-        run.sched.load_state_dict(ck["scheduler"])
-        run.step, run.epoch, run.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
-        run.images_seen = int(ck.get("images_seen", run.step * run.global_batch))
-        set_rng_state(ck["rng"])
-    else:
-        pos = remap_position(ck, run.global_batch, run.batches_per_epoch)
-        run.step, run.epoch, run.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
-        run.images_seen = pos["images_seen"]
-        f = lr_lambda(args.warmup_steps, run.total, args.min_lr_ratio)
-        for g in run.opt.param_groups:  # the new schedule at the new step, from --lr
-            g["initial_lr"] = args.lr
-            g["lr"] = args.lr * f(run.step)
-        run.sched.base_lrs = [args.lr] * len(run.opt.param_groups)
-        run.sched.last_epoch = run.step
-        run.sched._last_lr = [g["lr"] for g in run.opt.param_groups]
-        if info.is_main:
-            log.warning("--resume-remap: %s was written by another run geometry (%s); "
-                        "continuing by images seen (%d): step %d -> %d, data position epoch %d "
-                        "batch %d. This is NOT the run the checkpoint started.", path,
-                        "; ".join(diffs), run.images_seen, ck["step"], run.step, run.epoch,
-                        run.batch_in_epoch)
-    run.counters = restore_counters(ck, info.rank, info.world_size, exact=not diffs)
-    run.nonfinite_steps = int(ck.get("nonfinite_steps", 0))
-    run.resumed_from = run.last_good = path
-    run.resume_ck = None  # free the checkpoint's memory
-    if info.is_main:
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.step, run.epoch,
-                 run.batch_in_epoch)
-        for name in ("metrics.jsonl", "val.jsonl"):
-            truncate_jsonl(os.path.join(args.output_dir, name), run.step)
-        rundir.start_rotation(args.output_dir, run.step)  # issue 27.6
 
 
 def wrap_ddp(run: Run) -> None:
@@ -275,102 +237,6 @@ def wrap_ddp(run: Run) -> None:
         run.ddp = run.model
 
 
-# ---------------------------------------------------------------- logging
-
-
-class MetricsLog:
-    """metrics.jsonl / val.jsonl and TensorBoard on rank 0. After a resume TensorBoard purges
-    the events the killed run wrote past the checkpoint (``purge_step``), so no step shows
-    twice."""
-
-    def __init__(self, run: Run) -> None:
-        self.writer = None
-        self.train_f = self.val_f = None
-        self.bar = None
-        self.failures = run.failures  # a failed write stops every rank at the next step
-        args = run.args
-        if not run.info.is_main:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            wait_for_later_event_file(os.path.join(args.output_dir, "tb"))
-            self.writer = SummaryWriter(os.path.join(args.output_dir, "tb"),
-                                        purge_step=run.step + 1 if run.resumed_from else None)
-        except ImportError:
-            log.info("tensorboard not installed: no TensorBoard scalars (metrics.jsonl only)")
-        self.train_f = open(os.path.join(args.output_dir, "metrics.jsonl"), "a", encoding="utf-8")
-        self.val_f = open(os.path.join(args.output_dir, "val.jsonl"), "a", encoding="utf-8")
-        if not args.no_progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=run.total, initial=run.step, dynamic_ncols=True, desc="train")
-
-    def write(self, split: str, rec: Dict[str, Any], keys: Tuple[str, ...]) -> None:
-        f = self.train_f if split == "train" else self.val_f
-        if f is None:
-            return
-        with self.failures.guard(f"writing {split} metrics"):
-            self._write(f, split, rec, keys)
-
-    def _write(self, f: Any, split: str, rec: Dict[str, Any], keys: Tuple[str, ...]) -> None:
-        f.write(json.dumps(rec) + "\n")
-        f.flush()
-        if self.writer is not None:
-            for k in keys:
-                self.writer.add_scalar(f"{split}/{k}", rec[k], rec["step"])
-            self.writer.flush()
-        if self.bar is not None and split == "train":
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", cos=f"{rec['cos_sim']:.3f}",
-                                 img_s=f"{rec['images_per_s']:.2f}")
-
-    def close(self) -> None:
-        for f in (self.train_f, self.val_f):
-            if f is not None:
-                f.close()
-        if self.writer is not None:
-            self.writer.close()
-        if self.bar is not None:
-            self.bar.close()
-
-
-class LogInterval:
-    """Metrics summed over the steps since the last log line (on the device: no host sync per
-    step), images and micro-steps; the window's time comes from ``run.timer``'s laps."""
-
-    def __init__(self, dev: torch.device) -> None:
-        self.dev_sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=dev)
-        self.images = 0
-        self.micro = 0
-
-    def reset(self) -> None:
-        self.dev_sums.zero_()
-        self.images = self.micro = 0
-
-
-def log_window(run: Run, win: LogInterval, mlog: MetricsLog, lr: float) -> None:
-    """One train record: metrics averaged over every rank's micro-steps; ``images_per_s`` is
-    the global rate (all ranks) over the window's training time: the timer's laps without the
-    checkpoint and validation phases (``global_images_per_s``, the same number)."""
-    counts = [float(run.counters[k]) for k in COUNTERS]
-    agg = torch.cat([win.dev_sums.double().cpu(),
-                     torch.tensor([win.images, win.micro] + counts, dtype=torch.float64)])
-    if run.info.distributed:  # on the process group's device (nccl reduces CUDA tensors)
-        agg = agg.to(run.dev)
-        torch.distributed.all_reduce(agg)
-        agg = agg.cpu()
-    nk = len(METRIC_KEYS)
-    images, n_micro = agg[nk].item(), max(agg[nk + 1].item(), 1.0)
-    timing = window_record(run.timer.collect(), images)
-    rec = {"step": run.step,
-           "epoch": round(run.epoch + run.batch_in_epoch / run.batches_per_epoch, 4),
-           **{k: agg[i].item() / n_micro for i, k in enumerate(METRIC_KEYS)},
-           "lr": lr, "images": int(images), "images_per_s": timing["global_images_per_s"],
-           **{k: int(agg[nk + 2 + j].item()) for j, k in enumerate(COUNTERS)},
-           "skipped_index": len(run.index_skipped), "nonfinite_steps": run.nonfinite_steps,
-           "time": time.time(), **timing}
-    run.history.append(rec)
-    mlog.write("train", rec, METRIC_KEYS + ("lr", "images_per_s"))
-    win.reset()
-
 
 # ---------------------------------------------------------------- one step
 
@@ -384,12 +250,12 @@ def batch_stream(ds: SA1BDataset, sampler: EpochBatchSampler, num_workers: int, 
 
 def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
     """``accum_steps`` micro-batches, one optimizer update; returns the LR it used."""
-    args, dev, timer = run.args, run.dev, run.timer
+    cfg, dev, timer = run.cfg, run.dev, run.timer
     if run.ckpt_writer is not None:  # a failed background write ends every rank at this step
         with run.failures.guard("background checkpoint write"):
             run.ckpt_writer.check()
     loss_bad = torch.zeros((), dtype=torch.bool, device=dev)
-    for micro in range(args.accum_steps):
+    for micro in range(cfg.optim.accum_steps):
         epoch, b, batch = next(stream)
         batch = unpack_batch(batch, dev)  # one non-blocking copy per batch (CUDA)
         timer.lap("data")
@@ -401,14 +267,14 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
         images = normalize_images(batch["image"].to(dev, non_blocking=True), batch["hw"])
         t_emb = run.teacher.embeddings(images, batch["teacher"])
         timer.lap("teacher")
-        sync = (contextlib.nullcontext() if micro == args.accum_steps - 1
+        sync = (contextlib.nullcontext() if micro == cfg.optim.accum_steps - 1
                 or not run.info.distributed else run.ddp.no_sync())
         with sync:
             with torch.autocast(dev.type, dtype=run.dtype or torch.float32,
                                 enabled=run.dtype is not None):
                 out = run.ddp(images, batch, t_emb)
             timer.lap("forward")
-            loss = out["loss"] / args.accum_steps
+            loss = out["loss"] / cfg.optim.accum_steps
             loss_bad |= ~torch.isfinite(out["loss"].detach())
             (run.scaler.scale(loss) if run.scaler else loss).backward()
         timer.lap("backward")
@@ -432,8 +298,8 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
         raise_agreed(run.failures, run.info.distributed)
     skip = bad_loss or bad_grad
     if not skip:
-        if args.clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, args.clip_grad, norm)
+        if cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.clip_grad, norm)
         (run.scaler.step(run.opt) if run.scaler else run.opt.step())
     if run.scaler:
         run.scaler.update()  # found_inf was recorded by unscale_
@@ -456,7 +322,7 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
 def _nonfinite(run: Run, what: str) -> None:
     run.nonfinite_steps += 1
     run.nonfinite_run += 1
-    limit = run.args.max_nonfinite_steps
+    limit = run.cfg.cluster.max_nonfinite_steps
     if run.info.is_main:
         log.warning("step %d: non-finite %s: optimizer step skipped on every rank (%d in a "
                     "row, %d in this run)", run.step, what, run.nonfinite_run,
@@ -468,55 +334,13 @@ def _nonfinite(run: Run, what: str) -> None:
             f"{run.last_good or 'none (no checkpoint written yet)'}")
 
 
-# ---------------------------------------------------------------- checkpoint, validation
 
-
-def checkpoint_state(run: Run, counters: Dict[str, List[int]]) -> Dict[str, Any]:
-    return {
-        "model": run.sam.state_dict(), "optimizer": run.opt.state_dict(),
-        "scheduler": run.sched.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler else None,
-        "step": run.step, "total_steps": run.total, "epoch": run.epoch,
-        "batch_in_epoch": run.batch_in_epoch, "batches_per_epoch": run.batches_per_epoch,
-        "images_seen": run.images_seen, "counters": counters,
-        "skipped_read": sum(counters["skipped_read"]),
-        "rng": rng_state(), "config": dict(vars(run.args)), "run": run.signature,
-        "nonfinite_steps": run.nonfinite_steps,
-        "amp_dtype": str(run.dtype or torch.float32).replace("torch.", ""),  # what auto chose
-    }
-
-
-def write_timeout(args: argparse.Namespace) -> float:
-    """Minutes the other ranks wait for rank 0's file writes (``--write-timeout``)."""
-    return float(getattr(args, "write_timeout", None) or 120.0)
-
-
-def save(run: Run, numbered: bool) -> None:
-    """Every rank's counters gathered (a collective), rank 0 snapshots the state off the device
-    and a background thread writes it (atomic rename, last good file kept); the loop times it
-    as the "checkpoint" phase, which is not training time. The other ranks wait for rank 0
-    outside any collective (``du.main_writes``), so a write longer than ``--dist-timeout``
-    does not end the run."""
-    # every rank holds the same weights: each checks them, so all stop together
-    bad = first_nonfinite({"model": run.sam.state_dict(), "optimizer": run.opt.state_dict()})
-    if bad:
-        raise NonFiniteError(f"step {run.step}: {bad} is not finite: no checkpoint written; "
-                             f"newest good checkpoint: {run.last_good or 'none'}")
-    gathered = du.all_gather_objects(dict(run.counters))
-    counters = {k: [int(c[k]) for c in gathered] for k in COUNTERS}
-    # no collective waits on rank 0's write (it may outlast --dist-timeout): the others wait
-    # for it through the store, up to --write-timeout
-    with du.main_writes(f"checkpoint step {run.step}", write_timeout(run.args)) as main:
-        if main:
-            run.ckpt_writer.save(save_training_checkpoint, checkpoint_state(run, counters),
-                                 run.args.output_dir, run.step, numbered, run.args.keep_last)
-    out = run.args.output_dir
-    run.last_good = os.path.join(out, f"step_{run.step:07d}.pth" if numbered else "last.pth")
+# ---------------------------------------------------------------- validation
 
 
 def validate(run: Run, mlog: Optional[MetricsLog]) -> Dict[str, Any]:
     res = evaluate(run.sam, run.head, run.teacher, run.val_loader, run.dev, run.dtype,
-                   run.args.fd_padding)
+                   run.cfg.optim.fd_padding)
     rec = {"step": run.step, **res, "time": time.time()}
     run.val_history.append(rec)
     if mlog is not None:
@@ -532,19 +356,19 @@ def validate(run: Run, mlog: Optional[MetricsLog]) -> Dict[str, Any]:
 
 def run_loop(run: Run, mlog: MetricsLog) -> bool:
     """Steps until ``total`` (True) or ``--stop-after`` (False; the checkpoint is written)."""
-    args = run.args
-    stream = batch_stream(run.ds, run.sampler, args.num_workers, run.epoch, run.batch_in_epoch,
+    cfg = run.cfg
+    stream = batch_stream(run.ds, run.sampler, cfg.data.num_workers, run.epoch, run.batch_in_epoch,
                           pin=run.dev.type == "cuda")
     win = LogInterval(run.dev)
     if run.val_loader is not None and run.step == 0:
         validate(run, mlog)  # the curve's starting point
     run.timer = timer = PhaseTimer(run.dev)
-    mode = args.async_checkpoint
+    mode = cfg.ckpt.async_checkpoint
     run.ckpt_writer = AsyncCheckpointWriter(
         background=mode == "on" or (mode == "auto" and run.dev.type == "cuda"))
     # a profiler trace on global rank 0 only
-    prof = StepProfiler(args.profile if run.info.is_main else 0, args.output_dir, run.info.rank,
-                        run.dev)
+    prof = StepProfiler(cfg.log.profile if run.info.is_main else 0, cfg.ckpt.output_dir,
+                        run.info.rank, run.dev)
     try:
         done = _steps(run, mlog, stream, win, timer, prof)
     except BaseException:
@@ -558,30 +382,30 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
     check_boundary(run.failures, run.info.distributed, run.dev)  # after the last step
     # the last background write, before finish()'s collective: the others wait for it outside
     # any collective
-    with du.main_writes("the last checkpoint", write_timeout(args)):
+    with du.main_writes("the last checkpoint", write_timeout(cfg)):
         run.ckpt_writer.wait()  # a failed background write is raised here
     return done
 
 
 def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: LogInterval, timer: PhaseTimer,
            prof: StepProfiler) -> bool:
-    args = run.args
+    cfg = run.cfg
     while run.step < run.total:
         lr = train_step(run, stream, win)
         with run.failures.guard("profiler trace export"):
             prof.step()
         step = run.step
-        if step % args.log_every == 0 or step == run.total:
+        if step % cfg.log.log_every == 0 or step == run.total:
             log_window(run, win, mlog, lr)
         if mlog.bar is not None:
             mlog.bar.update(1)
-        if run.val_loader is not None and (step % args.val_every == 0 or step == run.total):
+        if run.val_loader is not None and (step % cfg.val.val_every == 0 or step == run.total):
             validate(run, mlog)
         timer.lap("validation")
-        stop_now = ((args.stop_after is not None and args.stop_after <= step < run.total)
+        stop_now = ((cfg.ckpt.stop_after is not None and cfg.ckpt.stop_after <= step < run.total)
                     or (run.preempted is not None and step < run.total))
-        if step % args.save_every == 0 or step == run.total or stop_now:
-            save(run, step % args.save_every == 0)
+        if step % cfg.ckpt.save_every == 0 or step == run.total or stop_now:
+            save(run, step % cfg.ckpt.save_every == 0)
         timer.lap("checkpoint")
         if stop_now:
             return False
@@ -590,7 +414,7 @@ def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: LogInterval, timer
 
 def finish(run: Run, completed: bool) -> Dict[str, Any]:
     """Final weights and summary.json; checks every rank ended with the same weights."""
-    args, info = run.args, run.info
+    cfg, info = run.cfg, run.info
     base = {"steps": run.step, "history": run.history, "val_history": run.val_history,
             "selection": run.selection, "data_counts": data_counts(run)}
     base["nonfinite_steps"] = run.nonfinite_steps
@@ -598,7 +422,7 @@ def finish(run: Run, completed: bool) -> Dict[str, Any]:
         if info.is_main:
             log.info("stopped after step %d of %d (%s): checkpoint %s; resume with --resume "
                      "auto", run.step, run.total,
-                     run.preempted or "--stop-after", os.path.join(args.output_dir, "last.pth"))
+                     run.preempted or "--stop-after", os.path.join(cfg.ckpt.output_dir, "last.pth"))
         return {**base, "stopped": True, "preempted": run.preempted}
     checksum = state_checksum(run.sam.state_dict())
     checksums = du.all_gather_objects(checksum)
@@ -606,17 +430,17 @@ def finish(run: Run, completed: bool) -> Dict[str, Any]:
                "ranks_in_sync": len(set(checksums)) == 1,
                "teacher_images_computed": run.teacher.images_computed,
                "teacher_built": run.teacher.encoder is not None, "run": run.signature,
-               "dist_timeout_min": getattr(args, "dist_timeout", None),
-               "write_timeout_min": write_timeout(args),
+               "dist_timeout_min": cfg.cluster.dist_timeout,
+               "write_timeout_min": write_timeout(cfg),
                "amp_dtype": str(run.dtype or torch.float32).replace("torch.", "")}
     # rank 0 writes, the others wait outside any collective (no barrier: the write may outlast
     # --dist-timeout); every rank returns once final.pth and summary.json are on disk
-    with du.main_writes("final.pth and summary.json", write_timeout(args)) as main:
+    with du.main_writes("final.pth and summary.json", write_timeout(cfg)) as main:
         if main:
-            save_atomic(run.sam.state_dict(), os.path.join(args.output_dir, "final.pth"))
+            save_atomic(run.sam.state_dict(), os.path.join(cfg.ckpt.output_dir, "final.pth"))
             write_json_atomic({k: v for k, v in summary.items()
                                if k not in ("history", "val_history")},
-                              os.path.join(args.output_dir, "summary.json"), indent=1)
+                              os.path.join(cfg.ckpt.output_dir, "summary.json"), indent=1)
     if not summary["ranks_in_sync"]:
         raise RuntimeError(f"ranks ended with different weights: {checksums}")
     return summary
@@ -641,15 +465,15 @@ def data_counts(run: Run) -> Dict[str, Any]:
 
 def val_only(run: Run) -> Dict[str, Any]:
     """``--val-only --checkpoint X``: load X into the student (strict), validate, report."""
-    path = run.args.checkpoint
+    path = run.cfg.val.checkpoint
     load_strict(run.sam, read_state_dict(path, "--checkpoint"), f"--checkpoint {path!r}")
     rec = validate(run, None)
     out = {"checkpoint": path, **rec, "run": run.signature}
-    if run.info.is_main and run.args.output_dir:
+    if run.info.is_main and run.cfg.ckpt.output_dir:
         try:  # the result is returned (and printed) even when the folder fails
-            os.makedirs(run.args.output_dir, exist_ok=True)
-            write_json_atomic(out, os.path.join(run.args.output_dir, "val_only.json"), indent=1)
+            os.makedirs(run.cfg.ckpt.output_dir, exist_ok=True)
+            write_json_atomic(out, os.path.join(run.cfg.ckpt.output_dir, "val_only.json"), indent=1)
         except OSError as e:
             log.error("could not write %s/val_only.json (%s): the result is printed only",
-                      run.args.output_dir, e)
+                      run.cfg.ckpt.output_dir, e)
     return out

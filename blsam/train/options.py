@@ -1,8 +1,9 @@
 """Distillation training of a bLViT-SAM student from its vanilla SAM teacher (paper §3.3, §4.1).
 
-``train(args)`` drives single-process and torchrun/DDP runs alike: it checks every option
-(before any model is built), then chains the parts in ``blsam.train.loop``: setup, resume,
-the step loop (logging, validation, checkpoints) and finish. A step is one optimizer update
+The options and their checks (``check_args``, before any model is built); ``train(args)`` hands
+the checked options to ``blsam.train.trainer.Trainer``, whose ``fit()`` drives single-process
+and torchrun/DDP runs alike: setup, resume, the step loop (logging, validation, checkpoints) and
+finish. A step is one optimizer update
 (``accum_steps`` micro-batches). The data stream is addressed by (epoch, batch-in-epoch) and
 every random choice is a function of the seed and that address, so checkpoints resume exactly;
 ``blsam.train.resume`` refuses a checkpoint of a differently-shaped run unless remapping is
@@ -18,8 +19,7 @@ from typing import Any, Dict
 from ..specs import TEACHER_OF, check_img_size, check_keep_ratio, default_keep_ratio
 from ..utils.cli import OptionError, check_option
 from ..checkpoint import check_not_blsam, read_state_dict
-from . import rundir
-from .cluster import OutputDirError, StopSignals, check_output_dir, signal_numbers
+from .cluster import OutputDirError, check_output_dir, signal_numbers
 from .data import MAX_MASK_FRACTION, add_data_args
 from .distill import FD_PADDING, parse_trainable
 from .prompts import PROMPT_TYPES
@@ -233,29 +233,7 @@ def check_sam_checkpoint(path: str, variant: str) -> None:
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run (or resume) a distillation run, or ``--val-only``; returns rank 0's summary."""
-    check_args(args)
-    try:
-        return _train(args)
-    finally:
-        if args.output_dir:
-            rundir.release(args.output_dir)  # issue 27.6 (claimed in loop._setup_data)
+    """Run (or resume) a distillation run, or ``--val-only`` (``blsam.train.trainer``)."""
+    from .trainer import train as run_training
 
-
-def _train(args: argparse.Namespace) -> Dict[str, Any]:
-    from . import loop
-
-    # from here a preemption signal (or Ctrl-C) is a flag read at the next step boundary
-    with StopSignals(signal_numbers(args.preempt_signals)) as signals:
-        run = loop.setup(args)
-        run.signals = signals
-        if args.val_only:
-            return loop.val_only(run)
-        loop.resume(run)
-        loop.wrap_ddp(run)
-        mlog = loop.MetricsLog(run)
-        try:
-            completed = loop.run_loop(run, mlog)
-        finally:
-            mlog.close()
-        return loop.finish(run, completed)
+    return run_training(args)

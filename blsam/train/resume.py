@@ -10,13 +10,12 @@ trainable parts can never be remapped: the weights or optimizer state would not 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
 import random
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,12 +41,13 @@ class ResumeError(UserError):
     """A checkpoint that cannot continue this run as asked."""
 
 
-def run_signature(args: argparse.Namespace, world_size: int, total_steps: int,
+def run_signature(options: Mapping[str, Any], world_size: int, total_steps: int,
                   keys: Sequence[str]) -> Dict[str, Any]:
-    """Plain (JSON-able) values of everything that makes two runs the same run."""
+    """Plain (JSON-able) values of everything that makes two runs the same run; ``options``
+    is the flat option view (``TrainConfig.options()``), an absent option counts as None."""
     sig: Dict[str, Any] = {}
     for k in SIGNATURE_OPTIONS:
-        v = getattr(args, k, None)
+        v = options.get(k)
         sig[k] = list(v) if isinstance(v, (list, tuple)) else v
     sig["world_size"] = world_size
     sig["total_steps"] = total_steps

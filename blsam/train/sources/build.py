@@ -10,12 +10,11 @@ takes the same source flags), and training refuses a cache made for another sour
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ...utils.cli import OptionError
 from ..data import (DataError, SA1BDataset, hold_out_val, select_records,
@@ -25,7 +24,10 @@ from .common import pick_fraction
 from .images import ImageFolderDataset, index_images
 from ..sampler import EpochBatchSampler, MixtureBatchSampler, allocate
 from .mixture import MixtureDataset
-from .spec import SourceSpec, spec_from_args, val_spec_from_args
+from .spec import SourceSpec
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 log = logging.getLogger("blsam.train")
 SA1B_IDENTITY: Dict[str, Any] = {"format": "sa1b"}
@@ -142,12 +144,12 @@ def _pick(pool: List[Any], exclude: set, n: int, seed: int) -> List[Any]:
     return sorted(out, key=lambda r: r.key)
 
 
-def val_split(args: argparse.Namespace, src: Source, records: List[Any]
+def val_split(cfg: TrainConfig, src: Source, records: List[Any]
               ) -> Tuple[List[Any], List[Any], Source]:
     """(training records, validation records, the source they come from): ``--val-data...``
     when given, else images of the training source outside its selection, else (announced,
     ``selection["val_held_out"]``) ``--val-images`` held out of the selection."""
-    vspec = val_spec_from_args(args)
+    vspec = cfg.val_source_spec()
     if vspec is None and src.spec.format in ("mixture", "images"):
         raise OptionError(f"validation needs labelled held-out images: with --data-format "
                           f"{src.spec.format} pass --val-data-format sa1b|coco with --val-data "
@@ -155,30 +157,30 @@ def val_split(args: argparse.Namespace, src: Source, records: List[Any]
     if vspec is not None and vspec.format == "sa1b":
         same = src.spec.format == "sa1b"
         return records, select_val_records(vspec.data, records if same else [],
-                                           args.val_images, args.seed), src if same else \
+                                           cfg.val.val_images, cfg.data.seed), src if same else \
             Source(vspec, [], [], [], {}, dict(SA1B_IDENTITY))
     if vspec is not None:
-        vsrc = open_source(vspec, args.seed)
+        vsrc = open_source(vspec, cfg.data.seed)
         exclude = {r.key for r in records} if vsrc.identity == src.identity else set()
-        val = _pick(vsrc.pool, exclude, args.val_images, args.seed)
+        val = _pick(vsrc.pool, exclude, cfg.val.val_images, cfg.data.seed)
         if not val:
             raise DataError("--val-ann-file holds no image outside the training subset: pass "
                             "other images, or --val-every 0")
-        log.info("validation: %d held-out images (%d asked for)", len(val), args.val_images)
+        log.info("validation: %d held-out images (%d asked for)", len(val), cfg.val.val_images)
         return records, val, vsrc
     if src.spec.format == "sa1b":
         try:
-            return records, select_val_records(args.data, records, args.val_images,
-                                               args.seed), src
+            return records, select_val_records(cfg.data.data, records, cfg.val.val_images,
+                                               cfg.data.seed), src
         except DataError:
-            if args.val_only:
+            if cfg.val.val_only:
                 raise
     else:
-        val = _pick(src.pool, {r.key for r in records}, args.val_images, args.seed)
+        val = _pick(src.pool, {r.key for r in records}, cfg.val.val_images, cfg.data.seed)
         if val:
-            log.info("validation: %d held-out images (%d asked for)", len(val), args.val_images)
+            log.info("validation: %d held-out images (%d asked for)", len(val), cfg.val.val_images)
             return records, val, src
-    train, val = hold_out_val(records, args.val_images, args.seed)
+    train, val = hold_out_val(records, cfg.val.val_images, cfg.data.seed)
     src.selection["val_held_out"] = len(val)
     log.warning("no image of the training source lies outside the training subset: %d of the "
                 "%d selected images are held out of training for validation (pass --val-data "
@@ -195,29 +197,30 @@ class TrainData:
     val_ds: Any = None
 
 
-def training_data(args: argparse.Namespace, rank: int, world: int, teacher_name: str
+def training_data(cfg: TrainConfig, rank: int, world: int, teacher_name: str
                   ) -> TrainData:
     """The run's source, checked against ``--teacher-cache``, its datasets and sampler."""
     from ..teacher import check_cache
 
-    src = open_source(spec_from_args(args), args.seed)
-    if args.teacher_cache:
-        check_cache(args.teacher_cache, teacher_name, args.img_size, args.sam_checkpoint)
-        check_cache_source(args.teacher_cache, src.identity)
+    data, seed, img_size = cfg.data, cfg.data.seed, cfg.model.img_size
+    src = open_source(cfg.source_spec(), seed)
+    if data.teacher_cache:
+        check_cache(data.teacher_cache, teacher_name, img_size, cfg.model.sam_checkpoint)
+        check_cache_source(data.teacher_cache, src.identity)
     records, val_records, vsrc = src.records, [], src
-    if args.val_every or args.val_only:
-        records, val_records, vsrc = val_split(args, src, records)
-    ds = src.dataset(records, img_size=args.img_size, masks_per_image=args.masks_per_image,
-                     prompt_types=args.prompt_types, max_points=args.max_points, seed=args.seed,
-                     teacher_cache=args.teacher_cache, max_mask_fraction=args.max_mask_fraction,
+    if cfg.val.val_every or cfg.val.val_only:
+        records, val_records, vsrc = val_split(cfg, src, records)
+    ds = src.dataset(records, img_size=img_size, masks_per_image=data.masks_per_image,
+                     prompt_types=data.prompt_types, max_points=data.max_points, seed=seed,
+                     teacher_cache=data.teacher_cache, max_mask_fraction=data.max_mask_fraction,
                      uint8_images=True)
     val_ds = None
     if val_records:  # a cache's keys name the images of its own source only
-        val_ds = vsrc.dataset(val_records[rank::world], img_size=args.img_size,
-                              masks_per_image=args.val_masks, seed=args.seed,
-                              teacher_cache=args.teacher_cache if vsrc.identity == src.identity
-                              else None, max_mask_fraction=args.max_mask_fraction, val=True)
-    return TrainData(src, records, ds, src.sampler(ds, args.batch_size, rank, world, args.seed),
+        val_ds = vsrc.dataset(val_records[rank::world], img_size=img_size,
+                              masks_per_image=cfg.val.val_masks, seed=seed,
+                              teacher_cache=data.teacher_cache if vsrc.identity == src.identity
+                              else None, max_mask_fraction=data.max_mask_fraction, val=True)
+    return TrainData(src, records, ds, src.sampler(ds, cfg.optim.batch_size, rank, world, seed),
                      val_ds)
 
 

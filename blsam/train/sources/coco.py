@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from ..data import DataError, SA1BDataset
+from ..dataset import SA1BDataset
+from ..sa1b_index import DataError
 from .common import ImageRecord, log
 from .images import read_pixels
 from .spec import SourceSpec

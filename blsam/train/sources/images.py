@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from ..data import DataError, SA1BDataset
+from ..dataset import SA1BDataset
+from ..sa1b_index import DataError
 from .common import ImageRecord, keys_sha, log
 from .spec import IMAGE_EXTENSIONS, SourceSpec
 

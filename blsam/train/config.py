@@ -1,0 +1,192 @@
+"""Typed training configuration: one dataclass per component, built once from the parsed
+options (``TrainConfig.from_namespace``), checked in one place (``validate``) and the source of
+the run signature (``signature``).
+
+The flat view (``options()``) is the option-name -> value dict the checkpoints store as their
+``config`` and the run signature reads, key for key what ``vars(args)`` was, so checkpoints
+written before this module resume unchanged. Options a component does not declare (a data
+source's own flags, options added later) are kept in ``extra``, never dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from .sources.spec import SourceSpec
+
+
+@dataclass
+class DataConfig:
+    """What images, how many masks and prompts per image, the teacher's cache."""
+
+    data: Optional[str]
+    data_format: str
+    ann_file: Optional[str]
+    img_dir: Optional[str]
+    mixture: Optional[str]
+    exif_orientation: str
+    shards: Optional[List[str]]
+    data_fraction: float
+    seed: int
+    num_workers: int
+    masks_per_image: int
+    max_mask_fraction: float
+    prompt_types: List[str]
+    max_points: int
+    prompt_iters: int
+    teacher_cache: Optional[str]
+    teacher_compile: bool
+
+
+@dataclass
+class ModelConfig:
+    """The student (and, through ``model``, its teacher) and what of it trains."""
+
+    model: str
+    sam_checkpoint: Optional[str]
+    img_size: int
+    keep_ratio: Optional[float]
+    grad_checkpoint: bool
+    trainable: str
+    init_checkpoint: Optional[str]
+
+
+@dataclass
+class OptimConfig:
+    """Steps, batch, AdamW, the warmup-cosine schedule, the loss and the precision."""
+
+    epochs: float
+    max_steps: Optional[int]
+    batch_size: int
+    accum_steps: int
+    lr: float
+    weight_decay: float
+    betas: List[float]
+    warmup_steps: int
+    min_lr_ratio: float
+    clip_grad: float
+    lambda_fd: float
+    fd_padding: str
+    amp: str
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out validation during training, or ``val_only`` of one checkpoint."""
+
+    val_every: int
+    val_images: int
+    val_masks: int
+    val_data: Optional[str]
+    val_data_format: Optional[str]
+    val_ann_file: Optional[str]
+    val_img_dir: Optional[str]
+    val_only: bool
+    checkpoint: Optional[str]
+
+
+@dataclass
+class CheckpointConfig:
+    """Where the run writes, how often it saves, what it resumes from."""
+
+    output_dir: Optional[str]
+    resume: Optional[str]
+    resume_remap: bool
+    save_every: int
+    keep_last: int
+    stop_after: Optional[int]
+    async_checkpoint: str
+
+
+@dataclass
+class LoggingConfig:
+    """Log lines, the progress bar and the profiler trace."""
+
+    log_every: int
+    no_progress: bool
+    profile: int
+
+
+@dataclass
+class ClusterConfig:
+    """Device, process-group timeouts, preemption signals and the non-finite-step guard."""
+
+    device: Optional[str]
+    max_nonfinite_steps: int
+    preempt_signals: List[str]
+    dist_timeout: float
+    write_timeout: float
+
+
+SECTIONS: Tuple[Tuple[str, type], ...] = (
+    ("data", DataConfig), ("model", ModelConfig), ("optim", OptimConfig),
+    ("val", ValidationConfig), ("ckpt", CheckpointConfig), ("log", LoggingConfig),
+    ("cluster", ClusterConfig))
+
+
+@dataclass
+class TrainConfig:
+    """The whole run's options, by component."""
+
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig
+    val: ValidationConfig
+    ckpt: CheckpointConfig
+    log: LoggingConfig
+    cluster: ClusterConfig
+    extra: Dict[str, Any] = field(default_factory=dict)  # options no component declares
+    order: Tuple[str, ...] = ()  # the options' order as parsed (the stored config's order)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "TrainConfig":
+        """The one conversion of the CLI's parsed options; a missing option is a KeyError."""
+        flat = dict(vars(ns))
+        parts: Dict[str, Any] = {}
+        for name, kind in SECTIONS:
+            keys = [f.name for f in dataclasses.fields(kind)]
+            parts[name] = kind(**{k: flat.pop(k) for k in keys})
+        return cls(**parts, extra=flat, order=tuple(vars(ns)))
+
+    def options(self) -> Dict[str, Any]:
+        """Option name -> value, in the parsed order: what ``vars(args)`` was."""
+        flat: Dict[str, Any] = dict(self.extra)
+        for name, _ in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, name)))
+        order = [k for k in self.order if k in flat] + [k for k in flat if k not in self.order]
+        return {k: flat[k] for k in order}
+
+    def namespace(self) -> argparse.Namespace:
+        """The flat options as a Namespace, for the CLI's code that prints or re-parses."""
+        return argparse.Namespace(**self.options())
+
+    def validate(self) -> None:
+        """Every option check, before any data is indexed or model built (``check_args``);
+        resolves the model's default ``keep_ratio`` so the signature records the value."""
+        from .options import check_args
+
+        ns = self.namespace()
+        check_args(ns)
+        self.model.keep_ratio = ns.keep_ratio
+
+    def source_spec(self) -> SourceSpec:
+        """The training source (``sources.spec``), from the data options."""
+        from .sources.spec import spec_from_args
+
+        return spec_from_args(self.namespace())
+
+    def val_source_spec(self) -> Optional[SourceSpec]:
+        """The held-out source of ``--val-data...``, or None (held out of the training one)."""
+        from .sources.spec import val_spec_from_args
+
+        return val_spec_from_args(self.namespace())
+
+    def signature(self, world_size: int, total_steps: int, keys: Sequence[str]
+                  ) -> Dict[str, Any]:
+        """The run signature (``resume.run_signature``) of these options."""
+        from .resume import run_signature
+
+        return run_signature(self.options(), world_size, total_steps, keys)

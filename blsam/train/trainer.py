@@ -1,0 +1,55 @@
+"""``Trainer``: the distillation run (paper §3.3, §4.1) from checked options to summary.
+
+``Trainer(config).fit()`` reads top to bottom like torchtitan's ``train()``: set up data, models
+and optimizer (``loop.setup``), restore a checkpoint (``checkpointer.resume``), wrap in DDP,
+step until done or stopped (``loop.run_loop``: logging, validation, checkpoints) and finish
+(final weights, summary). ``train(args)`` is the entry point ``blsam-train`` calls.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict
+
+from . import loop, rundir
+from .checkpointer import resume
+from .cluster import StopSignals, signal_numbers
+from .config import TrainConfig
+from .metrics_log import MetricsLog
+
+
+class Trainer:
+    """Owns one run's parts (``loop.Run``) from its checked configuration to the summary."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        config.validate()  # before any data is indexed or model built
+        self.config = config
+
+    def fit(self) -> Dict[str, Any]:
+        """Run (or resume) the training, or ``--val-only``; returns rank 0's summary."""
+        try:
+            return self._fit()
+        finally:  # the --output-dir lock (claimed in loop._setup_data on rank 0)
+            if self.config.ckpt.output_dir:
+                rundir.release(self.config.ckpt.output_dir)
+
+    def _fit(self) -> Dict[str, Any]:
+        # from here a preemption signal (or Ctrl-C) is a flag read at the next step boundary
+        with StopSignals(signal_numbers(self.config.cluster.preempt_signals)) as signals:
+            run = loop.setup(self.config)
+            run.signals = signals
+            if self.config.val.val_only:
+                return loop.val_only(run)
+            resume(run)
+            loop.wrap_ddp(run)
+            mlog = MetricsLog(run)
+            try:
+                completed = loop.run_loop(run, mlog)
+            finally:
+                mlog.close()
+            return loop.finish(run, completed)
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run (or resume) a distillation run, or ``--val-only``; returns rank 0's summary. The
+    parsed options become the typed ``TrainConfig`` here, once."""
+    return Trainer(TrainConfig.from_namespace(args)).fit()
