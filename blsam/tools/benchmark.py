@@ -43,7 +43,7 @@ from blsam import blsam_model_registry
 from blsam.build_blsam import build_vanilla_sam
 from blsam.flops import count_flops
 from blsam.specs import FAMILIES, MODEL_SPECS, PRUNING_MODELS, check_img_size, check_keep_ratio
-from blsam.utils.cli import check_option, one_line_parse_errors, run_cli
+from blsam.utils.cli import check_device, check_option, one_line_parse_errors, run_cli
 from blsam.utils.jobs import LocalJob, RemoteJob, WorkerError, serve
 
 # FAMILIES: benchmark family -> (vanilla SAM, bLViT student)
@@ -1381,6 +1381,8 @@ def cli(argv: Optional[List[str]] = None) -> int:
 
     def body() -> None:
         args = parse_args(argv)
+        for dev in args.devices or ():  # here, not in a worker process: one line, exit 2
+            check_device(dev, "--devices")
         if args.serve:
             raise SystemExit(serve(json.loads(args.serve), functools.partial(make_job, args)))
         memory_probe(args) if args.memory_probe else main(args)
