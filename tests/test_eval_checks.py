@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import blsam.evaluation.pipeline as pipeline
 import blsam.tools.zero_shot as zero_shot
 from blsam.testing import save_random_sam_checkpoint
 from eval_fixtures import make_tiny_dataset, with_wrong_size_image
@@ -30,7 +31,7 @@ def no_model(monkeypatch):
     def refuse(args):
         raise AssertionError("the model was built before the bad input was found")
 
-    monkeypatch.setattr(zero_shot, "build_model", refuse)
+    monkeypatch.setattr(pipeline, "build_model", refuse)
 
 
 def _argv(data, kind, out, *extra):
@@ -124,10 +125,10 @@ def test_truncated_jpeg_fails_or_is_a_counted_skip(data, tmp_path, capsys, monke
         blob = open(os.path.join(coco["img_dir"], name), "rb").read()
         (img_dir / name).write_bytes(blob[: len(blob) // 2] if name.endswith("11.jpg") else blob)
     cut = {**data, "coco": {**coco, "img_dir": str(img_dir)}}
-    real = zero_shot.build_model
-    monkeypatch.setattr(zero_shot, "build_model", lambda a: pytest.fail("model built"))
+    real = pipeline.build_model
+    monkeypatch.setattr(pipeline, "build_model", lambda a: pytest.fail("model built"))
     _fails(_argv(cut, "coco", tmp_path, "--prompt", "box"), capsys, "truncated JPEG")
-    monkeypatch.setattr(zero_shot, "build_model", real)
+    monkeypatch.setattr(pipeline, "build_model", real)
     res = zero_shot.main(zero_shot.parse_args(
         _argv(cut, "coco", tmp_path, "--prompt", "box", "--skip-bad-images")))["results"][0]
     saved = json.load(open(res["outputs"]["json"]))

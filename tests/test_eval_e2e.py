@@ -14,6 +14,7 @@ from blsam import blsam_model_registry
 from blsam.evaluation.datasets import DatasetError
 from eval_fixtures import make_tiny_dataset
 from blsam.testing import save_random_sam_checkpoint
+import blsam.evaluation.pipeline as pipeline
 import blsam.tools.zero_shot as zero_shot
 from blsam.tools.zero_shot import main, parse_args
 
@@ -35,7 +36,7 @@ def ckpts(tmp_path_factory):
 def _reuse_models():
     """Build each (model, checkpoint) once: building dominates these tiny runs on 2 cores.
     The first call of each still goes through the real ``build_model``."""
-    real, cache = zero_shot.build_model, {}
+    real, cache = pipeline.build_model, {}
 
     def cached(args):
         key = (args.model, args.checkpoint, args.sam_checkpoint, args.img_size, args.keep_ratio)
@@ -45,9 +46,9 @@ def _reuse_models():
             cache[key].image_encoder.keep_ratio = args.keep_ratio
         return cache[key]
 
-    zero_shot.build_model = cached
+    pipeline.build_model = cached
     yield
-    zero_shot.build_model = real
+    pipeline.build_model = real
 
 
 @pytest.fixture(scope="module")

@@ -250,7 +250,7 @@ def test_gflops_helper_and_table_row():
     from blsam import blsam_model_registry
     from blsam.evaluation.report import table_markdown
     from blsam.flops import count_gflops
-    from blsam.tools.zero_shot import sam_gflops
+    from blsam.evaluation.pipeline import sam_gflops
 
     sam = blsam_model_registry["tiny_bl"](img_size=64)
     assert sam_gflops(sam) == pytest.approx(count_gflops(sam, "paper"))

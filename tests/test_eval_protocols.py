@@ -152,9 +152,9 @@ def test_protocols_share_one_encoder_pass_and_empty_images_are_not_encoded(tiny)
               ProtocolConfig(prompt="detector", seed=3, batch_prompts=3)]
     pred, merged, metrics = _evaluate(ds, paths, protos, dets)
     assert pred.encoded == 2  # 2 images with prompts, 4 protocols: 2 passes, not 8 (or 12)
-    assert merged["counts"]["images_encoded"] == 2
-    assert merged["counts"]["images_not_encoded"] == 1
-    assert merged["evaluated_image_ids"] == ds.image_ids  # still counts for AP
+    assert merged.counts.images_encoded == 2
+    assert merged.counts.images_not_encoded == 1
+    assert merged.evaluated_image_ids == ds.image_ids  # still counts for AP
     assert [metrics[n]["mIoU"] for n in ("point1", "point3", "box")] == [1.0, 1.0, 1.0]
     assert metrics["detector"]["AP"] == pytest.approx(100.0)
     assert metrics["point1"]["num_masks"] == metrics["box"]["num_masks"] == 8

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import blsam.evaluation.pipeline as pipeline
 import blsam.tools.zero_shot as zero_shot
 from blsam.tools import export_onnx
 from eval_fixtures import make_tiny_dataset
@@ -36,7 +37,7 @@ def _fails(cli, argv, capsys, match):
 
 
 def _no_model(monkeypatch):
-    monkeypatch.setattr(zero_shot, "build_model", lambda a: pytest.fail("model built"))
+    monkeypatch.setattr(pipeline, "build_model", lambda a: pytest.fail("model built"))
 
 
 # annotation index -> the bad field the issue lists (the file has 10 annotations, 2 images)
@@ -62,12 +63,12 @@ def _bad_file(coco, tmp_path):
 def test_every_bad_annotation_refused_or_counted(coco, tiny_sam_ckpt, tmp_path, capsys,
                                                  monkeypatch):
     path, ann = _bad_file(coco, tmp_path)
-    real = zero_shot.build_model
+    real = pipeline.build_model
     _no_model(monkeypatch)
     _fails(zero_shot.cli, _argv(coco, path, tiny_sam_ckpt, tmp_path / "a", "--prompt", "box"),
            capsys, "8 annotation(s) cannot be evaluated as drawn, e.g. annotation 100 (image "
                    "10): RLE runs add up to 300 pixels, not 128x128=16384 (bad_rle)")
-    monkeypatch.setattr(zero_shot, "build_model", real)
+    monkeypatch.setattr(pipeline, "build_model", real)
     res = zero_shot.main(zero_shot.parse_args(_argv(
         coco, path, tiny_sam_ckpt, tmp_path / "b", "--prompt", "point1", "box", "detector",
         "--det-file", coco["det_file"], "--skip-bad-images")))["results"]
@@ -102,11 +103,11 @@ def test_huge_images_are_bad_images_not_tracebacks(coco, tiny_sam_ckpt, tmp_path
     ann["annotations"] = [a for a in ann["annotations"]  # its RLEs are of the real size
                           if a["image_id"] != 11 or isinstance(a["segmentation"], list)]
     path = _write(tmp_path / "big.json", ann)
-    real = zero_shot.build_model
+    real = pipeline.build_model
     _no_model(monkeypatch)
     _fails(zero_shot.cli, _argv(coco, path, tiny_sam_ckpt, tmp_path / "a", "--prompt", "box"),
            capsys, "20000x20000 = 400000000 pixels, more than the")
-    monkeypatch.setattr(zero_shot, "build_model", real)
+    monkeypatch.setattr(pipeline, "build_model", real)
     r = zero_shot.main(zero_shot.parse_args(_argv(
         coco, path, tiny_sam_ckpt, tmp_path / "b", "--prompt", "box",
         "--skip-bad-images")))["results"][0]

@@ -13,20 +13,19 @@ import json
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..errors import UserError
 from ..utils.files import write_json_atomic, write_text_atomic
+from .results import (  # noqa: F401  (RESULT_KIND re-exported: the kinds live in results)
+    CURVE_KIND,
+    FORMAT,
+    RESULT_KIND,
+    EvalResult,
+    ResultFormatError,
+)
 
-RESULT_KIND = "blsam.zero_shot"
-CURVE_KIND = "blsam.keep_ratio_curve"
-FORMAT = 2
 TABLE_COLUMNS = ("Model", "GFLOPs", "1 pt mIoU", "3 pts mIoU", "box mIoU", "COCO AP", "LVIS AP")
 DEFAULT_KEEP, DEFAULT_IMG_SIZE = 0.25, 1024
 DASH = "–"
-_REQUIRED = {"name": str, "model": str, "protocol": dict, "dataset_kind": str, "metrics": dict,
-             "img_size": int, "counts": dict}
-
-
-class TableError(UserError):
+class TableError(ResultFormatError):
     """Result files that cannot be put in one table (unreadable, wrong shape, colliding)."""
 
 
@@ -43,16 +42,14 @@ def file_sha256(path: Optional[str], n: int = 12) -> Optional[str]:
 
 # --------------------------------------------------------------------------- reading results
 def check_result(r: Any, where: str) -> Dict[str, Any]:
-    """``r`` if it is a result record of this format, else ``TableError`` saying why."""
-    if not isinstance(r, dict) or r.get("kind") != RESULT_KIND:
-        kind = r.get("kind") if isinstance(r, dict) else type(r).__name__
-        raise TableError(f"{where}: not a zero-shot result of eval/zero_shot.py (kind {kind!r}; "
-                         f"results written before format {FORMAT} need a re-run)")
-    for key, typ in _REQUIRED.items():
-        if not isinstance(r.get(key), typ):
-            raise TableError(f"{where}: '{key}' missing or not a {typ.__name__}")
-    if "name" not in r["protocol"] or "paper_default" not in r["protocol"]:
-        raise TableError(f"{where}: 'protocol' lacks 'name'/'paper_default'")
+    """``r`` if it is a result record ``EvalResult.from_json`` reads (formats 1 to ``FORMAT``),
+    else ``TableError`` saying why."""
+    try:
+        EvalResult.from_json(r, where)
+    except TableError:
+        raise
+    except ResultFormatError as e:
+        raise TableError(str(e)) from None
     return r
 
 

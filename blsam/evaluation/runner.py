@@ -41,6 +41,7 @@ from .prompts import (
 )
 
 from .protocol import POINT_MODES, PROMPTS, ProtocolConfig  # noqa: F401  (re-exported)
+from .results import ImageCounts, ProtocolOutput, ShardResult
 
 
 def _chunks(items: Iterable[Any], n: int) -> Iterator[List[Any]]:
@@ -141,7 +142,7 @@ class Evaluator:
         return pick, ious
 
     # ------------------------------------------------------------------ GT protocols
-    def _usable_annotations(self, img: Dict[str, Any], counts: Dict[str, int]
+    def _usable_annotations(self, img: Dict[str, Any], counts: ImageCounts
                             ) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
         """(annotation, RLE) of every annotation that can be prompted; crowd and empty ones are
         counted, not prompted, as are those the loader skipped (bad or empty). RLE areas are
@@ -149,15 +150,15 @@ class Evaluator:
         h, w = img["height"], img["width"]
         out = []
         skipped = self.dataset.skipped_by_image.get(img["id"], {})
-        counts["bad_annotations"] += skipped.get("bad", 0)
-        counts["skipped_empty"] += skipped.get("empty", 0)
+        counts.bad_annotations += skipped.get("bad", 0)
+        counts.skipped_empty += skipped.get("empty", 0)
         for ann in self.dataset.anns_by_image.get(img["id"], []):
             if ann["iscrowd"]:
-                counts["skipped_crowd"] += 1
+                counts.skipped_crowd += 1
                 continue
             rle = ann_to_rle(ann["segmentation"], h, w) if has_geometry(ann) else None
             if rle is None or mask_utils.area(rle) == 0:
-                counts["skipped_empty"] += 1
+                counts.skipped_empty += 1
                 continue
             out.append((ann, rle))
         return out
@@ -196,7 +197,7 @@ class Evaluator:
         return coords, labels, chosen, pick, score, step_ious
 
     def _run_gt_batch(self, cfg: ProtocolConfig, items: Sequence[Tuple[Any, ...]],
-                      gt: np.ndarray, out: Dict[str, Any]) -> None:
+                      gt: np.ndarray, out: ProtocolOutput) -> None:
         anns = [it[1] for it in items]
         rows = np.arange(len(items))
         coords = labels = boxes = None
@@ -234,11 +235,11 @@ class Evaluator:
                 rec["click_ious"] = [float(c[i]) for c in click_ious]
             if len(step_ious) > 1:
                 rec["step_ious"] = [float(c[i]) for c in step_ious]
-            out["records"].append(rec)
+            out.records.append(rec)
             if cfg.save_predictions:
                 prompt = ({"point_coords": coords[i].tolist(), "point_labels": labels[i].tolist()}
                           if coords is not None else {"box_xyxy": boxes[i].tolist()})
-                out["predictions"].append({
+                out.predictions.append({
                     "key": key, "image_id": ann["image_id"], "ann_id": ann["id"],
                     "category_id": ann["category_id"], "prompt": prompt,
                     "multimask_index": int(pick[i]) if cfg.multimask else None,
@@ -255,7 +256,7 @@ class Evaluator:
         return dets
 
     def _run_detector(self, img_pos: int, img: Dict[str, Any], dets: List[Dict[str, Any]],
-                      out: Dict[str, Any]) -> None:
+                      out: ProtocolOutput) -> None:
         cfg = self.det_protocol
         for batch in _chunks(enumerate(dets), self.batch_prompts):
             boxes = np.stack([xywh_to_xyxy(d["bbox"]) for _, d in batch])
@@ -263,7 +264,7 @@ class Evaluator:
             pick, _ = self._pick(cfg, masks, iou_pred, None)
             rows = np.arange(len(batch))
             for (j, d), m, s in zip(batch, masks[rows, pick], iou_pred[rows, pick]):
-                out["results"].append({
+                out.results.append({
                     "key": (img_pos, j), "image_id": img["id"], "category_id": d["category_id"],
                     "segmentation": mask_to_rle(m), "score": float(d["score"]),
                     "bbox": [float(v) for v in d["bbox"]], "predicted_iou": float(s)})
@@ -272,19 +273,14 @@ class Evaluator:
     def run(self, images: Sequence[Tuple[int, Dict[str, Any], str]],
             missing: Sequence[int] = (), progress: bool = False,
             bad: Sequence[Dict[str, Any]] = (),
-            should_stop: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
+            should_stop: Optional[Callable[[], None]] = None) -> ShardResult:
         """Evaluate ``(position, image, path)`` triples (see ``locate_images``); returns a
-        picklable shard result with one entry per protocol. ``should_stop`` is called before
-        each image and may raise to end the loop (another rank of a torchrun job failed)."""
-        out: Dict[str, Any] = {
-            "protocols": {c.name: {"records": [], "results": [], "predictions": [],
-                                   "decode_s": 0.0, "bad_annotations": 0}
-                          for c in self.protocols},
-            "evaluated_image_ids": [], "missing_images": list(missing),
-            "bad_images": list(bad)}
-        counts = {"skipped_crowd": 0, "skipped_empty": 0, "bad_annotations": 0,
-                  "images_encoded": 0, "images_not_encoded": 0, "exif_rotated_images": 0}
-        encoder_s = 0.0
+        picklable ``ShardResult`` with one ``ProtocolOutput`` per protocol. ``should_stop`` is
+        called before each image and may raise to end the loop (another rank of a torchrun job
+        failed)."""
+        out = ShardResult({c.name: ProtocolOutput() for c in self.protocols},
+                          missing_images=list(missing), bad_images=list(bad))
+        counts = out.counts
         it = images
         if progress:
             from tqdm import tqdm
@@ -297,8 +293,8 @@ class Evaluator:
             usable = self._usable_annotations(img, counts) if self.gt_protocols else []
             dets = self._image_detections(img)
             if not usable and not dets:  # nothing to prompt: no pixels needed
-                counts["images_not_encoded"] += 1
-                out["evaluated_image_ids"].append(img["id"])
+                counts.images_not_encoded += 1
+                out.evaluated_image_ids.append(img["id"])
                 continue
             try:
                 pixels, orientation = read_image_oriented(path, img["height"], img["width"],
@@ -306,29 +302,28 @@ class Evaluator:
             except DatasetError as e:
                 if not self.skip_bad_images:
                     raise
-                out["bad_images"].append({"id": img["id"], "file": path, "reason": str(e)})
+                out.bad_images.append({"id": img["id"], "file": path, "reason": str(e)})
                 continue
-            counts["exif_rotated_images"] += orientation != 1  # its tag would turn it
+            counts.exif_rotated_images += orientation != 1  # its tag would turn it
             _sync(self.device)
             t0 = time.perf_counter()
             self.predictor.set_image(pixels)
             _sync(self.device)
-            encoder_s += time.perf_counter() - t0
-            counts["images_encoded"] += 1
+            out.encoder_s += time.perf_counter() - t0
+            counts.images_encoded += 1
             items = [((img_pos, a["id"]), a, rle) for a, rle in usable]
             for batch in _chunks(items, self.batch_prompts):
                 gt = np.stack([mask_utils.decode(rle).astype(bool) for _, _, rle in batch])
                 for cfg in self.gt_protocols:
                     t0 = time.perf_counter()
-                    self._run_gt_batch(cfg, batch, gt, out["protocols"][cfg.name])
-                    out["protocols"][cfg.name]["decode_s"] += time.perf_counter() - t0
+                    self._run_gt_batch(cfg, batch, gt, out.protocols[cfg.name])
+                    out.protocols[cfg.name].decode_s += time.perf_counter() - t0
             if dets:
                 t0 = time.perf_counter()
-                self._run_detector(img_pos, img, dets, out["protocols"][self.det_protocol.name])
-                out["protocols"][self.det_protocol.name]["decode_s"] += time.perf_counter() - t0
-            out["evaluated_image_ids"].append(img["id"])
-        out["counts"] = counts
-        out["encoder_s"] = encoder_s
+                det_out = out.protocols[self.det_protocol.name]
+                self._run_detector(img_pos, img, dets, det_out)
+                det_out.decode_s += time.perf_counter() - t0
+            out.evaluated_image_ids.append(img["id"])
         return out
 
 
@@ -369,46 +364,31 @@ def _mask_box(mask: np.ndarray) -> List[float]:
             float(ys.max() - ys.min() + 1)]
 
 
-def merge_shards(shards: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Concatenate per-rank results in the order one process would have produced them."""
-    merged: Dict[str, Any] = {"protocols": {}}
-    for name in shards[0]["protocols"]:
-        parts = [s["protocols"][name] for s in shards]
-        merged["protocols"][name] = {
-            key: sorted((x for p in parts for x in p[key]), key=lambda x: x["key"])
-            for key in ("records", "results", "predictions")}
-        merged["protocols"][name]["decode_s"] = sum(p["decode_s"] for p in parts)
-        merged["protocols"][name]["bad_annotations"] = sum(p.get("bad_annotations", 0)
-                                                           for p in parts)
-    for key in ("evaluated_image_ids", "missing_images"):
-        merged[key] = sorted(i for s in shards for i in s[key])
-    merged["bad_images"] = sorted((b for s in shards for b in s["bad_images"]),
-                                  key=lambda b: b["id"])
-    merged["counts"] = {k: sum(s["counts"][k] for s in shards) for k in shards[0]["counts"]}
-    merged["encoder_s_per_rank"] = [s["encoder_s"] for s in shards]
-    return merged
+def merge_shards(shards: Sequence[ShardResult]) -> ShardResult:
+    """``ShardResult.merge``: per-rank results in the order one process would give them."""
+    return ShardResult.merge(shards)
 
 
-def compute_metrics(merged: Dict[str, Any], dataset: EvalDataset, cfg: ProtocolConfig
+def compute_metrics(merged: ShardResult, dataset: EvalDataset, cfg: ProtocolConfig
                     ) -> Dict[str, Any]:
     """mIoU (point/box) or mask AP (detector; COCOeval or LVISEval by dataset kind) over the
     evaluated images only (so ``--limit`` and skipped images do not count as misses)."""
-    part = merged["protocols"][cfg.name]
+    part = merged.protocols[cfg.name]
     if cfg.prompt != "detector":
-        metrics = summarize_miou(part["records"])
+        metrics = summarize_miou(part.records)
         for c in range(cfg.num_clicks):
-            recs = [{"iou": r["click_ious"][c], "size": r["size"]} for r in part["records"]]
+            recs = [{"iou": r["click_ious"][c], "size": r["size"]} for r in part.records]
             metrics[f"mIoU_click{c + 2}"] = summarize_miou(recs)["mIoU"]
         if cfg.prompt == "point" and cfg.point_from == "iterative":
             for j in range(1, cfg.num_points):  # mIoU after each earlier click
                 recs = [{"iou": r.get("step_ious", [r["iou"]])[j - 1], "size": r["size"]}
-                        for r in part["records"]]
+                        for r in part.records]
                 metrics[f"mIoU_point{j}"] = summarize_miou(recs)["mIoU"]
         return metrics
-    img_ids = merged["evaluated_image_ids"]
+    img_ids = merged.evaluated_image_ids
     if dataset.kind == "lvis":
-        metrics = lvis_segm_eval(dataset.raw, part["results"], img_ids, cfg.max_dets or 300)
+        metrics = lvis_segm_eval(dataset.raw, part.results, img_ids, cfg.max_dets or 300)
     else:
-        metrics = coco_segm_eval(dataset.raw, part["results"], img_ids)
-    metrics["num_masks"] = len(part["results"])
+        metrics = coco_segm_eval(dataset.raw, part.results, img_ids)
+    metrics["num_masks"] = len(part.results)
     return metrics

@@ -34,7 +34,7 @@ from blsam.bench.jobs import PHOTOS
 from blsam.bench.results import Result
 from blsam.bench.run import main as run_benchmark
 from blsam.specs import FAMILIES, check_img_size, check_keep_ratio
-from blsam.utils.cli import check_option, one_line_parse_errors, run_cli
+from blsam.utils.cli import check_device, check_option, one_line_parse_errors, run_cli
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -140,7 +140,14 @@ def main(args: argparse.Namespace) -> List[Result]:
 
 def cli(argv: Optional[List[str]] = None) -> int:
     """``blsam-benchmark``: a user error is one ``error:`` line and exit 2."""
-    return run_cli(lambda: main(parse_args(argv)), extra="bench", argv=argv)
+
+    def body() -> None:
+        args = parse_args(argv)
+        for dev in args.devices or ():  # here, not in a worker process: one line, exit 2
+            check_device(dev, "--devices")
+        main(args)
+
+    return run_cli(body, extra="bench", argv=argv)
 
 
 if __name__ == "__main__":

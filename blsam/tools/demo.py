@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from blsam.utils.cli import add_model_args, resolve_keep_ratio, one_line_parse_errors, run_cli
+from blsam.utils.cli import add_model_args, one_line_parse_errors, resolve_keep_ratio, run_tool
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def cli(argv: Optional[List[str]] = None) -> int:
     """``blsam-demo``: a user error is one ``error:`` line and exit 2."""
-    return run_cli(lambda: main(parse_args(argv)), extra="demo", argv=argv)
+    return run_tool(parse_args, main, argv, extra="demo")  # model options checked first
 
 
 if __name__ == "__main__":

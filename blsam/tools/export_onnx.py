@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -21,9 +22,21 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from blsam.utils.cli import add_model_args, resolve_keep_ratio, one_line_parse_errors, run_cli
+from blsam.errors import UserError
+from blsam.utils.cli import (
+    OptionError,
+    add_model_args,
+    check_model_args,
+    one_line_parse_errors,
+    resolve_keep_ratio,
+    run_tool,
+)
 
 DEFAULT_OPSET = 17
+
+
+class ExportCheckError(UserError):
+    """onnxruntime's embeddings differ from PyTorch's by more than ``--atol`` (or are NaN)."""
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -41,6 +54,24 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--atol", type=float, default=1e-3,
                    help="fail if the max abs difference of the embeddings exceeds this")
     return one_line_parse_errors(p).parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The model options every tool checks, and an ``--atol`` a difference can be compared
+    with (``nan`` would pass every check: ``NaN > atol`` is false)."""
+    check_model_args(args)
+    if not (args.atol >= 0 and math.isfinite(args.atol)):
+        raise OptionError(f"--atol must be a finite number >= 0, got {args.atol}")
+
+
+def accuracy_problem(max_abs_diff: float, atol: float) -> Optional[str]:
+    """Why the exported encoder fails the check (None when it passes): a NaN difference (NaN
+    embeddings on either side) fails, as ``diff <= atol`` is false for it."""
+    if max_abs_diff <= atol:
+        return None
+    return (f"onnxruntime differs from PyTorch: max abs diff {max_abs_diff:.3g} > --atol {atol}"
+            if max_abs_diff == max_abs_diff else
+            "onnxruntime or PyTorch embeddings are NaN: the export cannot be checked")
 
 
 def preprocess(sam: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
@@ -148,16 +179,16 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
         report["decoder"] = dec
     if not args.no_check:
         report.update(check_encoder(sam, args.output, load_rgb_image(args.image)))
-        if report["max_abs_diff"] > args.atol:
-            raise SystemExit(f"onnxruntime differs from PyTorch: max abs diff "
-                             f"{report['max_abs_diff']:.3g} > --atol {args.atol}")
+        problem = accuracy_problem(float(report["max_abs_diff"]), args.atol)
+        if problem is not None:
+            raise ExportCheckError(problem)
     print(json.dumps(report, indent=1))
     return report
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
     """``blsam-export-onnx``: a user error is one ``error:`` line and exit 2."""
-    return run_cli(lambda: main(parse_args(argv)), extra="onnx", argv=argv)
+    return run_tool(parse_args, main, argv, check=check_args, extra="onnx")
 
 
 if __name__ == "__main__":

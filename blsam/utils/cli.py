@@ -63,6 +63,25 @@ def check_option(check: Callable[[Any, str], Any], value: Any, flag: str) -> Any
         raise OptionError(str(e)) from None
 
 
+def check_device(value: str, flag: str = "--device") -> str:
+    """A device this machine has: ``cuda`` without CUDA (or a GPU index it lacks, or a name
+    torch does not know) is an ``OptionError`` now, not a driver traceback at the first
+    ``.to(device)``."""
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise OptionError(f"{flag} {value!r}: not a device ({one_line(e)})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"{flag} {value}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OptionError(f"{flag} {value}: this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    return value
+
+
 def check_model_args(args: argparse.Namespace) -> None:
     """Refuse model options that mean nothing, before anything is built (``OptionError``)."""
     from ..specs import check_img_size, check_keep_ratio
@@ -78,9 +97,14 @@ def check_model_args(args: argparse.Namespace) -> None:
             raise OptionError(f"--{opt.replace('_', '-')} {path!r}: no such file")
     if getattr(args, "checkpoint", None) and getattr(args, "sam_checkpoint", None):
         raise OptionError("give --checkpoint or --sam-checkpoint, not both")
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
 
 
 EXIT_USAGE = 2
+# a path the user gave that is not there, or not of the kind asked for (``--data /dev/null``)
+USER_ERRORS: Tuple[Type[BaseException], ...] = (
+    UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 def one_line(e: BaseException) -> str:
@@ -131,8 +155,9 @@ def _wants_help(argv: Optional[Sequence[str]]) -> bool:
 def run_cli(body: Callable[[], object],
             extra_errors: Tuple[Type[BaseException], ...] = (), extra: Optional[str] = None,
             argv: Optional[Sequence[str]] = None) -> int:
-    """Run a tool's ``main``: ``UserError`` (and ``FileNotFoundError``, ``extra_errors``)
-    become one ``error:`` line and exit 2; ``--help`` / argparse errors keep their codes.
+    """Run a tool's ``main``: ``UserError`` (and ``USER_ERRORS``' path errors, ``extra_errors``,
+    a ``SystemExit("message")``) become one ``error:`` line and exit 2; ``--help`` / argparse
+    errors keep their codes.
 
     ``extra``: the optional dependencies the tool needs (``blsam.extras``). Without them the
     tool stops before any work with one line naming the extra, exit 2; ``--help`` (in ``argv``,
@@ -153,8 +178,11 @@ def run_cli(body: Callable[[], object],
         sys.stderr.write(f"error: {extra_message(extra, [top])}\n")
         return EXIT_USAGE
     except SystemExit as e:
-        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
-    except (UserError, FileNotFoundError) + tuple(extra_errors) as e:
+        if isinstance(e.code, str):  # SystemExit("message"): the message is the error line
+            sys.stderr.write(f"error: {one_line(e)}\n")
+            return EXIT_USAGE
+        return int(e.code or 0)
+    except USER_ERRORS + tuple(extra_errors) as e:
         if not getattr(e, "printed", False):
             sys.stderr.write(f"error: {one_line(e)}\n")  # one write: ranks sharing a pipe
             sys.stderr.flush()
@@ -165,3 +193,21 @@ def run_cli(body: Callable[[], object],
             cleanup()
         return EXIT_USAGE
     return code if isinstance(code, int) else 0  # a main that returns its results: success
+
+
+def run_tool(parse: Callable[[Optional[Sequence[str]]], argparse.Namespace],
+             main: Callable[[argparse.Namespace], object], argv: Optional[Sequence[str]] = None,
+             check: Optional[Callable[[argparse.Namespace], object]] = check_model_args,
+             extra: Optional[str] = None,
+             extra_errors: Tuple[Type[BaseException], ...] = ()) -> int:
+    """The one path of a tool: parse ``argv``, ``check`` the options (default: the model
+    options every tool shares) before any work, run ``main``; every user error on the way is
+    one ``error:`` line and exit 2 (``run_cli``)."""
+
+    def body() -> object:
+        args = parse(argv)
+        if check is not None:
+            check(args)
+        return main(args)
+
+    return run_cli(body, extra_errors, extra=extra, argv=argv)
