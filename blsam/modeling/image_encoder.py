@@ -63,7 +63,7 @@ class RoutingStage:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """Architecture of one encoder variant (see ``blsam.build_blsam`` for B+T and H+B)."""
+    """Architecture of one encoder variant (the registered specs live in ``blsam.specs``)."""
 
     embed_dim: int
     depth: int
