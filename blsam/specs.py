@@ -269,6 +269,35 @@ def paper_gflops(name: str, img_size: int = 1024, keep_ratio: Optional[float] = 
     return count_gflops(sam_with_meta_encoder(name, **kwargs), "paper")
 
 
+# the paper's Table 2 GFLOPs column (typed here once; ours are computed by ``paper_gflops``)
+PAPER_TABLE2_GFLOPS: Dict[str, float] = {
+    "vit_b": 372.0, "vit_h": 2736.6, "evovit_b": 266.0, "evit_b": 216.4, "b_t": 210.5,
+    "evovit_h": 1840.5, "evit_h": 1597.2, "h_b": 1993.3,
+}
+
+
+def gflops_table(names: Optional[Sequence[str]] = None, img_size: int = 1024) -> str:
+    """Markdown: every model's paper-convention GFLOPs at its default keep ratio, ordered as
+    the paper's GFLOPs column, the paper's Table 2 number beside ours where it gives one
+    (Table-3 ablation steps on SAM: the paper gives none)."""
+    names = list(names) if names is not None else [
+        n for n, s in MODEL_SPECS.items() if not s.test_only]
+    rows = []
+    for n in names:
+        spec = get_spec(n)
+        ours = paper_gflops(n, img_size)
+        paper = PAPER_TABLE2_GFLOPS.get(n) if img_size == 1024 else None
+        step = "; ".join(([] if paper is None else ["Table 2"]) + (
+            [f"ablation step {ABLATION_ORDER.index(n) + 1}"] if n in ABLATION_ORDER else []))
+        keep = f"{spec.default_keep_ratio:g}" if spec.has_keep_ratio else "–"
+        diff = f"{100 * (ours / paper - 1):+.1f}%" if paper else "–"
+        rows.append((ours, f"| `{n}` | {spec.display_name} | {keep} | {ours:.1f} | "
+                           f"{paper if paper else '–'} | {diff} | {step} |"))
+    head = ["| model | name | keep ratio | GFLOPs (ours) | GFLOPs (paper) | diff | row |",
+            "|---|---|---:|---:|---:|---:|---|"]
+    return "\n".join(head + [r for _, r in sorted(rows)])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="print the per-layer summary of a model")
     p.add_argument("model", nargs="?", choices=sorted(MODEL_SPECS), help="default: all")
@@ -278,8 +307,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--flops", action="store_true",
                    help="also count paper-convention GFLOPs (SAM with one point prompt, counted "
                         "on the meta device)")
+    p.add_argument("--table", action="store_true",
+                   help="one Markdown table: every model's paper-convention GFLOPs (default "
+                        "keep ratios) ordered by GFLOPs, the paper's Table 2 numbers beside")
     args = p.parse_args(argv)
     try:
+        if args.table:
+            print(gflops_table([args.model] if args.model else None, args.img_size))
+            return 0
         names = [args.model] if args.model else list(MODEL_SPECS)
         tables = [layer_table(n, args.img_size, args.keep_ratio) for n in names]
         if args.flops:
