@@ -253,6 +253,30 @@ def build_pruned_sam(
     return sam
 
 
+INIT_CHOICES = ("sam", "random")
+
+
+@torch.no_grad()
+def reinit_image_encoder_(sam: Sam, name: str, keep_ratio: Optional[float] = None,
+                          img_size: int = 1024) -> Sam:
+    """Give ``sam``'s image encoder a from-scratch initialisation (``blsam-train --init
+    random``: the Table-3 step before "Pretrain"), keeping its prompt encoder and mask decoder.
+
+    Every encoder parameter gets the value a registry build without checkpoint draws (the
+    torch RNG decides, so a seeded run is reproducible); ``pos_embed``, which SAM's code leaves
+    at zero for its checkpoint to fill, gets ViT's truncated-normal(0.02) start instead, as a
+    ViT trained from scratch has. Relative-position tables start at zero, as in SAM's code.
+    """
+    if keep_ratio is None:
+        keep_ratio = get_spec(name).default_keep_ratio
+    fresh = blsam_model_registry[name](keep_ratio=keep_ratio, img_size=img_size)
+    sam.image_encoder.load_state_dict(fresh.image_encoder.state_dict(), strict=True)
+    pos = getattr(sam.image_encoder, "pos_embed", None)
+    if pos is not None:
+        torch.nn.init.trunc_normal_(pos, std=0.02)
+    return sam
+
+
 def _builder(spec) -> Callable[..., Sam]:
     if spec.is_pruning:
         return build_pruned_sam

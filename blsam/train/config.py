@@ -52,6 +52,7 @@ class ModelConfig:
     grad_checkpoint: bool
     trainable: str
     init_checkpoint: Optional[str]
+    init: str = "sam"  # P-blocks from the SAM checkpoint, or "random" (Table-3 ablation)
 
 
 @dataclass

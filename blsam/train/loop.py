@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..build_blsam import blsam_model_registry
+from ..build_blsam import blsam_model_registry, reinit_image_encoder_
 from ..specs import TEACHER_OF
 from ..checkpoint import load_strict, read_state_dict, save_atomic
 from ..utils.files import write_json_atomic
@@ -146,6 +146,8 @@ def setup(cfg: TrainConfig) -> Run:
         img_size=cfg.model.img_size)
     head = PromptHead(copy.deepcopy(sam.prompt_encoder), copy.deepcopy(sam.mask_decoder))
     head.to(dev)
+    if cfg.model.init == "random":  # the student's encoder only: head and teacher stay SAM
+        reinit_image_encoder_(sam, cfg.model.model, cfg.model.keep_ratio, cfg.model.img_size)
     if cfg.model.init_checkpoint:  # the student only: head and teacher stay SAM
         load_strict(sam, read_state_dict(cfg.model.init_checkpoint, "--init-checkpoint"),
                     f"--init-checkpoint {cfg.model.init_checkpoint!r}")
@@ -210,6 +212,8 @@ def _setup_data(cfg: TrainConfig, info: du.DistInfo, teacher_name: str) -> RunDa
                  info.world_size)
     signature = run_signature(cfg.options(), info.world_size, total, [r.key for r in data.records])
     signature.update(signature_extras(src))
+    if cfg.model.init != "sam":  # recorded only when not the default: older runs resume
+        signature["init"] = cfg.model.init
     if cfg.model.init_checkpoint:
         signature["init_checkpoint_sha256"] = file_sha256(cfg.model.init_checkpoint)
     resume_path, resume_ck, resume_diffs = None, None, []

@@ -18,6 +18,7 @@ from typing import Any, Dict
 
 from ..specs import TEACHER_OF, check_img_size, check_keep_ratio, default_keep_ratio
 from ..utils.cli import OptionError, check_option
+from ..build_blsam import INIT_CHOICES
 from ..checkpoint import check_not_blsam, read_state_dict
 from .cluster import OutputDirError, check_output_dir, signal_numbers
 from .data import MAX_MASK_FRACTION, add_data_args
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute encoder blocks in backward (h_b at batch 8 needs it)")
     g.add_argument("--trainable", default="image_encoder",
                    help="comma list of image_encoder, prompt_encoder, mask_decoder; or 'all'")
+    g.add_argument("--init", choices=INIT_CHOICES, default="sam",
+                   help="P-block initialisation: sam (the official checkpoint, the paper's "
+                        "'Pretrain' step) or random (SAM's encoder init, the ablation without "
+                        "it); the teacher, prompt encoder and mask decoder stay SAM's")
     g.add_argument("--init-checkpoint", default=None,
                    help="start the student from this trained bLViT-SAM state dict (domain "
                         "fine-tuning); the teacher stays --sam-checkpoint (recorded: sha256)")
@@ -214,6 +219,9 @@ def check_data_args(args: argparse.Namespace) -> None:
                               f"decoder: --trainable image_encoder")
     if args.val_every or args.val_only:
         val_spec_from_args(args)
+    if args.init == "random" and (args.init_checkpoint is not None or args.val_only):
+        raise OptionError("--init random starts the student's encoder from scratch: not with "
+                          "--init-checkpoint or --val-only")
     if args.init_checkpoint is not None:
         if args.val_only:
             raise OptionError("--init-checkpoint starts training; --val-only evaluates "
