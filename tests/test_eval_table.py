@@ -99,3 +99,21 @@ def test_curve_files_are_skipped_with_a_note(tmp_path, capsys):
     assert zero_shot.cli(["--table", *paths, str(curve)]) == 0
     out = capsys.readouterr()
     assert "| ViT-B | 372.0 | 50.0 |" in out.out and "curve" in out.err
+
+
+def test_paper_section_has_all_eight_rows_beside_ours(tmp_path):
+    from blsam.evaluation.table2 import PAPER_TABLE2
+    from blsam.specs import get_spec, paper_gflops
+
+    paths = _files(tmp_path, [_result(50.0)])
+    rows = _rows(zero_shot.main(zero_shot.parse_args(["--table", *paths, "--paper"]))["table"])
+    names = list(rows)
+    assert names[:2] == ["ViT-B", "ViT-B (paper)"] and rows["ViT-B"][1] == "50.0"
+    assert rows["ViT-B (paper)"][:5] == ["372.0", "53.6", "65.2", "76.6", "40.2"]
+    for model in PAPER_TABLE2:
+        name = get_spec(model).display_name
+        assert f"{name} (paper)" in rows
+        if model != "vit_b":  # no result: our row exists, GFLOPs computed, metrics empty
+            ours = rows[f"{name} (ours: no result)"]
+            assert ours[0] == f"{paper_gflops(model):.1f}" and set(ours[1:]) == {"–"}
+    assert len(rows) == 16

@@ -219,14 +219,14 @@ def write_results(config: EvalConfig, results: List[EvalResult],
     return EvalRun(results, table, curve)
 
 
-def table_of(paths: Sequence[str]) -> Dict[str, Any]:
+def table_of(paths: Sequence[str], paper: bool = False) -> Dict[str, Any]:
     """``--table``: merge result files into one Markdown table (curve files are skipped)."""
     from .report import load_results, table_markdown
 
     results, skipped = load_results(paths)
     for s in skipped:
         print(f"note: {s} is a keep-ratio curve, not a table row; skipped", file=sys.stderr)
-    text = table_markdown(results)
+    text = table_markdown(results, paper=paper)
     print(text, end="")
     return {"table": text, "results": results}
 

@@ -144,8 +144,9 @@ def _fmt(v: Optional[float]) -> str:
     return DASH if v is None else f"{v:.1f}"
 
 
-def table_markdown(results: Iterable[Dict[str, Any]]) -> str:
-    """Markdown table shaped like Table 2 (one line per row key, see ``row_key``)."""
+def table_markdown(results: Iterable[Dict[str, Any]], paper: bool = False) -> str:
+    """Markdown table shaped like Table 2 (one line per row key, see ``row_key``); ``paper``:
+    the paper's eight rows beside ours (``table2.paper_section``)."""
     rows: Dict[Tuple[Any, ...], Dict[str, str]] = {}
     labels: Dict[Tuple[Any, ...], str] = {}
     owner: Dict[Tuple[Tuple[Any, ...], str], str] = {}
@@ -170,6 +171,10 @@ def table_markdown(results: Iterable[Dict[str, Any]]) -> str:
         row["Model"] = labels[key] + (f" ({key[2]})" if seen[labels[key]] > 1 else "")
     # paper-column rows first, then the labelled ones
     order = sorted(rows, key=lambda k: (k[5] != "", list(rows).index(k)))
+    if paper:
+        from .table2 import paper_section
+
+        order = paper_section(order, rows, TABLE_COLUMNS, DASH)
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
              "|" + "|".join("---" if c == "Model" else "---:" for c in TABLE_COLUMNS) + "|"]
     lines += ["| " + " | ".join(rows[k][c] for c in TABLE_COLUMNS) + " |" for k in order]

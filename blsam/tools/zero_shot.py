@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(NCCL's watchdog default is 10; recorded in the results)")
     o.add_argument("--table", nargs="+", default=None, metavar="JSON",
                    help="only merge result JSON files into one Table 2 and print it")
+    o.add_argument("--paper", action="store_true",
+                   help="with --table: all eight rows of the paper's Table 2, the paper's "
+                        "numbers beside ours (GFLOPs of rows without a result computed)")
     return p
 
 
@@ -114,7 +117,7 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     "curve"}`` on rank 0 (None on other ranks), the results as their JSON records; with
     ``--table`` only merges result files (``{"table", "results"}``)."""
     if args.table:
-        return table_of(args.table)
+        return table_of(args.table, paper=args.paper)
     run = evaluate(EvalConfig.from_dict(vars(args)))
     return None if run is None else run.to_json()
 
