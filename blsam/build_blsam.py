@@ -200,7 +200,12 @@ def build_blsam(
     elif checkpoint is not None:
         check_metadata(checkpoint, variant, img_size)
         sd = read_state_dict(checkpoint, "bLViT-SAM checkpoint")
-        if describe_sam_encoder(sd) and not any(".e_block." in k for k in sd):
+        # a spec without E-blocks or predictors (Table-3 step 1) has exactly SAM's parameters:
+        # its trained checkpoint is SAM-shaped, and loading SAM's own is the same as
+        # sam_checkpoint=, so only specs with parameters of their own refuse a SAM file
+        own_params = spec.encoder.e_dim > 0 or (
+            spec.encoder.scorer == "predictor" and bool(spec.encoder.predictor_after))
+        if own_params and describe_sam_encoder(sd) and not any(".e_block." in k for k in sd):
             raise CheckpointError(
                 f"{os.fspath(checkpoint)!r} is a vanilla SAM checkpoint, not a bLViT-SAM one: "
                 f"pass it as sam_checkpoint= to initialise the P-blocks from it"

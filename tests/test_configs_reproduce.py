@@ -41,3 +41,25 @@ def test_ablation_path_adds_one_component_per_step(tmp_path):
     assert got == [(ABLATION_ORDER[0], "random", 0.0), (ABLATION_ORDER[1], "random", 0.0),
                    (ABLATION_ORDER[2], "random", 0.0), ("b_t", "random", 0.0),
                    ("b_t", "sam", 0.0), ("b_t", "sam", 2.5)]
+
+
+def test_trained_early_prune_checkpoint_loads_and_bl_models_still_refuse_sam(tmp_path,
+                                                                              tiny_sam_ckpt):
+    """The early-prune step has exactly SAM's parameters: its final.pth (SAM-shaped) loads
+    as checkpoint=; a model with E-blocks still refuses a vanilla SAM file there."""
+    import torch
+
+    from blsam.build_blsam import blsam_model_registry
+    from blsam.checkpoint import CheckpointError
+
+    trained = blsam_model_registry["tiny_bl_early_prune"](sam_checkpoint=tiny_sam_ckpt,
+                                                           img_size=64)
+    with torch.no_grad():
+        next(trained.image_encoder.parameters()).add_(1.0)  # "trained"
+    path = tmp_path / "final.pth"
+    torch.save(trained.state_dict(), path)
+    again = blsam_model_registry["tiny_bl_early_prune"](checkpoint=path, img_size=64)
+    sd = again.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in trained.state_dict().items())
+    with pytest.raises(CheckpointError, match="vanilla SAM checkpoint"):
+        blsam_model_registry["tiny_bl"](checkpoint=tiny_sam_ckpt, img_size=64)
