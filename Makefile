@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/blsam-demo --output-dir outputs/demo
 
-# fast tier: tiny architectures, about 2 minutes on 2 CPU cores (111 s measured)
+# fast tier: tiny architectures, about 3 minutes on 2 CPU cores (172 s measured)
 test: setup
 	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
@@ -26,7 +26,7 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q --durations=15 tests
 
-# pyflakes + pycodestyle (ruff.toml), run by .ci/run
+# ruff.toml: pyflakes, pycodestyle, import sorting, bugbear, pyupgrade; run by .ci/run
 lint: setup
 	$(VENV)/bin/ruff check .
 

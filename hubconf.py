@@ -6,7 +6,7 @@
 Each entry takes the registry builder's arguments: ``(checkpoint=None, *, sam_checkpoint=None,
 keep_ratio=0.25, img_size=1024)`` and returns a ``segment_anything.modeling.Sam``.
 """
-from typing import Callable
+from collections.abc import Callable
 
 from blsam.build_blsam import blsam_model_registry as _registry
 from blsam.specs import get_spec as _get_spec

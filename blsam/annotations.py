@@ -17,7 +17,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -66,9 +66,9 @@ class ObjectEntry:
 
     id: int
     image_id: int
-    category_id: Optional[int]
-    bbox: Tuple[float, float, float, float]
-    area: Optional[float]
+    category_id: int | None
+    bbox: tuple[float, float, float, float]
+    area: float | None
     iscrowd: bool
     segmentation: Any
 
@@ -80,8 +80,8 @@ class AnnotationCounts:
     skipped object, ``{"id", "image_id", "reason", "detail"}`` (ids as the file has them)."""
 
     kept: int = 0
-    skipped: Dict[str, int] = field(default_factory=dict)
-    objects: List[Dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    objects: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def total_skipped(self) -> int:
@@ -107,7 +107,7 @@ class AnnotationCounts:
         return f"{self.kept} kept, {self.total_skipped} skipped" + (
             ": " + "; ".join(parts) if parts else "")
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         """The record written into result / run files."""
         return {"kept": self.kept, "skipped": dict(sorted(self.skipped.items())),
                 "total_skipped": self.total_skipped, "bad": self.bad}
@@ -121,25 +121,25 @@ class AnnotationSet:
 
     path: str
     kind: str  # "coco" | "lvis"
-    images: Dict[int, ImageEntry]
-    objects_by_image: Dict[int, List[ObjectEntry]]
-    categories: Dict[int, Dict[str, Any]]
+    images: dict[int, ImageEntry]
+    objects_by_image: dict[int, list[ObjectEntry]]
+    categories: dict[int, dict[str, Any]]
     counts: AnnotationCounts
-    raw: Dict[str, Any]
+    raw: dict[str, Any]
 
 
 def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def image_file_name(img: Dict[str, Any]) -> str:
+def image_file_name(img: dict[str, Any]) -> str:
     """COCO: ``file_name``; LVIS: the last part of ``coco_url``."""
     if img.get("file_name"):
         return os.path.basename(img["file_name"]) if "coco_url" in img else img["file_name"]
     return img["coco_url"].rstrip("/").split("/")[-1]
 
 
-def detect_kind(data: Dict[str, Any]) -> str:
+def detect_kind(data: dict[str, Any]) -> str:
     """"lvis" when categories carry LVIS' ``frequency`` or images only have ``coco_url``."""
     cats = [c for c in data.get("categories") or [] if isinstance(c, dict)]
     imgs = [i for i in data.get("images") or [] if isinstance(i, dict)]
@@ -150,7 +150,7 @@ def detect_kind(data: Dict[str, Any]) -> str:
     return "coco"
 
 
-def _check_box(box: Any, h: int, w: int) -> Tuple[float, float, float, float]:
+def _check_box(box: Any, h: int, w: int) -> tuple[float, float, float, float]:
     if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(map(is_number, box)):
         raise AnnotationError(f"bbox {str(box)[:60]} is not 4 numbers")
     x, y, bw, bh = (float(v) for v in box)
@@ -164,7 +164,7 @@ def _check_box(box: Any, h: int, w: int) -> Tuple[float, float, float, float]:
     return x, y, bw, bh
 
 
-def _check_object(ann: Any, images: Dict[int, ImageEntry], cats: Dict[int, Any]
+def _check_object(ann: Any, images: dict[int, ImageEntry], cats: dict[int, Any]
                   ) -> ObjectEntry:
     """The checked entry, or ``_Skip`` with a reason; every field checked."""
     if not isinstance(ann, dict):
@@ -246,7 +246,7 @@ def _read(path: str, max_bytes: int) -> Any:
         raise AnnotationFileError(f"{path!r} is {size / 2**30:.1f} GiB, more than the "
                                   f"{max_bytes / 2**30:.1f} GiB an annotation file may be")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise AnnotationFileError(f"{path!r} is not a JSON file: {e}") from None
@@ -270,7 +270,7 @@ def _check_top(data: Any, path: str) -> None:
                                       f"{type(data[k]).__name__}")
 
 
-def _image_size(v: Any) -> Optional[int]:
+def _image_size(v: Any) -> int | None:
     if is_int(v):
         return v
     if isinstance(v, float) and v.is_integer():  # some tools write 480.0
@@ -278,9 +278,9 @@ def _image_size(v: Any) -> Optional[int]:
     return None
 
 
-def _check_images(data: Dict[str, Any], path: str) -> Dict[int, ImageEntry]:
-    images: Dict[int, ImageEntry] = {}
-    names: Dict[str, int] = {}
+def _check_images(data: dict[str, Any], path: str) -> dict[int, ImageEntry]:
+    images: dict[int, ImageEntry] = {}
+    names: dict[str, int] = {}
     dup_ids, dup_names = [], []
     for im in data["images"]:
         if not isinstance(im, dict):
@@ -317,8 +317,8 @@ def _check_images(data: Dict[str, Any], path: str) -> Dict[int, ImageEntry]:
     return images
 
 
-def _check_categories(data: Dict[str, Any], path: str, kind: str) -> Dict[int, Dict[str, Any]]:
-    cats: Dict[int, Dict[str, Any]] = {}
+def _check_categories(data: dict[str, Any], path: str, kind: str) -> dict[int, dict[str, Any]]:
+    cats: dict[int, dict[str, Any]] = {}
     for c in data["categories"]:
         cid = c.get("id") if isinstance(c, dict) else None
         if not is_int(cid):
@@ -333,7 +333,7 @@ def _check_categories(data: Dict[str, Any], path: str, kind: str) -> Dict[int, D
     return cats
 
 
-def _check_lvis_images(data: Dict[str, Any], path: str, cats: Dict[int, Any]) -> None:
+def _check_lvis_images(data: dict[str, Any], path: str, cats: dict[int, Any]) -> None:
     """LVIS' federated fields, checked now rather than after a whole evaluation pass."""
     for im in data["images"]:
         for key in LVIS_IMAGE_LISTS:
@@ -345,9 +345,9 @@ def _check_lvis_images(data: Dict[str, Any], path: str, cats: Dict[int, Any]) ->
                                           f"of known category ids, got {str(v)[:60]}")
 
 
-def _raw_entry(ann: Dict[str, Any], obj: ObjectEntry, img: ImageEntry) -> Dict[str, Any]:
+def _raw_entry(ann: dict[str, Any], obj: ObjectEntry, img: ImageEntry) -> dict[str, Any]:
     """The kept object as pycocotools / LVIS read it: iscrowd 0/1, bbox and area present."""
-    fix: Dict[str, Any] = {}
+    fix: dict[str, Any] = {}
     if type(ann.get("iscrowd")) is not int:  # absent, or a JSON true / false
         fix["iscrowd"] = int(obj.iscrowd)
     if "bbox" not in ann:
@@ -362,7 +362,7 @@ def _raw_entry(ann: Dict[str, Any], obj: ObjectEntry, img: ImageEntry) -> Dict[s
     return dict(ann, **fix) if fix else ann
 
 
-def load_annotation_file(path: str, kind: Optional[str] = None, *,
+def load_annotation_file(path: str, kind: str | None = None, *,
                          max_bytes: int = MAX_BYTES) -> AnnotationSet:
     """Read and check a COCO / LVIS instances file (``kind`` None: detected). A file that
     cannot be used is refused (``AnnotationFileError``); bad objects are skipped and counted."""
@@ -385,7 +385,7 @@ def load_annotation_file(path: str, kind: Optional[str] = None, *,
     if kind == "lvis":
         _check_lvis_images(data, path, cats)
     counts = AnnotationCounts()
-    by_image: Dict[int, List[ObjectEntry]] = {}
+    by_image: dict[int, list[ObjectEntry]] = {}
     raw_anns = []
     seen: set = set()
     for ann in data["annotations"]:

@@ -11,8 +11,9 @@ and each returns an unmodified ``segment_anything.modeling.Sam``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, Dict, Optional, Union
+from typing import Optional, Union
 
 import torch
 from segment_anything.modeling import (
@@ -35,8 +36,6 @@ from .checkpoint import (
 from .modeling import BLViTImageEncoder
 from .modeling.evit import EViTImageEncoder
 from .modeling.evovit import EvoViTImageEncoder
-from .weights import check_metadata
-from .utils.images import PIXEL_MEAN, PIXEL_STD
 from .specs import (
     DEFAULT_MODEL,
     MODEL_SPECS,
@@ -46,8 +45,10 @@ from .specs import (
     dense_spec,
     get_spec,
 )
+from .utils.images import PIXEL_MEAN, PIXEL_STD
+from .weights import check_metadata
 
-PathLike = Optional[Union[str, "os.PathLike[str]"]]
+PathLike = Optional[Union[str, "os.PathLike[str]"]]  # noqa: UP007, UP045 (forward reference)
 
 
 def _sam_with_encoder(image_encoder: torch.nn.Module, img_size: int) -> Sam:
@@ -77,7 +78,7 @@ def _sam_with_encoder(image_encoder: torch.nn.Module, img_size: int) -> Sam:
     return sam
 
 
-def check_sam_variant(state_dict: Dict[str, torch.Tensor], variant: str, path: str) -> None:
+def check_sam_variant(state_dict: dict[str, torch.Tensor], variant: str, path: str) -> None:
     """Refuse a state dict that is not an official SAM of ``variant``'s width and depth."""
     check_not_blsam(state_dict, path)
     found = describe_sam_encoder(state_dict)
@@ -150,7 +151,7 @@ def build_vanilla_sam(
 
 
 def load_sam_into_blsam(sam: Sam, path: PathLike, variant: str,
-                        state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Initialise a bLViT-SAM from an official SAM checkpoint (P-blocks, embeddings, neck,
     prompt encoder, mask decoder); E-blocks, predictors, alpha and gamma keep their init.
     ``state_dict``: the file's contents when the caller has already read and checked them."""
@@ -229,7 +230,7 @@ def build_pruned_sam(
     checkpoint: PathLike = None,
     *,
     sam_checkpoint: PathLike = None,
-    keep_ratio: Optional[float] = None,
+    keep_ratio: float | None = None,
     img_size: int = 1024,
     skip_padding: bool = False,
 ) -> Sam:
@@ -262,7 +263,7 @@ INIT_CHOICES = ("sam", "random")
 
 
 @torch.no_grad()
-def reinit_image_encoder_(sam: Sam, name: str, keep_ratio: Optional[float] = None,
+def reinit_image_encoder_(sam: Sam, name: str, keep_ratio: float | None = None,
                           img_size: int = 1024) -> Sam:
     """Give ``sam``'s image encoder a from-scratch initialisation (``blsam-train --init
     random``: the Table-3 step before "Pretrain"), keeping its prompt encoder and mask decoder.
@@ -288,7 +289,7 @@ def _builder(spec) -> Callable[..., Sam]:
     return build_blsam if spec.is_blvit else build_vanilla_sam
 
 
-blsam_model_registry: Dict[str, Callable[..., Sam]] = {
+blsam_model_registry: dict[str, Callable[..., Sam]] = {
     name: partial(_builder(spec), name) for name, spec in MODEL_SPECS.items()
 }
 blsam_model_registry["default"] = blsam_model_registry[DEFAULT_MODEL]
@@ -298,7 +299,7 @@ def build_model(
     name: str,
     checkpoint: PathLike = None,
     sam_checkpoint: PathLike = None,
-    keep_ratio: Optional[float] = None,
+    keep_ratio: float | None = None,
     img_size: int = 1024,
     skip_padding: bool = False,
 ) -> Sam:

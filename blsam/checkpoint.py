@@ -7,16 +7,17 @@ problem instead of a shape traceback deep inside ``load_state_dict``.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .utils.files import atomic_write
 from .specs import BLVIT_BY_SHAPE, SAM_ENCODER_NAMES  # noqa: F401  (re-exported)
+from .utils.files import atomic_write
 
-StateDict = Dict[str, torch.Tensor]
+StateDict = dict[str, torch.Tensor]
 
 
 class CheckpointError(UserError):
@@ -24,7 +25,7 @@ class CheckpointError(UserError):
 
 
 def read_state_dict(path: str | os.PathLike, what: str = "checkpoint",
-                    mmap: bool = False, finite: Optional[bool] = None) -> StateDict:
+                    mmap: bool = False, finite: bool | None = None) -> StateDict:
     """Read a state dict safely; unwrap training checkpoints (``{"model": ...}``) and DDP
     prefixes. ``mmap``: memory-map the file (reading only the keys of a 2.5 GB ViT-H file
     costs nothing); legacy non-zip files are read whole. A ``.safetensors`` file (told by its
@@ -55,7 +56,7 @@ def read_state_dict(path: str | os.PathLike, what: str = "checkpoint",
     return sd
 
 
-def _tensors(obj: Any, prefix: str) -> Iterable[Tuple[str, torch.Tensor]]:
+def _tensors(obj: Any, prefix: str) -> Iterable[tuple[str, torch.Tensor]]:
     if isinstance(obj, torch.Tensor):
         yield prefix, obj
     elif isinstance(obj, Mapping):
@@ -67,18 +68,18 @@ def _tensors(obj: Any, prefix: str) -> Iterable[Tuple[str, torch.Tensor]]:
 
 
 def first_nonfinite(state: Mapping[str, Any], parts: Sequence[str] = ("model", "optimizer")
-                    ) -> Optional[str]:
+                    ) -> str | None:
     """Name of the first floating tensor of ``state[part]`` holding NaN/inf, else None. One
     host sync for the whole state (a stacked flag per tensor), not one per tensor."""
     named = [(n, t) for p in parts if p in state for n, t in _tensors(state[p], p)
              if t.is_floating_point() and t.numel()]
     if not named:
         return None
-    by_dev: Dict[torch.device, List[int]] = {}
+    by_dev: dict[torch.device, list[int]] = {}
     for i, (_, t) in enumerate(named):
         by_dev.setdefault(t.device, []).append(i)
-    bad: List[int] = []
-    for dev, idx in by_dev.items():
+    bad: list[int] = []
+    for _dev, idx in by_dev.items():
         ok = torch.stack([torch.isfinite(named[i][1]).all() for i in idx]).cpu()
         bad += [idx[j] for j in (~ok).nonzero().flatten().tolist()]
     return named[min(bad)][0] if bad else None
@@ -123,7 +124,7 @@ def load_error_text(path: str, e: BaseException) -> str:
     return f"damaged or not a PyTorch checkpoint ({type(e).__name__}: {first[:200]})"
 
 
-def blsam_variant_of(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+def blsam_variant_of(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """'b_t' / 'h_b' / 'bLViT' when the state dict is a bLViT-SAM (E-blocks or predictors in
     the image encoder), else None. A bLViT-SAM looks like a SAM of the same width and depth to
     ``describe_sam_encoder``, so this is what tells the two apart."""
@@ -236,7 +237,7 @@ def adapt_sam_state_dict(
     return out
 
 
-def describe_sam_encoder(state_dict: Mapping[str, torch.Tensor]) -> Optional[tuple]:
+def describe_sam_encoder(state_dict: Mapping[str, torch.Tensor]) -> tuple | None:
     """(embed_dim, depth) of the ViT image encoder in a SAM state dict, or None if absent."""
     w = state_dict.get("image_encoder.patch_embed.proj.weight")
     if w is None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,10 +37,10 @@ class FlopReport:
 
     convention: str
     total: float
-    by_part: Dict[str, float] = field(default_factory=dict)
+    by_part: dict[str, float] = field(default_factory=dict)
 
 
-def _meta_like(module: nn.Module) -> Dict[str, torch.Tensor]:
+def _meta_like(module: nn.Module) -> dict[str, torch.Tensor]:
     tensors = dict(module.named_parameters())
     tensors.update(dict(module.named_buffers()))
     return {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
@@ -68,9 +67,9 @@ class _Counter:
         self._handles: list = []
         self._mode: FlopCounterMode | None = None
 
-    def __enter__(self) -> "_Counter":
+    def __enter__(self) -> _Counter:
         if self.convention == "paper":
-            def hook(m: nn.Module, _inp: Tuple, out: torch.Tensor) -> None:
+            def hook(m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
                 self._paper += _paper_macs(m, out)
 
             self._paper = 0
@@ -79,7 +78,7 @@ class _Counter:
                     self._handles.append(m.register_forward_hook(hook))
         return self
 
-    def part(self, name: str) -> "_Part":
+    def part(self, name: str) -> _Part:
         return _Part(self, name)
 
     def __exit__(self, *exc) -> None:
@@ -123,7 +122,7 @@ def count_flops(
     convention: str = "paper",
     part: str = "sam",
     batch_size: int = 1,
-    images: Optional[torch.Tensor] = None,
+    images: torch.Tensor | None = None,
 ) -> FlopReport:
     """Count GFLOPs of ``sam`` (a ``segment_anything`` ``Sam``) at its encoder's ``img_size``.
 
@@ -193,7 +192,7 @@ def count_gflops(
     convention: str = "paper",
     part: str = "sam",
     batch_size: int = 1,
-    images: Optional[torch.Tensor] = None,
+    images: torch.Tensor | None = None,
 ) -> float:
     """Total GFLOPs (GMACs) of ``sam``; see ``count_flops``."""
     return count_flops(sam, convention, part, batch_size, images).total

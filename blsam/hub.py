@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 from .utils.cli import extra_message, missing_modules
 
@@ -53,7 +52,7 @@ class BLViTSam(Sam, PyTorchModelHubMixin, library_name="blsam",
 
     @classmethod
     def wrap(cls, sam: Sam, model: str, keep_ratio: float = 0.25, img_size: int = 1024,
-             skip_padding: bool = False) -> "BLViTSam":
+             skip_padding: bool = False) -> BLViTSam:
         """A built registry model as a ``BLViTSam`` (same modules, nothing rebuilt)."""
         self = cls.__new__(cls, model=model, keep_ratio=keep_ratio, img_size=img_size,
                            skip_padding=skip_padding)
@@ -65,11 +64,11 @@ class BLViTSam(Sam, PyTorchModelHubMixin, library_name="blsam",
                      self.keep_ratio, self.img_size)
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision: Optional[str],
-                         cache_dir: Optional[str], force_download: bool,
-                         local_files_only: bool, token: Optional[str],
+    def _from_pretrained(cls, *, model_id: str, revision: str | None,
+                         cache_dir: str | None, force_download: bool,
+                         local_files_only: bool, token: str | None,
                          map_location: str = "cpu", strict: bool = True,
-                         **model_kwargs) -> "BLViTSam":
+                         **model_kwargs) -> BLViTSam:
         """Always strict (``strict`` is accepted for the mixin's signature only)."""
         if os.path.isdir(model_id):
             path = os.path.join(model_id, WEIGHTS_NAME)

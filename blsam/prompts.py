@@ -6,8 +6,6 @@ pixel), and a box is the mask's tight box in both.
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import numpy as np
 
 
@@ -30,7 +28,7 @@ def sample_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     return np.stack([xs[idx], ys[idx]], axis=1).astype(np.float64)
 
 
-def farthest_from_boundary(region: np.ndarray) -> Tuple[np.ndarray, float]:
+def farthest_from_boundary(region: np.ndarray) -> tuple[np.ndarray, float]:
     """The pixel of ``region`` farthest from its boundary (image border counts as boundary),
     as (x, y), and that distance. SAM's "center" click and its correction-click rule."""
     import cv2

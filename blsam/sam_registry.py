@@ -12,7 +12,7 @@ checkpoint of the teacher's size initialises the P-blocks, as ``sam_checkpoint=`
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 from segment_anything.modeling import Sam
 
@@ -22,7 +22,7 @@ from .specs import MODEL_SPECS
 def sam_builder(name: str) -> Callable[..., Sam]:
     """SAM-style builder of registry model ``name`` (``checkpoint`` told apart by content)."""
 
-    def build(checkpoint: Optional[str] = None, **kwargs) -> Sam:
+    def build(checkpoint: str | None = None, **kwargs) -> Sam:
         from .build_blsam import build_blsam
         from .checkpoint import checkpoint_kind
 
@@ -37,7 +37,7 @@ def sam_builder(name: str) -> Callable[..., Sam]:
     return build
 
 
-def add_to_sam_registry(include_test_models: bool = False) -> List[str]:
+def add_to_sam_registry(include_test_models: bool = False) -> list[str]:
     """Add every bLViT model of ``blsam.specs`` (``b_t``, ``h_b``, ...; the tiny test models
     too when asked) to ``segment_anything.sam_model_registry``; returns the names. SAM's own
     ``vit_*`` / ``default`` entries are left alone; an entry of that name from elsewhere is a

@@ -7,7 +7,7 @@ the same way everywhere.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +56,7 @@ def rle_run_lengths(counts: Any) -> np.ndarray:
     return runs
 
 
-def check_rle(seg: Dict[str, Any], h: int, w: int) -> np.ndarray:
+def check_rle(seg: dict[str, Any], h: int, w: int) -> np.ndarray:
     """The run lengths of an RLE dict that covers exactly the (h, w) image; ``AnnotationError``
     otherwise (a short ``counts`` would decode to a mask of another size)."""
     size = seg.get("size")
@@ -71,7 +71,7 @@ def check_rle(seg: Dict[str, Any], h: int, w: int) -> np.ndarray:
     return runs
 
 
-def check_polygons(seg: List[Any], h: int, w: int) -> None:
+def check_polygons(seg: list[Any], h: int, w: int) -> None:
     """Every ring: an even number >= 6 of finite numbers within +-``POLYGON_RANGE`` * max(h, w)
     (pycocotools' rasteriser is bounded by the coordinates, not the image)."""
     lim = POLYGON_RANGE * max(h, w)
@@ -91,7 +91,7 @@ def check_polygons(seg: List[Any], h: int, w: int) -> None:
                                   f"for a {w}x{h} image")
 
 
-def to_rle(seg: Any, h: int, w: int) -> Dict[str, Any]:
+def to_rle(seg: Any, h: int, w: int) -> dict[str, Any]:
     """A checked segmentation (polygons, uncompressed or compressed RLE) -> compressed RLE."""
     from pycocotools import mask as mask_utils
 
@@ -113,6 +113,6 @@ def mask_area(seg: Any, h: int, w: int) -> int:
     return int(mask_utils.area(to_rle(seg, h, w)))
 
 
-def perimeter(ring: List[float]) -> float:
+def perimeter(ring: list[float]) -> float:
     p = np.asarray(ring, np.float64).reshape(-1, 2)
     return float(np.linalg.norm(p - np.roll(p, 1, axis=0), axis=1).sum())

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from .modeling.image_encoder import EncoderSpec
 from .modeling.pruning import PruningSpec, tokens_kept
@@ -27,13 +27,13 @@ class ModelSpec:
     name: str  # registry key
     display_name: str  # name in result tables (paper Table 2 style)
     encoder: EncoderSpec
-    teacher: Optional[str] = None  # bLViT: the SAM whose blocks initialise P-blocks and teach
+    teacher: str | None = None  # bLViT: the SAM whose blocks initialise P-blocks and teach
     checkpoint_file: str = ""  # the official SAM file this variant loads (documentation)
     test_only: bool = False  # tiny architectures for the fast test tier
     family: str = ""  # benchmark family (bLViT models): compared with their teacher
     # token-pruning baselines (EViT, Evo-ViT): a vanilla SAM ViT whose tokens are pruned; they
     # have a teacher (trained like bLViT) but no parameters beyond SAM's
-    pruning: Optional[PruningSpec] = None
+    pruning: PruningSpec | None = None
     default_keep_ratio: float = 0.25
     ablation_of: str = ""  # a Table-3 design step of this full bLViT model (not benchmarked)
 
@@ -51,7 +51,7 @@ class ModelSpec:
         return self.teacher is not None
 
 
-def _vit(name: str, dim: int, depth: int, heads: int, glob: Tuple[int, ...]) -> EncoderSpec:
+def _vit(name: str, dim: int, depth: int, heads: int, glob: tuple[int, ...]) -> EncoderSpec:
     return EncoderSpec(embed_dim=dim, depth=depth, num_heads=heads, global_attn_indexes=glob,
                        layer_modes=(FULL,) * depth, name=name)
 
@@ -140,9 +140,9 @@ _ABLATION_STEPS = tuple(
     )
 )
 # Table-3 order: each step adds one component; the last is the full model
-ABLATION_ORDER: Tuple[str, ...] = ("b_t_early_prune", "b_t_eblock", "b_t_predictor", "b_t")
+ABLATION_ORDER: tuple[str, ...] = ("b_t_early_prune", "b_t_eblock", "b_t_predictor", "b_t")
 
-MODEL_SPECS: Dict[str, ModelSpec] = {
+MODEL_SPECS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
         ModelSpec("b_t", "Ours (B + T)", _B_T, teacher="vit_b",
@@ -161,24 +161,24 @@ MODEL_SPECS: Dict[str, ModelSpec] = {
 }
 DEFAULT_MODEL = "h_b"
 
-BLVIT_MODELS: Tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.is_blvit)
-PRUNING_MODELS: Tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.is_pruning)
+BLVIT_MODELS: tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.is_blvit)
+PRUNING_MODELS: tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.is_pruning)
 # models that take keep_ratio (bLViT and the pruning baselines)
-KEEP_RATIO_MODELS: Tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.has_keep_ratio)
-VANILLA_MODELS: Tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.teacher is None)
-TEACHER_OF: Dict[str, str] = {k: s.teacher for k, s in MODEL_SPECS.items() if s.teacher}
-DISPLAY_NAMES: Dict[str, str] = {k: s.display_name for k, s in MODEL_SPECS.items()}
+KEEP_RATIO_MODELS: tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.has_keep_ratio)
+VANILLA_MODELS: tuple[str, ...] = tuple(k for k, s in MODEL_SPECS.items() if s.teacher is None)
+TEACHER_OF: dict[str, str] = {k: s.teacher for k, s in MODEL_SPECS.items() if s.teacher}
+DISPLAY_NAMES: dict[str, str] = {k: s.display_name for k, s in MODEL_SPECS.items()}
 # (embed_dim, depth) of a vanilla SAM encoder -> its name, to say what a wrong checkpoint holds
-SAM_ENCODER_NAMES: Dict[Tuple[int, int], str] = {
+SAM_ENCODER_NAMES: dict[tuple[int, int], str] = {
     (s.encoder.embed_dim, s.encoder.depth): s.display_name
     for s in MODEL_SPECS.values() if s.teacher is None
 }
 # benchmark family -> (vanilla teacher, bLViT student)
-FAMILIES: Dict[str, Tuple[str, str]] = {
+FAMILIES: dict[str, tuple[str, str]] = {
     s.family: (s.teacher, s.name) for s in MODEL_SPECS.values()
     if s.is_blvit and not s.ablation_of
 }
-BLVIT_BY_SHAPE: Dict[Tuple[int, int], str] = {
+BLVIT_BY_SHAPE: dict[tuple[int, int], str] = {
     (s.encoder.embed_dim, s.encoder.depth): s.name for s in MODEL_SPECS.values()
     if s.is_blvit and not s.ablation_of
 }
@@ -216,7 +216,7 @@ def check_img_size(value: int, what: str = "img_size") -> int:
     return value
 
 
-def _pruning_modes(spec: ModelSpec) -> List[str]:
+def _pruning_modes(spec: ModelSpec) -> list[str]:
     """Per layer of a pruning baseline: what it runs on (the table's mode column)."""
     pr = spec.pruning
     out = []
@@ -228,7 +228,7 @@ def _pruning_modes(spec: ModelSpec) -> List[str]:
     return out
 
 
-def layer_table(name: str, img_size: int = 1024, keep_ratio: Optional[float] = None) -> str:
+def layer_table(name: str, img_size: int = 1024, keep_ratio: float | None = None) -> str:
     """Per-layer summary: mode, attention, widths, and where predictors score the tokens."""
     spec = get_spec(name)
     e = spec.encoder
@@ -257,7 +257,7 @@ def layer_table(name: str, img_size: int = 1024, keep_ratio: Optional[float] = N
     return "\n".join(lines)
 
 
-def paper_gflops(name: str, img_size: int = 1024, keep_ratio: Optional[float] = None) -> float:
+def paper_gflops(name: str, img_size: int = 1024, keep_ratio: float | None = None) -> float:
     """Paper-convention GFLOPs of registry model ``name`` (computed, never typed)."""
     from .flops import count_gflops
     from .testing import sam_with_meta_encoder
@@ -270,13 +270,13 @@ def paper_gflops(name: str, img_size: int = 1024, keep_ratio: Optional[float] = 
 
 
 # the paper's Table 2 GFLOPs column (typed here once; ours are computed by ``paper_gflops``)
-PAPER_TABLE2_GFLOPS: Dict[str, float] = {
+PAPER_TABLE2_GFLOPS: dict[str, float] = {
     "vit_b": 372.0, "vit_h": 2736.6, "evovit_b": 266.0, "evit_b": 216.4, "b_t": 210.5,
     "evovit_h": 1840.5, "evit_h": 1597.2, "h_b": 1993.3,
 }
 
 
-def gflops_table(names: Optional[Sequence[str]] = None, img_size: int = 1024) -> str:
+def gflops_table(names: Sequence[str] | None = None, img_size: int = 1024) -> str:
     """Markdown: every model's paper-convention GFLOPs at its default keep ratio, ordered as
     the paper's GFLOPs column, the paper's Table 2 number beside ours where it gives one
     (Table-3 ablation steps on SAM: the paper gives none)."""
@@ -298,7 +298,7 @@ def gflops_table(names: Optional[Sequence[str]] = None, img_size: int = 1024) ->
     return "\n".join(head + [r for _, r in sorted(rows)])
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="print the per-layer summary of a model")
     p.add_argument("model", nargs="?", choices=sorted(MODEL_SPECS), help="default: all")
     p.add_argument("--img-size", type=int, default=1024)

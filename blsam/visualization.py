@@ -1,7 +1,7 @@
 """Drawing helpers shared by the demo and the routing figure (paper Fig. 3)."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,7 +20,7 @@ def routing_masks_on_image(
     image_hw: Sequence[int],
     img_size: int,
     index: int = 0,
-) -> List[np.ndarray]:
+) -> list[np.ndarray]:
     """Per predictor stage, the routed-token mask mapped back to original image pixels.
 
     The encoder sees the image resized so its longest side is ``img_size`` and padded at the

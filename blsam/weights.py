@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Mapping, Optional, Tuple
+from collections.abc import Mapping
 
 import torch
 
@@ -37,7 +37,7 @@ def is_safetensors(path: str | os.PathLike) -> bool:
 
 
 def read_safetensors(path: str | os.PathLike, what: str = "weights"
-                     ) -> Tuple[StateDict, Dict[str, str]]:
+                     ) -> tuple[StateDict, dict[str, str]]:
     """(state dict, metadata) of a safetensors file, on CPU; a damaged file is one
     ``CheckpointError``."""
     from safetensors import safe_open
@@ -53,7 +53,7 @@ def read_safetensors(path: str | os.PathLike, what: str = "weights"
     return sd, meta
 
 
-def read_metadata(path: str | os.PathLike) -> Dict[str, str]:
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of a safetensors file ({} for any other file); reads the header only."""
     if not is_safetensors(path):
         return {}
@@ -67,7 +67,7 @@ def read_metadata(path: str | os.PathLike) -> Dict[str, str]:
     return dict(meta) if isinstance(meta, dict) else {}
 
 
-def check_metadata(path: str | os.PathLike, model: str, img_size: Optional[int]) -> None:
+def check_metadata(path: str | os.PathLike, model: str, img_size: int | None) -> None:
     """A shared-weights file that says it is another model, or another input size, than the
     one requested is refused with both named (files without blsam metadata pass: their keys
     and shapes are still checked strictly). ``img_size`` None: any size (a SAM initialisation
@@ -84,7 +84,7 @@ def check_metadata(path: str | os.PathLike, model: str, img_size: Optional[int])
 
 
 def weights_metadata(model: str, keep_ratio: float, img_size: int,
-                     extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+                     extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """What a shared-weights file records (safetensors metadata values are strings)."""
     from . import __version__
 

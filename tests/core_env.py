@@ -16,7 +16,6 @@ import subprocess
 import sys
 import zipfile
 from importlib import metadata
-from typing import Dict, List, Set
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
@@ -31,7 +30,7 @@ def build_wheel(src: str, out_dir: str) -> str:
     return wheel
 
 
-def wheel_core_requirements(wheel: str) -> List[Requirement]:
+def wheel_core_requirements(wheel: str) -> list[Requirement]:
     """The wheel's ``Requires-Dist`` lines that apply without any extra."""
     with zipfile.ZipFile(wheel) as z:
         name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
@@ -47,9 +46,9 @@ def _applies(req: Requirement) -> bool:
     return req.marker.evaluate(env)
 
 
-def core_closure(reqs: List[Requirement]) -> Dict[str, metadata.Distribution]:
+def core_closure(reqs: list[Requirement]) -> dict[str, metadata.Distribution]:
     """Installed distributions ``reqs`` need, transitively (canonical name -> distribution)."""
-    found: Dict[str, metadata.Distribution] = {}
+    found: dict[str, metadata.Distribution] = {}
     todo = list(reqs)
     while todo:
         req = todo.pop()
@@ -62,10 +61,10 @@ def core_closure(reqs: List[Requirement]) -> Dict[str, metadata.Distribution]:
     return found
 
 
-def link_distributions(dists: Dict[str, metadata.Distribution], folder: str) -> Set[str]:
+def link_distributions(dists: dict[str, metadata.Distribution], folder: str) -> set[str]:
     """Symlink every top-level file or folder of ``dists`` into ``folder``; returns the names."""
     os.makedirs(folder, exist_ok=True)
-    names: Set[str] = set()
+    names: set[str] = set()
     for dist in dists.values():
         base = str(dist.locate_file(""))
         for f in dist.files or []:

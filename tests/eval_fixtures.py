@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from blsam.evaluation.datasets import ann_to_mask, ann_to_rle, mask_to_rle, reso
 from blsam.evaluation.prompts import object_points, xywh_to_xyxy
 
 
-def _photos(size: int) -> List[np.ndarray]:
+def _photos(size: int) -> list[np.ndarray]:
     import cv2
     from skimage import data
 
@@ -28,7 +28,7 @@ def _photos(size: int) -> List[np.ndarray]:
     return out
 
 
-def _ellipse_poly(cx: float, cy: float, ax: float, ay: float, n: int = 24) -> List[float]:
+def _ellipse_poly(cx: float, cy: float, ax: float, ay: float, n: int = 24) -> list[float]:
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     pts = np.stack([cx + ax * np.cos(t), cy + ay * np.sin(t)], 1)
     return [round(float(v), 2) for v in pts.reshape(-1)]
@@ -37,7 +37,7 @@ def _ellipse_poly(cx: float, cy: float, ax: float, ay: float, n: int = 24) -> Li
 def make_tiny_dataset(
     out_dir: str, kind: str = "coco", size: int = 128, num_images: int = 3,
     with_detections: bool = True,
-) -> Dict[str, str]:
+) -> dict[str, str]:
     """Write a tiny COCO- or LVIS-format set made of real photos (scikit-image data).
 
     Per image: a large polygon object (> 96² px at size 128), a medium and a small ellipse
@@ -65,7 +65,7 @@ def make_tiny_dataset(
         folder = os.path.join(img_dir, split)
         os.makedirs(folder, exist_ok=True)
         cv2.imwrite(os.path.join(folder, name), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
-        im: Dict[str, Any] = {"id": img_id, "height": size, "width": size}
+        im: dict[str, Any] = {"id": img_id, "height": size, "width": size}
         if kind == "coco":
             im["file_name"] = name
         else:
@@ -143,7 +143,7 @@ class GTPredictor:
             self.by_pixels[px.tobytes()] = (img, ds.anns_by_image.get(img["id"], []))
 
     encoded = 0  # set_image calls: the encoder passes a real predictor would make
-    multimask_calls: List[bool] = []
+    multimask_calls: list[bool] = []
 
     def set_image(self, pixels):
         self.encoded += 1
@@ -190,8 +190,8 @@ class GTPredictor:
         return masks, iou, torch.zeros(n, masks.shape[1], 16, 16)
 
 
-def with_wrong_size_image(d: Dict[str, Any], image_id: int, out_dir: str, width: int
-                          ) -> Dict[str, Any]:
+def with_wrong_size_image(d: dict[str, Any], image_id: int, out_dir: str, width: int
+                          ) -> dict[str, Any]:
     """A copy of a COCO fixture whose image ``image_id`` is stored ``width`` pixels wide while
     the (still consistent) annotation file keeps its size: an error only the image's reader
     sees, on the rank that reads it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from blsam.train.tiny_sa1b import _jpeg, _photo, _segments
 
 
-def _polygon(m: np.ndarray) -> List[List[float]]:
+def _polygon(m: np.ndarray) -> list[list[float]]:
     """The outer contour of a mask, as a COCO polygon (x, y pairs at pixel centres)."""
     import cv2
 
@@ -23,18 +23,18 @@ def _polygon(m: np.ndarray) -> List[List[float]]:
     return [[round(float(v), 2) for v in (c + 0.5).reshape(-1)]] if len(c) >= 3 else []
 
 
-def _shoelace(poly: List[float]) -> float:
+def _shoelace(poly: list[float]) -> float:
     p = np.asarray(poly, float).reshape(-1, 2)
     x, y = p[:, 0], p[:, 1]
     return float(0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
 
-def _object(m: np.ndarray, variant: str, oid: int, iid: int) -> Dict[str, Any]:
+def _object(m: np.ndarray, variant: str, oid: int, iid: int) -> dict[str, Any]:
     """One object of ``m`` written the way ``variant`` writes it."""
     h, w = m.shape
     rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
     box = [float(v) for v in mask_utils.toBbox(rle)]
-    ann: Dict[str, Any] = {"id": oid, "image_id": iid, "category_id": 1, "iscrowd": 0}
+    ann: dict[str, Any] = {"id": oid, "image_id": iid, "category_id": 1, "iscrowd": 0}
     if variant in ("polygon", "tool"):
         poly = _polygon(m)
         ann["segmentation"] = poly
@@ -59,7 +59,7 @@ def _object(m: np.ndarray, variant: str, oid: int, iid: int) -> Dict[str, Any]:
     return ann
 
 
-def _runs(flat: np.ndarray) -> List[int]:
+def _runs(flat: np.ndarray) -> list[int]:
     """Uncompressed COCO RLE counts of a column-major 0/1 vector (first run counts zeros)."""
     out, cur, n = [], 0, 0
     for v in flat.tolist():
@@ -76,7 +76,7 @@ VARIANTS = ("polygon", "rle", "rle_list", "tool", "minimal", "crowd")
 
 
 def write_tiny_coco(out_dir: str, num_images: int = 3, size: int = 96, bad: int = 0,
-                    first_id: int = 1) -> Dict[str, str]:
+                    first_id: int = 1) -> dict[str, str]:
     """``out_dir/images/*.jpg`` (png for every third) and ``out_dir/train.json``: each image
     has one object per ``VARIANTS`` entry (a different SLIC region each), image ids from
     ``first_id``; ``bad`` extra objects on the first image are wrong (short RLE, box far from
@@ -116,7 +116,7 @@ def write_tiny_coco(out_dir: str, num_images: int = 3, size: int = 96, bad: int 
     return {"ann_file": ann_file, "img_dir": img_dir}
 
 
-def _bad_objects(m: np.ndarray, iid: int, oid: int, n: int) -> List[Dict[str, Any]]:
+def _bad_objects(m: np.ndarray, iid: int, oid: int, n: int) -> list[dict[str, Any]]:
     h, w = m.shape
     good = _object(m, "rle", 0, iid)
     counts = good["segmentation"]["counts"]
@@ -131,7 +131,7 @@ def _bad_objects(m: np.ndarray, iid: int, oid: int, n: int) -> List[Dict[str, An
     return [dict(v, id=oid + k) for k, v in enumerate((variants * n)[:n])]
 
 
-def write_image_folder(root: str, num_images: int = 3, size: int = 96) -> List[str]:
+def write_image_folder(root: str, num_images: int = 3, size: int = 96) -> list[str]:
     """Plain images in nested folders and mixed extensions (.jpg, .PNG, .webp) plus files a
     folder also holds (a .txt, a hidden file); returns the image paths."""
     from PIL import Image

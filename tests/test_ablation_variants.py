@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
+from train_checks import assert_resume_matches_full
 
 from blsam import blsam_model_registry
 from blsam.specs import ABLATION_ORDER, paper_gflops
 from blsam.testing import randomize_
-from train_checks import assert_resume_matches_full
 
 TINY = ["tiny_bl_early_prune", "tiny_bl_eblock", "tiny_bl_predictor"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

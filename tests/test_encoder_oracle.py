@@ -9,7 +9,6 @@ code with ``blsam.modeling`` except the parameter tensors it reads, and runs in 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ def _ln(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     return (x - mu) / torch.sqrt(var + norm.eps) * norm.weight.to(D) + norm.bias.to(D)
 
 
-def _lin(x: torch.Tensor, lin: torch.nn.Linear, rows: Optional[slice] = None) -> torch.Tensor:
+def _lin(x: torch.Tensor, lin: torch.nn.Linear, rows: slice | None = None) -> torch.Tensor:
     w, b = lin.weight.to(D), lin.bias.to(D)
     if rows is not None:
         w, b = w[rows], b[rows]

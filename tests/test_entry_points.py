@@ -49,7 +49,13 @@ def test_every_model_table_derives_from_the_spec():
     from blsam import blsam_model_registry
     from blsam.checkpoint import SAM_ENCODER_NAMES
     from blsam.specs import (
-        BLVIT_MODELS, DISPLAY_NAMES, FAMILIES, MODEL_SPECS, PRUNING_MODELS, TEACHER_OF)
+        BLVIT_MODELS,
+        DISPLAY_NAMES,
+        FAMILIES,
+        MODEL_SPECS,
+        PRUNING_MODELS,
+        TEACHER_OF,
+    )
     from blsam.tools import zero_shot
     from blsam.train.options import build_parser
 

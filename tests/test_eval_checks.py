@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from eval_fixtures import make_tiny_dataset, with_wrong_size_image
 
 import blsam.evaluation.pipeline as pipeline
 import blsam.tools.zero_shot as zero_shot
 from blsam.testing import save_random_sam_checkpoint
-from eval_fixtures import make_tiny_dataset, with_wrong_size_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 import torch
-
-from blsam import blsam_model_registry
-from blsam.evaluation.datasets import DatasetError
 from eval_fixtures import make_tiny_dataset
-from blsam.testing import save_random_sam_checkpoint
+
 import blsam.evaluation.pipeline as pipeline
 import blsam.tools.zero_shot as zero_shot
+from blsam import blsam_model_registry
+from blsam.evaluation.datasets import DatasetError
+from blsam.testing import save_random_sam_checkpoint
 from blsam.tools.zero_shot import main, parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

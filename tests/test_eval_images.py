@@ -7,12 +7,12 @@ import os
 
 import numpy as np
 import pytest
+from eval_fixtures import make_tiny_dataset
 from PIL import Image
 
 import blsam.tools.zero_shot as zero_shot
 from blsam.evaluation.datasets import DatasetError, read_image, read_image_oriented
 from blsam.train.data import decode_jpeg
-from eval_fixtures import make_tiny_dataset
 
 SIZE = 64
 

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from eval_fixtures import GTPredictor, make_tiny_dataset
 
 from blsam.evaluation.datasets import (
     DatasetError,
@@ -20,7 +21,6 @@ from blsam.evaluation.metrics import (
     summarize_miou,
     top_k_per_image,
 )
-from eval_fixtures import GTPredictor, make_tiny_dataset
 from blsam.evaluation.prompts import (
     center_point,
     correction_click,
@@ -248,9 +248,9 @@ def test_configs_parse_and_command_line_overrides(name, prompt):
 
 def test_gflops_helper_and_table_row():
     from blsam import blsam_model_registry
+    from blsam.evaluation.pipeline import sam_gflops
     from blsam.evaluation.report import table_markdown
     from blsam.flops import count_gflops
-    from blsam.evaluation.pipeline import sam_gflops
 
     sam = blsam_model_registry["tiny_bl"](img_size=64)
     assert sam_gflops(sam) == pytest.approx(count_gflops(sam, "paper"))

@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from eval_fixtures import GTPredictor, make_tiny_dataset
 
 from blsam.evaluation.datasets import ann_to_mask, load_dataset
 from blsam.evaluation.prompts import farthest_from_boundary, iterative_click, object_points
@@ -15,7 +16,6 @@ from blsam.evaluation.runner import (
     locate_images,
     merge_shards,
 )
-from eval_fixtures import GTPredictor, make_tiny_dataset
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@ where each rule alone decides the click): distance transform over the whole erro
 clicked pixels zeroed afterwards; a depth tie gives a negative click; with no error left the
 object is still clicked (negative, first raster position) and decoded again."""
 import numpy as np
+from test_eval_protocols import ScriptedPredictor
 
 from blsam.evaluation.prompts import iterative_click
 from blsam.evaluation.runner import Evaluator, ProtocolConfig
-from test_eval_protocols import ScriptedPredictor
 
 
 def test_clicked_pixels_are_zeroed_after_the_distance_transform():

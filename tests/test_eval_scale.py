@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from eval_fixtures import make_tiny_dataset, with_wrong_size_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

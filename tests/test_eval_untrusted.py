@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from eval_fixtures import make_tiny_dataset
 from PIL import Image
+from test_eval_images import _argv, _write
 
 import blsam.evaluation.pipeline as pipeline
 import blsam.tools.zero_shot as zero_shot
 from blsam.tools import export_onnx
-from eval_fixtures import make_tiny_dataset
-from test_eval_images import _argv, _write
 
 SIZE = 64  # model input; the photos are PX x PX
 PX = 128

@@ -2,9 +2,9 @@
 a GPU node) unless --devices says otherwise; eval/zero_shot.py --amp bf16 is recorded, labelled
 apart from fp32 runs, and stays close to fp32 on the test fixtures."""
 import torch
+from eval_fixtures import make_tiny_dataset
 
 import blsam.tools.zero_shot as zero_shot
-from eval_fixtures import make_tiny_dataset
 from blsam.tools import benchmark
 
 

@@ -7,11 +7,11 @@ import os
 
 import pytest
 import torch
+from eval_fixtures import make_tiny_dataset
+from train_checks import assert_resume_matches_full
 
 from blsam.checkpoint import read_state_dict
 from blsam.train.tiny_sa1b import write_tiny_sa1b
-from eval_fixtures import make_tiny_dataset
-from train_checks import assert_resume_matches_full
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,6 @@ first pad slots. It shares no code with ``blsam.modeling``, only the parameter t
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Set, Tuple
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from blsam.modeling.pruning import PruningSpec
 from blsam.testing import randomize_
 
 D = torch.float64
-Pos = Tuple[int, int]
+Pos = tuple[int, int]
 
 
 def _ln(x: torch.Tensor, norm) -> torch.Tensor:
@@ -40,7 +39,7 @@ def _mlp(blk, x: torch.Tensor) -> torch.Tensor:
     return x + _lin(0.5 * h * (1 + torch.erf(h / math.sqrt(2))), blk.mlp.lin2)
 
 
-def _windows(h: int, w: int, ws: int) -> List[List[Optional[Pos]]]:
+def _windows(h: int, w: int, ws: int) -> list[list[Pos | None]]:
     """Every window's slots in row-major order: a real position, or None for a pad slot."""
     out = []
     for r0 in range(0, h, ws):
@@ -50,8 +49,8 @@ def _windows(h: int, w: int, ws: int) -> List[List[Optional[Pos]]]:
     return out
 
 
-def _attention(blk, x: torch.Tensor, active: Dict[int, List[Tuple[int, Optional[Pos]]]],
-               global_: bool, grid: Pos) -> Tuple[Dict[Pos, torch.Tensor], Dict[Pos, float]]:
+def _attention(blk, x: torch.Tensor, active: dict[int, list[tuple[int, Pos | None]]],
+               global_: bool, grid: Pos) -> tuple[dict[Pos, torch.Tensor], dict[Pos, float]]:
     """active: per window (or one group if global) its (slot, position-or-None) members.
     Returns every real member's attention output (before residual) and received score."""
     attn = blk.attn
@@ -90,7 +89,7 @@ def _attention(blk, x: torch.Tensor, active: Dict[int, List[Tuple[int, Optional[
     return outs, scores
 
 
-def _groups(kept: Optional[Dict[int, List[int]]], h: int, w: int, ws: int, global_: bool):
+def _groups(kept: dict[int, list[int]] | None, h: int, w: int, ws: int, global_: bool):
     """Active members per attention group. kept: per window its kept slots (None: all)."""
     wins = _windows(h, w, ws)
     members = {i: [(s, win[s]) for s in (range(len(win)) if kept is None else kept[i])]
@@ -100,7 +99,7 @@ def _groups(kept: Optional[Dict[int, List[int]]], h: int, w: int, ws: int, globa
     return members
 
 
-def _select(scores: Dict[Pos, float], h: int, w: int, ws: int, k: int) -> Dict[int, List[int]]:
+def _select(scores: dict[Pos, float], h: int, w: int, ws: int, k: int) -> dict[int, list[int]]:
     out = {}
     for i, win in enumerate(_windows(h, w, ws)):
         real = sorted((s for s, p in enumerate(win) if p is not None),
@@ -118,13 +117,13 @@ def oracle(enc, img: torch.Tensor) -> torch.Tensor:
     x = x + enc.pos_embed.to(D)[0]
     h, w = x.shape[:2]
     k = enc.tokens_per_window
-    kept: Optional[Dict[int, List[int]]] = None
-    scores: Dict[Pos, float] = {}
+    kept: dict[int, list[int]] | None = None
+    scores: dict[Pos, float] = {}
     for i, blk in enumerate(enc.blocks):
         glob = blk.window_size == 0
         members = _groups(kept, h, w, ws, glob)
         outs, s = _attention(blk, x, members, glob, (h, w))
-        active: Set[Pos] = set(outs)
+        active: set[Pos] = set(outs)
         for p, o in outs.items():
             x[p] = x[p] + o
         if pr.method == "evit" and i == pr.layers[0]:

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from blsam.tools import visualize_routing
-from blsam.tools import benchmark, export_onnx
+from blsam.tools import benchmark, export_onnx, visualize_routing
 
 
 def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
@@ -61,9 +60,8 @@ def test_benchmark_every_model_in_its_own_worker_process(tmp_path):
 
 def test_worker_process_errors_are_one_line_results(tmp_path):
     """A model that fails to build in its worker becomes a row with its error; the others run."""
-    from blsam.utils.jobs import RemoteJob, WorkerError
-
     from blsam.bench.config import BenchConfig
+    from blsam.utils.jobs import RemoteJob, WorkerError
 
     job = RemoteJob("blsam.bench.workers", {"kind": "encoder", "name": "bad", "spec": {
         "name": "x", "family": "nope", "kind": "official"}, "device": "cpu", "dtype": "fp32",

@@ -4,14 +4,14 @@ a plain per-image loop over segment-anything's own ``MaskDecoder`` (the oracle b
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import pytest
 import torch
 
 from blsam import blsam_model_registry
-from blsam.train.losses import feature_loss, mask_losses, real_positions, total_loss
 from blsam.train.distill import DistillModel, click_schedule, error_click, set_trainable
+from blsam.train.losses import feature_loss, mask_losses, real_positions, total_loss
 
 IMG = 64
 LOW = IMG // 4
@@ -37,10 +37,10 @@ def sam64(sam):
     return model
 
 
-def _batch(specs: List[Tuple[str, int, int]], seed: int = 0) -> Dict[str, Any]:
+def _batch(specs: list[tuple[str, int, int]], seed: int = 0) -> dict[str, Any]:
     """Images of random rectangles: (kind, mask count, clicks per mask) per image."""
     g = torch.Generator().manual_seed(seed)
-    b: Dict[str, Any] = {k: [] for k in ("kind", "masks", "boxes", "points", "labels", "seed")}
+    b: dict[str, Any] = {k: [] for k in ("kind", "masks", "boxes", "points", "labels", "seed")}
     for kind, m, n_pts in specs:
         masks, boxes = torch.zeros(m, LOW, LOW), torch.zeros(m, 4)
         points = torch.zeros(m, n_pts, 2)
@@ -65,7 +65,7 @@ def _batch(specs: List[Tuple[str, int, int]], seed: int = 0) -> Dict[str, Any]:
     return b
 
 
-def _oracle(model: DistillModel, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+def _oracle(model: DistillModel, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """DistillModel.forward as a per-image loop calling upstream ``sam.mask_decoder``."""
     sam, iters, images = model.sam, model.prompt_iters, batch["image"]
     emb = sam.image_encoder(images)
@@ -111,7 +111,7 @@ def _oracle(model: DistillModel, batch: Dict[str, Any]) -> Dict[str, torch.Tenso
     return out
 
 
-def _run(sam, fn, batch) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+def _run(sam, fn, batch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     sam.zero_grad(set_to_none=True)
     out = fn(batch)
     out["loss"].backward()
@@ -119,9 +119,9 @@ def _run(sam, fn, batch) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
     return {k: out[k].item() for k in KEYS}, grads
 
 
-def _forms(batch: Dict[str, Any], iters: int) -> int:
+def _forms(batch: dict[str, Any], iters: int) -> int:
     """Decoder calls expected: distinct (multimask, box, click count) per iteration."""
-    forms: List[set] = [set() for _ in range(iters)]
+    forms: list[set] = [set() for _ in range(iters)]
     for i, kind in enumerate(batch["kind"]):
         if batch["masks"][i].shape[0] == 0:
             continue
@@ -153,7 +153,7 @@ def test_batched_equals_per_image_oracle(sam, sam64, dtype, iters):
     for k in ("boxes", "points"):
         batch[k] = [None if x is None else x.to(dt) for x in batch[k]]
     model = DistillModel(model_sam, 2.5, prompt_iters=iters)
-    calls: List[int] = []
+    calls: list[int] = []
     hook = model_sam.mask_decoder.transformer.register_forward_hook(
         lambda mod, args, out: calls.append(args[0].shape[0]))
     try:
@@ -176,7 +176,7 @@ def test_batched_equals_per_image_oracle(sam, sam64, dtype, iters):
 def test_decoder_runs_once_per_prompt_form_and_iteration(sam):
     batch = _batch([("point", 3, 1), ("box", 2, 0), ("point", 2, 1), ("box", 4, 0),
                     ("box", 0, 0)])
-    calls: List[int] = []
+    calls: list[int] = []
     hook = sam.mask_decoder.transformer.register_forward_hook(
         lambda mod, args, out: calls.append(args[0].shape[0]))
     try:

@@ -87,7 +87,6 @@ def poison(monkeypatch):
 def test_nan_loss_step_is_skipped_counted_and_never_saved(data, tiny_sam_ckpt, tmp_path,
                                                           poison, caplog):
     from blsam.tools.train import parse_args
-
     from blsam.train.options import train
 
     poison(steps=[3])
@@ -125,7 +124,6 @@ def test_consecutive_nonfinite_steps_stop_with_one_line(data, tiny_sam_ckpt, tmp
 def two_steps(data, tiny_sam_ckpt, tmp_path_factory):
     """A finished 2-step run: step_0000001.pth, step_0000002.pth (= last.pth), final.pth."""
     from blsam.tools.train import parse_args
-
     from blsam.train.options import train
 
     out = tmp_path_factory.mktemp("two_steps") / "run"

@@ -87,8 +87,9 @@ def test_rle_decode_and_resize(shards):
 
 
 def test_preprocess_matches_sam(photo):
-    from blsam import blsam_model_registry
     from segment_anything.utils.transforms import ResizeLongestSide
+
+    from blsam import blsam_model_registry
 
     img = photo[:300, :]  # non-square: exercises the padding
     x, (h, w) = D.preprocess_image(img, IMG)
@@ -179,8 +180,8 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path, tiny_sam_ckpt, monkeyp
     with pytest.raises(D.DataError, match="no sa_"):
         D.select_records(str(tmp_path / "empty"))
     # train() fails on the data before building any model
-    from blsam.train import loop, options
     from blsam.tools.train import parse_args
+    from blsam.train import loop, options
 
     def boom(*a, **k):
         raise AssertionError("a model was built before the data was checked")
@@ -226,8 +227,8 @@ def test_prompts_are_inside_the_mask():
 
 
 def test_bad_config_key_is_an_error(tmp_path):
-    from blsam.utils.config import ConfigError
     from blsam.tools.train import parse_args
+    from blsam.utils.config import ConfigError
 
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("lr: 1.0e-4\nlearning_rate: 3\n")

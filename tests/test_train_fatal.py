@@ -8,10 +8,9 @@ import tempfile
 import time
 
 import pytest
+from test_train_cluster import _argv, _torchrun
 
 from blsam.train import fatal
-
-from test_train_cluster import _argv, _torchrun
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import sys
 
 import pytest
 import torch
+from train_checks import assert_resume_matches_full
 
 from blsam import blsam_model_registry
 from blsam.checkpoint import read_state_dict
-from blsam.train.options import train
 from blsam.train.distill import DistillModel, enable_grad_checkpointing, state_checksum
+from blsam.train.options import train
 from blsam.train.tiny_sa1b import write_tiny_sa1b
-from train_checks import assert_resume_matches_full
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMG = "64"
@@ -26,7 +26,8 @@ IMG = "64"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_sam_ckpt):
     """Two shards of 2 images, and a teacher cache for them made by tools/cache_teacher.py."""
-    from blsam.tools.cache_teacher import main as cache_main, parse_args as cache_args
+    from blsam.tools.cache_teacher import main as cache_main
+    from blsam.tools.cache_teacher import parse_args as cache_args
 
     root = tmp_path_factory.mktemp("tiny")
     write_tiny_sa1b(root / "data", num_shards=2, images_per_shard=2, size=96, fmt="tar")

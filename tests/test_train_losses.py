@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from blsam.train.losses import (dice_loss, feature_loss, mask_iou, mask_losses,
-                                sigmoid_focal_loss, total_loss)
+from blsam.train.losses import (
+    dice_loss,
+    feature_loss,
+    mask_iou,
+    mask_losses,
+    sigmoid_focal_loss,
+    total_loss,
+)
 
 
 def test_feature_loss_identical_negated_orthogonal():

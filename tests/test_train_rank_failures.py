@@ -9,10 +9,9 @@ import sys
 import time
 
 import pytest
-import torch
-
-from test_train_cluster import _argv, _cli, _torchrun
 import test_train_cluster as _cluster
+import torch
+from test_train_cluster import _argv, _cli, _torchrun
 
 data = _cluster.data  # the tiny SA-1B fixture
 

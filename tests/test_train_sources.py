@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
+from source_fixtures import write_image_folder, write_tiny_coco
 
 from blsam.train.sampler import MixtureBatchSampler, allocate
 from blsam.train.tiny_sa1b import write_tiny_sa1b
-from source_fixtures import write_image_folder, write_tiny_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

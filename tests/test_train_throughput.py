@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from blsam.train import async_ckpt, loader, timing
+from blsam.train import packed_cache as pc
 from blsam.train.resume import load_training_checkpoint
 from blsam.utils.images import resize_and_pad_uint8
-from blsam.train import packed_cache as pc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -178,8 +178,9 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path, tiny_sam_ckpt):
     rendezvous, train 3 steps from a packed cache with a persistent worker, async
     checkpoints and --profile; both ranks end with identical weights, and only global rank 0
     writes files."""
+    from blsam.tools.cache_teacher import main as cache_main
+    from blsam.tools.cache_teacher import parse_args as cache_args
     from blsam.train.tiny_sa1b import write_tiny_sa1b
-    from blsam.tools.cache_teacher import main as cache_main, parse_args as cache_args
 
     write_tiny_sa1b(tmp_path / "data", num_shards=2, images_per_shard=2, size=80,
                     fmt="tar")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -21,14 +22,14 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16,
 class BenchConfig:
     """Every option of ``blsam-benchmark`` (same names as the flags, ``-`` as ``_``)."""
 
-    families: List[str] = field(default_factory=lambda: ["b"])
-    keep_ratios: List[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    families: list[str] = field(default_factory=lambda: ["b"])
+    keep_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     baselines: bool = False
-    devices: Optional[List[str]] = None
-    dtypes: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
-    batch_sizes: List[int] = field(default_factory=lambda: [1, 4])
-    cpu_batch_sizes: Optional[List[int]] = None
-    cpu_dtypes: Optional[List[str]] = None
+    devices: list[str] | None = None
+    dtypes: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
+    cpu_batch_sizes: list[int] | None = None
+    cpu_dtypes: list[str] | None = None
     img_size: int = 1024
     threads: int = 2
     warmup: int = 2
@@ -40,19 +41,19 @@ class BenchConfig:
     timm: str = "auto"
     allow_emulated_bf16: bool = False
     e2e: bool = False
-    e2e_photos: List[str] = field(default_factory=lambda: ["4:3"])
+    e2e_photos: list[str] = field(default_factory=lambda: ["4:3"])
     e2e_amg_repeats: int = 1
     e2e_points_per_side: int = 32
     quick: bool = False
     cpu_memory: str = "probe"
     gemm_rate: str = "measure"
-    photos: List[str] = field(default_factory=list)
+    photos: list[str] = field(default_factory=list)
     skip_models: bool = False
     profile_ops: bool = False
     output_dir: str = "outputs/benchmark"
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "BenchConfig":
+    def from_mapping(cls, values: Mapping[str, Any]) -> BenchConfig:
         """The fields of ``values`` this record has (an argparse ``vars()``, a JSON dict)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
@@ -61,20 +62,20 @@ class BenchConfig:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "BenchConfig":
+    def from_json(cls, text: str) -> BenchConfig:
         return cls.from_mapping(json.loads(text))
 
-    def replace(self, **changes: Any) -> "BenchConfig":
+    def replace(self, **changes: Any) -> BenchConfig:
         return dataclasses.replace(self, **changes)
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def default_devices() -> List[str]:
+def default_devices() -> list[str]:
     """The rows to run without ``--devices``: the GPU alone where there is one, else the CPU."""
     return ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
-def malloc_modes(cfg: BenchConfig) -> List[str]:
+def malloc_modes(cfg: BenchConfig) -> list[str]:
     return ["default", "tuned"] if cfg.malloc == "both" else [cfg.malloc]

@@ -3,18 +3,17 @@ forward replayed (burst and sustained rates)."""
 from __future__ import annotations
 
 import time
-from typing import Dict
 
 import torch
 
 from blsam import blsam_model_registry
 
 
-def gemm_shapes(img_size: int, student: str = "b_t") -> Dict[tuple, int]:
+def gemm_shapes(img_size: int, student: str = "b_t") -> dict[tuple, int]:
     """(M, K, N) -> count of the matmuls ``student`` runs in one fp32 forward at ``img_size``."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    counts: Dict[tuple, int] = {}
+    counts: dict[tuple, int] = {}
 
     class Log(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -70,7 +69,7 @@ class GemmReplay:
         return time.perf_counter() - t0
 
 
-def measure_gemm_rate(replay: GemmReplay, repeats: int = 3) -> Dict[str, float]:
+def measure_gemm_rate(replay: GemmReplay, repeats: int = 3) -> dict[str, float]:
     """This machine's *burst* dense fp32 GEMM rate on the matmul shapes b_t uses (GMAC/s).
 
     Each of the replay's distinct (M, K, N) is timed alone (best of ``repeats``); the rate is

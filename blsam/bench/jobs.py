@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import gc
 import time
-from typing import Callable, Dict, Mapping, Optional
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -24,7 +24,7 @@ from .machine import GLIBC_TUNABLES, RssPeak, child_env, minflt, tunables_active
 from .models import BenchModel, onnx_path
 
 
-def forward_fn(encoder: torch.nn.Module, x: torch.Tensor, dtype: Optional[torch.dtype]
+def forward_fn(encoder: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None
                ) -> Callable[[], None]:
     """One timed forward: inference mode, autocast to ``dtype`` (None: as the weights are),
     and on CUDA a synchronize so the time covers the kernels."""
@@ -41,7 +41,7 @@ def forward_fn(encoder: torch.nn.Module, x: torch.Tensor, dtype: Optional[torch.
     return run
 
 
-def attention_path(device: str, dtype: str) -> Optional[str]:
+def attention_path(device: str, dtype: str) -> str | None:
     """The attention kernel this device and dtype take, where the model code can say
     (``blsam.modeling.attention.attention_path``; None with a version that cannot)."""
     from blsam.modeling import attention
@@ -109,7 +109,7 @@ class EncoderJob:
                       "build_s": round(t1 - t0, 2), "warmup_s": round(time.perf_counter() - t2, 2),
                       "attention_path": attention_path(job["device"], job["dtype"])}
 
-    def call(self, cmd: str, arg: str) -> Dict[str, object]:
+    def call(self, cmd: str, arg: str) -> dict[str, object]:
         if cmd == "profile":  # after the timed runs: one forward under torch.profiler
             from .profile import profile_ops
 
@@ -136,16 +136,16 @@ class GemmJob:
 
     def __init__(self, job: Mapping[str, object], cfg: BenchConfig) -> None:
         m = (cfg.img_size // 16) ** 2
-        self.hello: Dict[str, object] = {
+        self.hello: dict[str, object] = {
             "fp32_matmul_gmacs_per_s": matmul_rate(torch.float32, m), "tuned": tunables_active()}
         if job.get("bf16"):  # bf16 and autocast rows
             self.hello["bf16_matmul_gmacs_per_s"] = matmul_rate(torch.bfloat16, m)
-        self.replay: Optional[GemmReplay] = None
+        self.replay: GemmReplay | None = None
         if job.get("replay"):
             self.replay = GemmReplay(cfg.img_size, str(job["student"]))
             self.hello.update(measure_gemm_rate(self.replay))
 
-    def call(self, cmd: str, arg: str) -> Dict[str, object]:
+    def call(self, cmd: str, arg: str) -> dict[str, object]:
         if cmd != "run" or self.replay is None:
             raise ValueError(f"unknown command {cmd!r}")
         return {"s": self.replay()}
@@ -196,7 +196,7 @@ class SamJob:
         sam.image_encoder.register_forward_hook(self._post)
         self.predictor = SamPredictor(sam)
         self.amg = SamAutomaticMaskGenerator(sam, points_per_side=cfg.e2e_points_per_side)
-        self.photos: Dict[str, object] = {}
+        self.photos: dict[str, object] = {}
         self.hello = {"gflops_full_encoder": count_flops(sam, "full", part="image_encoder").total,
                       "tuned": tunables_active()}
 
@@ -211,7 +211,7 @@ class SamJob:
             self.photos[aspect] = photo(aspect)
         return self.photos[aspect]
 
-    def call(self, cmd: str, arg: str) -> Dict[str, object]:
+    def call(self, cmd: str, arg: str) -> dict[str, object]:
         import numpy as np
 
         img = self._photo(arg)
@@ -233,7 +233,7 @@ class SamJob:
                         "predict_ms": (time.perf_counter() - t1) * 1e3}
         if cmd != "set_image":
             raise ValueError(f"unknown command {cmd!r}")
-        out: Dict[str, object] = {"ms": (t1 - t0) * 1e3, "photo": label,
+        out: dict[str, object] = {"ms": (t1 - t0) * 1e3, "photo": label,
                                   "gflops_full_encoder": self.hello["gflops_full_encoder"]}
         if self.blsam:  # padding-aware routing's cost depends on the photo
             x = torch.as_tensor(self.predictor.transform.apply_image(img)).permute(2, 0, 1)
@@ -266,7 +266,7 @@ class MemoryJob:
             enc(x)
         self.hello = {"peak_mib": mem.peak / 2**20}
 
-    def call(self, cmd: str, arg: str) -> Dict[str, object]:
+    def call(self, cmd: str, arg: str) -> dict[str, object]:
         raise ValueError(f"unknown command {cmd!r}")
 
 
@@ -279,7 +279,7 @@ class SweepJob:
 
         self.hello = {"out": sweep(cfg, str(job["malloc"]), bool(job["extras"]))}
 
-    def call(self, cmd: str, arg: str) -> Dict[str, object]:
+    def call(self, cmd: str, arg: str) -> dict[str, object]:
         raise ValueError(f"unknown command {cmd!r}")
 
 
@@ -293,7 +293,7 @@ def make_job(cfg: BenchConfig, job: Mapping[str, object]):
     return JOBS[str(job["kind"])](job, cfg)
 
 
-def remote(cfg: BenchConfig, job: Dict[str, object], malloc: Optional[str]) -> RemoteJob:
+def remote(cfg: BenchConfig, job: dict[str, object], malloc: str | None) -> RemoteJob:
     """``job`` in a fresh worker process; ``malloc``: start it with that allocator setting
     (None: this process's environment as it is)."""
     env = child_env()
@@ -304,7 +304,7 @@ def remote(cfg: BenchConfig, job: Dict[str, object], malloc: Optional[str]) -> R
     return RemoteJob(WORKER_MODULE, job, [cfg.to_json()], env)
 
 
-def start_job(cfg: BenchConfig, job: Dict[str, object], malloc: str):
+def start_job(cfg: BenchConfig, job: dict[str, object], malloc: str):
     """``job`` in a persistent worker process of its own, started with ``malloc``'s allocator
     settings (``--isolation process``), or in this process (``shared``)."""
     if cfg.isolation == "shared":

@@ -7,14 +7,13 @@ import os
 import platform
 import threading
 import time
-from typing import Dict
 
 import torch
 
 from .config import BenchConfig
 
 
-def cpu_isa() -> Dict[str, object]:
+def cpu_isa() -> dict[str, object]:
     """What the CPU offers for these kernels: AVX2 / AVX-512 / AMX, and native bf16 (AMX-BF16
     or AVX512-BF16; without either, torch emulates bf16 matmuls, far slower than fp32)."""
     flags: set = set()
@@ -74,7 +73,7 @@ class RssPeak:
         except OSError:
             return 0
 
-    def __enter__(self) -> "RssPeak":
+    def __enter__(self) -> RssPeak:
         self.base = self._rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -105,14 +104,14 @@ def loadavg() -> str:
         return "unknown"
 
 
-def environment(cfg: BenchConfig, malloc_tuned: bool) -> Dict[str, object]:
+def environment(cfg: BenchConfig, malloc_tuned: bool) -> dict[str, object]:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
-    env: Dict[str, object] = {
+    env: dict[str, object] = {
         "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
         "img_size": cfg.img_size, "warmup": cfg.warmup, "repeats": cfg.repeats,
@@ -126,7 +125,7 @@ def environment(cfg: BenchConfig, malloc_tuned: bool) -> Dict[str, object]:
     return env
 
 
-def child_env() -> Dict[str, str]:
+def child_env() -> dict[str, str]:
     """The parent's environment, with this checkout first on the path (``-m`` looks there)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)

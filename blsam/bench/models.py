@@ -4,8 +4,8 @@ row's model (not ``blsam.specs.ModelSpec``, which describes an architecture)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
 
 import torch
 
@@ -14,7 +14,6 @@ from blsam.build_blsam import build_vanilla_sam
 from blsam.specs import FAMILIES, MODEL_SPECS, PRUNING_MODELS
 
 from .config import BenchConfig
-
 
 TIMM_SAM = {"b": "samvit_base_patch16", "h": "samvit_huge_patch16"}
 
@@ -27,9 +26,9 @@ class BenchModel:
     name: str
     family: str
     kind: str
-    keep_ratio: Optional[float] = None
+    keep_ratio: float | None = None
     backend: str = "eager"  # or "onnxruntime"
-    registry: Optional[str] = None
+    registry: str | None = None
 
     def build(self, img_size: int) -> torch.nn.Module:
         vanilla, student = FAMILIES[self.family]
@@ -75,7 +74,7 @@ def timm_available() -> bool:
 
 
 def model_specs(families: Sequence[str], keep_ratios: Sequence[float],
-                baselines: bool = False) -> List[BenchModel]:
+                baselines: bool = False) -> list[BenchModel]:
     """Per family: official, fused, the bLViT student at every keep ratio and, with
     ``baselines``, the family's token-pruning baselines (EViT, Evo-ViT) at their default
     keep ratio (0.5, the paper's Table 2)."""
@@ -94,7 +93,7 @@ def model_specs(families: Sequence[str], keep_ratios: Sequence[float],
     return specs
 
 
-def extra_specs(cfg: BenchConfig) -> List[BenchModel]:
+def extra_specs(cfg: BenchConfig) -> list[BenchModel]:
     """timm's SAM ViT (when timm is installed) and the ONNX Runtime rows (``--onnx``)."""
     specs = []
     for fam in cfg.families:

@@ -2,7 +2,7 @@
 CPU time per op), so a regression shows up as a row of the table, not a guess."""
 from __future__ import annotations
 
-from typing import Callable, Dict
+from collections.abc import Callable
 
 CLASSES = ("gemm", "attention", "elementwise", "gather/scatter", "copy", "other")
 
@@ -30,14 +30,14 @@ def op_class(name: str) -> str:
     return "other"
 
 
-def profile_ops(forward: Callable[[], None]) -> Dict[str, float]:
+def profile_ops(forward: Callable[[], None]) -> dict[str, float]:
     """Self CPU milliseconds of one ``forward()`` per op class, plus ``total`` and the top op
     of each class by name (``top:<class>``, as ``name ms`` in the JSON only)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         forward()
-    out: Dict[str, float] = {c: 0.0 for c in CLASSES}
+    out: dict[str, float] = {c: 0.0 for c in CLASSES}
     for ev in prof.key_averages():
         if ev.key.startswith("aten::") or ev.key.startswith("mkldnn"):
             out[op_class(ev.key)] += ev.self_cpu_time_total / 1e3

@@ -1,8 +1,6 @@
 """The Markdown tables and the plot of a run."""
 from __future__ import annotations
 
-from typing import Dict, List
-
 from blsam.specs import FAMILIES
 from blsam.utils.files import atomic_write
 
@@ -13,7 +11,7 @@ def fmt(x: float, nd: int = 2) -> str:
     return "–" if x != x else f"{x:.{nd}f}"
 
 
-def headline(results: List[Result], env: Dict[str, object]) -> str:
+def headline(results: list[Result], env: dict[str, object]) -> str:
     """The ratios that matter, per family: default allocator vs fault-free (tuned)."""
     lines = [f"CPU: {env['cpu']} ({env['threads']} threads), ISA {env['isa']} "
              f"({', '.join(env['isa_flags']) or 'none'}; native bf16: {env['native_bf16']}), "
@@ -49,7 +47,7 @@ def headline(results: List[Result], env: Dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_table(results: List[Result], env: Dict[str, object]) -> str:
+def markdown_table(results: list[Result], env: dict[str, object]) -> str:
     lines = [
         f"CPU: {env['cpu']} ({env['threads']} threads), torch {env['torch']}, "
         f"{env['img_size']}², warm-up {env['warmup']}, {env['repeats']} timed runs "
@@ -107,7 +105,7 @@ def markdown_table(results: List[Result], env: Dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def photo_table(rows: List[Result]) -> str:
+def photo_table(rows: list[Result]) -> str:
     lines = [
         "`SamPredictor.set_image` on real photos (skimage.data, centre-cropped to the aspect "
         "ratio; SamPredictor resizes the long side to the encoder size and pads with zeros)",
@@ -127,7 +125,7 @@ def photo_table(rows: List[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def e2e_table(rows: List[Dict[str, object]]) -> str:
+def e2e_table(rows: list[dict[str, object]]) -> str:
     nan = float("nan")
     lines = [
         "End to end (segment_anything's own `SamPredictor` and `SamAutomaticMaskGenerator` "
@@ -150,7 +148,7 @@ def e2e_table(rows: List[Dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def op_profile_table(results: List[Result]) -> str:
+def op_profile_table(results: list[Result]) -> str:
     """``--profile-ops``: one forward's self CPU ms per op class, per model and dtype."""
     from .profile import CLASSES
 
@@ -169,7 +167,7 @@ def op_profile_table(results: List[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: List[Result], path: str) -> None:
+def plot(results: list[Result], path: str) -> None:
     """Latency and full GFLOPs versus keep ratio, with the vanilla encoders as lines."""
     import matplotlib
 

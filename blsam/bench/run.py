@@ -8,7 +8,6 @@ import os
 import statistics
 import sys
 from dataclasses import asdict
-from typing import Dict, List
 
 import torch
 
@@ -18,12 +17,11 @@ from blsam.utils.jobs import WorkerError
 
 from .config import BenchConfig, default_devices, malloc_modes
 from .jobs import cpu_peak_memory, start_job
-from .machine import GLIBC_TUNABLES, environment, loadavg, tune_glibc_malloc, tunables_active
+from .machine import GLIBC_TUNABLES, environment, loadavg, tunables_active, tune_glibc_malloc
 from .models import BenchModel, export_onnx_rows, extra_specs, model_specs
 from .report import e2e_table, headline, markdown_table, op_profile_table, photo_table, plot
 from .results import Result, add_ratios, from_dicts, relative_to, summarise
 from .schedule import drop_with_warning, interleaved, started, warm_up
-
 
 BF16_ROWS = {"bf16", "autocast"}  # rows whose matmuls run in bf16 (weights cast, or autocast)
 
@@ -34,20 +32,20 @@ class _Entry:
     def __init__(self, spec: BenchModel, dev: str, dt: str, bs: int, res: Result) -> None:
         self.spec, self.dev, self.dt, self.bs, self.res = spec, dev, dt, bs, res
         self.job = None  # RemoteJob or LocalJob once started
-        self.times: List[float] = []
-        self.faults: List[int] = []
-        self.gaps: List[float] = []  # GEMM replay seconds before the first run and after each
+        self.times: list[float] = []
+        self.faults: list[int] = []
+        self.gaps: list[float] = []  # GEMM replay seconds before the first run and after each
         self.peak = 0.0
 
 
-def _plan(cfg: BenchConfig, malloc: str, env: Dict[str, object]) -> List[_Entry]:
+def _plan(cfg: BenchConfig, malloc: str, env: dict[str, object]) -> list[_Entry]:
     """Every configuration to time; rows that will not run say why in ``error``."""
     devices = cfg.devices or default_devices()
     specs = [] if cfg.skip_models else model_specs(cfg.families, cfg.keep_ratios,
                                                     cfg.baselines)
     specs += [] if cfg.skip_models else extra_specs(cfg)
     native = bool(env.get("native_bf16"))
-    entries: List[_Entry] = []
+    entries: list[_Entry] = []
     for spec in specs:
         for dev in devices:
             if spec.backend == "onnxruntime" and dev != "cpu":
@@ -71,8 +69,8 @@ def _plan(cfg: BenchConfig, malloc: str, env: Dict[str, object]) -> List[_Entry]
     return entries
 
 
-def run_models(cfg: BenchConfig, malloc: str, env: Dict[str, object],
-               replay=None) -> List[Result]:
+def run_models(cfg: BenchConfig, malloc: str, env: dict[str, object],
+               replay=None) -> list[Result]:
     """Build every configuration (each in its own worker process unless ``--isolation
     shared``) and warm it up, then time them round-robin: round r runs every model once, so
     slow phases of a shared machine hit all models alike. ``replay``: the GEMM job whose
@@ -156,7 +154,7 @@ def run_models(cfg: BenchConfig, malloc: str, env: Dict[str, object],
     return results
 
 
-def sweep(cfg: BenchConfig, malloc: str, extras: bool = True) -> Dict[str, object]:
+def sweep(cfg: BenchConfig, malloc: str, extras: bool = True) -> dict[str, object]:
     """Everything timed under one allocator setting (``extras``: the photo and end-to-end
     rows too). With ``--isolation process`` every model and the GEMM probe run in worker
     processes started with that setting; with ``shared`` all run in this process, which must
@@ -202,7 +200,7 @@ def sweep(cfg: BenchConfig, malloc: str, extras: bool = True) -> Dict[str, objec
             if (r.device == "cpu" and r.dtype in BF16_ROWS
                     and "bf16_matmul_gmacs_per_s" in env):
                 r.frac_of_gemm_rate = r.gmacs_per_s / env["bf16_matmul_gmacs_per_s"]
-    out: Dict[str, object] = {"environment": env, "results": [asdict(r) for r in results]}
+    out: dict[str, object] = {"environment": env, "results": [asdict(r) for r in results]}
     if cfg.photos and extras:
         out["photo_results"] = [asdict(r) for r in photo_rows(cfg, malloc)]
     if cfg.e2e and extras:
@@ -210,7 +208,7 @@ def sweep(cfg: BenchConfig, malloc: str, extras: bool = True) -> Dict[str, objec
     return out
 
 
-def sam_variants(cfg: BenchConfig) -> List[Dict[str, object]]:
+def sam_variants(cfg: BenchConfig) -> list[dict[str, object]]:
     """The whole-SAM rows of the photo and end-to-end sections, as jobs: the first family's
     official SAM, then its bLViT at every keep ratio without and with ``skip_padding``."""
     vanilla, student = FAMILIES[cfg.families[0]]
@@ -224,19 +222,19 @@ def sam_variants(cfg: BenchConfig) -> List[Dict[str, object]]:
     return variants
 
 
-def photo_rows(cfg: BenchConfig, malloc: str) -> List[Result]:
+def photo_rows(cfg: BenchConfig, malloc: str) -> list[Result]:
     """``SamPredictor.set_image`` on real photos of several aspect ratios: official SAM vs
     bLViT with the paper's routing and with ``skip_padding``, rounds interleaved; counts
     P-block queries on padding."""
     handles = started(cfg, sam_variants(cfg), malloc)
-    rows: List[Result] = []
+    rows: list[Result] = []
     try:
         for aspect in cfg.photos:
             warm_up(handles, "set_image", aspect, cfg.warmup)
-            times: Dict[str, List[float]] = {h.job["name"]: [] for h in handles}
-            last: Dict[str, Dict[str, object]] = {}
+            times: dict[str, list[float]] = {h.job["name"]: [] for h in handles}
+            last: dict[str, dict[str, object]] = {}
 
-            def set_image(h, aspect: str = aspect) -> None:
+            def set_image(h, aspect: str = aspect, last=last, times=times) -> None:
                 out = last[h.job["name"]] = h.call("set_image", aspect)
                 times[h.job["name"]].append(out["ms"])
 
@@ -261,13 +259,13 @@ def photo_rows(cfg: BenchConfig, malloc: str) -> List[Result]:
     return rows
 
 
-def e2e_rows(cfg: BenchConfig, malloc: str) -> List[Dict[str, object]]:
+def e2e_rows(cfg: BenchConfig, malloc: str) -> list[dict[str, object]]:
     """What a SAM user waits for, on real photos: ``SamPredictor.set_image`` + ``predict``
     (one click, 3 masks) and ``SamAutomaticMaskGenerator.generate`` with its defaults, for the
     official encoder and bLViT at every keep ratio with and without ``skip_padding``. Each
     model in its own worker (``--isolation``); rounds interleaved across models."""
     handles = started(cfg, sam_variants(cfg), malloc)
-    rows: List[Dict[str, object]] = []
+    rows: list[dict[str, object]] = []
     try:
         for aspect in cfg.e2e_photos:
             rec = {h.job["name"]: {"set_image": [], "predict": [], "amg": [], "amg_encoder": [],
@@ -275,14 +273,14 @@ def e2e_rows(cfg: BenchConfig, malloc: str) -> List[Dict[str, object]]:
             photo_name = ""
             warm_up(handles, "click", aspect, max(cfg.warmup, 1))
 
-            def click(h, aspect: str = aspect) -> None:
+            def click(h, aspect: str = aspect, rec=rec) -> None:
                 nonlocal photo_name
                 out = h.call("click", aspect)
                 photo_name = out["photo"]
                 rec[h.job["name"]]["set_image"].append(out["set_image_ms"])
                 rec[h.job["name"]]["predict"].append(out["predict_ms"])
 
-            def amg(h, aspect: str = aspect) -> None:
+            def amg(h, aspect: str = aspect, rec=rec) -> None:
                 out = h.call("amg", aspect)
                 for k in ("amg", "amg_encoder"):
                     rec[h.job["name"]][k].append(out[f"{k}_ms"])
@@ -317,7 +315,7 @@ def e2e_rows(cfg: BenchConfig, malloc: str) -> List[Dict[str, object]]:
     return rows
 
 
-def sweep_in_fresh_process(cfg: BenchConfig, mode: str, extras: bool) -> Dict[str, object]:
+def sweep_in_fresh_process(cfg: BenchConfig, mode: str, extras: bool) -> dict[str, object]:
     """``sweep`` under allocator ``mode`` in a fresh process started with it (``--isolation
     shared``: the allocator setting must be there before torch starts)."""
     from .jobs import start_sweep
@@ -332,7 +330,7 @@ def sweep_in_fresh_process(cfg: BenchConfig, mode: str, extras: bool) -> Dict[st
     return hello["out"]
 
 
-def main(cfg: BenchConfig) -> List[Result]:
+def main(cfg: BenchConfig) -> list[Result]:
     """The whole run: every allocator setting, ratios, tables, JSON and plot (atomic)."""
     modes = malloc_modes(cfg)
     if cfg.onnx and not cfg.skip_models:

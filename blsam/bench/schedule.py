@@ -3,7 +3,8 @@ a drifting machine slows every model alike; a worker that fails is dropped, the 
 from __future__ import annotations
 
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from blsam.utils.jobs import WorkerError
 
@@ -14,7 +15,7 @@ T = TypeVar("T")
 
 
 def interleaved(items: Sequence[T], rounds: int, call: Callable[[T], None],
-                on_error: Callable[[T, WorkerError], None]) -> List[T]:
+                on_error: Callable[[T, WorkerError], None]) -> list[T]:
     """``rounds`` rounds; each round ``call``s every live item once, in order. An item whose
     call raises ``WorkerError`` is handed to ``on_error`` and left out of later rounds.
     Returns the items still live."""
@@ -42,7 +43,7 @@ def drop_with_warning(handles: list) -> Callable[[object, WorkerError], None]:
 
 
 
-def started(cfg: BenchConfig, jobs: List[Dict[str, object]], malloc: str) -> list:
+def started(cfg: BenchConfig, jobs: list[dict[str, object]], malloc: str) -> list:
     """Start every job (in its own process unless ``--isolation shared``), build them one by
     one, and drop those that failed with a warning."""
     handles = [start_job(cfg, j, malloc) for j in jobs]
@@ -56,7 +57,7 @@ def started(cfg: BenchConfig, jobs: List[Dict[str, object]], malloc: str) -> lis
     return live
 
 
-def call_or_drop(h, handles: list, cmd: str, arg: str) -> Optional[Dict[str, object]]:
+def call_or_drop(h, handles: list, cmd: str, arg: str) -> dict[str, object] | None:
     """``h.call``; a worker that fails (e.g. killed for memory) is dropped from ``handles``
     with a warning, so the other models' rows still come out."""
     try:

@@ -11,7 +11,6 @@ import argparse
 import functools
 import json
 import sys
-from typing import List, Optional
 
 from blsam.utils.jobs import serve
 
@@ -19,7 +18,7 @@ from .config import BenchConfig
 from .jobs import make_job
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m blsam.bench.workers",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--serve", required=True, metavar="JOB", help="the job, as JSON")

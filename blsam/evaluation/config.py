@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ..specs import KEEP_RATIO_MODELS, check_keep_ratio
 from ..utils.cli import OptionError, check_model_args, check_option
@@ -26,43 +26,44 @@ KEEP = KEEP_RATIO_MODELS  # bLViT and the token-pruning baselines
 class EvalConfig:
     """``blsam-eval``'s options (``--help`` says what each means), in its parser's order."""
 
-    config: Optional[str] = None  # the YAML file the defaults came from
+    config: str | None = None  # the YAML file the defaults came from
     model: str = "b_t"
-    checkpoint: Optional[str] = None
-    sam_checkpoint: Optional[str] = None
-    keep_ratio: Optional[float] = None  # None: the model's default (set by check_config)
+    checkpoint: str | None = None
+    sam_checkpoint: str | None = None
+    keep_ratio: float | None = None  # None: the model's default (set by check_config)
     img_size: int = 1024
     device: str = "cpu"
-    keep_ratios: Optional[List[float]] = None
-    reference: Optional[List[str]] = None
-    name: Optional[str] = None
+    keep_ratios: list[float] | None = None
+    reference: list[str] | None = None
+    name: str | None = None
     dataset: str = "lvis"
-    ann_file: Optional[str] = None
-    img_dir: Optional[str] = None
-    det_file: Optional[str] = None
-    limit: Optional[int] = None
+    ann_file: str | None = None
+    img_dir: str | None = None
+    det_file: str | None = None
+    limit: int | None = None
     skip_missing_images: bool = False
     skip_bad_images: bool = False
     exif_orientation: str = "ignore"
-    prompt: List[str] = field(default_factory=lambda: ["point"])
+    prompt: list[str] = field(default_factory=lambda: ["point"])
     num_points: int = 1
     point_from: str = "random"
     oracle: bool = False
     box_multimask: bool = False
     num_clicks: int = 0
-    max_dets: Optional[int] = None
+    max_dets: int | None = None
     seed: int = 0
     batch_prompts: int = 64
-    save_predictions: Optional[str] = None
+    save_predictions: str | None = None
     output: str = "outputs/eval"
     no_flops: bool = False
     no_progress: bool = False
     amp: str = "fp32"
     dist_timeout: float = DEFAULT_TIMEOUT_MIN
-    table: Optional[List[str]] = None
+    table: list[str] | None = None
+    paper: bool = False  # with --table: the paper's Table 2 beside ours
 
     @classmethod
-    def from_dict(cls, options: Dict[str, Any]) -> "EvalConfig":
+    def from_dict(cls, options: dict[str, Any]) -> EvalConfig:
         """From option values by name (e.g. ``vars()`` of parsed arguments); an unknown name
         is an ``OptionError``."""
         names = {f.name for f in fields(cls)}
@@ -71,9 +72,11 @@ class EvalConfig:
             raise OptionError(f"unknown evaluation option(s): {', '.join(unknown)}")
         return cls(**options)
 
-    def record(self) -> Dict[str, Any]:
-        """The options as the result JSON's ``config`` records them (``table`` left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "table"}
+    def record(self) -> dict[str, Any]:
+        """The options as the result JSON's ``config`` records them (``table``, ``paper`` left
+        out: they only merge results)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("table", "paper")}
 
     @property
     def routed(self) -> bool:
@@ -82,7 +85,7 @@ class EvalConfig:
 
 
 # --------------------------------------------------------------------------- checks
-def protocols_from_config(config: "EvalConfig") -> List[ProtocolConfig]:
+def protocols_from_config(config: EvalConfig) -> list[ProtocolConfig]:
     """The run's protocols; each switch goes to the protocols it means something for, and a
     switch that means nothing for all of them is an ``OptionError``."""
     names = [config.prompt] if isinstance(config.prompt, str) else list(config.prompt)
@@ -141,7 +144,7 @@ def _check_writable_dir(path: str, opt: str) -> None:
         raise OptionError(f"{opt} {path!r} is not writable: {e.strerror or e}") from e
 
 
-def check_config(config: "EvalConfig") -> List[ProtocolConfig]:
+def check_config(config: EvalConfig) -> list[ProtocolConfig]:
     """Every option checked before any file is loaded or model built; returns the protocols
     (``config.keep_ratio`` left out becomes the model's default, as recorded)."""
     for opt in ("ann_file", "img_dir"):

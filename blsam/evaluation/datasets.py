@@ -13,20 +13,20 @@ import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..annotations import (
     EMPTY,
+    MAX_BOX_VALUE,
     AnnotationCounts,
     AnnotationFileError,
     ObjectEntry,
     detect_kind,  # noqa: F401  (re-exported)
     image_file_name,
     is_int,
-    MAX_BOX_VALUE,
     load_annotation_file,
 )
 
@@ -43,20 +43,20 @@ class EvalDataset:
 
     path: str
     kind: str  # "coco" or "lvis"
-    raw: Dict[str, Any]
-    images: List[Dict[str, Any]]  # sorted by id: the order every rank and every model uses
-    anns_by_image: Dict[int, List[Dict[str, Any]]] = field(default_factory=dict)
-    categories: Dict[int, Dict[str, Any]] = field(default_factory=dict)
+    raw: dict[str, Any]
+    images: list[dict[str, Any]]  # sorted by id: the order every rank and every model uses
+    anns_by_image: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    categories: dict[int, dict[str, Any]] = field(default_factory=dict)
     # ``blsam.annotations``' counts, and the skipped objects of each image: {"bad", "empty"}
     annotation_counts: AnnotationCounts = field(default_factory=AnnotationCounts)
-    skipped_by_image: Dict[int, Dict[str, int]] = field(default_factory=dict)
+    skipped_by_image: dict[int, dict[str, int]] = field(default_factory=dict)
 
     @property
-    def image_ids(self) -> List[int]:
+    def image_ids(self) -> list[int]:
         return [img["id"] for img in self.images]
 
 
-def has_geometry(ann: Dict[str, Any]) -> bool:
+def has_geometry(ann: dict[str, Any]) -> bool:
     """Whether an annotation has a polygon (>= 3 points) or an RLE to rasterise."""
     seg = ann.get("segmentation")
     if isinstance(seg, list):
@@ -75,7 +75,7 @@ def _bad_box(box: Any) -> bool:
         or w <= 0 or h <= 0
 
 
-def _ann_dict(o: ObjectEntry) -> Dict[str, Any]:
+def _ann_dict(o: ObjectEntry) -> dict[str, Any]:
     """A checked object as the loop reads it (``iscrowd`` 0/1, ``segmentation`` [] when the
     file has none, ``area`` only when the file has one)."""
     d = {"id": o.id, "image_id": o.image_id, "category_id": o.category_id,
@@ -86,7 +86,7 @@ def _ann_dict(o: ObjectEntry) -> Dict[str, Any]:
     return d
 
 
-def load_dataset(path: str, kind: Optional[str] = None) -> EvalDataset:
+def load_dataset(path: str, kind: str | None = None) -> EvalDataset:
     """Load and check every entry of a COCO or LVIS instances file (``kind`` None: detect
     it): ``blsam.annotations.load_annotation_file``, its refusals as ``DatasetError``. An
     object without a category cannot be scored by COCOeval / LVISEval: skipped and counted."""
@@ -95,7 +95,7 @@ def load_dataset(path: str, kind: Optional[str] = None) -> EvalDataset:
     except AnnotationFileError as e:
         raise DatasetError(str(e)) from None
     counts = aset.counts
-    by_image: Dict[int, List[Dict[str, Any]]] = {}
+    by_image: dict[int, list[dict[str, Any]]] = {}
     no_cat = set()
     for iid, objs in aset.objects_by_image.items():
         for o in objs:
@@ -109,7 +109,7 @@ def load_dataset(path: str, kind: Optional[str] = None) -> EvalDataset:
     raw = aset.raw
     if no_cat:
         raw = dict(raw, annotations=[a for a in raw["annotations"] if a["id"] not in no_cat])
-    skipped: Dict[int, Dict[str, int]] = {}
+    skipped: dict[int, dict[str, int]] = {}
     for b in counts.objects:
         if is_int(b["image_id"]) and b["image_id"] in aset.images:
             c = skipped.setdefault(b["image_id"], {"bad": 0, "empty": 0})
@@ -122,7 +122,7 @@ def load_dataset(path: str, kind: Optional[str] = None) -> EvalDataset:
                        skipped)
 
 
-def check_lvis_eval_fields(data: Dict[str, Any], path: str = "annotation file") -> None:
+def check_lvis_eval_fields(data: dict[str, Any], path: str = "annotation file") -> None:
     """LVISEval needs LVIS' federated fields; fail before evaluating instead of after."""
     no_freq = [c["id"] for c in data["categories"] if "frequency" not in c]
     if no_freq:
@@ -136,7 +136,7 @@ def check_lvis_eval_fields(data: Dict[str, Any], path: str = "annotation file") 
                                    f"{im['id']} has none")
 
 
-def resolve_image_path(img_dir: str, img: Dict[str, Any]) -> Optional[str]:
+def resolve_image_path(img_dir: str, img: dict[str, Any]) -> str | None:
     """The image's file under ``img_dir``, directly or in a ``train2017``/``val2017`` subfolder
     (LVIS v1 val mixes COCO train and val images); None if it is nowhere."""
     name = image_file_name(img)
@@ -155,7 +155,7 @@ def resolve_image_path(img_dir: str, img: Dict[str, Any]) -> Optional[str]:
     return None
 
 
-def check_image_file(path: str) -> Optional[str]:
+def check_image_file(path: str) -> str | None:
     """Why ``path`` cannot be a whole image, or None. Reads only the file's ends.
 
     Why: OpenCV decodes a truncated JPEG without an error (the missing rows come out gray), so a
@@ -179,7 +179,7 @@ def check_image_file(path: str) -> Optional[str]:
     return None
 
 
-def size_problem(height: int, width: int) -> Optional[str]:
+def size_problem(height: int, width: int) -> str | None:
     """Why an image the annotation file says is ``width`` x ``height`` is not decoded (over
     PIL's pixel limit), or None: checked before its file is opened."""
     from blsam.utils.images import check_pixels
@@ -191,8 +191,8 @@ def size_problem(height: int, width: int) -> Optional[str]:
     return None
 
 
-def read_image_oriented(path: str, height: Optional[int] = None, width: Optional[int] = None,
-                        exif: str = "ignore") -> Tuple[np.ndarray, int]:
+def read_image_oriented(path: str, height: int | None = None, width: int | None = None,
+                        exif: str = "ignore") -> tuple[np.ndarray, int]:
     """RGB uint8 HxWx3 (``blsam.utils.images.decode_rgb``: the training reader) and the file's
     EXIF orientation (1: none), checked to be whole and, when given, of the size the annotation
     file claims; errors as ``DatasetError``. A size that matches only the other reading of the
@@ -223,13 +223,13 @@ def read_image_oriented(path: str, height: Optional[int] = None, width: Optional
     return pixels, orientation
 
 
-def read_image(path: str, height: Optional[int] = None, width: Optional[int] = None,
+def read_image(path: str, height: int | None = None, width: int | None = None,
                exif: str = "ignore") -> np.ndarray:
     """``read_image_oriented`` without the orientation."""
     return read_image_oriented(path, height, width, exif)[0]
 
 
-def find_bad_annotations(dataset: EvalDataset, image_ids: Any) -> List[Dict[str, Any]]:
+def find_bad_annotations(dataset: EvalDataset, image_ids: Any) -> list[dict[str, Any]]:
     """The objects ``blsam.annotations`` skipped as wrong (not merely empty) in the given
     images, and those it could not place in any image (a missing, non-integer or unknown
     ``image_id``): ``{"id", "image_id", "reason", "detail"}``."""
@@ -238,7 +238,7 @@ def find_bad_annotations(dataset: EvalDataset, image_ids: Any) -> List[Dict[str,
             and (b["image_id"] in ids or not (is_int(b["image_id"]) and b["image_id"] in known))]
 
 
-def ann_to_rle(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
+def ann_to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
     """Polygons, uncompressed RLE or compressed RLE -> compressed RLE (pycocotools)."""
     if isinstance(segmentation, list):
         polys = [p for p in segmentation if len(p) >= 6]
@@ -255,20 +255,20 @@ def ann_to_rle(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
     raise DatasetError(f"unsupported segmentation format: {str(segmentation)[:100]}")
 
 
-def ann_to_mask(ann: Dict[str, Any], height: int, width: int) -> np.ndarray:
+def ann_to_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
     """Boolean HxW mask of an annotation."""
     return mask_utils.decode(ann_to_rle(ann["segmentation"], height, width)).astype(bool)
 
 
-def mask_to_rle(mask: np.ndarray) -> Dict[str, Any]:
+def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
     """JSON-ready compressed RLE (``counts`` as str), the COCO results format."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
 
 
-def load_detections(path: str, dataset: EvalDataset, max_per_image: Optional[int] = None,
-                    info: Optional[Dict[str, Any]] = None) -> Dict[int, List[Dict[str, Any]]]:
+def load_detections(path: str, dataset: EvalDataset, max_per_image: int | None = None,
+                    info: dict[str, Any] | None = None) -> dict[int, list[dict[str, Any]]]:
     """COCO-format detection results grouped by image, sorted by descending score, the best
     ``max_per_image`` kept (COCO's 100, LVIS' 300: a 20k-detection file is not decoded 20k
     times for results the evaluator drops); ``info`` gets the counts.
@@ -279,7 +279,7 @@ def load_detections(path: str, dataset: EvalDataset, max_per_image: Optional[int
     if not os.path.isfile(path):
         raise DatasetError(f"detection file not found: {path}")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             dets = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"detection file {path!r} is not JSON: {e}") from e
@@ -292,7 +292,7 @@ def load_detections(path: str, dataset: EvalDataset, max_per_image: Optional[int
                            f"lack of input, not of masks")
     ids = set(dataset.image_ids)
     unknown = set()
-    by_image: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for i, d in enumerate(dets):
         where = f"detection {i} in {path!r}"
         if not isinstance(d, dict):

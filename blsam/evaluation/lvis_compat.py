@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +24,7 @@ def ensure_numpy_aliases() -> None:
             setattr(np, name, value)
 
 
-def import_lvis() -> Tuple[type, type, type]:
+def import_lvis() -> tuple[type, type, type]:
     """(LVIS, LVISResults, LVISEval), importable and runnable on NumPy 1 and 2."""
     ensure_numpy_aliases()
     from lvis import LVIS, LVISEval, LVISResults
@@ -32,7 +32,7 @@ def import_lvis() -> Tuple[type, type, type]:
     return LVIS, LVISResults, LVISEval
 
 
-def lvis_from_dict(dataset: Dict[str, Any], copy_data: bool = True) -> Any:
+def lvis_from_dict(dataset: dict[str, Any], copy_data: bool = True) -> Any:
     """An ``LVIS`` object from an in-memory dataset dict (``LVIS()`` only reads files).
     ``copy_data=False`` adopts ``dataset`` (LVISEval rewrites its segmentations in place)."""
     LVIS, _, _ = import_lvis()

@@ -10,7 +10,8 @@ import copy
 import io
 import logging
 from collections import defaultdict
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,16 +47,16 @@ def size_of(area: float) -> str:
     return "large"
 
 
-def summarize_miou(records: Iterable[Dict[str, Any]], key: str = "iou") -> Dict[str, Any]:
+def summarize_miou(records: Iterable[dict[str, Any]], key: str = "iou") -> dict[str, Any]:
     """mIoU over all records and per size; records carry ``key`` and ``size``.
 
     Values are fractions in [0, 1] (Table 2 prints them x100); a size with no object is None.
     """
-    buckets: Dict[str, List[float]] = defaultdict(list)
+    buckets: dict[str, list[float]] = defaultdict(list)
     for r in records:
         buckets["all"].append(float(r[key]))
         buckets[r["size"]].append(float(r[key]))
-    out: Dict[str, Any] = {"mIoU": float(np.mean(buckets["all"])) if buckets["all"] else None}
+    out: dict[str, Any] = {"mIoU": float(np.mean(buckets["all"])) if buckets["all"] else None}
     for s in SIZES:
         out[f"mIoU_{s}"] = float(np.mean(buckets[s])) if buckets[s] else None
     out["num_masks"] = len(buckets["all"])
@@ -76,7 +77,7 @@ def _quiet() -> Iterator[None]:
         log.setLevel(level)
 
 
-def _nan_to_none(v: float) -> Optional[float]:
+def _nan_to_none(v: float) -> float | None:
     v = float(v)
     return None if v < 0 or np.isnan(v) else v
 
@@ -85,9 +86,9 @@ COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def coco_segm_eval(
-    gt_dataset: Dict[str, Any], results: Sequence[Dict[str, Any]],
-    img_ids: Optional[Sequence[int]] = None,
-) -> Dict[str, Optional[float]]:
+    gt_dataset: dict[str, Any], results: Sequence[dict[str, Any]],
+    img_ids: Sequence[int] | None = None,
+) -> dict[str, float | None]:
     """COCO mask AP (pycocotools COCOeval, iouType segm) in percent, over ``img_ids`` (default:
     all images of the annotation file; pass the evaluated ones when using ``--limit``)."""
     from pycocotools.coco import COCO
@@ -111,7 +112,7 @@ def coco_segm_eval(
     return {k: _nan_to_none(v * 100 if v >= 0 else v) for k, v in zip(COCO_STAT_NAMES, ev.stats)}
 
 
-def _drop_empty_gt(gt_dataset: Dict[str, Any]) -> Dict[str, Any]:
+def _drop_empty_gt(gt_dataset: dict[str, Any]) -> dict[str, Any]:
     """A copy without annotations that have no polygon/RLE (the evaluators cannot rasterize
     them; the mIoU protocols skip and count them the same way)."""
     out = dict(gt_dataset)
@@ -122,19 +123,19 @@ def _drop_empty_gt(gt_dataset: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _results_for_eval(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def _results_for_eval(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copies with only the evaluated fields: without ``bbox`` the evaluators take a mask's
     area from the mask (with it they use the box area for the size ranges)."""
     keep = ("image_id", "category_id", "segmentation", "score")
     return [{k: copy.deepcopy(r[k]) for k in keep} for r in results]
 
 
-def top_k_per_image(results: Sequence[Dict[str, Any]], k: int) -> List[Dict[str, Any]]:
+def top_k_per_image(results: Sequence[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     """At most ``k`` results per image, highest scores first (LVIS' 300-per-image rule)."""
-    by_img: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
+    by_img: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in results:
         by_img[r["image_id"]].append(r)
-    out: List[Dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for img_id in sorted(by_img):
         out += sorted(by_img[img_id], key=lambda r: -float(r["score"]))[:k]
     return out
@@ -144,9 +145,9 @@ LVIS_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf
 
 
 def lvis_segm_eval(
-    gt_dataset: Dict[str, Any], results: Sequence[Dict[str, Any]],
-    img_ids: Optional[Sequence[int]] = None, max_dets: int = 300,
-) -> Dict[str, Optional[float]]:
+    gt_dataset: dict[str, Any], results: Sequence[dict[str, Any]],
+    img_ids: Sequence[int] | None = None, max_dets: int = 300,
+) -> dict[str, float | None]:
     """LVIS mask AP (lvis-api LVISEval, federated) in percent, top ``max_dets`` per image."""
     from .datasets import check_lvis_eval_fields
     from .lvis_compat import import_lvis, lvis_from_dict

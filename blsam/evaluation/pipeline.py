@@ -10,8 +10,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -29,23 +30,23 @@ class EvalData:
     """Everything read before the model is built."""
 
     dataset: Any
-    detections: Optional[Dict[int, List[Dict[str, Any]]]]
-    found: List[Any]
-    missing: List[int]
-    bad: List[Dict[str, Any]] = field(default_factory=list)
-    bad_annotations: List[Dict[str, Any]] = field(default_factory=list)
-    detection_counts: Dict[str, Any] = field(default_factory=dict)
+    detections: dict[int, list[dict[str, Any]]] | None
+    found: list[Any]
+    missing: list[int]
+    bad: list[dict[str, Any]] = field(default_factory=list)
+    bad_annotations: list[dict[str, Any]] = field(default_factory=list)
+    detection_counts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class EvalRun:
     """What a run returns on rank 0: its results, the printed table, the curve's files."""
 
-    results: List[EvalResult]
+    results: list[EvalResult]
     table: str
-    curve: Optional[Dict[str, str]] = None
+    curve: dict[str, str] | None = None
 
-    def to_json(self) -> Dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         """``{"results": [record, ...], "table", "curve"}``, as ``blsam-eval``'s main gives."""
         return {"results": [r.to_json() for r in self.results], "table": self.table,
                 "curve": self.curve}
@@ -58,7 +59,7 @@ def sam_gflops(sam: torch.nn.Module) -> float:
     return float(count_gflops(sam, convention="paper"))
 
 
-def _versions() -> Dict[str, str]:
+def _versions() -> dict[str, str]:
     import numpy
 
     import blsam
@@ -66,7 +67,7 @@ def _versions() -> Dict[str, str]:
     return {"blsam": blsam.__version__, "torch": torch.__version__, "numpy": numpy.__version__}
 
 
-def _row_name(config: EvalConfig, names: Dict[str, str]) -> str:
+def _row_name(config: EvalConfig, names: dict[str, str]) -> str:
     """The paper's model name, flagged when the weights are not the trained ones."""
     name = names.get(config.model, config.model)
     if config.checkpoint is None:
@@ -83,10 +84,10 @@ def build_model(config: EvalConfig) -> torch.nn.Module:
         if config.sam_checkpoint is not None and config.model in BLVIT_MODELS:
             warnings.warn(f"{config.model}: no trained checkpoint, E-blocks and predictors are "
                           f"untrained (P-blocks from {config.sam_checkpoint}): results are not "
-                          f"meaningful", UserWarning)
+                          f"meaningful", UserWarning, stacklevel=2)
         elif config.sam_checkpoint is None:
             warnings.warn(f"{config.model}: no checkpoint, evaluating random weights: results "
-                          f"are not meaningful", UserWarning)
+                          f"are not meaningful", UserWarning, stacklevel=2)
     return blsam.build_model(config.model, config.checkpoint, config.sam_checkpoint,
                              config.keep_ratio, config.img_size)
 
@@ -115,7 +116,7 @@ def load_data(config: EvalConfig, protos: Sequence[ProtocolConfig]) -> EvalData:
                            f"{b['image_id']}): {b['detail']} ({b['reason']}); pass "
                            f"--skip-bad-images to skip and count them")
     detections = None
-    det_counts: Dict[str, Any] = {}
+    det_counts: dict[str, Any] = {}
     det = next((c for c in protos if c.prompt == "detector"), None)
     if det is not None:
         if dataset.kind == "lvis":
@@ -123,7 +124,7 @@ def load_data(config: EvalConfig, protos: Sequence[ProtocolConfig]) -> EvalData:
         detections = load_detections(config.det_file, dataset, det.max_dets, det_counts)
     if detections is not None and not any(detections.get(im["id"]) for _, im in images):
         warnings.warn(f"{config.det_file}: no detection for any of the {len(images)} evaluated "
-                      f"images: AP will be 0", UserWarning)
+                      f"images: AP will be 0", UserWarning, stacklevel=2)
     # every rank checks every image, so a missing file fails all ranks alike
     found, missing, bad = locate_images(config.img_dir, images, config.skip_missing_images,
                                         config.skip_bad_images)
@@ -132,9 +133,9 @@ def load_data(config: EvalConfig, protos: Sequence[ProtocolConfig]) -> EvalData:
 
 # --------------------------------------------------------------------------- results
 def make_result(config: EvalConfig, cfg: ProtocolConfig, protos: Sequence[ProtocolConfig],
-                merged: ShardResult, data: EvalData, keep: Optional[float],
-                gflops: Optional[float], wall: float, world_size: int, device: str,
-                ckpt_sha256: Optional[str] = None) -> EvalResult:
+                merged: ShardResult, data: EvalData, keep: float | None,
+                gflops: float | None, wall: float, world_size: int, device: str,
+                ckpt_sha256: str | None = None) -> EvalResult:
     """The record of one protocol at one keep ratio (``ckpt_sha256``: the checkpoint's hash,
     computed once per run by the caller; hashed here when not given)."""
     from ..specs import DISPLAY_NAMES
@@ -182,9 +183,9 @@ def make_result(config: EvalConfig, cfg: ProtocolConfig, protos: Sequence[Protoc
                 "decode_s": part.decode_s})
 
 
-def write_results(config: EvalConfig, results: List[EvalResult],
-                  merged_by_keep: Dict[Optional[float], ShardResult],
-                  refs: List[Dict[str, Any]]) -> EvalRun:
+def write_results(config: EvalConfig, results: list[EvalResult],
+                  merged_by_keep: dict[float | None, ShardResult],
+                  refs: list[dict[str, Any]]) -> EvalRun:
     """JSON + Markdown per result, predictions, the keep-ratio curve; prints the table."""
     from .report import (
         curve_record,
@@ -219,7 +220,7 @@ def write_results(config: EvalConfig, results: List[EvalResult],
     return EvalRun(results, table, curve)
 
 
-def table_of(paths: Sequence[str], paper: bool = False) -> Dict[str, Any]:
+def table_of(paths: Sequence[str], paper: bool = False) -> dict[str, Any]:
     """``--table``: merge result files into one Markdown table (curve files are skipped)."""
     from .report import load_results, table_markdown
 
@@ -232,7 +233,7 @@ def table_of(paths: Sequence[str], paper: bool = False) -> Dict[str, Any]:
 
 
 def load_references(config: EvalConfig, protos: Sequence[ProtocolConfig]
-                    ) -> List[Dict[str, Any]]:
+                    ) -> list[dict[str, Any]]:
     """``--reference`` records, each checked now against the run's protocols (not after the
     evaluation)."""
     if not config.reference:
@@ -250,7 +251,7 @@ def load_references(config: EvalConfig, protos: Sequence[ProtocolConfig]
 
 
 # --------------------------------------------------------------------------- the run
-def evaluate(config: EvalConfig) -> Optional[EvalRun]:
+def evaluate(config: EvalConfig) -> EvalRun | None:
     """Evaluate every protocol (at every keep ratio) of ``config`` after checking it
     (``OptionError``); the run on rank 0, None on the other ranks of a torchrun job."""
     protos = check_config(config)
@@ -270,7 +271,7 @@ def evaluate(config: EvalConfig) -> Optional[EvalRun]:
 
 
 def _evaluate(config: EvalConfig, protos: Sequence[ProtocolConfig],
-              refs: List[Dict[str, Any]], info: Any) -> Optional[EvalRun]:
+              refs: list[dict[str, Any]], info: Any) -> EvalRun | None:
     """Load, build, evaluate at every keep ratio (each rank's shard gathered to rank 0 only),
     then, once every rank has finished every keep ratio, metrics and files on rank 0 alone: no
     rank waits in a collective while rank 0 runs COCOeval / LVISEval."""
@@ -283,9 +284,9 @@ def _evaluate(config: EvalConfig, protos: Sequence[ProtocolConfig],
         data = load_data(config, protos)
     with fail_together(log_dir):
         sam = build_model(config).to(info.device).eval()
-    keeps: List[Optional[float]] = (list(config.keep_ratios) if config.keep_ratios else
+    keeps: list[float | None] = (list(config.keep_ratios) if config.keep_ratios else
                                     [config.keep_ratio]) if config.routed else [None]
-    gflops: Dict[Optional[float], Optional[float]] = {}
+    gflops: dict[float | None, float | None] = {}
     for keep in keeps:  # before evaluating: inference-mode caches break the counter's trace
         if keep is not None:
             sam.image_encoder.keep_ratio = keep
@@ -293,8 +294,8 @@ def _evaluate(config: EvalConfig, protos: Sequence[ProtocolConfig],
     evaluator = Evaluator(Predictor(sam), data.dataset, config.img_dir, protos,
                           data.detections, config.skip_bad_images, config.exif_orientation)
     shard = data.found[info.rank::info.world_size]
-    merged_by_keep: Dict[Optional[float], ShardResult] = {}
-    walls: Dict[Optional[float], float] = {}
+    merged_by_keep: dict[float | None, ShardResult] = {}
+    walls: dict[float | None, float] = {}
     for keep in keeps:
         if keep is not None:
             sam.image_encoder.keep_ratio = keep

@@ -6,7 +6,7 @@ never from a global stream whose state depends on what was evaluated before.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def _distance(region: np.ndarray) -> np.ndarray:
 
 
 def iterative_click(pred: np.ndarray, gt: np.ndarray, clicked: np.ndarray
-                    ) -> Tuple[np.ndarray, int]:
+                    ) -> tuple[np.ndarray, int]:
     """The next click of the iterative protocol, by the rules of EfficientViT-SAM's (RITM's)
     ``Clicker``, so that every click is the reference's:
 
@@ -87,7 +87,7 @@ def iterative_click(pred: np.ndarray, gt: np.ndarray, clicked: np.ndarray
     return np.array([x, y], dtype=np.float64), int(positive)
 
 
-def correction_click(pred: np.ndarray, gt: np.ndarray) -> Tuple[np.ndarray, int]:
+def correction_click(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, int]:
     """Next interactive click: at the center of the largest error region (distance-transform
     maximum over false negatives and false positives); label 1 for a missed object pixel, 0 for
     a false positive. If the prediction is perfect, a positive click at the object center."""

@@ -6,7 +6,7 @@ work with the core dependencies alone (the runner needs pycocotools, the eval ex
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any
 
 PROMPTS = ("point", "box", "detector")
 POINT_MODES = ("random", "nested", "center", "iterative")
@@ -27,7 +27,7 @@ class ProtocolConfig:
     box_multimask: bool = False  # box / detector: 3 masks, keep the best predicted IoU
     seed: int = 0
     batch_prompts: int = 64
-    max_dets: Optional[int] = None  # per image, highest scores first (LVIS: 300)
+    max_dets: int | None = None  # per image, highest scores first (LVIS: 300)
     skip_missing_images: bool = False
     save_predictions: bool = False
 
@@ -61,9 +61,9 @@ class ProtocolConfig:
             parts.append(f"+{self.num_clicks} corr. clicks")
         return ", ".join(parts)
 
-    def describe(self) -> Dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """The protocol as recorded in the result JSON."""
-        d: Dict[str, Any] = {"name": self.name, "prompt": self.prompt,
+        d: dict[str, Any] = {"name": self.name, "prompt": self.prompt,
                              "multimask": self.multimask,
                              "selection": "oracle" if self.oracle else "predicted_iou",
                              "paper_default": self.is_default(), "label": self.label()}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from ..utils.files import write_json_atomic, write_text_atomic
 from .results import (  # noqa: F401  (RESULT_KIND re-exported: the kinds live in results)
@@ -29,7 +30,7 @@ class TableError(ResultFormatError):
     """Result files that cannot be put in one table (unreadable, wrong shape, colliding)."""
 
 
-def file_sha256(path: Optional[str], n: int = 12) -> Optional[str]:
+def file_sha256(path: str | None, n: int = 12) -> str | None:
     """First ``n`` hex digits of a file's SHA-256 (which weights produced the numbers)."""
     if not path or not os.path.isfile(path):
         return None
@@ -41,7 +42,7 @@ def file_sha256(path: Optional[str], n: int = 12) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- reading results
-def check_result(r: Any, where: str) -> Dict[str, Any]:
+def check_result(r: Any, where: str) -> dict[str, Any]:
     """``r`` if it is a result record ``EvalResult.from_json`` reads (formats 1 to ``FORMAT``),
     else ``TableError`` saying why."""
     try:
@@ -53,12 +54,12 @@ def check_result(r: Any, where: str) -> Dict[str, Any]:
     return r
 
 
-def load_results(paths: Sequence[str]) -> Tuple[List[Dict[str, Any]], List[str]]:
+def load_results(paths: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """Result records of ``paths`` (each remembers its ``_file``) and the curve files skipped."""
     results, skipped = [], []
     for path in paths:
         try:
-            with open(path, "r", encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except OSError as e:
             raise TableError(f"{path}: cannot read: {e.strerror or e}") from e
@@ -72,7 +73,7 @@ def load_results(paths: Sequence[str]) -> Tuple[List[Dict[str, Any]], List[str]]
 
 
 # --------------------------------------------------------------------------- table
-def table_column(result: Dict[str, Any]) -> str:
+def table_column(result: dict[str, Any]) -> str:
     """The Table 2 column of a run's headline metric."""
     proto = result["protocol"]
     if proto["prompt"] == "detector":
@@ -86,7 +87,7 @@ def table_column(result: Dict[str, Any]) -> str:
     return col
 
 
-def headline(result: Dict[str, Any]) -> Optional[float]:
+def headline(result: dict[str, Any]) -> float | None:
     """mIoU x 100 or AP, as the paper prints them."""
     m = result["metrics"]
     if result["protocol"]["prompt"] == "detector":
@@ -94,7 +95,7 @@ def headline(result: Dict[str, Any]) -> Optional[float]:
     return None if m.get("mIoU") is None else 100.0 * m["mIoU"]
 
 
-def variant(result: Dict[str, Any]) -> str:
+def variant(result: dict[str, Any]) -> str:
     """What makes a run not a paper-column run ('' for a full run of the paper's protocol)."""
     parts = []
     proto = result["protocol"]
@@ -118,7 +119,7 @@ def variant(result: Dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def row_key(result: Dict[str, Any]) -> Tuple[Any, ...]:
+def row_key(result: dict[str, Any]) -> tuple[Any, ...]:
     """Runs with equal keys share a table row."""
     keep = result.get("keep_ratio")
     return (result["name"], result["model"],
@@ -126,7 +127,7 @@ def row_key(result: Dict[str, Any]) -> Tuple[Any, ...]:
             None if keep is None else round(float(keep), 6), result["img_size"], variant(result))
 
 
-def _label(result: Dict[str, Any]) -> str:
+def _label(result: dict[str, Any]) -> str:
     label = result["name"]
     keep = result.get("keep_ratio")
     extra = []
@@ -140,16 +141,16 @@ def _label(result: Dict[str, Any]) -> str:
     return label + (f" [{v}]" if v else "")
 
 
-def _fmt(v: Optional[float]) -> str:
+def _fmt(v: float | None) -> str:
     return DASH if v is None else f"{v:.1f}"
 
 
-def table_markdown(results: Iterable[Dict[str, Any]], paper: bool = False) -> str:
+def table_markdown(results: Iterable[dict[str, Any]], paper: bool = False) -> str:
     """Markdown table shaped like Table 2 (one line per row key, see ``row_key``); ``paper``:
     the paper's eight rows beside ours (``table2.paper_section``)."""
-    rows: Dict[Tuple[Any, ...], Dict[str, str]] = {}
-    labels: Dict[Tuple[Any, ...], str] = {}
-    owner: Dict[Tuple[Tuple[Any, ...], str], str] = {}
+    rows: dict[tuple[Any, ...], dict[str, str]] = {}
+    labels: dict[tuple[Any, ...], str] = {}
+    owner: dict[tuple[tuple[Any, ...], str], str] = {}
     for i, r in enumerate(results):
         r = check_result(r, r.get("_file", f"result {i}") if isinstance(r, dict) else f"result {i}")
         key, col = row_key(r), table_column(r)
@@ -164,7 +165,7 @@ def table_markdown(results: Iterable[Dict[str, Any]], paper: bool = False) -> st
             row["GFLOPs"] = f"{r['gflops']:.1f}"
         row[col] = _fmt(headline(r))
     # same label, different checkpoints: tell them apart
-    seen: Dict[str, int] = {}
+    seen: dict[str, int] = {}
     for key in rows:
         seen[labels[key]] = seen.get(labels[key], 0) + 1
     for key, row in rows.items():
@@ -182,7 +183,7 @@ def table_markdown(results: Iterable[Dict[str, Any]], paper: bool = False) -> st
 
 
 # --------------------------------------------------------------------------- files
-def run_tag(result: Dict[str, Any]) -> str:
+def run_tag(result: dict[str, Any]) -> str:
     """File stem of a result, e.g. ``b_t_lvis_point3`` or ``b_t_keep0.5_lvis_box_multimask``:
     everything that makes a different row makes a different file."""
     proto = result["protocol"]
@@ -210,7 +211,7 @@ def run_tag(result: Dict[str, Any]) -> str:
     return "_".join(parts)
 
 
-def write_outputs(result: Dict[str, Any], output_dir: str) -> Dict[str, str]:
+def write_outputs(result: dict[str, Any], output_dir: str) -> dict[str, str]:
     """``<tag>.json`` and ``<tag>.md`` in ``output_dir``; returns their paths."""
     os.makedirs(output_dir, exist_ok=True)
     tag = run_tag(result)
@@ -221,7 +222,7 @@ def write_outputs(result: Dict[str, Any], output_dir: str) -> Dict[str, str]:
     return {"json": jpath, "markdown": mpath}
 
 
-def write_predictions(items: List[Dict[str, Any]], path: str) -> str:
+def write_predictions(items: list[dict[str, Any]], path: str) -> str:
     """JSON lines (``.jsonl``) or one JSON list (any other suffix); masks are COCO RLE."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     clean = [{k: v for k, v in it.items() if k != "key"} for it in items]
@@ -244,14 +245,14 @@ def predictions_path(path: str, tag: str, several: bool) -> str:
 
 
 # --------------------------------------------------------------------------- keep-ratio curve
-def _metric_name(result: Dict[str, Any]) -> str:
+def _metric_name(result: dict[str, Any]) -> str:
     return "AP" if result["protocol"]["prompt"] == "detector" else "mIoU x100"
 
 
-def curve_record(results: Sequence[Dict[str, Any]], references: Sequence[Dict[str, Any]]
-                 ) -> Dict[str, Any]:
+def curve_record(results: Sequence[dict[str, Any]], references: Sequence[dict[str, Any]]
+                 ) -> dict[str, Any]:
     """The curve as data: one point per (protocol, keep ratio), references as extra points."""
-    def point(r: Dict[str, Any]) -> Dict[str, Any]:
+    def point(r: dict[str, Any]) -> dict[str, Any]:
         return {"name": r["name"], "model": r["model"], "keep_ratio": r.get("keep_ratio"),
                 "protocol": r["protocol"]["name"], "dataset": r["dataset_kind"],
                 "metric": _metric_name(r), "value": headline(r), "gflops": r.get("gflops"),
@@ -269,12 +270,12 @@ def curve_record(results: Sequence[Dict[str, Any]], references: Sequence[Dict[st
             "references": refs}
 
 
-def _ms(r: Dict[str, Any]) -> Optional[float]:
+def _ms(r: dict[str, Any]) -> float | None:
     s = r.get("timing", {}).get("encoder_s_per_image")
     return None if s is None else 1000.0 * s
 
 
-def write_curve(record: Dict[str, Any], stem: str) -> Dict[str, str]:
+def write_curve(record: dict[str, Any], stem: str) -> dict[str, str]:
     """``<stem>.json`` and ``<stem>.png``: quality against GFLOPs (left) and measured encoder
     latency per image (right), one line per protocol, references as stars."""
     import matplotlib

@@ -10,8 +10,9 @@ file without a ``format`` field is format 1).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, List, Optional, Sequence
+from typing import Any, ClassVar
 
 from ..errors import UserError
 
@@ -36,7 +37,7 @@ class ImageCounts:
     images_not_encoded: int = 0  # nothing to prompt: never read
     exif_rotated_images: int = 0
 
-    def __add__(self, other: "ImageCounts") -> "ImageCounts":
+    def __add__(self, other: ImageCounts) -> ImageCounts:
         return ImageCounts(**{f.name: getattr(self, f.name) + getattr(other, f.name)
                               for f in fields(self)})
 
@@ -45,13 +46,13 @@ class ImageCounts:
 class ProtocolOutput:
     """One protocol's outputs over a shard's images, each item carrying its sort ``key``."""
 
-    records: List[Dict[str, Any]] = field(default_factory=list)  # per GT object: IoUs, size
-    results: List[Dict[str, Any]] = field(default_factory=list)  # detector: COCO results
-    predictions: List[Dict[str, Any]] = field(default_factory=list)  # --save-predictions
+    records: list[dict[str, Any]] = field(default_factory=list)  # per GT object: IoUs, size
+    results: list[dict[str, Any]] = field(default_factory=list)  # detector: COCO results
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # --save-predictions
     decode_s: float = 0.0
     bad_annotations: int = 0
 
-    def saved_items(self, prompt: str) -> List[Dict[str, Any]]:
+    def saved_items(self, prompt: str) -> list[dict[str, Any]]:
         """What ``--save-predictions`` writes: the detector's results, the others' masks."""
         return self.results if prompt == "detector" else self.predictions
 
@@ -61,16 +62,16 @@ class ShardResult:
     """``Evaluator.run``'s output on one rank (picklable: gathered to rank 0), or, after
     ``merge``, the whole run's: items in the order one process would have produced them."""
 
-    protocols: Dict[str, ProtocolOutput]
-    evaluated_image_ids: List[int] = field(default_factory=list)
-    missing_images: List[int] = field(default_factory=list)
-    bad_images: List[Dict[str, Any]] = field(default_factory=list)  # {"id", "file", "reason"}
+    protocols: dict[str, ProtocolOutput]
+    evaluated_image_ids: list[int] = field(default_factory=list)
+    missing_images: list[int] = field(default_factory=list)
+    bad_images: list[dict[str, Any]] = field(default_factory=list)  # {"id", "file", "reason"}
     counts: ImageCounts = field(default_factory=ImageCounts)
     encoder_s: float = 0.0
-    encoder_s_per_rank: List[float] = field(default_factory=list)  # set by ``merge``
+    encoder_s_per_rank: list[float] = field(default_factory=list)  # set by ``merge``
 
     @classmethod
-    def merge(cls, shards: Sequence["ShardResult"]) -> "ShardResult":
+    def merge(cls, shards: Sequence[ShardResult]) -> ShardResult:
         """Concatenate per-rank results in the order one process would have produced them."""
         protocols = {}
         for name in shards[0].protocols:
@@ -105,31 +106,31 @@ class EvalResult:
     model: str
     img_size: int
     dataset_kind: str
-    protocol: Dict[str, Any]
-    metrics: Dict[str, Any]
-    counts: Dict[str, Any]
-    checkpoint: Optional[str] = None
-    checkpoint_sha256: Optional[str] = None
-    keep_ratio: Optional[float] = None
-    amp: Optional[str] = "fp32"
-    ann_file: Optional[str] = None
-    limit: Optional[int] = None
-    run: Dict[str, Any] = field(default_factory=dict)
-    config: Dict[str, Any] = field(default_factory=dict)
-    versions: Dict[str, str] = field(default_factory=dict)
-    skipped_images: Dict[str, Any] = field(default_factory=dict)
-    skipped_annotations: List[Dict[str, Any]] = field(default_factory=list)
-    annotation_check: Dict[str, Any] = field(default_factory=dict)
-    detection_counts: Dict[str, Any] = field(default_factory=dict)
-    images: Dict[str, Any] = field(default_factory=dict)
-    gflops: Optional[float] = None
+    protocol: dict[str, Any]
+    metrics: dict[str, Any]
+    counts: dict[str, Any]
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    keep_ratio: float | None = None
+    amp: str | None = "fp32"
+    ann_file: str | None = None
+    limit: int | None = None
+    run: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    skipped_images: dict[str, Any] = field(default_factory=dict)
+    skipped_annotations: list[dict[str, Any]] = field(default_factory=list)
+    annotation_check: dict[str, Any] = field(default_factory=dict)
+    detection_counts: dict[str, Any] = field(default_factory=dict)
+    images: dict[str, Any] = field(default_factory=dict)
+    gflops: float | None = None
     gflops_convention: str = "paper"
-    timing: Dict[str, Any] = field(default_factory=dict)
-    predictions_file: Optional[str] = None  # written with --save-predictions
-    outputs: Optional[Dict[str, str]] = None  # the files written; not in the JSON itself
+    timing: dict[str, Any] = field(default_factory=dict)
+    predictions_file: str | None = None  # written with --save-predictions
+    outputs: dict[str, str] | None = None  # the files written; not in the JSON itself
     format: int = FORMAT
-    source_file: Optional[str] = None  # the file it was read from (``_file``), not written
-    extra: Dict[str, Any] = field(default_factory=dict)
+    source_file: str | None = None  # the file it was read from (``_file``), not written
+    extra: dict[str, Any] = field(default_factory=dict)
 
     # written in this order (today's files); the rest only when set
     _ORDER: ClassVar = ("name", "model", "checkpoint", "checkpoint_sha256", "keep_ratio",
@@ -145,9 +146,9 @@ class EvalResult:
         """The protocol's name in the run (``point1``, ``box``, ...)."""
         return str(self.protocol["name"])
 
-    def to_json(self) -> Dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         """The record as written (and as ``blsam-eval``'s ``main`` returns it)."""
-        d: Dict[str, Any] = {"kind": RESULT_KIND, "format": self.format}
+        d: dict[str, Any] = {"kind": RESULT_KIND, "format": self.format}
         d.update((k, getattr(self, k)) for k in self._ORDER)
         d.update(self.extra)
         if self.predictions_file is not None:
@@ -159,7 +160,7 @@ class EvalResult:
         return d
 
     @classmethod
-    def from_json(cls, data: Any, where: str = "result") -> "EvalResult":
+    def from_json(cls, data: Any, where: str = "result") -> EvalResult:
         """A record read back (files of format 1 and 2), or ``ResultFormatError`` saying why
         not (``where``: the file, for the message)."""
         if not isinstance(data, dict) or data.get("kind") != RESULT_KIND:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamPredictor
 
+from ..modeling.prompt_inputs import prompt_inputs
 from .datasets import (
     DatasetError,
     EvalDataset,
@@ -30,7 +32,6 @@ from .datasets import (
     resolve_image_path,
     size_problem,
 )
-from ..modeling.prompt_inputs import prompt_inputs
 from .metrics import batch_mask_iou, coco_segm_eval, lvis_segm_eval, size_of, summarize_miou
 from .prompts import (
     correction_click,
@@ -39,12 +40,11 @@ from .prompts import (
     object_points,
     xywh_to_xyxy,
 )
-
 from .protocol import POINT_MODES, PROMPTS, ProtocolConfig  # noqa: F401  (re-exported)
 from .results import ImageCounts, ProtocolOutput, ShardResult
 
 
-def _chunks(items: Iterable[Any], n: int) -> Iterator[List[Any]]:
+def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
     it = iter(items)
     while True:
         chunk = list(itertools.islice(it, n))
@@ -58,11 +58,11 @@ class Predictor(SamPredictor):
     (``--amp bf16``) and without a host sync: ``modeling.prompt_inputs``, the function training
     and validation use. Outside autocast its results are ``SamPredictor``'s, bit for bit."""
 
-    def predict_torch(self, point_coords: Optional[torch.Tensor],
-                      point_labels: Optional[torch.Tensor], boxes: Optional[torch.Tensor] = None,
-                      mask_input: Optional[torch.Tensor] = None, multimask_output: bool = True,
+    def predict_torch(self, point_coords: torch.Tensor | None,
+                      point_labels: torch.Tensor | None, boxes: torch.Tensor | None = None,
+                      mask_input: torch.Tensor | None = None, multimask_output: bool = True,
                       return_logits: bool = False
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         model = self.model
@@ -86,8 +86,8 @@ class Evaluator:
     """Runs one or several protocols over a list of images with a ``SamPredictor``."""
 
     def __init__(self, predictor: Any, dataset: EvalDataset, img_dir: str,
-                 cfg: Union[ProtocolConfig, Sequence[ProtocolConfig]],
-                 detections: Optional[Dict[int, List[Dict[str, Any]]]] = None,
+                 cfg: ProtocolConfig | Sequence[ProtocolConfig],
+                 detections: dict[int, list[dict[str, Any]]] | None = None,
                  skip_bad_images: bool = False, exif: str = "ignore") -> None:
         self.protocols = [cfg] if isinstance(cfg, ProtocolConfig) else list(cfg)
         if not self.protocols:
@@ -112,10 +112,10 @@ class Evaluator:
         self.device = predictor.device
 
     # ------------------------------------------------------------------ decoding
-    def _decode(self, coords: Optional[np.ndarray], labels: Optional[np.ndarray],
-                boxes: Optional[np.ndarray], multimask: bool,
-                mask_input: Optional[torch.Tensor] = None
-                ) -> Tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    def _decode(self, coords: np.ndarray | None, labels: np.ndarray | None,
+                boxes: np.ndarray | None, multimask: bool,
+                mask_input: torch.Tensor | None = None
+                ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """Batched SAM decoding from prompts in original-image pixels: masks (B, C, H, W) bool,
         predicted IoUs (B, C), low-res logits (B, C, h, w)."""
         p = self.predictor
@@ -133,8 +133,8 @@ class Evaluator:
         return masks.cpu().numpy(), iou_pred.float().cpu().numpy(), low_res
 
     @staticmethod
-    def _pick(cfg: ProtocolConfig, masks: np.ndarray, iou_pred: np.ndarray, gt: Optional[np.ndarray]
-              ) -> Tuple[np.ndarray, np.ndarray]:
+    def _pick(cfg: ProtocolConfig, masks: np.ndarray, iou_pred: np.ndarray, gt: np.ndarray | None
+              ) -> tuple[np.ndarray, np.ndarray]:
         """Index of the kept mask per prompt (best predicted IoU, or best IoU to GT with
         --oracle) and the IoUs of every output to GT (None without GT)."""
         ious = batch_mask_iou(masks, gt[:, None]) if gt is not None else None
@@ -142,8 +142,8 @@ class Evaluator:
         return pick, ious
 
     # ------------------------------------------------------------------ GT protocols
-    def _usable_annotations(self, img: Dict[str, Any], counts: ImageCounts
-                            ) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    def _usable_annotations(self, img: dict[str, Any], counts: ImageCounts
+                            ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """(annotation, RLE) of every annotation that can be prompted; crowd and empty ones are
         counted, not prompted, as are those the loader skipped (bad or empty). RLE areas are
         read without decoding the masks."""
@@ -163,15 +163,15 @@ class Evaluator:
             out.append((ann, rle))
         return out
 
-    def _point_prompts(self, cfg: ProtocolConfig, anns: Sequence[Dict[str, Any]],
-                       gt: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def _point_prompts(self, cfg: ProtocolConfig, anns: Sequence[dict[str, Any]],
+                       gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         coords = np.stack([object_points(m, cfg.num_points, cfg.seed, a["id"], cfg.point_from)
                            for a, m in zip(anns, gt)])
         return coords, np.ones(coords.shape[:2], dtype=np.int64)
 
     def _iterative(self, cfg: ProtocolConfig, gt: np.ndarray
-                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                              List[np.ndarray]]:
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                              list[np.ndarray]]:
         """EfficientViT-SAM's iterative clicking: the GT center first, then ``iterative_click``
         (its Clicker's rules) on the mask kept at the previous step; multimask output and one
         mask kept at every step, no mask feedback. Every object is clicked and decoded at every
@@ -182,7 +182,7 @@ class Evaluator:
         coords = np.stack([farthest_from_boundary(g)[0] for g in gt])[:, None]  # (B, 1, 2)
         labels = np.ones((n, 1), dtype=np.int64)
         chosen = pick = score = None
-        step_ious: List[np.ndarray] = []
+        step_ious: list[np.ndarray] = []
         for step in range(cfg.num_points):
             if step:
                 clicks = [iterative_click(chosen[i], gt[i], clicked[i]) for i in rows]
@@ -196,12 +196,12 @@ class Evaluator:
             step_ious.append(batch_mask_iou(chosen, gt))
         return coords, labels, chosen, pick, score, step_ious
 
-    def _run_gt_batch(self, cfg: ProtocolConfig, items: Sequence[Tuple[Any, ...]],
+    def _run_gt_batch(self, cfg: ProtocolConfig, items: Sequence[tuple[Any, ...]],
                       gt: np.ndarray, out: ProtocolOutput) -> None:
         anns = [it[1] for it in items]
         rows = np.arange(len(items))
         coords = labels = boxes = None
-        step_ious: List[np.ndarray] = []
+        step_ious: list[np.ndarray] = []
         if cfg.prompt == "point" and cfg.point_from == "iterative":
             coords, labels, chosen, pick, score, step_ious = self._iterative(cfg, gt)
             first_iou = step_ious[-1]
@@ -215,7 +215,7 @@ class Evaluator:
             masks, iou_pred, low_res = self._decode(coords, labels, boxes, cfg.multimask)
             pick, ious = self._pick(cfg, masks, iou_pred, gt)
             chosen, score, first_iou = masks[rows, pick], iou_pred[rows, pick], ious[rows, pick]
-        click_ious: List[np.ndarray] = []
+        click_ious: list[np.ndarray] = []
         if cfg.num_clicks:
             cur_mask, cur_logits = chosen, low_res[torch.as_tensor(rows), torch.as_tensor(pick)]
             cc = coords if coords is not None else np.zeros((len(items), 0, 2))
@@ -247,7 +247,7 @@ class Evaluator:
                     "predicted_iou": rec["predicted_iou"]})
 
     # ------------------------------------------------------------------ detector
-    def _image_detections(self, img: Dict[str, Any]) -> List[Dict[str, Any]]:
+    def _image_detections(self, img: dict[str, Any]) -> list[dict[str, Any]]:
         if self.det_protocol is None:
             return []
         dets = self.detections.get(img["id"], [])
@@ -255,7 +255,7 @@ class Evaluator:
             dets = dets[: self.det_protocol.max_dets]  # already sorted by descending score
         return dets
 
-    def _run_detector(self, img_pos: int, img: Dict[str, Any], dets: List[Dict[str, Any]],
+    def _run_detector(self, img_pos: int, img: dict[str, Any], dets: list[dict[str, Any]],
                       out: ProtocolOutput) -> None:
         cfg = self.det_protocol
         for batch in _chunks(enumerate(dets), self.batch_prompts):
@@ -270,10 +270,10 @@ class Evaluator:
                     "bbox": [float(v) for v in d["bbox"]], "predicted_iou": float(s)})
 
     # ------------------------------------------------------------------ loop
-    def run(self, images: Sequence[Tuple[int, Dict[str, Any], str]],
+    def run(self, images: Sequence[tuple[int, dict[str, Any], str]],
             missing: Sequence[int] = (), progress: bool = False,
-            bad: Sequence[Dict[str, Any]] = (),
-            should_stop: Optional[Callable[[], None]] = None) -> ShardResult:
+            bad: Sequence[dict[str, Any]] = (),
+            should_stop: Callable[[], None] | None = None) -> ShardResult:
         """Evaluate ``(position, image, path)`` triples (see ``locate_images``); returns a
         picklable ``ShardResult`` with one ``ProtocolOutput`` per protocol. ``should_stop`` is
         called before each image and may raise to end the loop (another rank of a torchrun job
@@ -328,9 +328,9 @@ class Evaluator:
 
 
 def locate_images(
-    img_dir: str, images: Sequence[Tuple[int, Dict[str, Any]]], skip_missing: bool,
+    img_dir: str, images: Sequence[tuple[int, dict[str, Any]]], skip_missing: bool,
     skip_bad: bool = False,
-) -> Tuple[List[Tuple[int, Dict[str, Any], str]], List[int], List[Dict[str, Any]]]:
+) -> tuple[list[tuple[int, dict[str, Any], str]], list[int], list[dict[str, Any]]]:
     """Find every image file and check it is whole (``check_image_file``: a truncated JPEG
     decodes without error) before any model is built, so a wrong ``--img-dir`` or a half-copied
     dataset fails in seconds, not after hours. Returns (position, image, path) triples, missing
@@ -358,7 +358,7 @@ def locate_images(
     return found, [m["id"] for m in missing], bad
 
 
-def _mask_box(mask: np.ndarray) -> List[float]:
+def _mask_box(mask: np.ndarray) -> list[float]:
     ys, xs = np.nonzero(mask)
     return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
             float(ys.max() - ys.min() + 1)]
@@ -370,7 +370,7 @@ def merge_shards(shards: Sequence[ShardResult]) -> ShardResult:
 
 
 def compute_metrics(merged: ShardResult, dataset: EvalDataset, cfg: ProtocolConfig
-                    ) -> Dict[str, Any]:
+                    ) -> dict[str, Any]:
     """mIoU (point/box) or mask AP (detector; COCOeval or LVISEval by dataset kind) over the
     evaluated images only (so ``--limit`` and skipped images do not count as misses)."""
     part = merged.protocols[cfg.name]

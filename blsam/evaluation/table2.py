@@ -7,11 +7,9 @@ steps, other keep ratios, labelled protocols) follow the Table-2 block.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
-
 # The paper's Table 2 (1 point, 3 points, box: LVIS mIoU; zero-shot instance segmentation:
 # COCO mask AP; GFLOPs), typed once from the paper; ours are computed
-PAPER_TABLE2: Dict[str, Tuple[float, float, float, float, float]] = {
+PAPER_TABLE2: dict[str, tuple[float, float, float, float, float]] = {
     "vit_b": (53.6, 65.2, 76.6, 40.2, 372.0),
     "vit_h": (59.4, 70.7, 80.4, 46.1, 2736.6),
     "evovit_b": (39.9, 61.4, 71.1, 30.7, 266.0),
@@ -24,7 +22,7 @@ PAPER_TABLE2: Dict[str, Tuple[float, float, float, float, float]] = {
 PAPER_COLUMNS = ("1 pt mIoU", "3 pts mIoU", "box mIoU", "COCO AP", "GFLOPs")
 
 
-def _is_default_row(key: Tuple, model: str) -> bool:
+def _is_default_row(key: tuple, model: str) -> bool:
     from blsam.specs import get_spec
 
     spec = get_spec(model)
@@ -35,12 +33,12 @@ def _is_default_row(key: Tuple, model: str) -> bool:
     return key[1] == model and variant == "" and key[4] == 1024 and same_keep
 
 
-def paper_section(order: List[Tuple], rows: Dict[Tuple, Dict[str, str]], columns: Tuple[str, ...],
-                  dash: str) -> List[Tuple]:
+def paper_section(order: list[tuple], rows: dict[tuple, dict[str, str]], columns: tuple[str, ...],
+                  dash: str) -> list[tuple]:
     """Add the paper's rows (and ours where missing) to ``rows``; returns the new order."""
     from blsam.specs import get_spec, paper_gflops
 
-    out: List[Tuple] = []
+    out: list[tuple] = []
     for model, values in PAPER_TABLE2.items():
         name = get_spec(model).display_name
         ours = [k for k in order if _is_default_row(k, model)]

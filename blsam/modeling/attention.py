@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from .routing import Routing, select_rows
 
-Workspace = Optional[Dict[tuple, torch.Tensor]]
+Workspace = dict[tuple, torch.Tensor] | None
 
 
 def rel_terms(
@@ -40,8 +41,8 @@ def rel_terms(
     q_w: torch.Tensor,
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
-    k_size: Tuple[int, int],
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    k_size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, heads, Nq, kh) and (B, heads, Nq, kw): each query's row and column bias terms for
     every key row / column of the grid."""
     kh, kw = k_size
@@ -65,7 +66,7 @@ def rel_pos_bias_at(
     k_w: torch.Tensor,
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
-    k_size: Tuple[int, int],
+    k_size: tuple[int, int],
 ) -> torch.Tensor:
     """``rel_pos_bias`` for an arbitrary key subset of the grid (token pruning: kept tokens
     attend to kept tokens only). k_h, k_w: (B, Nk) grid row/column of every key.
@@ -84,7 +85,7 @@ def rel_pos_bias(
     q_w: torch.Tensor,
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
-    k_size: Tuple[int, int],
+    k_size: tuple[int, int],
     workspace: Workspace = None,
 ) -> torch.Tensor:
     """Additive attention bias of SAM's decomposed relative positions for arbitrary queries.
@@ -126,7 +127,7 @@ class RowSliceLinear(nn.Linear):
         x: torch.Tensor,
         rows: slice = slice(None),
         add_bias: bool = True,
-        out: Optional[torch.Tensor] = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         bias = self.bias[rows] if add_bias and self.bias is not None else None
         if out is None:
@@ -170,7 +171,7 @@ def exporting() -> bool:
 
 # The export kernel (``blsam.utils.onnx.export_attention``); None: the fused ONNX Runtime node,
 # the exporter's default
-EXPORT_KERNEL: ContextVar[Optional[Callable]] = ContextVar("blsam_export_attention", default=None)
+EXPORT_KERNEL: ContextVar[Callable | None] = ContextVar("blsam_export_attention", default=None)
 
 
 def export_kernel() -> Callable:
@@ -184,7 +185,7 @@ def export_kernel() -> Callable:
 
 ATTENTION_PATHS = ("sdpa", "bmm")
 # ``BLSAM_ATTENTION=sdpa|bmm`` (or ``use_attention_path``) forces a path: benchmarks and tests
-_FORCED: ContextVar[Optional[str]] = ContextVar("blsam_attention_path", default=None)
+_FORCED: ContextVar[str | None] = ContextVar("blsam_attention_path", default=None)
 
 
 def _amx() -> bool:
@@ -213,7 +214,7 @@ def attention_path(device_type: str, dtype: torch.dtype) -> str:
 
 
 @contextlib.contextmanager
-def use_attention_path(path: Optional[str]) -> Iterator[None]:
+def use_attention_path(path: str | None) -> Iterator[None]:
     """Force ``path`` ("sdpa", "bmm"; None: the rule) inside this block."""
     if path is not None and path not in ATTENTION_PATHS:
         raise ValueError(f"attention path must be one of {ATTENTION_PATHS}, got {path!r}")
@@ -262,9 +263,9 @@ class Attention(nn.Module):
         self,
         dim: int,
         num_heads: int,
-        input_size: Tuple[int, int],
-        in_dim: Optional[int] = None,
-        out_dim: Optional[int] = None,
+        input_size: tuple[int, int],
+        in_dim: int | None = None,
+        out_dim: int | None = None,
         qkv_bias: bool = True,
     ) -> None:
         super().__init__()
@@ -290,9 +291,9 @@ class Attention(nn.Module):
         xn: torch.Tensor,
         rows: slice,
         window_size: int,
-        windows: Optional[torch.Tensor] = None,
+        windows: torch.Tensor | None = None,
         add_bias: bool = True,
-    ) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Project tokens with qkv rows ``rows`` into SAM's padded window partition.
 
         ``windows`` (B, M): only these windows (padding-aware routing skips the others); their
@@ -338,7 +339,7 @@ class Attention(nn.Module):
         v: torch.Tensor,
         q_h: torch.Tensor,
         q_w: torch.Tensor,
-        k_size: Tuple[int, int],
+        k_size: tuple[int, int],
         workspace: Workspace = None,
     ) -> torch.Tensor:
         """(B, heads, Nq, hd) queries -> (B, Nq, dim) attention output before ``proj``."""
@@ -352,7 +353,7 @@ class Attention(nn.Module):
     def forward(
         self, xn: torch.Tensor, window_size: int = 0, workspace: Workspace = None,
         scores: bool = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Self-attention of a normalised (B, H, W, in_dim) map -> (B, H, W, out_dim).
 
         ``scores``: also return (B, H, W) fp32 the attention each token receives (mean over
@@ -425,7 +426,7 @@ class Attention(nn.Module):
         q_w: torch.Tensor,
         window_size: int = 0,
         workspace: Workspace = None,
-        windows: Optional[torch.Tensor] = None,
+        windows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Semi-cross attention of routed tokens over all tokens of their window (or image).
 

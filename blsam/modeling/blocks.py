@@ -9,8 +9,6 @@ SAM's parameter names (``norm1``, ``attn``, ``norm2``, ``mlp``) at every depth:
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,7 +49,7 @@ class EBlock(nn.Module):
         num_heads: int,
         mlp_ratio: float,
         window_size: int,
-        input_size: Tuple[int, int],
+        input_size: tuple[int, int],
     ) -> None:
         super().__init__()
         self.window_size = window_size
@@ -79,10 +77,10 @@ class BigLittleBlock(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         window_size: int = 0,
-        input_size: Tuple[int, int] = (64, 64),
+        input_size: tuple[int, int] = (64, 64),
         mode: str = "full",
-        e_dim: Optional[int] = None,
-        e_heads: Optional[int] = None,
+        e_dim: int | None = None,
+        e_heads: int | None = None,
         e_mlp_ratio: float = 4.0,
         gamma_init: float = 1e-5,
         p_attention: str = "semi",
@@ -112,9 +110,9 @@ class BigLittleBlock(nn.Module):
             self.gamma_mlp = nn.Parameter(torch.full((dim,), gamma_init))
 
     def forward(
-        self, x: torch.Tensor, routing: Optional[Routing] = None, workspace: Workspace = None,
+        self, x: torch.Tensor, routing: Routing | None = None, workspace: Workspace = None,
         score: bool = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``score`` (full blocks): also return the (B, H, W) attention each token received,
         the routing score of ``EncoderSpec.scorer == "attention"``."""
         if self.mode == "full":
@@ -161,9 +159,9 @@ class BigLittleBlock(nn.Module):
     def _fuse(
         xf: torch.Tensor,
         p: torch.Tensor,
-        e: Optional[torch.Tensor],
+        e: torch.Tensor | None,
         r: Routing,
-        gamma: Optional[torch.Tensor],
+        gamma: torch.Tensor | None,
     ) -> torch.Tensor:
         """Residual + fusion (Algorithm 1): routed x_p + gamma*x_e, others x_e (or unchanged)."""
         b, n, c = xf.shape

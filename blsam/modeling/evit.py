@@ -9,8 +9,6 @@ no window, and the pruned tokens already keep their (post-attention) features fo
 """
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import torch
 
 from .pruning import (
@@ -36,7 +34,7 @@ class EViTImageEncoder(PrunedImageEncoder):
         x = self._start(x)
         cut = self.pruning.layers[0]
         b, h, w, _ = x.shape
-        stages: List[Tuple[int, KeptSet]] = []
+        stages: list[tuple[int, KeptSet]] = []
         xs = kept = None
         for i, blk in enumerate(self.blocks):
             if i < cut:

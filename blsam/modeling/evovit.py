@@ -11,8 +11,6 @@ blocks (attending to each other), the others wait unchanged. Its stage-wise DeiT
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
-
 import torch
 
 from .pruning import (
@@ -37,10 +35,10 @@ class EvoViTImageEncoder(PrunedImageEncoder):
         sel = self.pruning.layers
         t = self.pruning.tradeoff
         b, h, w, _ = x.shape
-        stages: List[Tuple[int, KeptSet]] = []
-        scores: Optional[torch.Tensor] = None  # (B, H*W) EMA of received attention
-        xs: Optional[torch.Tensor] = None
-        kept: Optional[KeptSet] = None
+        stages: list[tuple[int, KeptSet]] = []
+        scores: torch.Tensor | None = None  # (B, H*W) EMA of received attention
+        xs: torch.Tensor | None = None
+        kept: KeptSet | None = None
         for i, blk in enumerate(self.blocks):
             if i < sel[0] - 1:
                 x = blk(x)

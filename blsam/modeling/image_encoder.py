@@ -1,9 +1,7 @@
 """The big.LITTLE ViT image encoder: a drop-in for SAM's ``ImageEncoderViT``."""
 from __future__ import annotations
 
-
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -15,7 +13,6 @@ from .attention import exporting
 from .blocks import BigLittleBlock
 from .predictor import TokenPredictor
 from .routing import Routing, check_keep_ratio, route_tokens, tokens_per_window
-
 
 SCORERS = ("predictor", "attention")
 P_ATTENTIONS = ("semi", "self")
@@ -68,9 +65,9 @@ class EncoderSpec:
     embed_dim: int
     depth: int
     num_heads: int
-    global_attn_indexes: Tuple[int, ...]
-    layer_modes: Tuple[str, ...]  # per block: "full" | "big_little" | "p_only"
-    predictor_after: Tuple[int, ...] = ()  # 0-based blocks whose output a predictor scores
+    global_attn_indexes: tuple[int, ...]
+    layer_modes: tuple[str, ...]  # per block: "full" | "big_little" | "p_only"
+    predictor_after: tuple[int, ...] = ()  # 0-based blocks whose output a predictor scores
     e_dim: int = 0
     e_heads: int = 0
     e_mlp_ratio: float = 4.0
@@ -171,7 +168,7 @@ class BLViTImageEncoder(nn.Module):
         )
         self.keep_ratio = keep_ratio
         self.skip_padding = skip_padding
-        self.last_routing: List[RoutingStage] = []
+        self.last_routing: list[RoutingStage] = []
 
     @property
     def keep_ratio(self) -> float:
@@ -215,7 +212,7 @@ class BLViTImageEncoder(nn.Module):
 
     def forward(
         self, x: torch.Tensor, return_routing: bool = False
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[Routing]]]:
+    ) -> torch.Tensor | tuple[torch.Tensor, list[Routing]]:
         self._check_input(x)
         # PatchEmbed permutes PatchProj's NCHW view back to its NHWC memory: contiguous already
         content = None
@@ -226,10 +223,10 @@ class BLViTImageEncoder(nn.Module):
             content = self.content_mask(x)
         x = (self.patch_embed(x) + self.pos_embed).contiguous()
         routing = None
-        stages: List[Routing] = []
+        stages: list[Routing] = []
         export = exporting()
         # reused attention-bias buffers (eager inference only: out= ops don't export)
-        workspace: Optional[dict] = None if export else {}
+        workspace: dict | None = None if export else {}
         by_attention = self.spec.scorer == "attention"
         for i, blk in enumerate(self.blocks):
             j = self._predictor_at.get(i)

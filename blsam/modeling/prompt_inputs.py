@@ -15,7 +15,6 @@ two differences that do not change fp32 results:
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -50,9 +49,9 @@ def embed_points(prompt_encoder: nn.Module, points: torch.Tensor, labels: torch.
     return torch.where(lab == 1, emb + pe.point_embeddings[1].weight, out)
 
 
-def prompt_inputs(prompt_encoder: nn.Module, points: Optional[Tuple[torch.Tensor, torch.Tensor]],
-                  boxes: Optional[torch.Tensor], masks: Optional[torch.Tensor]
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prompt_inputs(prompt_encoder: nn.Module, points: tuple[torch.Tensor, torch.Tensor] | None,
+                  boxes: torch.Tensor | None, masks: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sparse (N, T, C), dense (N, C, h, w), image_pe (1, C, h, w)): ``prompt_encoder(points,
     boxes, masks)`` and ``prompt_encoder.get_dense_pe()``, in the prompt encoder's dtype (fp32)
     even under autocast, without a host sync. Equal to segment-anything's values outside

@@ -21,11 +21,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-
 from segment_anything.modeling.image_encoder import Block, ImageEncoderViT
 
 from .attention import attend, exporting, rel_pos_bias_at
@@ -43,7 +41,7 @@ class PruningSpec:
     the first being its first pruned layer. ``tradeoff``: Evo-ViT's EMA weight of new scores."""
 
     method: str
-    layers: Tuple[int, ...]
+    layers: tuple[int, ...]
     tradeoff: float = 0.5
 
     def __post_init__(self) -> None:
@@ -75,7 +73,7 @@ class KeptSet:
     real_query: torch.Tensor  # (nW, k) bool: the slot holds a real token
 
 
-def tokens_kept(method: str, keep_ratio: float, grid: Tuple[int, int], ws: int) -> int:
+def tokens_kept(method: str, keep_ratio: float, grid: tuple[int, int], ws: int) -> int:
     """k kept slots per window. EViT: at most keep_ratio of the real tokens in kept slots,
     spread evenly (floor(r * N / nW)); Evo-ViT: keep_ratio of each window's slots (ceil(r * ws^2),
     "half of each window"). keep_ratio 1 keeps every slot (SAM exactly)."""
@@ -149,7 +147,7 @@ def scatter_kept(x: torch.Tensor, xs: torch.Tensor, kept: KeptSet) -> torch.Tens
 
 
 def _received(q: torch.Tensor, k: torch.Tensor, bias_fn, scale: float,
-              query_weight: Optional[torch.Tensor]) -> torch.Tensor:
+              query_weight: torch.Tensor | None) -> torch.Tensor:
     """Mean softmax weight each key receives (over heads and weighted queries) x n_keys.
 
     q, k: (Bw, heads, N, hd); bias_fn(lo, hi) -> the (Bw, heads, hi-lo, N) bias of those
@@ -167,8 +165,8 @@ def _received(q: torch.Tensor, k: torch.Tensor, bias_fn, scale: float,
     return total / (nh * n_q) * n
 
 
-def kept_attention(blk: Block, xs: torch.Tensor, kept: KeptSet, grid: Tuple[int, int],
-                   score: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def kept_attention(blk: Block, xs: torch.Tensor, kept: KeptSet, grid: tuple[int, int],
+                   score: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of the kept tokens among themselves (before the residual).
 
     Returns (B, n_real, C) outputs and, with ``score``, (B, n_real) received-attention scores."""
@@ -187,7 +185,7 @@ def kept_attention(blk: Block, xs: torch.Tensor, kept: KeptSet, grid: Tuple[int,
     dim = attn.proj.in_features
     q, k, v = t.view(*t.shape[:2], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def bias_fn(lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+    def bias_fn(lo: int = 0, hi: int | None = None) -> torch.Tensor:
         return rel_pos_bias_at(q[:, :, lo:hi], q_h[:, lo:hi], q_w[:, lo:hi], q_h, q_w,
                                attn.rel_pos_h, attn.rel_pos_w, k_size)
 
@@ -213,8 +211,8 @@ def kept_mlp(blk: Block, xs: torch.Tensor) -> torch.Tensor:
     return xs + blk.mlp(blk.norm2(xs))
 
 
-def score_map_of(scores: torch.Tensor, kept: KeptSet, grid: Tuple[int, int],
-                 old: Optional[torch.Tensor] = None, tradeoff: float = 1.0) -> torch.Tensor:
+def score_map_of(scores: torch.Tensor, kept: KeptSet, grid: tuple[int, int],
+                 old: torch.Tensor | None = None, tradeoff: float = 1.0) -> torch.Tensor:
     """(B, H*W) score map: the kept tokens' scores (EMA with ``old`` at weight ``tradeoff``),
     the others keep ``old`` (zeros if none)."""
     b = scores.shape[0]
@@ -256,7 +254,7 @@ class PrunedImageEncoder(ImageEncoderViT):
         self.window_size = spec.window_size
         self.grid = (img_size // spec.patch_size,) * 2
         self.keep_ratio = keep_ratio
-        self.last_routing: List[RoutingStage] = []
+        self.last_routing: list[RoutingStage] = []
         self.grad_checkpointing = False  # set by blsam.train.distill.enable_grad_checkpointing
 
     keep_ratio = BLViTImageEncoder.keep_ratio  # the same validated knob, changeable at run time
@@ -280,7 +278,7 @@ class PrunedImageEncoder(ImageEncoderViT):
             raise RuntimeError(f"{self.method}: data-dependent token pruning is not exported")
         return self.patch_embed(x) + self.pos_embed
 
-    def _finish(self, x: torch.Tensor, stages: List[Tuple[int, KeptSet]]) -> torch.Tensor:
+    def _finish(self, x: torch.Tensor, stages: list[tuple[int, KeptSet]]) -> torch.Tensor:
         b, h, w, _ = x.shape
         self.last_routing = []
         for after, kept in stages:
@@ -293,15 +291,15 @@ class PrunedImageEncoder(ImageEncoderViT):
         return self.neck(x.permute(0, 3, 1, 2))
 
 
-def _kept_layer(blk: nn.Module, xs: torch.Tensor, kept: KeptSet, grid: Tuple[int, int],
-                score: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _kept_layer(blk: nn.Module, xs: torch.Tensor, kept: KeptSet, grid: tuple[int, int],
+                score: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     out, s = kept_attention(blk, xs, kept, grid, score)
     return kept_mlp(blk, xs + out), s
 
 
-def run_kept_layer(blk: nn.Module, xs: torch.Tensor, kept: KeptSet, grid: Tuple[int, int],
+def run_kept_layer(blk: nn.Module, xs: torch.Tensor, kept: KeptSet, grid: tuple[int, int],
                    score: bool, checkpointed: bool = False
-                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One whole block on the kept tokens; returns the tokens and (optionally) their scores.
     ``checkpointed`` (training with ``--grad-checkpoint``): recomputed in backward."""
     if checkpointed and torch.is_grad_enabled():

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ def check_keep_ratio(value: float, what: str = "keep_ratio") -> float:
     return value
 
 
-def _k_for_budget(counts: List[int], target: int, area: int) -> int:
+def _k_for_budget(counts: list[int], target: int, area: int) -> int:
     """Smallest k in [1, area] with sum(min(k, c)) >= target (or the largest useful k)."""
     k_max = max(counts) if counts else 1
     for k in range(1, min(area, max(k_max, 1)) + 1):
@@ -54,7 +53,7 @@ def _target(keep_ratio: float, n: int) -> int:
     return math.ceil(round(keep_ratio * n, 6))
 
 
-def window_counts(grid: Tuple[int, int], window_size: int) -> List[int]:
+def window_counts(grid: tuple[int, int], window_size: int) -> list[int]:
     """Real tokens of every window of the padded grid, window-major (row of windows first)."""
     h, w = int(grid[0]), int(grid[1])  # int(): the ONNX exporter traces shapes as tensors
     ws = window_size
@@ -63,7 +62,7 @@ def window_counts(grid: Tuple[int, int], window_size: int) -> List[int]:
     return [r * c for r in rows for c in cols]
 
 
-def tokens_per_window(keep_ratio: float, grid: Tuple[int, int], window_size: int) -> int:
+def tokens_per_window(keep_ratio: float, grid: tuple[int, int], window_size: int) -> int:
     """k routed tokens per window; keep_ratio >= 1 routes every slot (pad slots included)."""
     area = window_size * window_size
     if keep_ratio >= 1.0:
@@ -89,18 +88,18 @@ class Routing:
     scores: torch.Tensor  # (B, n) fp32 scores of the routed tokens (carries gradient)
     score_map: torch.Tensor  # (B, H, W) all scores, detached
     k: int
-    grid: Tuple[int, int]  # (H, W) real token grid
+    grid: tuple[int, int]  # (H, W) real token grid
     all_real: bool = False  # no pad slot routed: fusion can scatter in place, no trash row
     # (B, M) windows (index in the padded window grid) whose slots these are; None: all
     # windows in order (M = n_windows), the paper's routing
-    windows: Optional[torch.Tensor] = None
+    windows: torch.Tensor | None = None
     # (B,) routed tokens / eligible tokens (real tokens, or content tokens if padding-aware)
-    share: Optional[torch.Tensor] = None
+    share: torch.Tensor | None = None
     # (B*n,) ``gather_idx`` / ``scatter_idx`` as rows of the flattened batch ((B*H*W, C) and
     # (B*(H*W+1), C)): whole-row index_copy/index_add instead of scatter with an index
     # expanded over channels, which reads one int64 per element (several times slower)
-    take_rows: Optional[torch.Tensor] = None
-    put_rows: Optional[torch.Tensor] = None
+    take_rows: torch.Tensor | None = None
+    put_rows: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -132,7 +131,7 @@ def route_tokens(
     scores: torch.Tensor,
     keep_ratio: float,
     window_size: int,
-    content: Optional[torch.Tensor] = None,
+    content: torch.Tensor | None = None,
 ) -> Routing:
     """Select the top-k scored tokens in every window of the padded grid.
 
@@ -222,7 +221,7 @@ def _finish(
     pos_w: torch.Tensor,
     real: torch.Tensor,
     k: int,
-    windows: Optional[torch.Tensor],
+    windows: torch.Tensor | None,
     share: torch.Tensor,
     all_real: bool,
 ) -> Routing:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from blsam.bench.config import DTYPES, BenchConfig, default_devices  # noqa: F401 - re-export
 from blsam.bench.jobs import PHOTOS
@@ -37,7 +37,7 @@ from blsam.specs import FAMILIES, check_img_size, check_keep_ratio
 from blsam.utils.cli import check_device, check_option, one_line_parse_errors, run_cli
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--families", nargs="+", default=["b"], choices=sorted(FAMILIES),
                    help="b: vit_b vs b_t; h: vit_h vs h_b; tiny: the test pair; the first "
@@ -133,12 +133,12 @@ def config(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig.from_mapping(vars(args))
 
 
-def main(args: argparse.Namespace) -> List[Result]:
+def main(args: argparse.Namespace) -> list[Result]:
     """Run the benchmark the command line asks for; returns its rows (photo rows last)."""
     return run_benchmark(config(args))
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """``blsam-benchmark``: a user error is one ``error:`` line and exit 2."""
 
     def body() -> None:

@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -66,11 +66,11 @@ def check_args(args: argparse.Namespace) -> None:
         check_img_size(getattr(args, name), f"--{name.replace('_', '-')}")
 
 
-def _median_ms(xs: List[float]) -> float:
+def _median_ms(xs: list[float]) -> float:
     return 1000 * statistics.median(xs)
 
 
-def bench_teacher(args: argparse.Namespace, ckpt: str) -> Dict[str, Any]:
+def bench_teacher(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     """Official encoder vs the training teacher, interleaved, same input."""
     from blsam.train.teacher import Teacher
 
@@ -80,8 +80,8 @@ def bench_teacher(args: argparse.Namespace, ckpt: str) -> Dict[str, Any]:
     teacher.build()
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size,
                     generator=torch.Generator().manual_seed(0))
-    t_off: List[float] = []
-    t_ours: List[float] = []
+    t_off: list[float] = []
+    t_ours: list[float] = []
     for i in range(args.repeats + 1):
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -102,7 +102,7 @@ def bench_teacher(args: argparse.Namespace, ckpt: str) -> Dict[str, Any]:
             "teacher_ms_all": [1000 * t for t in t_ours], "min_cos_sim": cos.item()}
 
 
-def bench_cache(args: argparse.Namespace, work: str) -> Dict[str, Any]:
+def bench_cache(args: argparse.Namespace, work: str) -> dict[str, Any]:
     """Random-order reads: packed memmap rows vs one torch.load per image file."""
     from blsam.train.packed_cache import DTYPE, FORMAT, PackedCache, PartWriter, write_index
 
@@ -153,13 +153,14 @@ def _train_args(args: argparse.Namespace, data: str, ckpt: str, cache: str, out:
         "--no-progress", "--device", "cpu", "--amp", "none"])
 
 
-def bench_step(args: argparse.Namespace, work: str, ckpt: str) -> Dict[str, Any]:
+def bench_step(args: argparse.Namespace, work: str, ckpt: str) -> dict[str, Any]:
     """train() with the packed cache vs DistillModel forward+backward on the same batches."""
     from blsam import blsam_model_registry
-    from blsam.train.cache import build_parser as cache_parser, cache_teacher
+    from blsam.train.cache import build_parser as cache_parser
+    from blsam.train.cache import cache_teacher
     from blsam.train.data import EpochBatchSampler, SA1BDataset, collate, select_records
-    from blsam.train.options import train
     from blsam.train.distill import DistillModel, set_trainable
+    from blsam.train.options import train
     from blsam.train.tiny_sa1b import write_tiny_sa1b
 
     n_img = args.steps * args.batch_size
@@ -185,7 +186,7 @@ def bench_step(args: argparse.Namespace, work: str, ckpt: str) -> Dict[str, Any]
                          targs.max_points, targs.seed, cache)
         sampler = EpochBatchSampler(len(ds), args.batch_size, 0, 1, targs.seed)
         per_epoch = len(sampler)
-        fb: List[float] = []
+        fb: list[float] = []
         for s in range(args.steps):
             sampler.set_position(s // per_epoch, s % per_epoch)
             batch = collate([ds[i] for i in next(iter(sampler))])
@@ -220,7 +221,7 @@ def bench_step(args: argparse.Namespace, work: str, ckpt: str) -> Dict[str, Any]
             "num_workers": args.num_workers}
 
 
-def markdown(res: Dict[str, Any]) -> str:
+def markdown(res: dict[str, Any]) -> str:
     c = res["config"]
     lines = [f"# Training throughput on CPU ({c['model']}, {c['img_size']}², batch "
              f"{c['batch_size']}, fp32)", "",
@@ -272,13 +273,13 @@ def markdown(res: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> Dict[str, Any]:
+def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     from blsam.testing import save_random_sam_checkpoint
 
     work = args.work_dir or tempfile.mkdtemp(prefix="blsam_bench_train_")
     os.makedirs(work, exist_ok=True)
-    res: Dict[str, Any] = {
+    res: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k not in ("output", "work_dir")},
         "command": "python tools/benchmark_train.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, "
@@ -308,7 +309,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     return res
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """A user error is one ``error:`` line and exit 2."""
 
     def body() -> None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import List, Optional
 
 from blsam.train.cache import build_parser, cache_teacher
 from blsam.utils.cli import one_line_parse_errors, run_cli
 from blsam.utils.config import parse_args_with_config
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_args_with_config(one_line_parse_errors(build_parser()), argv)
 
 
@@ -31,7 +30,7 @@ def main(args: argparse.Namespace) -> None:
         cleanup()
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """``blsam-cache-teacher``: a user error (data, cache, checkpoint, option) is one
     ``error:`` line and exit 2."""
     return run_cli(lambda: main(parse_args(argv)), extra="train", argv=argv)

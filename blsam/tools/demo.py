@@ -9,18 +9,17 @@ glibc's default here), not the warm medians of the README's latency table.
 from __future__ import annotations
 
 import argparse
-import sys
 import os
+import sys
 import time
 import warnings
-from typing import List, Optional
 
 import numpy as np
 
 from blsam.utils.cli import add_model_args, one_line_parse_errors, resolve_keep_ratio, run_tool
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     add_model_args(p)
     p.add_argument("--image", default=None, help="RGB image file; default: skimage astronaut")
@@ -40,7 +39,7 @@ def main(args: argparse.Namespace) -> dict:
 
     if args.checkpoint is None and args.sam_checkpoint is None:
         warnings.warn("no --checkpoint/--sam-checkpoint given: random weights, masks are "
-                      "not meaningful (see README for the official SAM checkpoints)")
+                      "not meaningful (see README for the official SAM checkpoints)", stacklevel=2)
     resolve_keep_ratio(args)
     sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
                       args.img_size).to(args.device).eval()
@@ -79,7 +78,7 @@ def main(args: argparse.Namespace) -> dict:
     return result
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """``blsam-demo``: a user error is one ``error:`` line and exit 2."""
     return run_tool(parse_args, main, argv, extra="demo")  # model options checked first
 

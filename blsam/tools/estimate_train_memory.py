@@ -16,17 +16,17 @@ import argparse
 import contextlib
 import sys
 from unittest import mock
-from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+
 from blsam.specs import BLVIT_MODELS
 from blsam.utils.cli import one_line_parse_errors, run_cli
 
 GiB = 2 ** 30
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="b_t", choices=BLVIT_MODELS)
     p.add_argument("--img-size", type=int, default=1024)
@@ -42,7 +42,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return one_line_parse_errors(p).parse_args(argv)
 
 
-def estimate(args: argparse.Namespace) -> Dict[str, float]:
+def estimate(args: argparse.Namespace) -> dict[str, float]:
     import torch.fx.experimental._config as fx_config
 
     import blsam.modeling.attention as attention
@@ -56,7 +56,7 @@ def estimate(args: argparse.Namespace) -> Dict[str, float]:
         predictor.TokenPredictor, "forward",
         lambda self, x: self.fc(self.norm(x.float())).softmax(dim=-1)[..., 0]))
     attn_bytes = [0]
-    mask_bytes: List[int] = []  # issue 27.5: bf16 masks kept for backward, one per SDPA call
+    mask_bytes: list[int] = []  # issue 27.5: bf16 masks kept for backward, one per SDPA call
     sdpa = F.scaled_dot_product_attention
 
     def flash_like(q, k, v, attn_mask=None, scale=None, **kw):
@@ -72,12 +72,12 @@ def estimate(args: argparse.Namespace) -> Dict[str, float]:
         return _estimate(args, attn_bytes, mask_bytes)
 
 
-def _estimate(args: argparse.Namespace, attn_bytes: List[int], mask_bytes: List[int]
-              ) -> Dict[str, float]:
+def _estimate(args: argparse.Namespace, attn_bytes: list[int], mask_bytes: list[int]
+              ) -> dict[str, float]:
     from blsam import TEACHER_OF, blsam_model_registry
     from blsam.train.distill import DistillModel, enable_grad_checkpointing, set_trainable
 
-    saved: Dict[int, int] = {}
+    saved: dict[int, int] = {}
     s, m = args.img_size, args.masks_per_image
     with torch.device("meta"):
         sam = blsam_model_registry[args.model](img_size=s)
@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"{k:32s} {v:8.2f}")
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """``blsam-estimate-train-memory``: a user error is one ``error:`` line and exit 2."""
     return run_cli(lambda: main(parse_args(argv)))
 

@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import warnings
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ class ExportCheckError(UserError):
     """onnxruntime's embeddings differ from PyTorch's by more than ``--atol`` (or are NaN)."""
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(p, device=False)
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
@@ -64,7 +63,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise OptionError(f"--atol must be a finite number >= 0, got {args.atol}")
 
 
-def accuracy_problem(max_abs_diff: float, atol: float) -> Optional[str]:
+def accuracy_problem(max_abs_diff: float, atol: float) -> str | None:
     """Why the exported encoder fails the check (None when it passes): a NaN difference (NaN
     embeddings on either side) fails, as ``diff <= atol`` is false for it."""
     if max_abs_diff <= atol:
@@ -148,7 +147,7 @@ def export_decoder(sam: torch.nn.Module, path: str, opset: int) -> None:
                           opset_version=opset, do_constant_folding=True, dynamo=False)
 
 
-def check_encoder(sam: torch.nn.Module, path: str, image: np.ndarray) -> Dict[str, float]:
+def check_encoder(sam: torch.nn.Module, path: str, image: np.ndarray) -> dict[str, float]:
     """Max abs difference between onnxruntime and PyTorch embeddings of a real photo."""
     import onnxruntime as ort
 
@@ -161,17 +160,17 @@ def check_encoder(sam: torch.nn.Module, path: str, image: np.ndarray) -> Dict[st
     return {"max_abs_diff": diff, "embedding_abs_max": float(np.abs(ref).max())}
 
 
-def main(args: argparse.Namespace) -> Dict[str, object]:
+def main(args: argparse.Namespace) -> dict[str, object]:
     from blsam import build_model
     from blsam.utils.images import load_rgb_image
 
     if args.checkpoint is None and args.sam_checkpoint is None:
-        warnings.warn("no --checkpoint/--sam-checkpoint: exporting random weights")
+        warnings.warn("no --checkpoint/--sam-checkpoint: exporting random weights", stacklevel=2)
     resolve_keep_ratio(args)
     sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
                       args.img_size).eval()
     export_encoder(sam, args.output, args.opset, args.fused_attention)
-    report: Dict[str, object] = {"encoder": args.output, "model": args.model,
+    report: dict[str, object] = {"encoder": args.output, "model": args.model,
                                  "keep_ratio": args.keep_ratio, "img_size": args.img_size}
     if args.export_decoder:
         dec = os.path.splitext(args.output)[0] + "_decoder.onnx"
@@ -186,7 +185,7 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
     return report
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """``blsam-export-onnx``: a user error is one ``error:`` line and exit 2."""
     return run_tool(parse_args, main, argv, check=check_args, extra="onnx")
 

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
 
-from blsam.utils.cli import (HelpFormatter, OptionError, add_model_args, check_model_args,
-                             one_line_parse_errors, require_extra, run_cli)
+from blsam.utils.cli import (
+    HelpFormatter,
+    OptionError,
+    add_model_args,
+    check_model_args,
+    one_line_parse_errors,
+    require_extra,
+    run_cli,
+)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p, device=False)
     p.add_argument("--output", required=True, help="the .safetensors file to write")
@@ -53,7 +59,7 @@ def main(args: argparse.Namespace) -> str:
     return out
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """``blsam-export-weights``: a user error is one ``error:`` line and exit 2."""
     return run_cli(lambda: main(parse_args(argv)))
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
 
 from blsam.train.tiny_sa1b import write_tiny_sa1b
 from blsam.utils.cli import one_line_parse_errors, run_cli
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--output", required=True, help="folder to write shards / pairs into")
     p.add_argument("--format", default="tar", choices=("tar", "folder"))
@@ -28,7 +27,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"wrote {len(paths)} {'shards' if args.format == 'tar' else 'images'} to {args.output}")
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """``blsam-make-tiny-sa1b``: a user error is one ``error:`` line and exit 2."""
     return run_cli(lambda: main(parse_args(argv)), extra="train", argv=argv)
 

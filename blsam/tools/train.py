@@ -22,11 +22,10 @@ import json
 import logging
 import os
 import sys
-from typing import List, Optional
 
 from blsam.errors import UserError
-from blsam.train.cluster import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError
 from blsam.train import fatal
+from blsam.train.cluster import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError
 from blsam.train.failures import EXIT_FAILED, RankFailure, agreed_exit, end_process_group
 from blsam.train.options import build_parser
 from blsam.train.trainer import train
@@ -34,7 +33,7 @@ from blsam.utils.cli import one_line, one_line_parse_errors, run_cli
 from blsam.utils.config import parse_args_with_config
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_args_with_config(one_line_parse_errors(build_parser()), argv)
 
 
@@ -56,7 +55,7 @@ def _error(e: BaseException) -> None:
         e.printed = True  # type: ignore[attr-defined]
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """Command-line entry (``blsam-train``): a user error is one ``error:`` line and exit 2;
     too many non-finite steps exit 3; a second Ctrl-C exits 130 (docs/training.md)."""
 

@@ -8,15 +8,14 @@ original image (the encoder's resize and padding are undone).
 from __future__ import annotations
 
 import argparse
-import sys
 import os
-from typing import List, Optional
+import sys
 
 from blsam.specs import KEEP_RATIO_MODELS
 from blsam.utils.cli import add_model_args, one_line_parse_errors, resolve_keep_ratio, run_tool
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("image", nargs="?", default=None,
                    help="RGB image file; default: the bundled astronaut photo")
@@ -42,7 +41,8 @@ def main(args: argparse.Namespace) -> str:
     image = load_rgb_image(args.image)  # fail on a bad image before building a model
     if args.checkpoint is None and args.sam_checkpoint is None:
         warnings.warn("no --checkpoint/--sam-checkpoint: random predictors, the routing is "
-                      "arbitrary (a trained bLViT-SAM checkpoint shows the learned one)")
+                      "arbitrary (a trained bLViT-SAM checkpoint shows the learned one)",
+                      stacklevel=2)
     resolve_keep_ratio(args)
     sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
                       args.img_size, skip_padding=args.skip_padding).to(args.device).eval()
@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> str:
     return args.output
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """``blsam-visualize-routing``: a user error is one ``error:`` line and exit 2."""
     return run_tool(parse_args, main, argv, extra="demo")  # model options checked first
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from blsam.evaluation.config import EvalConfig
 from blsam.evaluation.pipeline import evaluate, table_of
@@ -108,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_args_with_config(one_line_parse_errors(build_parser()), argv)
 
 
-def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+def main(args: argparse.Namespace) -> dict[str, Any] | None:
     """Evaluate every protocol (at every keep ratio); returns ``{"results", "table",
     "curve"}`` on rank 0 (None on other ranks), the results as their JSON records; with
     ``--table`` only merges result files (``{"table", "results"}``)."""
@@ -122,7 +122,7 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     return None if run is None else run.to_json()
 
 
-def cli(argv: Optional[List[str]] = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """``blsam-eval``: bad input ends with one ``error:`` line (exit 2), not a traceback."""
     from blsam.utils.dist import RankError
 

@@ -6,7 +6,7 @@ decode to uninitialised memory), and the decoded area and box must agree with th
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +17,7 @@ MAX_MASK_FRACTION = 0.9  # SAM drops masks that cover more than 90% of the image
 AREA_TOL, BOX_TOL_PX = 0.01, 2.0  # decoded vs JSON: 1% of the area (>= 2 px), 2 px + 1% of side
 
 
-def check_annotation(ann: Dict[str, Any], hw: Tuple[int, int]) -> None:
+def check_annotation(ann: dict[str, Any], hw: tuple[int, int]) -> None:
     """Raise ``AnnotationError`` unless the RLE covers exactly h*w pixels and its area and box
     agree with the JSON's ``area`` and ``bbox`` (tolerances ``AREA_TOL``, ``BOX_TOL_PX``)."""
     from pycocotools import mask as mask_utils
@@ -41,7 +41,7 @@ def check_annotation(ann: Dict[str, Any], hw: Tuple[int, int]) -> None:
             raise AnnotationError(f"decoded box {box.tolist()} != json bbox {ann['bbox']}")
 
 
-def decode_rle(segmentation: Dict[str, Any]) -> np.ndarray:
+def decode_rle(segmentation: dict[str, Any]) -> np.ndarray:
     """COCO compressed RLE (SA-1B's ``counts`` string) -> (h, w) uint8 mask."""
     import warnings
 
@@ -55,7 +55,7 @@ def decode_rle(segmentation: Dict[str, Any]) -> np.ndarray:
         return mask_utils.decode(rle)
 
 
-def resize_mask(mask: np.ndarray, new_hw: Tuple[int, int]) -> np.ndarray:
+def resize_mask(mask: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
     """Binary mask resized like the image (bilinear, threshold 0.5): (h, w) -> new_hw bool."""
     import cv2
 

@@ -13,12 +13,13 @@ paged in as ``load_state_dict`` copies them instead of reading the whole file in
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 
-def snapshot(obj: Any, buffers: Optional[Dict[Any, torch.Tensor]] = None) -> Any:
+def snapshot(obj: Any, buffers: dict[Any, torch.Tensor] | None = None) -> Any:
     """A deep copy of a (nested dict/list/tuple) state whose tensors live on the CPU and share
     nothing with the live model or optimizer. CUDA tensors are copied into pinned memory with
     non-blocking copies and one synchronisation at the end. ``buffers`` (path -> pinned
@@ -26,7 +27,7 @@ def snapshot(obj: Any, buffers: Optional[Dict[Any, torch.Tensor]] = None) -> Any
     save is slow, so they are allocated once and reused (the caller must not reuse them while
     a write of the previous snapshot is in flight)."""
     pending = []
-    path: List[Any] = []
+    path: list[Any] = []
 
     def copy(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -69,9 +70,9 @@ class AsyncCheckpointWriter:
 
     def __init__(self, background: bool = True) -> None:
         self.background = background
-        self._thread: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
-        self._buffers: Dict[Any, torch.Tensor] = {}  # pinned host copies, reused per save
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._buffers: dict[Any, torch.Tensor] = {}  # pinned host copies, reused per save
 
     def save(self, fn: Callable[..., Any], state: Any, *args: Any, **kwargs: Any) -> None:
         """Run ``fn(snapshot(state), *args, **kwargs)`` in the background."""

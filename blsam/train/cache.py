@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 
@@ -22,9 +22,17 @@ from ..utils.cli import OptionError, check_option
 from ..utils.collectives import DEFAULT_TIMEOUT_MIN
 from ..utils.dist import default_store, init_distributed
 from .data import add_data_args, collate
+from .packed_cache import (
+    CacheError,
+    PartWriter,
+    finished_part,
+    forget,
+    provenance,
+    read_index,
+    remove_stale_temps,
+    write_index,
+)
 from .precision import amp_dtype
-from .packed_cache import (CacheError, PartWriter, finished_part, forget, provenance,
-                           read_index, remove_stale_temps, write_index)
 from .sources.build import SA1B_IDENTITY, open_source
 from .sources.spec import spec_from_args
 from .teacher import Teacher
@@ -67,7 +75,7 @@ def _keys_digest(keys: Any) -> str:
 FAILED_KEY = "blsam/cache_teacher/failed"
 
 
-def wait_for_parts(out_dir: str, world: int, metas: List[Dict[str, Any]], poll_s: float
+def wait_for_parts(out_dir: str, world: int, metas: list[dict[str, Any]], poll_s: float
                    ) -> None:
     """Rank 0: wait until every rank's part is finished, by looking at the files (no
     collective, so no process-group timeout while a rank re-encodes its part for an hour); a
@@ -87,7 +95,7 @@ def wait_for_parts(out_dir: str, world: int, metas: List[Dict[str, Any]], poll_s
         time.sleep(poll_s)
 
 
-def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
+def cache_teacher(args: argparse.Namespace) -> dict[str, Any]:
     """Write (or finish) this rank's part, in resumable chunks; then rank 0 waits for every
     part by looking at the files and writes the index. No rank waits in a collective."""
     for name in ("batch_size", "chunk_images"):
@@ -154,7 +162,7 @@ def cache_teacher(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _write_part(args: argparse.Namespace, info: Any, teacher_name: str, src: Any,
-                mine: List[Any], part_meta: Dict[str, Any]) -> Tuple[int, int, int]:
+                mine: list[Any], part_meta: dict[str, Any]) -> tuple[int, int, int]:
     """Encode what is left of this rank's part; returns (written, read-skipped, resumed)."""
     writer = PartWriter(args.output, info.rank, info.world_size, part_meta, args.chunk_images)
     written = read_skipped = 0

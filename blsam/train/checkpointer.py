@@ -7,16 +7,25 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..utils import dist as du
+from . import rundir
 from .cluster import NonFiniteError, first_nonfinite
 from .distill import lr_lambda
-from . import rundir
-from .resume import (COUNTERS, clean_stale_temp_files, remap_position, restore_counters,
-                     rng_state, save_training_checkpoint, set_rng_state, truncate_jsonl)
+from .resume import (
+    COUNTERS,
+    clean_stale_temp_files,
+    remap_position,
+    restore_counters,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+    truncate_jsonl,
+)
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -25,14 +34,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("blsam.train")
 
 
-def stateful_parts(run: Run) -> Dict[str, Any]:
+def stateful_parts(run: Run) -> dict[str, Any]:
     """What ``state_dict()`` / ``load_state_dict()`` carry over, by checkpoint key (the fp16
     loss scaler is None when no scaler is used)."""
     return {"model": run.sam, "optimizer": run.opt, "scheduler": run.sched,
             "scaler": run.scaler}
 
 
-def load_parts(run: Run, ck: Dict[str, Any], skip: Sequence[str] = ()) -> None:
+def load_parts(run: Run, ck: dict[str, Any], skip: Sequence[str] = ()) -> None:
     """Load every stateful part but ``skip`` from the checkpoint; the fp16 scaler only when
     both the run and the checkpoint have one."""
     for name, part in stateful_parts(run).items():
@@ -41,7 +50,7 @@ def load_parts(run: Run, ck: Dict[str, Any], skip: Sequence[str] = ()) -> None:
         part.load_state_dict(ck[name])
 
 
-def checkpoint_state(run: Run, counters: Dict[str, List[int]]) -> Dict[str, Any]:
+def checkpoint_state(run: Run, counters: dict[str, list[int]]) -> dict[str, Any]:
     return {
         **{name: part.state_dict() if part is not None else None
            for name, part in stateful_parts(run).items()},

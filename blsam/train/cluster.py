@@ -24,7 +24,8 @@ import logging
 import os
 import signal
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -79,7 +80,7 @@ def check_output_dir(path: str, what: str = "--output-dir") -> None:
 
 
 def step_flags(loss_bad: torch.Tensor, grad_bad: torch.Tensor, stop: bool, distributed: bool,
-               failed: bool = False) -> Tuple[bool, bool, bool, bool]:
+               failed: bool = False) -> tuple[bool, bool, bool, bool]:
     """(loss non-finite on some rank, grad norm non-finite on some rank, some rank asked to
     stop, some rank's rank-local work failed): one 4-element MAX all-reduce and one host sync
     per step."""
@@ -95,7 +96,7 @@ def step_flags(loss_bad: torch.Tensor, grad_bad: torch.Tensor, stop: bool, distr
 # ---------------------------------------------------------------- signals
 
 
-def signal_numbers(names: Sequence[str]) -> List[int]:
+def signal_numbers(names: Sequence[str]) -> list[int]:
     out = []
     for n in names:
         if n.lower() == "none":
@@ -115,8 +116,8 @@ class StopSignals:
 
     def __init__(self, signums: Sequence[int]) -> None:
         self.signums = sorted(set(signums) | {int(signal.SIGINT)})
-        self.requested: Optional[str] = None
-        self._old: Dict[int, Any] = {}
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -127,7 +128,7 @@ class StopSignals:
             log.warning("received %s: stopping at the end of this step, writing a checkpoint",
                         name)
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         import threading
 
         if threading.current_thread() is threading.main_thread():
@@ -144,7 +145,7 @@ class StopSignals:
 # ---------------------------------------------------------------- ranks agree
 
 
-def cache_key(cache_dir: Optional[str]) -> Optional[str]:
+def cache_key(cache_dir: str | None) -> str | None:
     """sha256 of the teacher cache's index.json (what it holds and was made with)."""
     if not cache_dir:
         return None
@@ -155,7 +156,7 @@ def cache_key(cache_dir: Optional[str]) -> Optional[str]:
         return None
 
 
-def check_ranks_agree(view: Dict[str, Any]) -> None:
+def check_ranks_agree(view: dict[str, Any]) -> None:
     """Every rank passes its view of the run; raise the same RankMismatchError on every rank if
     any entry differs (one all_gather_object; no-op in one process)."""
     from ..utils import dist as du
@@ -167,7 +168,7 @@ def check_ranks_agree(view: Dict[str, Any]) -> None:
     for k in view:
         vals = [v.get(k) for v in views]
         if any(v != vals[0] for v in vals[1:]):
-            groups: Dict[str, List[int]] = {}
+            groups: dict[str, list[int]] = {}
             for r, v in enumerate(vals):
                 groups.setdefault(repr(v), []).append(r)
             diffs.append(f"{k}: " + ", ".join(

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .sources.spec import SourceSpec
@@ -22,22 +23,22 @@ if TYPE_CHECKING:
 class DataConfig:
     """What images, how many masks and prompts per image, the teacher's cache."""
 
-    data: Optional[str]
+    data: str | None
     data_format: str
-    ann_file: Optional[str]
-    img_dir: Optional[str]
-    mixture: Optional[str]
+    ann_file: str | None
+    img_dir: str | None
+    mixture: str | None
     exif_orientation: str
-    shards: Optional[List[str]]
+    shards: list[str] | None
     data_fraction: float
     seed: int
     num_workers: int
     masks_per_image: int
     max_mask_fraction: float
-    prompt_types: List[str]
+    prompt_types: list[str]
     max_points: int
     prompt_iters: int
-    teacher_cache: Optional[str]
+    teacher_cache: str | None
     teacher_compile: bool
 
 
@@ -46,12 +47,12 @@ class ModelConfig:
     """The student (and, through ``model``, its teacher) and what of it trains."""
 
     model: str
-    sam_checkpoint: Optional[str]
+    sam_checkpoint: str | None
     img_size: int
-    keep_ratio: Optional[float]
+    keep_ratio: float | None
     grad_checkpoint: bool
     trainable: str
-    init_checkpoint: Optional[str]
+    init_checkpoint: str | None
     init: str = "sam"  # P-blocks from the SAM checkpoint, or "random" (Table-3 ablation)
 
 
@@ -60,12 +61,12 @@ class OptimConfig:
     """Steps, batch, AdamW, the warmup-cosine schedule, the loss and the precision."""
 
     epochs: float
-    max_steps: Optional[int]
+    max_steps: int | None
     batch_size: int
     accum_steps: int
     lr: float
     weight_decay: float
-    betas: List[float]
+    betas: list[float]
     warmup_steps: int
     min_lr_ratio: float
     clip_grad: float
@@ -81,24 +82,24 @@ class ValidationConfig:
     val_every: int
     val_images: int
     val_masks: int
-    val_data: Optional[str]
-    val_data_format: Optional[str]
-    val_ann_file: Optional[str]
-    val_img_dir: Optional[str]
+    val_data: str | None
+    val_data_format: str | None
+    val_ann_file: str | None
+    val_img_dir: str | None
     val_only: bool
-    checkpoint: Optional[str]
+    checkpoint: str | None
 
 
 @dataclass
 class CheckpointConfig:
     """Where the run writes, how often it saves, what it resumes from."""
 
-    output_dir: Optional[str]
-    resume: Optional[str]
+    output_dir: str | None
+    resume: str | None
     resume_remap: bool
     save_every: int
     keep_last: int
-    stop_after: Optional[int]
+    stop_after: int | None
     async_checkpoint: str
 
 
@@ -115,14 +116,14 @@ class LoggingConfig:
 class ClusterConfig:
     """Device, process-group timeouts, preemption signals and the non-finite-step guard."""
 
-    device: Optional[str]
+    device: str | None
     max_nonfinite_steps: int
-    preempt_signals: List[str]
+    preempt_signals: list[str]
     dist_timeout: float
     write_timeout: float
 
 
-SECTIONS: Tuple[Tuple[str, type], ...] = (
+SECTIONS: tuple[tuple[str, type], ...] = (
     ("data", DataConfig), ("model", ModelConfig), ("optim", OptimConfig),
     ("val", ValidationConfig), ("ckpt", CheckpointConfig), ("log", LoggingConfig),
     ("cluster", ClusterConfig))
@@ -139,22 +140,22 @@ class TrainConfig:
     ckpt: CheckpointConfig
     log: LoggingConfig
     cluster: ClusterConfig
-    extra: Dict[str, Any] = field(default_factory=dict)  # options no component declares
-    order: Tuple[str, ...] = ()  # the options' order as parsed (the stored config's order)
+    extra: dict[str, Any] = field(default_factory=dict)  # options no component declares
+    order: tuple[str, ...] = ()  # the options' order as parsed (the stored config's order)
 
     @classmethod
-    def from_namespace(cls, ns: argparse.Namespace) -> "TrainConfig":
+    def from_namespace(cls, ns: argparse.Namespace) -> TrainConfig:
         """The one conversion of the CLI's parsed options; a missing option is a KeyError."""
         flat = dict(vars(ns))
-        parts: Dict[str, Any] = {}
+        parts: dict[str, Any] = {}
         for name, kind in SECTIONS:
             keys = [f.name for f in dataclasses.fields(kind)]
             parts[name] = kind(**{k: flat.pop(k) for k in keys})
         return cls(**parts, extra=flat, order=tuple(vars(ns)))
 
-    def options(self) -> Dict[str, Any]:
+    def options(self) -> dict[str, Any]:
         """Option name -> value, in the parsed order: what ``vars(args)`` was."""
-        flat: Dict[str, Any] = dict(self.extra)
+        flat: dict[str, Any] = dict(self.extra)
         for name, _ in SECTIONS:
             flat.update(dataclasses.asdict(getattr(self, name)))
         order = [k for k in self.order if k in flat] + [k for k in flat if k not in self.order]
@@ -179,14 +180,14 @@ class TrainConfig:
 
         return spec_from_args(self.namespace())
 
-    def val_source_spec(self) -> Optional[SourceSpec]:
+    def val_source_spec(self) -> SourceSpec | None:
         """The held-out source of ``--val-data...``, or None (held out of the training one)."""
         from .sources.spec import val_spec_from_args
 
         return val_spec_from_args(self.namespace())
 
     def signature(self, world_size: int, total_steps: int, keys: Sequence[str]
-                  ) -> Dict[str, Any]:
+                  ) -> dict[str, Any]:
         """The run signature (``resume.run_signature``) of these options."""
         from .resume import run_signature
 

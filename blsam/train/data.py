@@ -28,13 +28,29 @@ from __future__ import annotations
 import argparse
 
 from ..segmentation import AnnotationError, check_rle, rle_run_lengths  # noqa: F401  (D.*)
-from .annotations import (AREA_TOL, BOX_TOL_PX, LOW_RES_FACTOR,  # noqa: F401
-                          MAX_MASK_FRACTION, check_annotation, decode_rle, downsample_mask,
-                          resize_mask)
+from .annotations import (  # noqa: F401
+    AREA_TOL,
+    BOX_TOL_PX,
+    LOW_RES_FACTOR,
+    MAX_MASK_FRACTION,
+    check_annotation,
+    decode_rle,
+    downsample_mask,
+    resize_mask,
+)
 from .dataset import SA1BDataset, collate, decode_jpeg, preprocess_image  # noqa: F401
-from .sa1b_index import (DamagedDataError, DataError, Member, Record,  # noqa: F401
-                         hold_out_val, index_folder, index_tar, list_shards, select_records,
-                         select_val_records)
+from .sa1b_index import (  # noqa: F401
+    DamagedDataError,
+    DataError,
+    Member,
+    Record,
+    hold_out_val,
+    index_folder,
+    index_tar,
+    list_shards,
+    select_records,
+    select_val_records,
+)
 from .sampler import EpochBatchSampler  # noqa: F401  (its home before sources had one)
 
 

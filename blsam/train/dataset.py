@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,15 +20,21 @@ from ..segmentation import AnnotationError
 from ..specs import check_img_size
 from ..utils.images import resize_and_pad_uint8, sam_preprocess
 from . import packed_cache
-from .annotations import (LOW_RES_FACTOR, MAX_MASK_FRACTION, check_annotation, decode_rle,
-                          downsample_mask, resize_mask)
+from .annotations import (
+    LOW_RES_FACTOR,
+    MAX_MASK_FRACTION,
+    check_annotation,
+    decode_rle,
+    downsample_mask,
+    resize_mask,
+)
 from .prompts import PROMPT_TYPES, choose_prompt, mask_box, noisy_box, sample_points
 from .sa1b_index import DamagedDataError, Record
 
 log = logging.getLogger("blsam.train.data")  # the data log's name, as before the split
 
 
-def preprocess_image(img: np.ndarray, img_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def preprocess_image(img: np.ndarray, img_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """SAM preprocessing: ResizeLongestSide, normalise with SAM's mean/std, pad to square."""
     return sam_preprocess(img, img_size)
 
@@ -64,7 +71,7 @@ class SA1BDataset(torch.utils.data.Dataset):
         prompt_types: Sequence[str] = PROMPT_TYPES,
         max_points: int = 3,
         seed: int = 0,
-        teacher_cache: Optional[str] = None,
+        teacher_cache: str | None = None,
         with_targets: bool = True,
         max_retries: int = 16,
         max_mask_fraction: float = MAX_MASK_FRACTION,
@@ -91,9 +98,9 @@ class SA1BDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, item: Any) -> Dict[str, Any]:
+    def __getitem__(self, item: Any) -> dict[str, Any]:
         epoch, idx = item if isinstance(item, tuple) else (0, int(item))
-        skipped: List[str] = []
+        skipped: list[str] = []
         why = ""
         for attempt in range(min(self.max_retries, len(self.records))):
             j = (idx + attempt) % len(self.records)
@@ -113,7 +120,7 @@ class SA1BDataset(torch.utils.data.Dataset):
             f"{' '.join(why.split())[:200]}: the data is damaged or not SA-1B (every image is "
             f"logged above)")
 
-    def load(self, rec: Record, epoch: int, index: int) -> Dict[str, Any]:
+    def load(self, rec: Record, epoch: int, index: int) -> dict[str, Any]:
         meta = json.loads(rec.json.read().decode("utf-8"))
         img = decode_jpeg(rec.jpg.read())
         info = meta["image"]
@@ -125,24 +132,24 @@ class SA1BDataset(torch.utils.data.Dataset):
                                        index))
         return sample
 
-    def base_sample(self, key: str, img: np.ndarray) -> Dict[str, Any]:
+    def base_sample(self, key: str, img: np.ndarray) -> dict[str, Any]:
         """The image part of a sample (every source's): pixels resized and padded, the
         resized (h, w), the cached teacher row (one memory-mapped row, None if absent)."""
         image, hw = (resize_and_pad_uint8 if self.uint8_images else preprocess_image)(
             img, self.img_size)
-        sample: Dict[str, Any] = {"image": image, "key": key, "hw": hw, "teacher": None}
+        sample: dict[str, Any] = {"image": image, "key": key, "hw": hw, "teacher": None}
         if self.teacher_cache:
             sample["teacher"] = packed_cache.lookup(self.teacher_cache, key)
         return sample
 
-    def decode_mask(self, ann: Any, hw: Tuple[int, int]) -> np.ndarray:
+    def decode_mask(self, ann: Any, hw: tuple[int, int]) -> np.ndarray:
         """One annotation's (h, w) mask, checked against what the file claims (raises
         ``AnnotationError`` / ``ValueError`` for a bad one); other sources override it."""
         check_annotation(ann, hw)
         return decode_rle(ann["segmentation"])
 
-    def targets(self, anns: List[Any], orig_hw: Tuple[int, int],
-                new_hw: Tuple[int, int], epoch: int, index: int) -> Dict[str, Any]:
+    def targets(self, anns: list[Any], orig_hw: tuple[int, int],
+                new_hw: tuple[int, int], epoch: int, index: int) -> dict[str, Any]:
         """Sample masks, check and decode only those, resize/pad like the image, draw prompts."""
         rng = np.random.default_rng([self.seed, epoch, index])
         s = self.img_size
@@ -175,7 +182,7 @@ class SA1BDataset(torch.utils.data.Dataset):
         if not masks:
             raise ValueError(f"no usable annotation ({len(anns)} in the json, {bad} invalid, "
                              f"{large} larger than {self.max_mask_fraction:g} of the image)")
-        out: Dict[str, Any] = {"masks": torch.from_numpy(np.stack(masks)), "bad_ann": bad,
+        out: dict[str, Any] = {"masks": torch.from_numpy(np.stack(masks)), "bad_ann": bad,
                                "large_ann": large}
         if self.val:
             from ..prompts import center_point
@@ -198,9 +205,9 @@ class SA1BDataset(torch.utils.data.Dataset):
         return out
 
 
-def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images (and cached teacher embeddings); keep per-image targets as lists."""
-    batch: Dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}
+    batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}
     for k in ("key", "hw", "teacher", "kind", "masks", "boxes", "points", "labels", "seed"):
         batch[k] = [s.get(k) for s in samples]
     batch["skipped"] = [n for s in samples for n in s["skipped"]]

@@ -8,15 +8,13 @@ index instead of repeating one. Same parameters, same state-dict names, same res
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.nn as nn
 
 
 def decode_masks(decoder: nn.Module, image_embeddings: torch.Tensor, image_index: torch.Tensor,
                  image_pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
-                 multimask_output: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                 multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks for N prompts over B images: ``image_embeddings`` (B, C, h, w), ``image_index``
     (N,) long, which image each prompt is on; ``image_pe`` (1, C, h, w); ``sparse`` (N, T, C)
     and ``dense`` (N, C, h, w) from the prompt encoder. Returns low-res logits (N, K, 4h, 4w)

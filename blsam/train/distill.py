@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .config import OptimConfig
 
 
-def click_schedule(iters: int, seed: int) -> List[bool]:
+def click_schedule(iters: int, seed: int) -> list[bool]:
     """For iterations 1..iters-1: whether that iteration adds a click. The last adds none, and
     (from 4 iterations on) one random middle one adds none: SAM's 11 = 1 + 8 clicks + 2."""
     if iters <= 1:
@@ -52,7 +52,7 @@ def click_schedule(iters: int, seed: int) -> List[bool]:
 
 
 def error_click(logits: torch.Tensor, targets: torch.Tensor, gen: torch.Generator,
-                scale: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                scale: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One click per mask from the error region of (M, 1, h, w) low-res logits against (M, h, w)
     targets: ((M, 1, 2) x, y integer pixel indices at full resolution, (M, 1) labels: 1 in a
     false negative, 0 in a false positive, -1 (SAM's "not a point") when there is no error).
@@ -79,18 +79,18 @@ class ImagePrompts:
     index: torch.Tensor  # (M,) the image's place in the batch, once per mask
     targets: torch.Tensor  # (M, h, w) low-res GT
     multimask: bool  # one click: 3 outputs on the first iteration (SAM's ambiguity rule)
-    boxes: Optional[torch.Tensor]  # (M, 4)
-    points: Optional[Tuple[torch.Tensor, torch.Tensor]]  # (M, P, 2), (M, P)
-    clicks: List[bool]  # click_schedule: whether iteration it + 1 adds a click
-    gen: Optional[torch.Generator]  # the image's own click generator
-    mask_in: Optional[torch.Tensor] = None  # (M, 1, h, w) previous logits, detached
+    boxes: torch.Tensor | None  # (M, 4)
+    points: tuple[torch.Tensor, torch.Tensor] | None  # (M, P, 2), (M, P)
+    clicks: list[bool]  # click_schedule: whether iteration it + 1 adds a click
+    gen: torch.Generator | None  # the image's own click generator
+    mask_in: torch.Tensor | None = None  # (M, 1, h, w) previous logits, detached
 
-    def form(self, it: int) -> Tuple[bool, bool, int]:
+    def form(self, it: int) -> tuple[bool, bool, int]:
         """Prompts of the same form (outputs, box, click count) batch in one decoder call."""
         return (self.multimask and it == 0, self.boxes is not None,
                 0 if self.points is None else self.points[1].shape[1])
 
-    def add_click(self, click: Tuple[torch.Tensor, torch.Tensor]) -> None:
+    def add_click(self, click: tuple[torch.Tensor, torch.Tensor]) -> None:
         if self.points is None:
             self.points = click
         else:
@@ -98,7 +98,7 @@ class ImagePrompts:
                            torch.cat([self.points[1], click[1]], 1))
 
 
-def _cat(xs: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+def _cat(xs: list[torch.Tensor | None]) -> torch.Tensor | None:
     """Concatenate along masks (None for absent prompts; no copy for one image)."""
     if xs[0] is None:
         return None
@@ -125,8 +125,8 @@ class DistillModel(nn.Module):
         self.prompt_iters = prompt_iters
         self.fd_padding = fd_padding
 
-    def forward(self, images: torch.Tensor, batch: Dict[str, Any], teacher_emb: torch.Tensor
-                ) -> Dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, batch: dict[str, Any], teacher_emb: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
         sam = self.sam
         emb = sam.image_encoder(images)
         valid = None
@@ -154,7 +154,7 @@ class DistillModel(nn.Module):
         out["n_masks"] = torch.full((), float(n), device=dev)  # a fill: no host-to-device copy
         return out
 
-    def image_prompts(self, batch: Dict[str, Any], dev: torch.device) -> List[ImagePrompts]:
+    def image_prompts(self, batch: dict[str, Any], dev: torch.device) -> list[ImagePrompts]:
         """The batch's images with masks (others are skipped), their prompts on ``dev``."""
         out = []
         seeds = batch.get("seed") or [None] * len(batch["masks"])
@@ -175,8 +175,8 @@ class DistillModel(nn.Module):
                 clicks=click_schedule(self.prompt_iters, seed), gen=gen))
         return out
 
-    def prompt_losses(self, emb: torch.Tensor, prompts: List[ImagePrompts], img_size: int
-                      ) -> Dict[str, torch.Tensor]:
+    def prompt_losses(self, emb: torch.Tensor, prompts: list[ImagePrompts], img_size: int
+                      ) -> dict[str, torch.Tensor]:
         """All images' masks through ``prompt_iters`` prompt/decoder iterations: mask and IoU
         losses summed over masks and averaged over iterations (so their scale does not depend
         on the iteration count); ``iou`` summed after the first prompt, ``iou_final`` after the
@@ -186,7 +186,7 @@ class DistillModel(nn.Module):
         acc = {k: torch.zeros((), device=dev) for k in ("loss_mask", "loss_iou")}
         first_iou = last_iou = torch.zeros((), device=dev)
         for it in range(iters):
-            groups: Dict[Tuple[bool, bool, int], List[ImagePrompts]] = {}
+            groups: dict[tuple[bool, bool, int], list[ImagePrompts]] = {}
             for p in prompts:
                 groups.setdefault(p.form(it), []).append(p)
             iou = torch.zeros((), device=dev)
@@ -223,7 +223,7 @@ class DistillModel(nn.Module):
                 "iou": first_iou, "iou_final": last_iou}
 
 
-def set_trainable(sam: nn.Module, spec: str) -> List[str]:
+def set_trainable(sam: nn.Module, spec: str) -> list[str]:
     """requires_grad only on the named parts; returns the parts."""
     parts = parse_trainable(spec)
     for name in TRAINABLE_PARTS:
@@ -231,7 +231,7 @@ def set_trainable(sam: nn.Module, spec: str) -> List[str]:
     return parts
 
 
-def parse_trainable(spec: str) -> List[str]:
+def parse_trainable(spec: str) -> list[str]:
     parts = list(TRAINABLE_PARTS) if spec.strip() == "all" else [
         s.strip() for s in spec.split(",") if s.strip()]
     bad = [s for s in parts if s not in TRAINABLE_PARTS]
@@ -260,7 +260,7 @@ def enable_grad_checkpointing(encoder: nn.Module) -> None:
         blk.forward = forward
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no decay on norms, biases, position tables, alpha and gamma."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -293,7 +293,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def state_checksum(state: Dict[str, torch.Tensor]) -> str:
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
     """sha256 over a state dict's tensors in key order (bitwise identity across ranks)."""
     h = hashlib.sha256()
     for k in sorted(state):

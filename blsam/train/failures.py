@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -33,7 +33,7 @@ class LocalFailures:
     """The first error of this rank's rank-local work, held until the next step boundary."""
 
     def __init__(self) -> None:
-        self.error: Optional[str] = None
+        self.error: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -73,7 +73,7 @@ def check_boundary(failures: LocalFailures, distributed: bool, device: torch.dev
         raise_agreed(failures, distributed)
 
 
-def agreed_exit(exc: Optional[BaseException]) -> bool:
+def agreed_exit(exc: BaseException | None) -> bool:
     """Whether every rank ends the same way: success (None) or an error all ranks raise."""
     if exc is None:
         return True

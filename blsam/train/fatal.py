@@ -21,12 +21,13 @@ import re
 import socket
 import sys
 import tempfile
-from typing import Any, Callable, Dict, Optional, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 DETERMINISTIC = {2: "a user error", 3: "too many non-finite steps"}
 
 
-def _attempt() -> Optional[int]:
+def _attempt() -> int | None:
     """This worker's torchrun attempt (0 = first), or None outside torchrun."""
     v = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     return int(v) if v is not None and v.isdigit() else None
@@ -34,7 +35,7 @@ def _attempt() -> Optional[int]:
 
 def _agent_start(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/stat", "r", encoding="utf-8") as f:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return "?"
@@ -48,13 +49,13 @@ def record_path() -> str:
     return os.path.join(folder, f"{socket.gethostname()}-{ppid}-{_agent_start(ppid)}-{job}.json")
 
 
-def previous_fatal() -> Optional[Dict[str, Any]]:
+def previous_fatal() -> dict[str, Any] | None:
     """The fatal record of an earlier attempt of this torchrun job, or None."""
     now = _attempt()
     if not now:
         return None
     try:
-        with open(record_path(), "r", encoding="utf-8") as f:
+        with open(record_path(), encoding="utf-8") as f:
             rec = json.load(f)
     except (OSError, ValueError):
         return None

@@ -12,7 +12,8 @@ batch.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ class EndlessBatchSampler(torch.utils.data.Sampler):
     def __init__(self, sampler: Any, epoch: int, start_batch: int) -> None:
         self.sampler, self.epoch, self.start_batch = sampler, epoch, start_batch
 
-    def positions(self) -> Iterator[Tuple[int, int]]:
+    def positions(self) -> Iterator[tuple[int, int]]:
         """(epoch, batch index) of each batch ``__iter__`` yields, in the same order."""
         epoch, start = self.epoch, self.start_batch
         while True:
@@ -34,7 +35,7 @@ class EndlessBatchSampler(torch.utils.data.Sampler):
                 yield epoch, b
             epoch, start = epoch + 1, 0
 
-    def __iter__(self) -> Iterator[List[Any]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         epoch, start = self.epoch, self.start_batch
         while True:
             self.sampler.set_position(epoch, start)
@@ -44,7 +45,7 @@ class EndlessBatchSampler(torch.utils.data.Sampler):
 
 def endless_loader(ds: torch.utils.data.Dataset, sampler: Any, collate_fn: Any,
                    num_workers: int, epoch: int, start_batch: int, pin: bool
-                   ) -> Iterator[Tuple[int, int, Dict[str, Any]]]:
+                   ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Endless (epoch, batch index, batch) from a data position, one DataLoader for the run.
 
     ``pin`` (CUDA runs): batches come packed (``pack_batch``) and pinned; pass each through
@@ -59,7 +60,7 @@ def endless_loader(ds: torch.utils.data.Dataset, sampler: Any, collate_fn: Any,
         yield e, b, batch
 
 
-def _tensors(obj: Any, path: Tuple[Any, ...], out: List[Tuple[Tuple[Any, ...], torch.Tensor]]
+def _tensors(obj: Any, path: tuple[Any, ...], out: list[tuple[tuple[Any, ...], torch.Tensor]]
              ) -> None:
     if isinstance(obj, torch.Tensor):
         out.append((path, obj))
@@ -71,7 +72,7 @@ def _tensors(obj: Any, path: Tuple[Any, ...], out: List[Tuple[Tuple[Any, ...], t
             _tensors(v, path + (i,), out)
 
 
-def _set(obj: Any, path: Tuple[Any, ...], value: Any) -> None:
+def _set(obj: Any, path: tuple[Any, ...], value: Any) -> None:
     for p in path[:-1]:
         obj = obj[p]
     obj[path[-1]] = value
@@ -80,11 +81,11 @@ def _set(obj: Any, path: Tuple[Any, ...], value: Any) -> None:
 PACKED = "_packed"
 
 
-def pack_batch(batch: Dict[str, Any]) -> Dict[str, Any]:
+def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
     """Move every tensor of ``batch`` into one flat uint8 buffer (``batch["_packed"]``), leaving
     None in its place. Runs in the loader workers, so the main process only pins (the loader's
     pin-memory thread) and copies one tensor."""
-    found: List[Tuple[Tuple[Any, ...], torch.Tensor]] = []
+    found: list[tuple[tuple[Any, ...], torch.Tensor]] = []
     _tensors(batch, (), found)
     specs, n = [], 0
     for path, t in found:
@@ -100,7 +101,7 @@ def pack_batch(batch: Dict[str, Any]) -> Dict[str, Any]:
     return batch
 
 
-def unpack_batch(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+def unpack_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Inverse of ``pack_batch`` with ONE (non-blocking, from pinned memory) copy to ``device``;
     a batch that was not packed is returned as is."""
     packed = batch.pop(PACKED, None)
@@ -122,11 +123,11 @@ class PackingCollate:
     def __init__(self, collate_fn: Any) -> None:
         self.collate_fn = collate_fn
 
-    def __call__(self, samples: List[Any]) -> Dict[str, Any]:
+    def __call__(self, samples: list[Any]) -> dict[str, Any]:
         return pack_batch(self.collate_fn(samples))
 
 
-def normalize_images(images: torch.Tensor, hw: List[Tuple[int, int]]) -> torch.Tensor:
+def normalize_images(images: torch.Tensor, hw: list[tuple[int, int]]) -> torch.Tensor:
     """Batch images as the models want them: uint8 ones are normalised where they are (with
     SAM's mean/std, padding at 0); float ones are returned as they are."""
     if images.dtype != torch.uint8:
@@ -135,10 +136,10 @@ def normalize_images(images: torch.Tensor, hw: List[Tuple[int, int]]) -> torch.T
     return normalize_on_device(images, hw, mean, std)
 
 
-_STATS: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+_STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def pixel_stats(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def pixel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's pixel mean/std, copied to ``device`` once per process (was a pageable host copy,
     i.e. a host sync on CUDA, every step)."""
     if device not in _STATS:
@@ -148,7 +149,7 @@ def pixel_stats(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     return _STATS[device]
 
 
-def normalize_on_device(images: torch.Tensor, hw: List[Tuple[int, int]], mean: torch.Tensor,
+def normalize_on_device(images: torch.Tensor, hw: list[tuple[int, int]], mean: torch.Tensor,
                         std: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, S, S) images, resized and zero-padded on the host, -> SAM-normalised fp32
     with the padding at 0 (SAM pads after normalising), computed where ``images`` lives.

@@ -13,37 +13,44 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..build_blsam import blsam_model_registry, reinit_image_encoder_
-from ..specs import TEACHER_OF
 from ..checkpoint import load_strict, read_state_dict, save_atomic
-from ..utils.files import write_json_atomic
+from ..specs import TEACHER_OF
 from ..utils import dist as du
-from .data import SA1BDataset, collate
-from .sampler import EpochBatchSampler
-from .packed_cache import file_sha256
-from .sources.build import signature_extras, training_data
-from .distill import (METRIC_KEYS, DistillModel, enable_grad_checkpointing,
-                      lr_lambda, make_optimizer, set_trainable, state_checksum)
+from ..utils.files import write_json_atomic
+from . import rundir
+from .async_ckpt import AsyncCheckpointWriter
+from .checkpointer import resume, save, write_timeout  # noqa: F401  (loop.resume: its parts)
+from .cluster import NonFiniteError, StopSignals, cache_key, check_ranks_agree, step_flags
 from .config import TrainConfig
+from .data import SA1BDataset, collate
+from .distill import (
+    METRIC_KEYS,
+    DistillModel,
+    enable_grad_checkpointing,
+    lr_lambda,
+    make_optimizer,
+    set_trainable,
+    state_checksum,
+)
+from .failures import LocalFailures, check_boundary, raise_agreed
+from .loader import endless_loader, normalize_images, unpack_batch
+from .metrics_log import LogInterval, MetricsLog, log_window  # noqa: F401  (loop.MetricsLog)
+from .packed_cache import file_sha256
 from .precision import amp_dtype
 from .resume import COUNTERS, check_resume, load_resume, run_signature, saved_signature
-from .checkpointer import resume, save, write_timeout  # noqa: F401  (loop.resume: its parts)
-from .metrics_log import LogInterval, MetricsLog, log_window  # noqa: F401  (loop.MetricsLog)
-from . import rundir
-from .cluster import (NonFiniteError, StopSignals, cache_key, check_ranks_agree,
-                      step_flags)
-from .async_ckpt import AsyncCheckpointWriter
-from .failures import LocalFailures, check_boundary, raise_agreed
+from .sampler import EpochBatchSampler
+from .sources.build import signature_extras, training_data
 from .teacher import Teacher, cache_covers
 from .timing import PhaseTimer, StepProfiler
-from .loader import endless_loader, normalize_images, unpack_batch
 from .validation import VAL_KEYS, PromptHead, evaluate
 
 log = logging.getLogger("blsam.train")
@@ -55,42 +62,42 @@ class Run:
 
     cfg: TrainConfig
     info: du.DistInfo
-    dtype: Optional[torch.dtype]
+    dtype: torch.dtype | None
     records: list
-    index_skipped: List[str]
-    selection: Dict[str, Any]
+    index_skipped: list[str]
+    selection: dict[str, Any]
     ds: SA1BDataset
     sampler: EpochBatchSampler
     total: int
     sam: nn.Module
-    parts: List[str]
+    parts: list[str]
     teacher: Teacher
     head: PromptHead
     model: DistillModel
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
-    scaler: Optional[torch.amp.GradScaler]
-    signature: Dict[str, Any]
-    val_loader: Optional[Any] = None
-    ddp: Optional[nn.Module] = None
+    scaler: torch.amp.GradScaler | None
+    signature: dict[str, Any]
+    val_loader: Any | None = None
+    ddp: nn.Module | None = None
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     images_seen: int = 0
-    resumed_from: Optional[str] = None
-    resume_path: Optional[str] = None  # checked in setup, loaded by resume()
-    resume_ck: Optional[Dict[str, Any]] = None
-    resume_diffs: List[str] = field(default_factory=list)
-    counters: Dict[str, int] = field(default_factory=lambda: {k: 0 for k in COUNTERS})
-    history: List[Dict[str, Any]] = field(default_factory=list)
-    val_history: List[Dict[str, Any]] = field(default_factory=list)
-    timer: Optional[PhaseTimer] = None  # per-phase laps, from run_loop on
-    ckpt_writer: Optional[AsyncCheckpointWriter] = None  # set by run_loop
+    resumed_from: str | None = None
+    resume_path: str | None = None  # checked in setup, loaded by resume()
+    resume_ck: dict[str, Any] | None = None
+    resume_diffs: list[str] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=lambda: {k: 0 for k in COUNTERS})
+    history: list[dict[str, Any]] = field(default_factory=list)
+    val_history: list[dict[str, Any]] = field(default_factory=list)
+    timer: PhaseTimer | None = None  # per-phase laps, from run_loop on
+    ckpt_writer: AsyncCheckpointWriter | None = None  # set by run_loop
     nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss / grad norm
     nonfinite_run: int = 0  # ... of them in a row, up to now
-    last_good: Optional[str] = None  # the newest checkpoint known finite (written or resumed)
-    signals: Optional[StopSignals] = None  # set by Trainer.fit: preemption requests
-    preempted: Optional[str] = None  # the signal the run stopped for
+    last_good: str | None = None  # the newest checkpoint known finite (written or resumed)
+    signals: StopSignals | None = None  # set by Trainer.fit: preemption requests
+    preempted: str | None = None  # the signal the run stopped for
     failures: LocalFailures = field(default_factory=LocalFailures)  # rank-local work's errors
 
     @property
@@ -183,16 +190,16 @@ class RunData:
     resume file (loaded by ``checkpointer.resume``)."""
 
     records: list
-    index_skipped: List[str]
-    selection: Dict[str, Any]
+    index_skipped: list[str]
+    selection: dict[str, Any]
     ds: SA1BDataset
     sampler: EpochBatchSampler
     total: int
-    val_loader: Optional[Any]
-    signature: Dict[str, Any]
-    resume_path: Optional[str]
-    resume_ck: Optional[Dict[str, Any]]
-    resume_diffs: List[str]
+    val_loader: Any | None
+    signature: dict[str, Any]
+    resume_path: str | None
+    resume_ck: dict[str, Any] | None
+    resume_diffs: list[str]
 
 
 def _setup_data(cfg: TrainConfig, info: du.DistInfo, teacher_name: str) -> RunData:
@@ -246,7 +253,7 @@ def wrap_ddp(run: Run) -> None:
 
 
 def batch_stream(ds: SA1BDataset, sampler: EpochBatchSampler, num_workers: int, epoch: int,
-                 start_batch: int, pin: bool) -> Iterator[Tuple[int, int, Dict[str, Any]]]:
+                 start_batch: int, pin: bool) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Endless (epoch, batch index, batch) from a data position; one DataLoader for the run
     (persistent workers); on CUDA batches come packed for one transfer (``unpack_batch``)."""
     yield from endless_loader(ds, sampler, collate, num_workers, epoch, start_batch, pin)
@@ -342,7 +349,7 @@ def _nonfinite(run: Run, what: str) -> None:
 # ---------------------------------------------------------------- validation
 
 
-def validate(run: Run, mlog: Optional[MetricsLog]) -> Dict[str, Any]:
+def validate(run: Run, mlog: MetricsLog | None) -> dict[str, Any]:
     res = evaluate(run.sam, run.head, run.teacher, run.val_loader, run.dev, run.dtype,
                    run.cfg.optim.fd_padding)
     rec = {"step": run.step, **res, "time": time.time()}
@@ -416,7 +423,7 @@ def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: LogInterval, timer
     return True
 
 
-def finish(run: Run, completed: bool) -> Dict[str, Any]:
+def finish(run: Run, completed: bool) -> dict[str, Any]:
     """Final weights and summary.json; checks every rank ended with the same weights."""
     cfg, info = run.cfg, run.info
     base = {"steps": run.step, "history": run.history, "val_history": run.val_history,
@@ -450,10 +457,10 @@ def finish(run: Run, completed: bool) -> Dict[str, Any]:
     return summary
 
 
-def data_counts(run: Run) -> Dict[str, Any]:
+def data_counts(run: Run) -> dict[str, Any]:
     """Items skipped while indexing and (every rank's, as last logged) while reading, bad and
     too-large annotations; for a mixture, the samples each member gave up to now (logged)."""
-    out: Dict[str, Any] = {"skipped_index": len(run.index_skipped)}
+    out: dict[str, Any] = {"skipped_index": len(run.index_skipped)}
     if run.history:
         out.update({k: run.history[-1][k] for k in COUNTERS})
     seen = getattr(run.sampler, "seen", None)
@@ -467,7 +474,7 @@ def data_counts(run: Run) -> Dict[str, Any]:
     return out
 
 
-def val_only(run: Run) -> Dict[str, Any]:
+def val_only(run: Run) -> dict[str, Any]:
     """``--val-only --checkpoint X``: load X into the student (strict), validate, report."""
     path = run.cfg.val.checkpoint
     load_strict(run.sam, read_state_dict(path, "--checkpoint"), f"--checkpoint {path!r}")

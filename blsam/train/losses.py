@@ -8,7 +8,7 @@ computed in fp32 regardless of autocast.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ FOCAL_WEIGHT, DICE_WEIGHT = 20.0, 1.0  # SAM: focal:dice = 20:1
 
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor,
-                 valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                 valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """1 - cosine similarity over channels of (B, C, H, W) embeddings, averaged over the
     positions where ``valid`` (B, H, W) is true (all of them when ``valid`` is None).
 
@@ -32,8 +32,8 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor,
     return {"loss_fd": 1.0 - cos_mean, "cos_sim": cos_mean.detach()}
 
 
-def real_positions(hw: Sequence[Tuple[int, int]], grid: int, patch: int = 16,
-                   device: Optional[torch.device] = None) -> torch.Tensor:
+def real_positions(hw: Sequence[tuple[int, int]], grid: int, patch: int = 16,
+                   device: torch.device | None = None) -> torch.Tensor:
     """(B, grid, grid) bool: embedding positions whose patch holds image pixels, not SAM's
     bottom/right zero padding (a patch that is partly image counts as image)."""
     out = torch.zeros(len(hw), grid, grid, dtype=torch.bool, device=device)
@@ -74,7 +74,7 @@ def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def mask_losses(logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor
-                ) -> Dict[str, torch.Tensor]:
+                ) -> dict[str, torch.Tensor]:
     """SAM's supervised loss for one image's prompts, summed over its masks.
 
     logits (M, K, h, w) and iou_pred (M, K) from the decoder (K = 1, or 3 with multimask
@@ -94,7 +94,7 @@ def mask_losses(logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Ten
             "iou": iou_true.sum().detach(), "best": best.squeeze(1)}
 
 
-def total_loss(supervised: Optional[torch.Tensor], loss_fd: torch.Tensor, lambda_fd: float
+def total_loss(supervised: torch.Tensor | None, loss_fd: torch.Tensor, lambda_fd: float
                ) -> torch.Tensor:
     """L_total = L_supervised + lambda_fd * L_fd (paper eq. 5)."""
     return loss_fd * lambda_fd if supervised is None else supervised + lambda_fd * loss_fd

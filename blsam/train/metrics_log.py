@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Dict, Tuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,14 +48,14 @@ class MetricsLog:
             from tqdm import tqdm
             self.bar = tqdm(total=run.total, initial=run.step, dynamic_ncols=True, desc="train")
 
-    def write(self, split: str, rec: Dict[str, Any], keys: Tuple[str, ...]) -> None:
+    def write(self, split: str, rec: dict[str, Any], keys: tuple[str, ...]) -> None:
         f = self.train_f if split == "train" else self.val_f
         if f is None:
             return
         with self.failures.guard(f"writing {split} metrics"):
             self._write(f, split, rec, keys)
 
-    def _write(self, f: Any, split: str, rec: Dict[str, Any], keys: Tuple[str, ...]) -> None:
+    def _write(self, f: Any, split: str, rec: dict[str, Any], keys: tuple[str, ...]) -> None:
         f.write(json.dumps(rec) + "\n")
         f.flush()
         if self.writer is not None:

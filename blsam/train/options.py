@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any, Dict
+from typing import Any
 
-from ..specs import TEACHER_OF, check_img_size, check_keep_ratio, default_keep_ratio
-from ..utils.cli import OptionError, check_option
 from ..build_blsam import INIT_CHOICES
 from ..checkpoint import check_not_blsam, read_state_dict
+from ..specs import TEACHER_OF, check_img_size, check_keep_ratio, default_keep_ratio
+from ..utils.cli import OptionError, check_option
 from .cluster import OutputDirError, check_output_dir, signal_numbers
 from .data import MAX_MASK_FRACTION, add_data_args
 from .distill import FD_PADDING, parse_trainable
 from .prompts import PROMPT_TYPES
-
 
 log = logging.getLogger("blsam.train")
 
@@ -240,7 +239,7 @@ def check_sam_checkpoint(path: str, variant: str) -> None:
     check_sam_variant(sd, variant, path)
 
 
-def train(args: argparse.Namespace) -> Dict[str, Any]:
+def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) a distillation run, or ``--val-only`` (``blsam.train.trainer``)."""
     from .trainer import train as run_training
 

@@ -28,7 +28,8 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ INDEX = "index.json"
 VERIFIED = ".verified.json"
 DTYPE = np.float16
 EMBED_DIM = 256  # SAM's neck output channels
-_HASHES: Dict[Tuple[str, int, float], str] = {}
+_HASHES: dict[tuple[str, int, float], str] = {}
 
 
 class CacheError(UserError):
@@ -61,14 +62,14 @@ def file_sha256(path: str) -> str:
     return _HASHES[key]
 
 
-def provenance(teacher: str, sam_checkpoint: str, img_size: int) -> Dict[str, Any]:
+def provenance(teacher: str, sam_checkpoint: str, img_size: int) -> dict[str, Any]:
     """What a cache must have been made with to be valid for a run."""
     return {"format": FORMAT, "teacher": teacher, "teacher_sha256": file_sha256(sam_checkpoint),
             "img_size": int(img_size), "shape": [EMBED_DIM, img_size // 16, img_size // 16],
             "dtype": "float16"}
 
 
-def _checksum(path: str) -> Dict[str, Any]:
+def _checksum(path: str) -> dict[str, Any]:
     """What a part's reader checks: its size and sha256 (one read of the part, by the rank that
     wrote it: far less than the teacher's forward passes that made it)."""
     return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
@@ -78,7 +79,7 @@ def _part_name(rank: int, world: int) -> str:
     return f"part_{rank:05d}-of-{world:05d}"
 
 
-def _mismatch(what: str, have: Dict[str, Any], want: Dict[str, Any]) -> Optional[str]:
+def _mismatch(what: str, have: dict[str, Any], want: dict[str, Any]) -> str | None:
     keys = ("format", "teacher", "teacher_sha256", "img_size", "shape", "dtype")
     diff = [k for k in keys if have.get(k) != want.get(k)]
     if not diff:
@@ -98,7 +99,7 @@ class PartWriter:
     drops the chunk indexes.
     """
 
-    def __init__(self, cache_dir: str, rank: int, world: int, meta: Dict[str, Any],
+    def __init__(self, cache_dir: str, rank: int, world: int, meta: dict[str, Any],
                  chunk_rows: int = 256) -> None:
         if chunk_rows < 1:
             raise ValueError(f"chunk rows must be >= 1, got {chunk_rows}")
@@ -108,8 +109,8 @@ class PartWriter:
         self.partial = self.bin + ".partial"
         self.meta, self.chunk_rows = meta, int(chunk_rows)
         self.row_bytes = int(np.prod(meta["shape"])) * np.dtype(DTYPE).itemsize
-        self.keys: List[str] = []  # committed rows
-        self.pending: List[str] = []  # rows written since the last chunk index
+        self.keys: list[str] = []  # committed rows
+        self.pending: list[str] = []  # rows written since the last chunk index
         self.chunks = 0
         self.resumed_rows = self._resume()
         self.f = open(self.partial, "r+b" if os.path.exists(self.partial) else "wb")
@@ -119,7 +120,7 @@ class PartWriter:
     def _chunk_path(self, i: int) -> str:
         return os.path.join(self.dir, f"{self.name}.chunk_{i:05d}.json")
 
-    def _chunk_files(self) -> List[str]:
+    def _chunk_files(self) -> list[str]:
         pre = self.name + ".chunk_"
         return sorted(f for f in os.listdir(self.dir) if f.startswith(pre) and f.endswith(".json"))
 
@@ -130,7 +131,7 @@ class PartWriter:
         i = 0
         while True:
             try:
-                with open(self._chunk_path(i), "r", encoding="utf-8") as f:
+                with open(self._chunk_path(i), encoding="utf-8") as f:
                     chunk = json.load(f)
             except (OSError, ValueError):
                 break
@@ -195,7 +196,7 @@ class PartWriter:
 _TMP = re.compile(r"^\.?(?P<base>.+)\.tmp\.(?P<pid>\d+)$")  # utils.files: .<name>.tmp.<pid>
 
 
-def remove_stale_temps(cache_dir: str, rank: int, world: int) -> List[str]:
+def remove_stale_temps(cache_dir: str, rank: int, world: int) -> list[str]:
     """Remove temporary files (``*.tmp.<pid>``) that no live writer of this run can own: this
     rank's own part (it is the part's only writer) and, on rank 0, the index and the parts of
     other world sizes. Returns the removed names (a killed writer leaves them behind)."""
@@ -218,12 +219,12 @@ def remove_stale_temps(cache_dir: str, rank: int, world: int) -> List[str]:
     return removed
 
 
-def finished_part(cache_dir: str, rank: int, world: int, meta: Dict[str, Any]) -> bool:
+def finished_part(cache_dir: str, rank: int, world: int, meta: dict[str, Any]) -> bool:
     """True when this rank's part is already complete for the same teacher and the same
     assigned images (``meta["assigned_sha256"]``): an interrupted cache run skips it."""
     base = os.path.join(cache_dir, _part_name(rank, world))
     try:
-        with open(base + ".json", "r", encoding="utf-8") as f:
+        with open(base + ".json", encoding="utf-8") as f:
             have = json.load(f)
         size = os.path.getsize(base + ".bin")
     except (OSError, ValueError):
@@ -234,12 +235,12 @@ def finished_part(cache_dir: str, rank: int, world: int, meta: Dict[str, Any]) -
             and size == row * len(have.get("keys", ())))
 
 
-def write_index(cache_dir: str, world: int, meta: Dict[str, Any]) -> Dict[str, Any]:
+def write_index(cache_dir: str, world: int, meta: dict[str, Any]) -> dict[str, Any]:
     """Rank 0, after every part is closed: gather the parts into ``index.json`` (atomic)."""
     parts, keys, seen = [], [], set()  # type: List[Dict[str, Any]], List[List[str]], set
     for rank in range(world):
         name = _part_name(rank, world)
-        with open(os.path.join(cache_dir, name + ".json"), "r", encoding="utf-8") as f:
+        with open(os.path.join(cache_dir, name + ".json"), encoding="utf-8") as f:
             part = json.load(f)
         bad = _mismatch(f"part {name}", part, meta)
         if bad:
@@ -259,7 +260,7 @@ def write_index(cache_dir: str, world: int, meta: Dict[str, Any]) -> Dict[str, A
     return index
 
 
-def read_index(cache_dir: str) -> Dict[str, Any]:
+def read_index(cache_dir: str) -> dict[str, Any]:
     path = os.path.join(cache_dir, INDEX)
     if not os.path.isfile(path):
         old = os.path.isfile(os.path.join(cache_dir, "meta.json"))
@@ -267,7 +268,7 @@ def read_index(cache_dir: str) -> Dict[str, Any]:
             f"--teacher-cache {cache_dir!r} has no {INDEX}: "
             + ("an old one-file-per-image cache; rebuild it with tools/cache_teacher.py" if old
                else "not a teacher cache (or its writing never finished)"))
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         try:
             index = json.load(f)
         except ValueError as e:
@@ -280,7 +281,7 @@ def read_index(cache_dir: str) -> Dict[str, Any]:
     return index
 
 
-def _check_part_entries(cache_dir: str, index: Dict[str, Any]) -> None:
+def _check_part_entries(cache_dir: str, index: dict[str, Any]) -> None:
     """Every part is a plain file name inside ``cache_dir`` with a row count: an index entry
     ``"file": "../other_cache/part.bin"`` (or a link out of the folder) is refused."""
     parts, keys = index.get("parts"), index.get("keys")
@@ -301,12 +302,12 @@ def _check_part_entries(cache_dir: str, index: Dict[str, Any]) -> None:
                              f"count: refused (a cache reads only its own parts)")
 
 
-def _stat_key(path: str) -> List[int]:
+def _stat_key(path: str) -> list[int]:
     st = os.stat(path)
     return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def verify_parts(cache_dir: str, index: Optional[Dict[str, Any]] = None) -> int:
+def verify_parts(cache_dir: str, index: dict[str, Any] | None = None) -> int:
     """Check every part's size and sha256 against the index (``CacheError`` naming the part);
     returns the bytes hashed. A part whose (inode, size, mtime, ctime) matches a previous
     successful check (``.verified.json``) is not read again: a 440 GB cache costs its read
@@ -314,7 +315,7 @@ def verify_parts(cache_dir: str, index: Optional[Dict[str, Any]] = None) -> int:
     index = index if index is not None else read_index(cache_dir)
     stamp_path = os.path.join(cache_dir, VERIFIED)
     try:
-        with open(stamp_path, "r", encoding="utf-8") as f:
+        with open(stamp_path, encoding="utf-8") as f:
             stamps = json.load(f)
         stamps = stamps if isinstance(stamps, dict) else {}
     except (OSError, ValueError):
@@ -350,7 +351,7 @@ def verify_parts(cache_dir: str, index: Optional[Dict[str, Any]] = None) -> int:
     return hashed
 
 
-def check_provenance(cache_dir: str, meta: Dict[str, Any]) -> Dict[str, Any]:
+def check_provenance(cache_dir: str, meta: dict[str, Any]) -> dict[str, Any]:
     """Refuse a cache whose teacher checkpoint hash, variant or img_size differ from ``meta``."""
     index = read_index(cache_dir)
     bad = _mismatch(f"--teacher-cache {cache_dir!r}", index, meta)
@@ -372,16 +373,16 @@ class PackedCache:
         self.dir = cache_dir
         self.index = read_index(cache_dir)
         self.shape = tuple(int(v) for v in self.index["shape"])
-        self.where: Dict[str, Tuple[int, int]] = {}
+        self.where: dict[str, tuple[int, int]] = {}
         for p, keys in enumerate(self.index["keys"]):
             if len(keys) != self.index["parts"][p]["count"]:
                 raise CacheError(f"{cache_dir!r}: part {p} lists {len(keys)} keys, "
                                  f"index says {self.index['parts'][p]['count']}")
             for row, k in enumerate(keys):
                 self.where[k] = (p, row)
-        self._maps: Dict[int, np.memmap] = {}
+        self._maps: dict[int, np.memmap] = {}
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": {}}
 
     def __len__(self) -> int:
@@ -406,17 +407,17 @@ class PackedCache:
             self._maps[p] = np.memmap(path, dtype=DTYPE, mode="r", shape=(count, *self.shape))
         return self._maps[p]
 
-    def get(self, key: str) -> Optional[torch.Tensor]:
+    def get(self, key: str) -> torch.Tensor | None:
         loc = self.where.get(key)
         if loc is None:
             return None
         return torch.from_numpy(np.array(self._map(loc[0])[loc[1]]))
 
 
-_READERS: Dict[str, PackedCache] = {}
+_READERS: dict[str, PackedCache] = {}
 
 
-def lookup(cache_dir: str, key: str) -> Optional[torch.Tensor]:
+def lookup(cache_dir: str, key: str) -> torch.Tensor | None:
     """The cached embedding of ``key`` (fp16, (256, S/16, S/16)) or None; one reader per
     process and folder, so dataset code needs no extra state."""
     reader = _READERS.get(cache_dir)
@@ -425,7 +426,7 @@ def lookup(cache_dir: str, key: str) -> Optional[torch.Tensor]:
     return reader.get(key)
 
 
-def forget(cache_dir: Optional[str] = None) -> None:
+def forget(cache_dir: str | None = None) -> None:
     """Drop open readers (after a cache folder was rewritten in the same process)."""
     if cache_dir is None:
         _READERS.clear()

@@ -18,7 +18,6 @@ The choice and its reason are logged once per process (``--amp auto: bf16 (CUDA 
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
 
 import torch
 
@@ -27,7 +26,7 @@ log = logging.getLogger("blsam.train")
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
 
-def native_bf16(device: torch.device) -> Tuple[bool, str]:
+def native_bf16(device: torch.device) -> tuple[bool, str]:
     """(bf16 arithmetic is native on ``device``, the reason in words)."""
     if device.type == "cuda":
         if torch.version.hip:
@@ -43,7 +42,7 @@ def native_bf16(device: torch.device) -> Tuple[bool, str]:
     return False, f"{device.type} device"
 
 
-def amp_choice(amp: str, device: torch.device) -> Tuple[Optional[torch.dtype], str]:
+def amp_choice(amp: str, device: torch.device) -> tuple[torch.dtype | None, str]:
     """(autocast dtype or None for fp32, why) for ``--amp`` on ``device``."""
     if amp not in AMP_CHOICES:
         raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {amp!r}")
@@ -58,7 +57,7 @@ def amp_choice(amp: str, device: torch.device) -> Tuple[Optional[torch.dtype], s
     return None, f"no native bf16 ({why}): fp32"
 
 
-def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``--amp`` (None: fp32), logged with its reason."""
     dtype, why = amp_choice(amp, device)
     if amp == "auto":

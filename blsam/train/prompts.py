@@ -10,7 +10,7 @@ All sampling takes an explicit ``numpy.random.Generator`` so a resumed run draws
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ def noisy_box(
 
 
 def choose_prompt(rng: np.random.Generator, types: Sequence[str], max_points: int
-                  ) -> Tuple[str, int]:
+                  ) -> tuple[str, int]:
     """One prompt kind per image (all its masks share it, so they batch in the decoder)."""
     kind = types[int(rng.integers(len(types)))]
     if kind == "box":

@@ -15,13 +15,14 @@ import json
 import logging
 import os
 import random
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import UserError
 from ..checkpoint import save_atomic
+from ..errors import UserError
 
 log = logging.getLogger("blsam.train")
 
@@ -42,10 +43,10 @@ class ResumeError(UserError):
 
 
 def run_signature(options: Mapping[str, Any], world_size: int, total_steps: int,
-                  keys: Sequence[str]) -> Dict[str, Any]:
+                  keys: Sequence[str]) -> dict[str, Any]:
     """Plain (JSON-able) values of everything that makes two runs the same run; ``options``
     is the flat option view (``TrainConfig.options()``), an absent option counts as None."""
-    sig: Dict[str, Any] = {}
+    sig: dict[str, Any] = {}
     for k in SIGNATURE_OPTIONS:
         v = options.get(k)
         sig[k] = list(v) if isinstance(v, (list, tuple)) else v
@@ -56,7 +57,7 @@ def run_signature(options: Mapping[str, Any], world_size: int, total_steps: int,
     return sig
 
 
-def signature_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+def signature_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: saved -> current' for every differing key (a key the checkpoint lacks counts)."""
     out = []
     for k, v in current.items():
@@ -68,7 +69,7 @@ def signature_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> Lis
     return out
 
 
-def saved_signature(ck: Dict[str, Any]) -> Dict[str, Any]:
+def saved_signature(ck: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's signature; older checkpoints only had their config (no world size)."""
     if "run" in ck:
         return dict(ck["run"])
@@ -80,8 +81,8 @@ def saved_signature(ck: Dict[str, Any]) -> Dict[str, Any]:
     return sig
 
 
-def check_resume(path: str, saved: Dict[str, Any], current: Dict[str, Any], remap: bool
-                 ) -> List[str]:
+def check_resume(path: str, saved: dict[str, Any], current: dict[str, Any], remap: bool
+                 ) -> list[str]:
     """Differences that remapping will absorb ([] = exact resume); raise when not allowed."""
     diffs = signature_differences(saved, current)
     hard = [d for d in diffs if d.split(" ", 1)[0] in NEVER_REMAP]
@@ -96,8 +97,8 @@ def check_resume(path: str, saved: Dict[str, Any], current: Dict[str, Any], rema
     return diffs
 
 
-def remap_position(ck: Dict[str, Any], global_batch: int, batches_per_epoch: int
-                   ) -> Dict[str, int]:
+def remap_position(ck: dict[str, Any], global_batch: int, batches_per_epoch: int
+                   ) -> dict[str, int]:
     """(step, epoch, batch_in_epoch) of a new run geometry after the same number of images
     and the same fraction of epochs as the checkpoint."""
     images = int(ck.get("images_seen", 0))
@@ -112,8 +113,8 @@ def remap_position(ck: Dict[str, Any], global_batch: int, batches_per_epoch: int
             "batch_in_epoch": micro % batches_per_epoch, "images_seen": images}
 
 
-def restore_counters(ck: Dict[str, Any], rank: int, world_size: int, exact: bool
-                     ) -> Dict[str, int]:
+def restore_counters(ck: dict[str, Any], rank: int, world_size: int, exact: bool
+                     ) -> dict[str, int]:
     """This rank's share of the saved per-rank counters: its own entry on an exact resume; on
     a remapped one (ranks no longer correspond) rank 0 takes the sums, the others start at 0."""
     saved = ck.get("counters")
@@ -134,7 +135,7 @@ def restore_counters(ck: Dict[str, Any], rank: int, world_size: int, exact: bool
 # ---------------------------------------------------------------- RNG state
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """RNG states as tensors and plain types, so ``torch.load(weights_only=True)`` reads them."""
     np_state = np.random.get_state()
     py_state = random.getstate()
@@ -151,7 +152,7 @@ def rng_state() -> Dict[str, Any]:
     }
 
 
-def set_rng_state(s: Dict[str, Any]) -> None:
+def set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
     cuda = s.get("cuda")
     if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's state
@@ -169,13 +170,13 @@ def set_rng_state(s: Dict[str, Any]) -> None:
 # ---------------------------------------------------------------- files
 
 
-def find_resume(resume: Optional[str], output_dir: str) -> Optional[str]:
+def find_resume(resume: str | None, output_dir: str) -> str | None:
     """The newest candidate (``last.pth`` for ``auto``); ``resume_candidates`` lists them all."""
     c = resume_candidates(resume, output_dir)
     return c[0] if c else None
 
 
-def resume_candidates(resume: Optional[str], output_dir: str) -> List[str]:
+def resume_candidates(resume: str | None, output_dir: str) -> list[str]:
     """``--resume auto``: ``last.pth`` then ``step_N.pth`` newest first (``load_resume`` takes
     the first valid one); an explicit path: just that file."""
     if not resume:
@@ -193,8 +194,8 @@ def resume_candidates(resume: Optional[str], output_dir: str) -> List[str]:
     return [resume]
 
 
-def load_resume(resume: Optional[str], output_dir: str
-                ) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+def load_resume(resume: str | None, output_dir: str
+                ) -> tuple[str | None, dict[str, Any] | None]:
     """(path, checkpoint) to resume from, or (None, None) to start fresh. ``auto`` skips an
     unreadable, damaged or non-finite newest checkpoint with a warning naming it and takes the
     newest valid one; none valid is one error naming each file and why."""
@@ -232,7 +233,7 @@ def load_resume(resume: Optional[str], output_dir: str
     return None, None
 
 
-def verify_zip(path: str) -> Optional[str]:
+def verify_zip(path: str) -> str | None:
     """The first member of a torch.save zip whose CRC-32 does not match its bytes (garbage
     written into the file after it was saved), or a reason it cannot be read; None if sound."""
     import zipfile
@@ -245,7 +246,7 @@ def verify_zip(path: str) -> Optional[str]:
     return f"damaged: CRC-32 mismatch in {bad!r}" if bad else None
 
 
-def load_training_checkpoint(path: str) -> Dict[str, Any]:
+def load_training_checkpoint(path: str) -> dict[str, Any]:
     """A training checkpoint (model, optimizer, position, signature), read safely; refused
     when its bytes fail their CRC-32 or a model/optimizer tensor is not finite."""
     import zipfile
@@ -275,7 +276,7 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
     return ck
 
 
-def save_training_checkpoint(state: Dict[str, Any], output_dir: str, step: int,
+def save_training_checkpoint(state: dict[str, Any], output_dir: str, step: int,
                              numbered: bool, keep_last: int) -> None:
     """``last.pth`` always; ``step_N.pth`` too when ``numbered`` (a hard link, one write)."""
     last = os.path.join(output_dir, "last.pth")
@@ -294,7 +295,7 @@ def save_training_checkpoint(state: Dict[str, Any], output_dir: str, step: int,
     rotate(output_dir, path, keep_last)
 
 
-def clean_stale_temp_files(output_dir: str) -> List[str]:
+def clean_stale_temp_files(output_dir: str) -> list[str]:
     """Temp files of dead processes removed, live ones kept (``rundir.clean_stale_temp_files``)."""
     from .rundir import clean_stale_temp_files as clean
 
@@ -307,7 +308,7 @@ def truncate_jsonl(path: str, step: int) -> None:
     if not os.path.isfile(path):
         return
     lines, torn = [], 0
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for ln in f:
             if not ln.strip():
                 continue

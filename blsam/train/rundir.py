@@ -24,7 +24,7 @@ import os
 import re
 import socket
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ..errors import UserError
 from ..utils.files import write_json_atomic
@@ -36,17 +36,17 @@ STEPS_NAME = ".blsam-steps.json"  # this run's step files, oldest first (keep-la
 _STEP = re.compile(r"^step_(\d+)\.pth$")
 _TEMP_PID = re.compile(r"^\..+\.(?:tmp|link)\.(\d+)$")
 
-_held: Dict[str, "RunDirLock"] = {}  # abspath -> the lock this process holds
+_held: dict[str, RunDirLock] = {}  # abspath -> the lock this process holds
 
 
 class RunDirBusy(UserError):
     """Another live run owns the output folder."""
 
 
-def _proc_start(pid: int) -> Optional[str]:
+def _proc_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (/proc), to tell a reused pid."""
     try:
-        with open(f"/proc/{pid}/stat", "r", encoding="utf-8") as f:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
@@ -63,13 +63,13 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's live process
     try:
-        with open(f"/proc/{pid}/stat", "r", encoding="utf-8") as f:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
 
 
-def holder_info() -> Dict[str, Any]:
+def holder_info() -> dict[str, Any]:
     """Who holds the lock: enough for a person to find the process."""
     return {"host": socket.gethostname(), "pid": os.getpid(), "start": _proc_start(os.getpid()),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -77,12 +77,12 @@ def holder_info() -> Dict[str, Any]:
             "slurm_job": os.environ.get("SLURM_JOB_ID")}
 
 
-def describe(h: Dict[str, Any]) -> str:
+def describe(h: dict[str, Any]) -> str:
     job = "".join(f", {k} {h[k]}" for k in ("slurm_job", "torchrun_job") if h.get(k))
     return f"pid {h.get('pid')} on {h.get('host')} since {h.get('time')}{job}"
 
 
-def _body_alive(h: Dict[str, Any]) -> bool:
+def _body_alive(h: dict[str, Any]) -> bool:
     """Without flock: is the recorded holder alive (another host: assume so)."""
     if h.get("host") != socket.gethostname():
         return True
@@ -96,7 +96,7 @@ class RunDirLock:
     def __init__(self, folder: str) -> None:
         self.folder = os.path.abspath(folder)
         self.path = os.path.join(self.folder, LOCK_NAME)
-        self.fd: Optional[int] = None
+        self.fd: int | None = None
 
     def acquire(self) -> None:
         import fcntl
@@ -143,7 +143,7 @@ class RunDirLock:
         raise RunDirBusy(f"--output-dir {self.folder!r}: could not take {LOCK_NAME}")
 
     @staticmethod
-    def _read(fd: int) -> Optional[Dict[str, Any]]:
+    def _read(fd: int) -> dict[str, Any] | None:
         try:
             raw = os.pread(fd, 65536, 0).decode("utf-8", "replace").strip()
             body = json.loads(raw) if raw else None
@@ -175,7 +175,7 @@ def claim(folder: str) -> RunDirLock:
     return lock
 
 
-def release(folder: Optional[str] = None) -> None:
+def release(folder: str | None = None) -> None:
     """Let go of ``folder``'s lock (all held locks when None); the kernel does it at exit."""
     for key in [os.path.abspath(folder)] if folder else list(_held):
         lock = _held.pop(key, None)
@@ -186,7 +186,7 @@ def release(folder: Optional[str] = None) -> None:
 # ---------------------------------------------------------------- temp files
 
 
-def clean_stale_temp_files(folder: str) -> List[str]:
+def clean_stale_temp_files(folder: str) -> list[str]:
     """Remove what a save killed mid-write left (``.<name>.tmp.<pid>``, ``.last.pth.link.<pid>``,
     1.2-9 GB each) when its process is gone; a live process's temp file is kept (it may be
     writing it now). Called by the lock holder at start; returns the removed names."""
@@ -218,12 +218,12 @@ def clean_stale_temp_files(folder: str) -> List[str]:
 # ---------------------------------------------------------------- keep-last rotation
 
 
-def step_files(folder: str) -> List[str]:
+def step_files(folder: str) -> list[str]:
     return sorted(f for f in os.listdir(folder) if _STEP.match(f)) if os.path.isdir(folder) \
         else []
 
 
-def start_rotation(folder: str, resumed_step: Optional[int]) -> None:
+def start_rotation(folder: str, resumed_step: int | None) -> None:
     """Begin this run's list of step files: empty for a fresh run (another run's step files in
     the folder are never pruned by this one); a resume keeps the list; a folder written before
     the list existed adopts its step files up to the resumed step."""
@@ -242,12 +242,12 @@ def start_rotation(folder: str, resumed_step: Optional[int]) -> None:
         write_json_atomic({"files": mine}, path)
 
 
-def rotate(folder: str, new_file: str, keep_last: int) -> List[str]:
+def rotate(folder: str, new_file: str, keep_last: int) -> list[str]:
     """Note ``new_file`` as this run's and delete this run's step files beyond the newest
     ``keep_last``; without a list (a direct call) every step file counts. Returns the removed."""
     path = os.path.join(folder, STEPS_NAME)
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             mine = [str(x) for x in json.load(f)["files"]]
     except (OSError, ValueError, KeyError, TypeError):
         mine = step_files(folder)

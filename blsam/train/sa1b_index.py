@@ -12,8 +12,9 @@ import logging
 import os
 import random
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 from ..errors import UserError
 
@@ -70,11 +71,11 @@ class Record:
         return f"{self.shard}:{self.member or self.key}"
 
 
-def _pairs(files: Dict[str, Member], shard: str, skipped: List[str]) -> List[Record]:
+def _pairs(files: dict[str, Member], shard: str, skipped: list[str]) -> list[Record]:
     """Match sa_N.jpg with sa_N.json in the same folder; an unmatched half is logged and
     counted. The same stem in two folders is refused (``_check_unique_keys``): the record key
     (teacher cache, validation split) is the stem, so one of the two would silently go."""
-    stems: Dict[str, Dict[str, Member]] = {}
+    stems: dict[str, dict[str, Member]] = {}
     for name, m in files.items():
         base, ext = os.path.splitext(name)
         if ext.lower() in (".jpg", ".jpeg", ".json"):
@@ -96,7 +97,7 @@ def _check_unique_keys(records: Sequence[Record]) -> None:
     """``DataError`` when two records share a key (an image copied into two folders or two
     shards): its teacher embedding, its mask choice and the train / validation split would
     be shared by two images, or one dropped."""
-    seen: Dict[str, Record] = {}
+    seen: dict[str, Record] = {}
     dups = []
     for r in records:
         if r.key in seen:
@@ -108,10 +109,10 @@ def _check_unique_keys(records: Sequence[Record]) -> None:
                         f"teacher-cache and validation keys)")
 
 
-def index_tar(path: str, skipped: List[str]) -> List[Record]:
+def index_tar(path: str, skipped: list[str]) -> list[Record]:
     """Records of one shard; members whose data runs past the end of the file are dropped."""
     size = os.path.getsize(path)
-    files: Dict[str, Member] = {}
+    files: dict[str, Member] = {}
     shard = os.path.basename(path)
     cut = False  # a member ran past the end: the archive ends there, nothing more to report
     try:
@@ -132,13 +133,13 @@ def index_tar(path: str, skipped: List[str]) -> List[Record]:
     return _pairs(files, shard, skipped)
 
 
-def index_folder(path: str, skipped: List[str]) -> List[Record]:
+def index_folder(path: str, skipped: list[str]) -> list[Record]:
     files = {n: Member(os.path.join(path, n)) for n in os.listdir(path)
              if os.path.isfile(os.path.join(path, n))}
     return _pairs(files, path, skipped)
 
 
-def list_shards(data: str) -> Tuple[List[str], bool]:
+def list_shards(data: str) -> tuple[list[str], bool]:
     """(tar paths, has loose pairs) under ``data``; a clear error if missing or empty."""
     if not data:
         raise DataError("no --data given")
@@ -157,9 +158,9 @@ def list_shards(data: str) -> Tuple[List[str], bool]:
 
 
 def select_records(
-    data: str, shards: Optional[Sequence[str]] = None, fraction: float = 1.0, seed: int = 0,
-    info: Optional[Dict[str, Any]] = None,
-) -> Tuple[List[Record], List[str]]:
+    data: str, shards: Sequence[str] | None = None, fraction: float = 1.0, seed: int = 0,
+    info: dict[str, Any] | None = None,
+) -> tuple[list[Record], list[str]]:
     """Index ``data`` and pick the training subset; returns (records, skipped names).
 
     ``shards``: tar names (``sa_000020`` or ``sa_000020.tar``) to use. ``fraction`` of the
@@ -185,7 +186,7 @@ def select_records(
         n = max(1, round(fraction * len(tars)))
         tars = sorted(rng.sample(tars, n))
         fraction, mode = 1.0, "shards"
-    skipped: List[str] = []
+    skipped: list[str] = []
     records = [r for t in tars for r in index_tar(t, skipped)]
     if loose:
         records += index_folder(data, skipped)
@@ -213,7 +214,7 @@ def select_records(
 
 
 def select_val_records(data: str, exclude: Sequence[Record], n: int, seed: int = 0
-                       ) -> List[Record]:
+                       ) -> list[Record]:
     """``n`` held-out images under ``data``, none of them in ``exclude`` (the training set).
 
     Shards the training set does not touch are indexed first (one or two usually suffice, so
@@ -226,8 +227,8 @@ def select_val_records(data: str, exclude: Sequence[Record], n: int, seed: int =
     fresh = [t for t in tars if os.path.basename(t) not in used_shards]
     rng.shuffle(fresh)
     order = fresh + [t for t in tars if os.path.basename(t) in used_shards]
-    out: List[Record] = []
-    skipped: List[str] = []
+    out: list[Record] = []
+    skipped: list[str] = []
     for t in order:
         out += [r for r in index_tar(t, skipped) if r.key not in used_keys]
         if len(out) >= n:
@@ -244,7 +245,7 @@ def select_val_records(data: str, exclude: Sequence[Record], n: int, seed: int =
 
 
 def hold_out_val(records: Sequence[Record], n: int, seed: int = 0
-                 ) -> Tuple[List[Record], List[Record]]:
+                 ) -> tuple[list[Record], list[Record]]:
     """Split ``n`` validation images off the training selection (seeded, the same on every
     rank); at least one image stays for training."""
     if len(records) < 2:

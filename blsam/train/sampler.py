@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,14 +36,14 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
-    def epoch_order(self, epoch: int) -> List[int]:
+    def epoch_order(self, epoch: int) -> list[int]:
         """The epoch's ``n`` dataset indices before the rank split (a mixture overrides it)."""
         if not self.shuffle:
             return list(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.n, generator=g).tolist()
 
-    def rank_indices(self, epoch: int, rank: Optional[int] = None) -> List[int]:
+    def rank_indices(self, epoch: int, rank: int | None = None) -> list[int]:
         """This rank's (or ``rank``'s) indices of the epoch."""
         perm = self.epoch_order(epoch)
         total = self.per_rank * self.world
@@ -54,13 +54,13 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         """Batches per epoch (the same on every rank; the last one may be short)."""
         return math.ceil(self.per_rank / self.batch_size)
 
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         idx = self.rank_indices(self.epoch)
         for b in range(self.start_batch, len(self)):
             yield [(self.epoch, i) for i in idx[b * self.batch_size:(b + 1) * self.batch_size]]
 
 
-def allocate(weights: Sequence[float], total: int) -> List[int]:
+def allocate(weights: Sequence[float], total: int) -> list[int]:
     """``total`` split in proportion to ``weights`` (largest remainders; ties to the first)."""
     s = float(sum(weights))
     exact = [w / s * total for w in weights]
@@ -82,8 +82,8 @@ class MixtureBatchSampler(EpochBatchSampler):
         self.counts = allocate(weights, int(epoch_size or sum(self.sizes)))
         super().__init__(sum(self.counts), batch_size, rank, world_size, seed)
 
-    def epoch_order(self, epoch: int) -> List[int]:
-        out: List[np.ndarray] = []
+    def epoch_order(self, epoch: int) -> list[int]:
+        out: list[np.ndarray] = []
         for k, (size, count) in enumerate(zip(self.sizes, self.counts)):
             rounds = [np.random.default_rng([self.seed, epoch, k, r]).permutation(size)
                       for r in range(math.ceil(count / size) if count else 0)]
@@ -95,7 +95,7 @@ class MixtureBatchSampler(EpochBatchSampler):
     def member_of(self, idx: int) -> int:
         return bisect.bisect_right(self.offsets, idx) - 1
 
-    def seen(self, epoch: int, batch_in_epoch: int) -> List[int]:
+    def seen(self, epoch: int, batch_in_epoch: int) -> list[int]:
         """Samples each member gave every rank together from the start up to the data
         position (epoch, batch_in_epoch)."""
         counts = np.zeros(len(self.sizes), np.int64)

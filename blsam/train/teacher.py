@@ -12,7 +12,7 @@ because training uses no image augmentation.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ __all__ = ["Teacher", "check_cache", "cache_covers", "CacheError"]
 
 
 def check_cache(cache_dir: str, teacher: str, img_size: int,
-                sam_checkpoint: Optional[str] = None) -> None:
+                sam_checkpoint: str | None = None) -> None:
     """Refuse a cache made for another teacher (checkpoint hash), variant or image size, or
     whose parts fail their size / sha256 check (``verify_parts``).
 
@@ -39,7 +39,7 @@ def check_cache(cache_dir: str, teacher: str, img_size: int,
     check_provenance(cache_dir, provenance(teacher, sam_checkpoint, img_size))
 
 
-def cache_covers(cache_dir: Optional[str], keys: Sequence[str]) -> bool:
+def cache_covers(cache_dir: str | None, keys: Sequence[str]) -> bool:
     """Whether the cache holds every key (a lookup in its index: no file is touched)."""
     return bool(cache_dir) and PackedCache(cache_dir).covers(keys)
 
@@ -49,15 +49,15 @@ class Teacher:
     image). ``amp_dtype`` applies on CUDA only; ``compile`` wraps the encoder in
     ``torch.compile`` (first call slow, then faster on GPU)."""
 
-    def __init__(self, variant: str, sam_checkpoint: Optional[str], img_size: int,
-                 device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+    def __init__(self, variant: str, sam_checkpoint: str | None, img_size: int,
+                 device: torch.device, amp_dtype: torch.dtype | None = None,
                  compile: bool = False) -> None:
         self.variant, self.sam_checkpoint, self.img_size = variant, sam_checkpoint, img_size
         self.device = device
         self.amp_dtype = amp_dtype if device.type == "cuda" else None
         self.compile = compile
-        self.encoder: Optional[torch.nn.Module] = None
-        self._run: Optional[torch.nn.Module] = None
+        self.encoder: torch.nn.Module | None = None
+        self._run: torch.nn.Module | None = None
         self.images_computed = 0
 
     def build(self) -> torch.nn.Module:
@@ -78,7 +78,7 @@ class Teacher:
         self.images_computed += images.shape[0]
         return out.clone()  # outside inference mode: autograd may save it for backward
 
-    def embeddings(self, images: torch.Tensor, cached: List[Optional[torch.Tensor]]
+    def embeddings(self, images: torch.Tensor, cached: list[torch.Tensor | None]
                    ) -> torch.Tensor:
         """(B, 256, h, w) fp32 targets: cached entries where present, the encoder for the rest.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -25,8 +25,8 @@ class PhaseTimer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.steps = 0
-        self._laps: List[Tuple[str, Any]] = []
-        self._host: Dict[str, float] = {}
+        self._laps: list[tuple[str, Any]] = []
+        self._host: dict[str, float] = {}
         self._last: Any = self._now()
         self._first: Any = self._last  # CUDA: the event that opens the window
 
@@ -54,7 +54,7 @@ class PhaseTimer:
         if name == "optimizer":
             self.steps += 1
 
-    def collect(self) -> Dict[str, float]:
+    def collect(self) -> dict[str, float]:
         """Seconds per phase since the last collect (synchronises once on CUDA); resets."""
         out = {p: 0.0 for p in PHASES}
         if self.cuda:
@@ -73,7 +73,7 @@ class PhaseTimer:
         return out
 
 
-def window_record(times: Dict[str, float], images_global: float) -> Dict[str, float]:
+def window_record(times: dict[str, float], images_global: float) -> dict[str, float]:
     """Log fields from one window's ``collect``: seconds per step for each phase, the data-wait
     share of step time, and global images/s with checkpoint and validation time left out."""
     steps = max(times.get("steps", 0.0), 1.0)
@@ -90,7 +90,7 @@ class StepProfiler:
     """``--profile N``: a torch.profiler trace of N optimizer steps (after 1 skipped and 1
     warm-up step), written as Chrome trace ``<out_dir>/profile_rank<r>.json``. N = 0: no-op."""
 
-    def __init__(self, steps: int, out_dir: Optional[str], rank: int,
+    def __init__(self, steps: int, out_dir: str | None, rank: int,
                  device: torch.device) -> None:
         if steps < 0:
             raise ValueError(f"--profile must be >= 0, got {steps}")

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import tarfile
-from typing import Dict, List
 
 import numpy as np
 
@@ -33,7 +32,7 @@ def _photo(i: int, size: int) -> np.ndarray:
     return np.ascontiguousarray(cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA))
 
 
-def _segments(img: np.ndarray, n: int, seed: int) -> List[np.ndarray]:
+def _segments(img: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
     """Up to ``n`` binary masks of real regions: SLIC superpixels plus their unions."""
     from skimage.segmentation import slic
 
@@ -50,7 +49,7 @@ def _segments(img: np.ndarray, n: int, seed: int) -> List[np.ndarray]:
     return masks[:n]
 
 
-def make_record(image_id: int, img: np.ndarray, masks: List[np.ndarray]) -> Dict:
+def make_record(image_id: int, img: np.ndarray, masks: list[np.ndarray]) -> dict:
     """SA-1B json for one image (same keys and types as Meta's release)."""
     from pycocotools import mask as mask_utils
 
@@ -96,7 +95,7 @@ def write_tiny_sa1b(
     masks_per_image: int = 6,
     fmt: str = "tar",
     seed: int = 0,
-) -> List[str]:
+) -> list[str]:
     """Write shards ``sa_000000.tar``... (``fmt="tar"``) or loose ``sa_N.jpg``/``sa_N.json``
     pairs (``fmt="folder"``) into ``out_dir``; returns the written tar or jpg paths.
 

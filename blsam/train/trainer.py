@@ -8,7 +8,7 @@ step until done or stopped (``loop.run_loop``: logging, validation, checkpoints)
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict
+from typing import Any
 
 from . import loop, rundir
 from .checkpointer import resume
@@ -24,7 +24,7 @@ class Trainer:
         config.validate()  # before any data is indexed or model built
         self.config = config
 
-    def fit(self) -> Dict[str, Any]:
+    def fit(self) -> dict[str, Any]:
         """Run (or resume) the training, or ``--val-only``; returns rank 0's summary."""
         try:
             return self._fit()
@@ -32,7 +32,7 @@ class Trainer:
             if self.config.ckpt.output_dir:
                 rundir.release(self.config.ckpt.output_dir)
 
-    def _fit(self) -> Dict[str, Any]:
+    def _fit(self) -> dict[str, Any]:
         # from here a preemption signal (or Ctrl-C) is a flag read at the next step boundary
         with StopSignals(signal_numbers(self.config.cluster.preempt_signals)) as signals:
             run = loop.setup(self.config)
@@ -49,7 +49,7 @@ class Trainer:
             return loop.finish(run, completed)
 
 
-def train(args: argparse.Namespace) -> Dict[str, Any]:
+def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) a distillation run, or ``--val-only``; returns rank 0's summary. The
     parsed options become the typed ``TrainConfig`` here, once."""
     return Trainer(TrainConfig.from_namespace(args)).fit()

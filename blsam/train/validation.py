@@ -14,7 +14,7 @@ IoUs are computed at the decoder's resolution (S/4), like the training loss; use
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,8 +36,8 @@ class PromptHead(nn.Module):
 
 
 def decode(prompt_encoder: nn.Module, mask_decoder: nn.Module, emb: torch.Tensor,
-           points: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-           boxes: Optional[torch.Tensor]) -> torch.Tensor:
+           points: torch.Tensor | None, labels: torch.Tensor | None,
+           boxes: torch.Tensor | None) -> torch.Tensor:
     """(M, h, w) low-res logits for one image's M prompts; a single click picks the output with
     the highest predicted IoU of SAM's three, a box uses the single output. The prompt inputs
     are training's (``prompt_inputs``: fp32 under autocast)."""
@@ -55,7 +55,7 @@ def decode(prompt_encoder: nn.Module, mask_decoder: nn.Module, emb: torch.Tensor
 
 @torch.no_grad()
 def evaluate(sam: nn.Module, head: PromptHead, teacher: Any, loader: Any, device: torch.device,
-             amp: Optional[torch.dtype], fd_padding: str = "exclude") -> Dict[str, float]:
+             amp: torch.dtype | None, fd_padding: str = "exclude") -> dict[str, float]:
     """The ``VAL_KEYS`` metrics over this rank's loader, summed over ranks (mean per mask /
     per position), plus ``images`` and ``masks``. The student is put back in its mode."""
     was_training = sam.training

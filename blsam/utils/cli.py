@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Type
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..errors import UserError
 from ..extras import EXTRAS
@@ -20,7 +21,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def add_model_args(
-    p: argparse.ArgumentParser, choices: Optional[Sequence[str]] = None, device: bool = True
+    p: argparse.ArgumentParser, choices: Sequence[str] | None = None, device: bool = True
 ) -> argparse.ArgumentParser:
     """--model/--checkpoint/--sam-checkpoint/--keep-ratio/--img-size[/--device], as taken by
     ``blsam.build_model``."""
@@ -103,7 +104,7 @@ def check_model_args(args: argparse.Namespace) -> None:
 
 EXIT_USAGE = 2
 # a path the user gave that is not there, or not of the kind asked for (``--data /dev/null``)
-USER_ERRORS: Tuple[Type[BaseException], ...] = (
+USER_ERRORS: tuple[type[BaseException], ...] = (
     UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
@@ -127,7 +128,7 @@ class MissingExtraError(UserError):
     """A command run without the optional dependencies it needs (``blsam.extras``)."""
 
 
-def missing_modules(extra: str) -> List[str]:
+def missing_modules(extra: str) -> list[str]:
     """The modules of ``extra`` (``blsam.extras.EXTRAS``) that cannot be imported here."""
     import importlib.util
 
@@ -147,14 +148,14 @@ def require_extra(extra: str) -> None:
         raise MissingExtraError(extra_message(extra, missing))
 
 
-def _wants_help(argv: Optional[Sequence[str]]) -> bool:
+def _wants_help(argv: Sequence[str] | None) -> bool:
     args = sys.argv[1:] if argv is None else argv
     return any(a in ("-h", "--help") for a in args)
 
 
 def run_cli(body: Callable[[], object],
-            extra_errors: Tuple[Type[BaseException], ...] = (), extra: Optional[str] = None,
-            argv: Optional[Sequence[str]] = None) -> int:
+            extra_errors: tuple[type[BaseException], ...] = (), extra: str | None = None,
+            argv: Sequence[str] | None = None) -> int:
     """Run a tool's ``main``: ``UserError`` (and ``USER_ERRORS``' path errors, ``extra_errors``,
     a ``SystemExit("message")``) become one ``error:`` line and exit 2; ``--help`` / argparse
     errors keep their codes.
@@ -195,11 +196,11 @@ def run_cli(body: Callable[[], object],
     return code if isinstance(code, int) else 0  # a main that returns its results: success
 
 
-def run_tool(parse: Callable[[Optional[Sequence[str]]], argparse.Namespace],
-             main: Callable[[argparse.Namespace], object], argv: Optional[Sequence[str]] = None,
-             check: Optional[Callable[[argparse.Namespace], object]] = check_model_args,
-             extra: Optional[str] = None,
-             extra_errors: Tuple[Type[BaseException], ...] = ()) -> int:
+def run_tool(parse: Callable[[Sequence[str] | None], argparse.Namespace],
+             main: Callable[[argparse.Namespace], object], argv: Sequence[str] | None = None,
+             check: Callable[[argparse.Namespace], object] | None = check_model_args,
+             extra: str | None = None,
+             extra_errors: tuple[type[BaseException], ...] = ()) -> int:
     """The one path of a tool: parse ``argv``, ``check`` the options (default: the model
     options every tool shares) before any work, run ``main``; every user error on the way is
     one ``error:`` line and exit 2 (``run_cli``)."""

@@ -21,7 +21,8 @@ import os
 import pickle
 import sys
 import traceback
-from typing import Any, Iterator, List, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch.distributed as dist
 
@@ -35,13 +36,13 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def gather_to_main(obj: Any) -> Optional[List[Any]]:
+def gather_to_main(obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` in rank order on rank 0, None on the other ranks (``[obj]`` in one
     process)."""
     if not _active():
         return [obj]
     rank = dist.get_rank()
-    out: Optional[List[Any]] = [None] * dist.get_world_size() if rank == 0 else None
+    out: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
 
@@ -69,7 +70,7 @@ def _rebuild(status: Any) -> BaseException:
 
 
 @contextlib.contextmanager
-def fail_together(log_dir: Optional[str] = None) -> Iterator[None]:
+def fail_together(log_dir: str | None = None) -> Iterator[None]:
     """Run a block on every rank; if it raises on any rank, it raises on every rank (the
     lowest failing rank's error, its type kept and its message prefixed with the rank).
 
@@ -81,7 +82,7 @@ def fail_together(log_dir: Optional[str] = None) -> Iterator[None]:
     if not _active():
         yield
         return
-    err: Optional[BaseException] = None
+    err: BaseException | None = None
     try:
         yield
     except PeerFailed:
@@ -107,12 +108,12 @@ def fail_together(log_dir: Optional[str] = None) -> Iterator[None]:
             except Exception:
                 pass
     try:
-        status: List[Any] = [None] * dist.get_world_size()
+        status: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(status, mine)
     except Exception as gather_err:  # a peer is gone or stuck past the timeout
         if err is not None:
             err.printed = True
-            raise err
+            raise err from gather_err
         exc: BaseException = RankError(f"a peer rank failed and this rank could not agree with "
                                        f"it: {gather_err}")
         store = default_store()

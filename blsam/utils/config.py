@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..errors import UserError
 
@@ -22,7 +23,7 @@ class ConfigError(UserError):
     """A config file that cannot be used (unreadable, not a mapping, unknown keys)."""
 
 
-def packaged_configs() -> List[str]:
+def packaged_configs() -> list[str]:
     """Names of the shipped configs (``distill_b_t``, ``sub/name``), sorted."""
     names = []
     for folder, _, files in os.walk(PACKAGED_CONFIGS):
@@ -50,14 +51,14 @@ def resolve_config(name: str | os.PathLike) -> str:
                       f"packaged: {', '.join(packaged_configs()) or '(none)'}")
 
 
-def load_yaml_config(path: str | os.PathLike) -> Dict[str, Any]:
+def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read a flat YAML mapping (a file or a packaged config name); keys may use ``-`` or
     ``_``."""
     import yaml  # the train / eval extras: only needed when a config is given
 
     path = resolve_config(path)
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from e
@@ -68,12 +69,12 @@ def load_yaml_config(path: str | os.PathLike) -> Dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def _dests(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
+def _dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
 
 
 def parse_args_with_config(
-    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
 ) -> argparse.Namespace:
     """Parse ``argv`` where ``--config FILE`` (if the parser has it) supplies defaults.
 
@@ -86,7 +87,7 @@ def parse_args_with_config(
     if known.config:
         cfg = load_yaml_config(known.config)
         actions = _dests(parser)
-        unknown: List[str] = sorted(k for k in cfg if k not in actions or k == "config")
+        unknown: list[str] = sorted(k for k in cfg if k not in actions or k == "config")
         if unknown:
             import difflib
 

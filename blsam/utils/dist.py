@@ -5,8 +5,9 @@ import contextlib
 import datetime
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,7 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(device: Optional[str], world: int, local: int) -> torch.device:
+def pick_device(device: str | None, world: int, local: int) -> torch.device:
     """This process's device. "cuda:N" is honoured in one process; under torchrun "cuda" is
     ``cuda:LOCAL_RANK``, except with one visible GPU per process (``srun --gpus-per-task 1``,
     ``CUDA_VISIBLE_DEVICES`` per rank), where it is ``cuda:0``."""
@@ -51,8 +52,8 @@ def pick_device(device: Optional[str], world: int, local: int) -> torch.device:
     return torch.device("cuda", index)
 
 
-def init_distributed(device: Optional[str] = None, backend: Optional[str] = None,
-                     timeout_min: Optional[float] = None) -> DistInfo:
+def init_distributed(device: str | None = None, backend: str | None = None,
+                     timeout_min: float | None = None) -> DistInfo:
     """Join the torchrun process group if launched by torchrun, and pick this rank's device.
 
     ``device``: "cpu", "cuda", "cuda:N" or None (cuda when available). ``timeout_min``: how
@@ -71,7 +72,7 @@ def init_distributed(device: Optional[str] = None, backend: Optional[str] = None
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-def _attempt_store(rank: int, world: int, timeout: Optional[datetime.timedelta]) -> dict:
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta | None) -> dict:
     """Under torchrun, the process group's store keys prefixed by the restart attempt.
 
     Why: torchrun's agent keeps one store for all attempts (``--max-restarts``); with env://
@@ -148,11 +149,11 @@ def main_writes(what: str, timeout_min: float) -> Iterator[bool]:
         raise RankError(f"on rank 0, {what}: {status[len('error: '):]}")
 
 
-def all_gather_objects(obj: Any) -> List[Any]:
+def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` in rank order (just ``[obj]`` in one process)."""
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
+    out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 
@@ -161,7 +162,7 @@ class RankError(RuntimeError):
     """Another rank's error, when its exception type cannot be rebuilt here."""
 
 
-def _portable(err: BaseException, rank: int) -> Tuple[Any, str]:
+def _portable(err: BaseException, rank: int) -> tuple[Any, str]:
     """(exception type, message) that survive pickling, the message naming the rank."""
     msg = f"on rank {rank}: {err}"
     try:
@@ -184,14 +185,14 @@ def fail_together() -> Iterator[None]:
     if not (dist.is_available() and dist.is_initialized()):
         yield
         return
-    err: Optional[BaseException] = None
+    err: BaseException | None = None
     try:
         yield
     except Exception as e:  # KeyboardInterrupt etc. still end this rank at once
         err = e
     rank = dist.get_rank()
     status = all_gather_objects(None if err is None else _portable(err, rank))
-    for r, st in enumerate(status):
+    for _r, st in enumerate(status):
         if st is not None:
             cls, msg = st
             try:

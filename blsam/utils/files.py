@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> str:

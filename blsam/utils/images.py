@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 = as stored, 2-8 = mirror and/or
 SWAPS_SIDES = (5, 6, 7, 8)  # orientations that exchange width and height
 
 
-def pixel_limit() -> Optional[int]:
+def pixel_limit() -> int | None:
     """The most pixels an image may have: PIL's ``Image.MAX_IMAGE_PIXELS`` (its decompression
     bomb guard, ~89 M by default; None: no limit), read when called so a user can raise it."""
     from PIL import Image
@@ -41,8 +40,8 @@ def check_pixels(width: int, height: int, what: str) -> None:
                          f"the {limit}-pixel limit (PIL's Image.MAX_IMAGE_PIXELS)")
 
 
-def decode_rgb(src: Union[str, "os.PathLike[str]", bytes], exif: str = "ignore"
-               ) -> Tuple[np.ndarray, int]:
+def decode_rgb(src: str | os.PathLike[str] | bytes, exif: str = "ignore"
+               ) -> tuple[np.ndarray, int]:
     """RGB uint8 (H, W, 3) from a file path or encoded bytes, and the file's EXIF orientation
     (1 when absent). PIL's strict loader: a truncated or corrupt file raises (``OSError`` /
     ``ValueError``). ``exif``: "ignore" (stored pixels) or "apply" (the tag's rotation)."""
@@ -71,7 +70,7 @@ def decode_rgb(src: Union[str, "os.PathLike[str]", bytes], exif: str = "ignore"
         return np.asarray(im.convert("RGB")).copy(), orientation
 
 
-def load_rgb_image(path: Optional[Union[str, "os.PathLike[str]"]], exif: str = "ignore"
+def load_rgb_image(path: str | os.PathLike[str] | None, exif: str = "ignore"
                    ) -> np.ndarray:
     """An RGB uint8 (H, W, 3) image from ``path``; the bundled astronaut photo when None."""
     if path is None:
@@ -85,7 +84,7 @@ def load_rgb_image(path: Optional[Union[str, "os.PathLike[str]"]], exif: str = "
         raise ValueError(f"cannot decode image {path!r} (not an image, or corrupt): {e}") from e
 
 
-def real_photo(size: Optional[int] = None) -> np.ndarray:
+def real_photo(size: int | None = None) -> np.ndarray:
     """An RGB uint8 photo from scikit-image's bundled data (no download): 512x512, or resized
     to ``size`` x ``size``."""
     from skimage import data
@@ -98,7 +97,7 @@ def real_photo(size: Optional[int] = None) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def resize_and_pad_uint8(img: np.ndarray, img_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def resize_and_pad_uint8(img: np.ndarray, img_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """SAM's ResizeLongestSide, then zero padding to a square, kept uint8: (3, S, S) and the
     resized (h, w). Padding in uint8 is exact because SAM pads *after* normalising: callers
     normalise the (h, w) region only (``normalize``)."""
@@ -111,7 +110,7 @@ def resize_and_pad_uint8(img: np.ndarray, img_size: int) -> Tuple[torch.Tensor, 
     return torch.from_numpy(out).permute(2, 0, 1).contiguous(), (h, w)
 
 
-def sam_preprocess(img: np.ndarray, img_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def sam_preprocess(img: np.ndarray, img_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """What ``SamPredictor.set_image`` feeds the encoder, for one HxWx3 uint8 RGB image:
     ResizeLongestSide, (x - mean) / std in fp32, zero padding to (3, S, S)."""
     x, (h, w) = resize_and_pad_uint8(img, img_size)

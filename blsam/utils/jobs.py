@@ -19,15 +19,16 @@ import json
 import os
 import subprocess
 import sys
-from typing import Callable, Dict, List, Mapping, Optional, Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 
 class Job(Protocol):
     """What runs inside a worker: built by its factory, then ``call``-ed per command."""
 
-    hello: Dict[str, object]
+    hello: dict[str, object]
 
-    def call(self, cmd: str, arg: str) -> Dict[str, object]: ...
+    def call(self, cmd: str, arg: str) -> dict[str, object]: ...
 
 
 def _first_line(e: BaseException) -> str:
@@ -40,7 +41,7 @@ def serve(job: Mapping[str, object], factory: Callable[[Mapping[str, object]], J
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # library prints (tqdm, warnings) must not interleave with the replies
 
-    def reply(obj: Dict[str, object]) -> None:
+    def reply(obj: dict[str, object]) -> None:
         out.write(json.dumps(obj) + "\n")
         out.flush()
 
@@ -71,15 +72,15 @@ class RemoteJob:
     """Parent side: one job in its own persistent process. ``__init__`` starts it (several
     workers import in parallel); reading ``hello`` first builds it (one at a time)."""
 
-    def __init__(self, module: str, job: Mapping[str, object], argv: List[str],
-                 env: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(self, module: str, job: Mapping[str, object], argv: list[str],
+                 env: Mapping[str, str] | None = None) -> None:
         self.job = dict(job)
         cmd = [sys.executable, "-m", module, "--serve", json.dumps(self.job), *argv]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=dict(env) if env is not None else None)
-        self._hello: Optional[Dict[str, object]] = None
+        self._hello: dict[str, object] | None = None
 
-    def _read(self) -> Dict[str, object]:
+    def _read(self) -> dict[str, object]:
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
@@ -89,7 +90,7 @@ class RemoteJob:
         return json.loads(line)
 
     @property
-    def hello(self) -> Dict[str, object]:
+    def hello(self) -> dict[str, object]:
         """The job's first reply: what it built (or ``{"error": ...}``)."""
         if self._hello is None:
             try:
@@ -102,7 +103,7 @@ class RemoteJob:
                 self._hello = {"error": str(e)}
         return self._hello
 
-    def call(self, cmd: str, arg: str = "") -> Dict[str, object]:
+    def call(self, cmd: str, arg: str = "") -> dict[str, object]:
         if "error" in self.hello:
             raise WorkerError(str(self.hello["error"]))
         try:
@@ -137,12 +138,12 @@ class LocalJob:
                  job: Mapping[str, object]) -> None:
         self.job = dict(job)
         try:
-            self._worker: Optional[Job] = factory(job)
+            self._worker: Job | None = factory(job)
             self.hello = dict(self._worker.hello, pid=os.getpid())
         except (RuntimeError, ImportError, ValueError) as e:
             self._worker, self.hello = None, {"error": _first_line(e)}
 
-    def call(self, cmd: str, arg: str = "") -> Dict[str, object]:
+    def call(self, cmd: str, arg: str = "") -> dict[str, object]:
         if self._worker is None:
             raise WorkerError(str(self.hello["error"]))
         try:

@@ -13,7 +13,8 @@ itself only runs fused SDPA or the batched ``bmm`` path (``blsam.modeling.attent
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator, Optional, Tuple
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def _mha_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
-                   scale: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
+                   scale: float, bias: torch.Tensor | None) -> torch.Tensor:
     """What the node computes, on (B, S, heads*d) tensors (q/k and v head sizes may differ):
     per head ``softmax(q . k^T * scale + bias) v``, heads concatenated -> (B, Sq, heads*dv)."""
     b, n, _ = q.shape
@@ -81,9 +82,9 @@ class _OrtBiasedMultiHeadAttention(torch.autograd.Function):
 
 
 def fold_rel_pos(
-    attn: "Attention", q: torch.Tensor, k: torch.Tensor, q_h: torch.Tensor, q_w: torch.Tensor,
-    k_size: Tuple[int, int],
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, q_h: torch.Tensor, q_w: torch.Tensor,
+    k_size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys whose product is the scaled, relative-position-biased logits.
 
     bias[q, (i, j)] = A[q, i] + B[q, j] is a product of [A, B] with the one-hot code of
@@ -107,16 +108,16 @@ def _tokens_major(t: torch.Tensor) -> torch.Tensor:  # (B, heads, N, d) -> (B, N
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
 
 
-def attend_folded(attn: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  q_h: torch.Tensor, q_w: torch.Tensor, k_size: Tuple[int, int]) -> torch.Tensor:
+def attend_folded(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  q_h: torch.Tensor, q_w: torch.Tensor, k_size: tuple[int, int]) -> torch.Tensor:
     """Standard ONNX ops, the bias folded into Q.K. Returns (B, Nq, dim)."""
     q_aug, k_aug = fold_rel_pos(attn, q, k, q_h, q_w, k_size)
     out = torch.matmul(torch.matmul(q_aug, k_aug.transpose(-1, -2)).softmax(-1), v)
     return _tokens_major(out)
 
 
-def attend_fused(attn: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 q_h: torch.Tensor, q_w: torch.Tensor, k_size: Tuple[int, int]) -> torch.Tensor:
+def attend_fused(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 q_h: torch.Tensor, q_w: torch.Tensor, k_size: tuple[int, int]) -> torch.Tensor:
     """One ONNX Runtime ``MultiHeadAttention`` node. Returns (B, Nq, dim).
 
     Self-attention (as many queries as keys) folds the relative-position bias into Q.K,

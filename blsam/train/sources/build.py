@@ -14,15 +14,14 @@ import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any
 
 from ...utils.cli import OptionError
-from ..data import (DataError, SA1BDataset, hold_out_val, select_records,
-                    select_val_records)
+from ..data import DataError, SA1BDataset, hold_out_val, select_records, select_val_records
+from ..sampler import EpochBatchSampler, MixtureBatchSampler, allocate
 from .coco import CocoDataset, index_coco
 from .common import pick_fraction
 from .images import ImageFolderDataset, index_images
-from ..sampler import EpochBatchSampler, MixtureBatchSampler, allocate
 from .mixture import MixtureDataset
 from .spec import SourceSpec
 
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
     from ..config import TrainConfig
 
 log = logging.getLogger("blsam.train")
-SA1B_IDENTITY: Dict[str, Any] = {"format": "sa1b"}
+SA1B_IDENTITY: dict[str, Any] = {"format": "sa1b"}
 
 
 @dataclass
@@ -39,19 +38,19 @@ class Source:
     skipped while indexing, the selection report and its identity."""
 
     spec: SourceSpec
-    records: List[Any]
-    pool: List[Any]
-    skipped: List[str]
-    selection: Dict[str, Any]
-    identity: Dict[str, Any]
+    records: list[Any]
+    pool: list[Any]
+    skipped: list[str]
+    selection: dict[str, Any]
+    identity: dict[str, Any]
     annotations: Any = None  # coco: the checked annotation set
-    members: List["Source"] = field(default_factory=list)  # mixture
+    members: list[Source] = field(default_factory=list)  # mixture
 
     @property
     def labelled(self) -> bool:
         return self.spec.labelled
 
-    def dataset(self, records: Optional[List[Any]] = None, **kw: Any) -> Any:
+    def dataset(self, records: list[Any] | None = None, **kw: Any) -> Any:
         """A dataset of ``records`` (default: the selection); ``kw`` as ``SA1BDataset``'s."""
         records = self.records if records is None else records
         f = self.spec.format
@@ -76,7 +75,7 @@ class Source:
 
 def open_source(spec: SourceSpec, seed: int) -> Source:
     """Index ``spec`` and pick its seeded subset (``DataError`` when it holds nothing)."""
-    info: Dict[str, Any] = {}
+    info: dict[str, Any] = {}
     f = spec.format
     if f == "sa1b":
         records, skipped = select_records(spec.data, spec.shards, spec.fraction, seed, info=info)
@@ -123,7 +122,7 @@ def _open_mixture(spec: SourceSpec, seed: int) -> Source:
                   selection, identity, members=members)
 
 
-def signature_extras(src: Source) -> Dict[str, Any]:
+def signature_extras(src: Source) -> dict[str, Any]:
     """What the run signature records beyond the options: nothing for SA-1B (checkpoints from
     before sources resume as they did); the source identity, whether the supervised term is
     on, the EXIF rule, and a mixture's weights for the others."""
@@ -137,15 +136,15 @@ def signature_extras(src: Source) -> Dict[str, Any]:
     return out
 
 
-def _pick(pool: List[Any], exclude: set, n: int, seed: int) -> List[Any]:
+def _pick(pool: list[Any], exclude: set, n: int, seed: int) -> list[Any]:
     out = [r for r in pool if r.key not in exclude]
     if len(out) > n:
         out = random.Random(seed + 1).sample(out, n)
     return sorted(out, key=lambda r: r.key)
 
 
-def val_split(cfg: TrainConfig, src: Source, records: List[Any]
-              ) -> Tuple[List[Any], List[Any], Source]:
+def val_split(cfg: TrainConfig, src: Source, records: list[Any]
+              ) -> tuple[list[Any], list[Any], Source]:
     """(training records, validation records, the source they come from): ``--val-data...``
     when given, else images of the training source outside its selection, else (announced,
     ``selection["val_held_out"]``) ``--val-images`` held out of the selection."""
@@ -191,7 +190,7 @@ def val_split(cfg: TrainConfig, src: Source, records: List[Any]
 @dataclass
 class TrainData:
     source: Source
-    records: List[Any]
+    records: list[Any]
     ds: Any
     sampler: EpochBatchSampler
     val_ds: Any = None
@@ -224,7 +223,7 @@ def training_data(cfg: TrainConfig, rank: int, world: int, teacher_name: str
                      val_ds)
 
 
-def check_cache_source(cache_dir: str, identity: Dict[str, Any]) -> None:
+def check_cache_source(cache_dir: str, identity: dict[str, Any]) -> None:
     """Refuse a teacher cache made for another source (its keys name other images)."""
     from ..packed_cache import CacheError, read_index
 
@@ -235,7 +234,7 @@ def check_cache_source(cache_dir: str, identity: Dict[str, Any]) -> None:
                          f"with blsam-cache-teacher and the same data flags")
 
 
-def _brief(identity: Dict[str, Any]) -> str:
+def _brief(identity: dict[str, Any]) -> str:
     if identity.get("format") == "mixture":
         return "mixture of " + ", ".join(f"{m['name']}: {_brief(m)}"
                                          for m in identity["members"])

@@ -14,7 +14,7 @@ drawn on the stored pixels).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -25,16 +25,16 @@ from .images import read_pixels
 from .spec import SourceSpec
 
 
-def index_coco(spec: SourceSpec, info: Dict[str, Any]
-               ) -> Tuple[List[ImageRecord], Any, Dict[str, Any], List[str]]:
+def index_coco(spec: SourceSpec, info: dict[str, Any]
+               ) -> tuple[list[ImageRecord], Any, dict[str, Any], list[str]]:
     """(every usable image's record, the annotation set, source identity, skipped names)."""
     from ...annotations import load_annotation_file
-    from ..packed_cache import file_sha256
     from ...evaluation.datasets import resolve_image_path
+    from ..packed_cache import file_sha256
 
     ann = load_annotation_file(spec.ann_file)
-    skipped: List[str] = []
-    records: List[ImageRecord] = []
+    skipped: list[str] = []
+    records: list[ImageRecord] = []
     crowd = no_mask = no_objects = 0
     for iid in sorted(ann.images):
         image = ann.images[iid]
@@ -73,7 +73,7 @@ def index_coco(spec: SourceSpec, info: Dict[str, Any]
 class CocoDataset(SA1BDataset):
     """SA1BDataset's samples from a COCO set: same keys, prompts and mask rules."""
 
-    def __init__(self, records: List[ImageRecord], annotations: Any, img_size: int = 1024,
+    def __init__(self, records: list[ImageRecord], annotations: Any, img_size: int = 1024,
                  exif: str = "ignore", **kw: Any) -> None:
         super().__init__(records, img_size, **kw)
         self.images = annotations.images
@@ -82,7 +82,7 @@ class CocoDataset(SA1BDataset):
                         for r in self.records}
         self.exif = exif
 
-    def load(self, rec: ImageRecord, epoch: int, index: int) -> Dict[str, Any]:
+    def load(self, rec: ImageRecord, epoch: int, index: int) -> dict[str, Any]:
         image = self.images[rec.image_id]
         img = read_pixels(rec.path, int(image.height), int(image.width), self.exif)
         sample = self.base_sample(rec.key, img)
@@ -91,7 +91,7 @@ class CocoDataset(SA1BDataset):
                                        img.shape[:2], sample["hw"], epoch, index))
         return sample
 
-    def decode_mask(self, ann: Any, hw: Tuple[int, int]) -> np.ndarray:
+    def decode_mask(self, ann: Any, hw: tuple[int, int]) -> np.ndarray:
         """The shared layer's decode: raises ``ValueError`` when the mask disagrees with the
         file's bbox / area or the image size."""
         from ...annotations import decode_object_mask

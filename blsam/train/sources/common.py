@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, TypeVar
+from typing import Any, TypeVar
 
 log = logging.getLogger("blsam.train")
 T = TypeVar("T")
@@ -27,8 +28,8 @@ class ImageRecord:
         return self.path
 
 
-def pick_fraction(items: List[T], fraction: float, seed: int, what: str,
-                  info: Dict[str, Any]) -> List[T]:
+def pick_fraction(items: list[T], fraction: float, seed: int, what: str,
+                  info: dict[str, Any]) -> list[T]:
     """The seeded ``fraction`` of ``items`` in their order (SA-1B's per-image rule), with a
     warning when it drops images: the shipped configs select SA-1B's 2%."""
     info["images_indexed"] = len(items)

@@ -10,7 +10,7 @@ next image when read and counted, as SA-1B's reader does.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from .common import ImageRecord, keys_sha, log
 from .spec import IMAGE_EXTENSIONS, SourceSpec
 
 
-def list_images(root: str) -> List[str]:
+def list_images(root: str) -> list[str]:
     """Paths relative to ``root`` ('/'-separated, sorted) of every image file below it; hidden
     folders and files are left out."""
     out = []
@@ -33,8 +33,8 @@ def list_images(root: str) -> List[str]:
     return sorted(out)
 
 
-def index_images(spec: SourceSpec, info: Dict[str, Any]
-                 ) -> Tuple[List[ImageRecord], Dict[str, Any]]:
+def index_images(spec: SourceSpec, info: dict[str, Any]
+                 ) -> tuple[list[ImageRecord], dict[str, Any]]:
     """(a record per image file, source identity); a folder without images is a ``DataError``."""
     root = spec.data
     if not root or not os.path.isdir(root):
@@ -55,13 +55,13 @@ def index_images(spec: SourceSpec, info: Dict[str, Any]
 class ImageFolderDataset(SA1BDataset):
     """Samples of plain images: the image, its key and cached teacher row, no masks."""
 
-    def __init__(self, records: List[ImageRecord], img_size: int = 1024, exif: str = "ignore",
+    def __init__(self, records: list[ImageRecord], img_size: int = 1024, exif: str = "ignore",
                  **kw: Any) -> None:
         kw["with_targets"] = False
         super().__init__(records, img_size, **kw)
         self.exif = exif
 
-    def load(self, rec: ImageRecord, epoch: int, index: int) -> Dict[str, Any]:
+    def load(self, rec: ImageRecord, epoch: int, index: int) -> dict[str, Any]:
         return self.base_sample(rec.key, read_pixels(rec.path, exif=self.exif))
 
 

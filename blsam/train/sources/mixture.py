@@ -8,7 +8,8 @@ of the labelled ones only (an image without masks adds no prompt), the feature l
 from __future__ import annotations
 
 import bisect
-from typing import Any, Dict, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ class MixtureDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def __getitem__(self, item: Any) -> Dict[str, Any]:
+    def __getitem__(self, item: Any) -> dict[str, Any]:
         epoch, idx = item if isinstance(item, tuple) else (0, int(item))
         k = bisect.bisect_right(self.offsets, idx) - 1
         return self.parts[k][(epoch, idx - self.offsets[k])]

@@ -19,7 +19,7 @@ import argparse
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 from ...utils.cli import OptionError
 
@@ -36,16 +36,16 @@ class SourceSpec:
     """One source as asked for (nothing indexed yet); a mixture holds its ``members``."""
 
     format: str
-    data: Optional[str] = None  # sa1b: shards / pairs; images: the folder
-    ann_file: Optional[str] = None  # coco: the instances json
-    img_dir: Optional[str] = None  # coco: where its file_names are
+    data: str | None = None  # sa1b: shards / pairs; images: the folder
+    ann_file: str | None = None  # coco: the instances json
+    img_dir: str | None = None  # coco: where its file_names are
     fraction: float = 1.0
-    shards: Optional[Tuple[str, ...]] = None
+    shards: tuple[str, ...] | None = None
     name: str = ""  # mixture member: the prefix of its keys
     weight: float = 1.0
     exif: str = "ignore"
-    members: Tuple["SourceSpec", ...] = ()
-    epoch_size: Optional[int] = None  # mixture: samples per epoch
+    members: tuple[SourceSpec, ...] = ()
+    epoch_size: int | None = None  # mixture: samples per epoch
 
     @property
     def labelled(self) -> bool:
@@ -124,7 +124,7 @@ def spec_from_args(args: argparse.Namespace) -> SourceSpec:
     return spec
 
 
-def val_spec_from_args(args: argparse.Namespace) -> Optional[SourceSpec]:
+def val_spec_from_args(args: argparse.Namespace) -> SourceSpec | None:
     """``--val-data`` / ``--val-data-format`` / ``--val-ann-file`` / ``--val-img-dir``: the
     held-out source, or None (held out of the training source)."""
     fmt = getattr(args, "val_data_format", None)
@@ -164,7 +164,7 @@ def read_mixture(path: str, exif: str = "ignore") -> SourceSpec:
 
     _need(os.path.isfile(path), f"--mixture {path!r}: no such file")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise OptionError(f"--mixture {path!r} is not valid YAML: {e}") from None
@@ -176,7 +176,7 @@ def read_mixture(path: str, exif: str = "ignore") -> SourceSpec:
     unknown = sorted(set(data) - {"sources", "epoch_size"})
     _need(not unknown, f"--mixture {path!r}: unknown key(s) {unknown}")
     base = os.path.dirname(os.path.abspath(path))
-    members: List[SourceSpec] = []
+    members: list[SourceSpec] = []
     for i, e in enumerate(data["sources"]):
         where = f"--mixture {path!r} entry {i + 1}: "
         _need(isinstance(e, dict), f"{where}must be a mapping, got {e!r}")
