@@ -67,3 +67,15 @@ def sam_with_meta_encoder(name: str, **kwargs) -> torch.nn.Module:
     sam.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
     sam.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
     return sam
+
+
+def assert_gradient_reaches_every_parameter(encoder: torch.nn.Module, x: torch.Tensor) -> None:
+    """Backward through ``encoder(x)`` with a random projection: every parameter gets a finite
+    gradient, and the bLViT-only parts (predictors, alpha, gamma, E-blocks) a nonzero one."""
+    feats = encoder(x)
+    (feats * torch.randn_like(feats)).sum().backward()
+    for n, p in encoder.named_parameters():
+        assert p.grad is not None, f"no gradient for {n}"
+        assert torch.isfinite(p.grad).all(), f"non-finite gradient for {n}"
+        if any(t in n for t in ("predictors", "alpha", "gamma", "e_block")):
+            assert p.grad.abs().sum() > 0, f"zero gradient for {n}"

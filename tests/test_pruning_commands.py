@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from eval_fixtures import make_tiny_dataset
-from train_checks import assert_resume_matches_full
+from train_checks import assert_resume_matches_full, tiny_train_args
 
 from blsam.checkpoint import read_state_dict
 from blsam.train.tiny_sa1b import write_tiny_sa1b
@@ -17,15 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _train_args(data, ckpt, out, *extra):
-    from blsam.tools.train import parse_args
-
-    return parse_args([
-        "--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--model", "tiny_evit",
-        "--data", str(data), "--data-fraction", "1", "--sam-checkpoint", ckpt,
-        "--output-dir", str(out), "--img-size", "64", "--batch-size", "1", "--num-workers", "0",
-        "--log-every", "1", "--warmup-steps", "0", "--no-progress", "--val-every", "0",
-        "--masks-per-image", "2", "--prompt-types", "box", "--max-steps", "2", "--lr", "2e-4",
-        "--keep-ratio", "0.5", *extra])
+    return tiny_train_args("tiny_evit", data, ckpt, out, "--max-steps", "2", "--lr", "2e-4",
+                           "--keep-ratio", "0.5", *extra)
 
 
 def test_train_two_steps_and_resume_exactly(tiny_sam_ckpt, tmp_path):

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from train_checks import tiny_train_args
 
 from blsam.build_blsam import blsam_model_registry, reinit_image_encoder_
 from blsam.checkpoint import read_state_dict
@@ -15,14 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _args(data, ckpt, out, *extra):
-    from blsam.tools.train import parse_args
-
-    return parse_args([
-        "--config", os.path.join(ROOT, "configs", "distill_b_t.yaml"), "--model", "tiny_bl",
-        "--data", str(data), "--data-fraction", "1", "--sam-checkpoint", ckpt,
-        "--output-dir", str(out), "--img-size", "64", "--batch-size", "1", "--num-workers", "0",
-        "--log-every", "1", "--warmup-steps", "0", "--no-progress", "--val-every", "0",
-        "--masks-per-image", "2", "--prompt-types", "box", "--max-steps", "1", *extra])
+    return tiny_train_args("tiny_bl", data, ckpt, out, "--max-steps", "1", *extra)
 
 
 def test_reinit_replaces_the_encoder_only_and_is_seeded(tiny_sam_ckpt):

@@ -20,3 +20,16 @@ def assert_resume_matches_full(dir_full: os.PathLike, dir_resumed: os.PathLike,
     assert [h["loss"] for h in full["history"][1:]] == pytest.approx(
         [h["loss"] for h in resumed["history"]], abs=1e-5)
     return a
+
+
+def tiny_train_args(model: str, data: os.PathLike, ckpt: str, out: os.PathLike, *extra: str):
+    """blsam-train options of the 1-2 step runs on tiny shards (64 px, batch 1, box prompts)."""
+    from blsam.tools.train import parse_args
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return parse_args([
+        "--config", os.path.join(root, "configs", "distill_b_t.yaml"), "--model", model,
+        "--data", str(data), "--data-fraction", "1", "--sam-checkpoint", ckpt,
+        "--output-dir", str(out), "--img-size", "64", "--batch-size", "1", "--num-workers", "0",
+        "--log-every", "1", "--warmup-steps", "0", "--no-progress", "--val-every", "0",
+        "--masks-per-image", "2", "--prompt-types", "box", *extra])
