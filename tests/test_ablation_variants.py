@@ -80,3 +80,23 @@ def test_early_prune_at_keep_one_is_sam(tiny_sam_ckpt):
     with torch.no_grad():
         torch.testing.assert_close(ours.image_encoder(x), sam.image_encoder(x), atol=2e-5,
                                    rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_eval_on_fixtures(name, tiny_sam_ckpt, tmp_path):
+    """Through blsam-eval like b_t: a box-prompt LVIS fixture, GFLOPs and keep ratio recorded."""
+    import json
+
+    from eval_fixtures import make_tiny_dataset
+
+    from blsam.tools.zero_shot import main, parse_args
+
+    d = make_tiny_dataset(str(tmp_path / "lvis"), "lvis", num_images=1)
+    out = main(parse_args(["--model", name, "--sam-checkpoint", tiny_sam_ckpt, "--img-size",
+                           "64", "--dataset", "lvis", "--ann-file", d["ann_file"], "--img-dir",
+                           d["img_dir"], "--output", str(tmp_path / "out"), "--no-progress",
+                           "--prompt", "box"]))
+    res = out["results"][0]
+    saved = json.load(open(res["outputs"]["json"]))
+    assert saved["model"] == name and saved["keep_ratio"] == 0.25
+    assert saved["gflops"] > 0 and 0.0 <= res["metrics"]["mIoU"] <= 1.0
