@@ -66,6 +66,9 @@ def test_benchmark_plans_the_baselines():
     enc = specs[-1].build(64).image_encoder
     assert enc.method == "evovit" and enc.keep_ratio == 0.5
     assert [s.name for s in model_specs(["tiny"], [0.25])][-1] == "tiny_bl@0.25"
+    steps = [s for s in model_specs(["b"], [0.25], ablation=True) if s.kind == "ablation"]
+    assert [s.name for s in steps] == ["b_t_early_prune@0.25", "b_t_eblock@0.25",
+                                       "b_t_predictor@0.25"]
 
 
 @pytest.mark.slow  # a whole benchmark run (10 s on 2 shared cores)

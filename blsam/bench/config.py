@@ -25,6 +25,7 @@ class BenchConfig:
     families: list[str] = field(default_factory=lambda: ["b"])
     keep_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     baselines: bool = False
+    ablation: bool = False
     devices: list[str] | None = None
     dtypes: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 4])

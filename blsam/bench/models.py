@@ -11,7 +11,7 @@ import torch
 
 from blsam import blsam_model_registry
 from blsam.build_blsam import build_vanilla_sam
-from blsam.specs import FAMILIES, MODEL_SPECS, PRUNING_MODELS
+from blsam.specs import ABLATION_ORDER, FAMILIES, MODEL_SPECS, PRUNING_MODELS
 
 from .config import BenchConfig
 
@@ -38,7 +38,7 @@ class BenchModel:
             return build_vanilla_sam(vanilla, img_size=img_size)
         if self.kind == "fused":
             return build_vanilla_sam(vanilla, img_size=img_size, fused=True)
-        if self.kind == "pruning":
+        if self.kind in ("pruning", "ablation"):
             return blsam_model_registry[self.registry](img_size=img_size,
                                                        keep_ratio=self.keep_ratio)
         return blsam_model_registry[student](img_size=img_size, keep_ratio=self.keep_ratio)
@@ -74,10 +74,11 @@ def timm_available() -> bool:
 
 
 def model_specs(families: Sequence[str], keep_ratios: Sequence[float],
-                baselines: bool = False) -> list[BenchModel]:
+                baselines: bool = False, ablation: bool = False) -> list[BenchModel]:
     """Per family: official, fused, the bLViT student at every keep ratio and, with
     ``baselines``, the family's token-pruning baselines (EViT, Evo-ViT) at their default
-    keep ratio (0.5, the paper's Table 2)."""
+    keep ratio (0.5, the paper's Table 2); with ``ablation``, the student's Table-3 design
+    steps (``ABLATION_ORDER`` before the student itself) at the student's keep ratios."""
     specs = []
     for fam in families:
         vanilla, student = FAMILIES[fam]
@@ -90,6 +91,10 @@ def model_specs(families: Sequence[str], keep_ratios: Sequence[float],
             if spec.family == fam:
                 r = spec.default_keep_ratio
                 specs.append(BenchModel(f"{name}@{r:g}", fam, "pruning", r, registry=name))
+        for name in (ABLATION_ORDER[:-1] if ablation else ()):
+            if MODEL_SPECS[name].ablation_of == student:
+                for r in keep_ratios:
+                    specs.append(BenchModel(f"{name}@{r:g}", fam, "ablation", r, registry=name))
     return specs
 
 

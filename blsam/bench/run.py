@@ -42,7 +42,7 @@ def _plan(cfg: BenchConfig, malloc: str, env: dict[str, object]) -> list[_Entry]
     """Every configuration to time; rows that will not run say why in ``error``."""
     devices = cfg.devices or default_devices()
     specs = [] if cfg.skip_models else model_specs(cfg.families, cfg.keep_ratios,
-                                                    cfg.baselines)
+                                                    cfg.baselines, cfg.ablation)
     specs += [] if cfg.skip_models else extra_specs(cfg)
     native = bool(env.get("native_bf16"))
     entries: list[_Entry] = []

@@ -43,6 +43,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="b: vit_b vs b_t; h: vit_h vs h_b; tiny: the test pair; the first "
                         "family's student also sets the GEMM replay and --photos rows")
     p.add_argument("--keep-ratios", nargs="+", type=float, default=[0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--ablation", action="store_true",
+                   help="also time the student's Table-3 design steps (b_t_early_prune, "
+                        "b_t_eblock, b_t_predictor) at --keep-ratios")
     p.add_argument("--baselines", action="store_true",
                    help="also time each family's token-pruning baselines (EViT, Evo-ViT) at "
                         "keep 0.5, the paper's Table 2 setting")
