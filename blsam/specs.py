@@ -35,7 +35,7 @@ class ModelSpec:
     # have a teacher (trained like bLViT) but no parameters beyond SAM's
     pruning: PruningSpec | None = None
     default_keep_ratio: float = 0.25
-    ablation_of: str = ""  # a Table-3 design step of this full bLViT model (not benchmarked)
+    ablation_of: str = ""  # a Table-3 design step of this full bLViT model
 
     @property
     def is_blvit(self) -> bool:

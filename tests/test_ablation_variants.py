@@ -100,3 +100,13 @@ def test_eval_on_fixtures(name, tiny_sam_ckpt, tmp_path):
     saved = json.load(open(res["outputs"]["json"]))
     assert saved["model"] == name and saved["keep_ratio"] == 0.25
     assert saved["gflops"] > 0 and 0.0 <= res["metrics"]["mIoU"] <= 1.0
+
+
+def test_ablation_and_paper_flags_refuse_what_means_nothing(capsys):
+    """--ablation for a family without design steps, --paper without --table: one line, 2."""
+    from blsam.tools import benchmark, zero_shot
+
+    assert benchmark.cli(["--families", "h", "--ablation"]) == 2
+    assert zero_shot.cli(["--paper"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--ablation" in err[0] and "--paper" in err[1], err

@@ -42,15 +42,11 @@ def forward_fn(encoder: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | N
 
 
 def attention_path(device: str, dtype: str) -> str | None:
-    """The attention kernel this device and dtype take, where the model code can say
-    (``blsam.modeling.attention.attention_path``; None with a version that cannot)."""
-    from blsam.modeling import attention
+    """The attention kernel this device and dtype take (``blsam.modeling.attention``'s rule)."""
+    from blsam.modeling.attention import attention_path as rule
 
-    fn = getattr(attention, "attention_path", None)
-    if fn is None:
-        return None
     try:
-        return str(fn(torch.device(device).type, DTYPES[dtype] or torch.float32))
+        return rule(torch.device(device).type, DTYPES[dtype] or torch.float32)
     except Exception as e:  # noqa: BLE001 - a label, never a reason to lose the row
         return f"unknown ({type(e).__name__})"
 

@@ -175,7 +175,7 @@ def table_markdown(results: Iterable[dict[str, Any]], paper: bool = False) -> st
     if paper:
         from .table2 import paper_section
 
-        order = paper_section(order, rows, TABLE_COLUMNS, DASH)
+        order = paper_section(order, rows, TABLE_COLUMNS, DASH, DEFAULT_IMG_SIZE)
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
              "|" + "|".join("---" if c == "Model" else "---:" for c in TABLE_COLUMNS) + "|"]
     lines += ["| " + " | ".join(rows[k][c] for c in TABLE_COLUMNS) + " |" for k in order]

@@ -33,7 +33,7 @@ from blsam.bench.config import DTYPES, BenchConfig, default_devices  # noqa: F40
 from blsam.bench.jobs import PHOTOS
 from blsam.bench.results import Result
 from blsam.bench.run import main as run_benchmark
-from blsam.specs import FAMILIES, check_img_size, check_keep_ratio
+from blsam.specs import ABLATION_ORDER, FAMILIES, MODEL_SPECS, check_img_size, check_keep_ratio
 from blsam.utils.cli import check_device, check_option, one_line_parse_errors, run_cli
 
 
@@ -126,6 +126,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.onnx and args.families and any(f not in FAMILIES for f in args.families):
         p.error("--onnx: unknown family")
+    stepped = {MODEL_SPECS[n].ablation_of for n in ABLATION_ORDER[:-1]}
+    if args.ablation and not any(FAMILIES[f][1] in stepped for f in args.families):
+        names = ", ".join(sorted(stepped))
+        p.error(f"--ablation: the Table-3 design steps are variants of {names};"
+                " no family in --families has them")
     if args.warmup < 0 or args.repeats < 1:
         p.error("--warmup must be >= 0 and --repeats >= 1")
     return args

@@ -23,7 +23,13 @@ from blsam.evaluation.config import EvalConfig
 from blsam.evaluation.pipeline import evaluate, table_of
 from blsam.evaluation.protocol import POINT_MODES
 from blsam.specs import BLVIT_MODELS, KEEP_RATIO_MODELS, MODEL_SPECS
-from blsam.utils.cli import HelpFormatter, add_model_args, one_line_parse_errors, run_tool
+from blsam.utils.cli import (
+    HelpFormatter,
+    OptionError,
+    add_model_args,
+    one_line_parse_errors,
+    run_tool,
+)
 from blsam.utils.collectives import DEFAULT_TIMEOUT_MIN
 from blsam.utils.config import parse_args_with_config
 from blsam.utils.images import EXIF_MODES
@@ -116,6 +122,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     """Evaluate every protocol (at every keep ratio); returns ``{"results", "table",
     "curve"}`` on rank 0 (None on other ranks), the results as their JSON records; with
     ``--table`` only merges result files (``{"table", "results"}``)."""
+    if args.paper and not args.table:
+        raise OptionError("--paper adds the paper's rows to --table; give --table JSON files")
     if args.table:
         return table_of(args.table, paper=args.paper)
     run = evaluate(EvalConfig.from_dict(vars(args)))
