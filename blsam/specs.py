@@ -299,7 +299,11 @@ def gflops_table(names: Sequence[str] | None = None, img_size: int = 1024) -> st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="print the per-layer summary of a model")
+    """``blsam-specs``: the one CLI path of every tool (one ``error:`` line, exit 2)."""
+    from .utils.cli import OptionError, one_line_parse_errors, run_cli
+
+    p = one_line_parse_errors(argparse.ArgumentParser(
+        description="print the per-layer summary of a model"))
     p.add_argument("model", nargs="?", choices=sorted(MODEL_SPECS), help="default: all")
     p.add_argument("--img-size", type=int, default=1024)
     p.add_argument("--keep-ratio", type=float, default=None,
@@ -310,22 +314,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--table", action="store_true",
                    help="one Markdown table: every model's paper-convention GFLOPs (default "
                         "keep ratios) ordered by GFLOPs, the paper's Table 2 numbers beside")
-    args = p.parse_args(argv)
-    try:
-        if args.table:
-            print(gflops_table([args.model] if args.model else None, args.img_size))
-            return 0
-        names = [args.model] if args.model else list(MODEL_SPECS)
-        tables = [layer_table(n, args.img_size, args.keep_ratio) for n in names]
-        if args.flops:
-            tables = [t + f"\nGFLOPs (paper convention): "
-                      f"{paper_gflops(n, args.img_size, args.keep_ratio):.1f}"
-                      for t, n in zip(tables, names)]
+
+    def body() -> int:
+        args = p.parse_args(argv)
+        try:
+            if args.table:
+                print(gflops_table([args.model] if args.model else None, args.img_size))
+                return 0
+            names = [args.model] if args.model else list(MODEL_SPECS)
+            tables = [layer_table(n, args.img_size, args.keep_ratio) for n in names]
+            if args.flops:
+                tables = [t + f"\nGFLOPs (paper convention): "
+                          f"{paper_gflops(n, args.img_size, args.keep_ratio):.1f}"
+                          for t, n in zip(tables, names)]
+        except ValueError as e:  # a bad --img-size / --keep-ratio for this model
+            raise OptionError(str(e)) from None
         print("\n\n".join(tables))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli(body, argv=argv)
 
 
 if __name__ == "__main__":

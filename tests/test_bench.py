@@ -70,3 +70,67 @@ def test_benchmark_autocast_rows_and_op_profile(tmp_path):
     assert all("attention_path" in r and "op_profile" in r for r in data["results"])
     md = (tmp_path / "benchmark.md").read_text()
     assert "Per-op profile" in md and "| tiny_bl@0.5 | autocast | default |" in md
+
+
+# ---------------------------------------------------------------- GPU residency (issue 27.7)
+
+
+class _FakeProps:
+    total_memory = 80 * 2**30  # an 80 GB card: the device's property faked, not the plan
+
+
+def test_cuda_rows_run_in_waves_that_fit_and_once(monkeypatch):
+    """``--families h --devices cuda`` with every dtype and batch size was 28 resident workers
+    (~74 GiB of fp32 weights plus contexts): now waves under 90% of the card, each holding
+    whole comparison groups; CUDA rows only under the last allocator setting."""
+    import torch
+
+    from blsam.bench import run as bench_run
+    from blsam.bench.residency import CONTEXT_BYTES, USABLE, parameter_count, resident_bytes
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: _FakeProps())
+    cfg = BenchConfig(families=["h"], devices=["cuda"], dtypes=["fp32", "bf16"],
+                      batch_sizes=[1, 4], keep_ratios=[0.25, 0.5, 0.75, 1.0], timm="skip")
+    plan = bench_run._plan(cfg, "tuned", {}, cuda_rows=True)
+    assert len(plan) == 24 and not bench_run._plan(cfg, "default", {}, cuda_rows=False)
+    need = {id(e): resident_bytes(e.spec, 1024, e.dt, e.bs) for e in plan}
+    assert sum(need.values()) > _FakeProps.total_memory  # all at once: out of memory
+    waves = bench_run.waves(cfg, plan)
+    assert sorted(id(e) for w in waves for e in w) == sorted(need)
+    limit = USABLE * _FakeProps.total_memory
+    for w in waves:
+        assert sum(need[id(e)] for e in w) <= limit
+    for g in {(e.dt, e.bs) for e in plan}:  # rows compared with each other share a wave
+        members = [e for e in plan if (e.dt, e.bs) == g]
+        if sum(need[id(e)] for e in members) <= limit:
+            assert any(all(e in w for e in members) for w in waves), g
+    assert all(e.res.wave is not None for e in plan)
+    assert max(e.res.wave for e in plan) == len(waves) - 1 >= 1
+    # hand arithmetic: official ViT-H, fp32, batch 1 at 1024² (64² tokens, 16 heads)
+    official = next(e for e in plan if e.spec.kind == "official" and e.dt == "fp32"
+                    and e.bs == 1)
+    n, heads, dim = 64 * 64, 16, 1280
+    params = parameter_count(official.spec, 1024)
+    assert 630e6 < params < 640e6  # SAM ViT-H's image encoder: 637 M
+    assert need[id(official)] == (CONTEXT_BYTES + 4 * params + 3 * heads * n * n * 4
+                                  + n * dim * 4 * 8)
+
+
+def test_a_group_that_cannot_fit_is_skipped_with_its_reason(monkeypatch):
+    import torch
+
+    from blsam.bench import run as bench_run
+
+    class Small:
+        total_memory = 8 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: Small())
+    cfg = BenchConfig(families=["h"], devices=["cuda"], dtypes=["fp32"], batch_sizes=[8],
+                      keep_ratios=[0.25])
+    plan = bench_run._plan(cfg, "tuned", {})
+    waves = bench_run.waves(cfg, plan)
+    assert all(e not in w for w in waves for e in plan if e.res.error)
+    skipped = [e for e in plan if e.res.error]
+    assert skipped and all("needs ~" in e.res.error and "GiB on cuda" in e.res.error
+                           for e in skipped)
+    assert any(e.spec.kind == "official" for e in skipped)  # 8 x 3 x 1 GiB of scores alone

@@ -185,12 +185,12 @@ def test_bad_annotation_and_detection_files(tmp_path, tiny):
 
 
 def _run(ds, paths, empty=False, rank_empty_first=False, **cfg_kw):
+    from blsam.evaluation.results import ShardResult
     from blsam.evaluation.runner import (
         Evaluator,
         ProtocolConfig,
         compute_metrics,
         locate_images,
-        merge_shards,
     )
 
     cfg = ProtocolConfig(seed=3, batch_prompts=3, **cfg_kw)
@@ -202,7 +202,8 @@ def _run(ds, paths, empty=False, rank_empty_first=False, **cfg_kw):
                             if not a.get("iscrowd", 0) and a["area"] > 0] for img in ds.images}
     pred = GTPredictor(ds, paths, cfg, empty, rank_empty_first)
     found, missing, _ = locate_images(paths["img_dir"], list(enumerate(ds.images)), False)
-    merged = merge_shards([Evaluator(pred, ds, paths["img_dir"], cfg, dets).run(found, missing)])
+    shard = Evaluator(pred, ds, paths["img_dir"], cfg, dets).run(found, missing)
+    merged = ShardResult.merge([shard])
     return compute_metrics(merged, ds, cfg)
 
 

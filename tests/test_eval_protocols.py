@@ -9,12 +9,12 @@ from eval_fixtures import GTPredictor, make_tiny_dataset
 
 from blsam.evaluation.datasets import ann_to_mask, load_dataset
 from blsam.evaluation.prompts import farthest_from_boundary, iterative_click, object_points
+from blsam.evaluation.results import ShardResult
 from blsam.evaluation.runner import (
     Evaluator,
     ProtocolConfig,
     compute_metrics,
     locate_images,
-    merge_shards,
 )
 
 
@@ -33,7 +33,8 @@ def _gt_dets(ds, img_ids):
 def _evaluate(ds, paths, protos, dets=None, **pred_kw):
     pred = GTPredictor(ds, paths, protos[0], **pred_kw)
     found, missing, _ = locate_images(paths["img_dir"], list(enumerate(ds.images)), False)
-    merged = merge_shards([Evaluator(pred, ds, paths["img_dir"], protos, dets).run(found, missing)])
+    shard = Evaluator(pred, ds, paths["img_dir"], protos, dets).run(found, missing)
+    merged = ShardResult.merge([shard])
     return pred, merged, {c.name: compute_metrics(merged, ds, c) for c in protos}
 
 

@@ -81,6 +81,7 @@ def test_rle_decode_and_resize(shards):
         full[:nh, :nw] = D.resize_mask(D.decode_rle(a["segmentation"]), (nh, nw))
         lows.append(D.downsample_mask(full, 4))
     got = sample["masks"].numpy()
+    assert sample["masks"].dtype == torch.uint8  # uint8 until the loss (issue 27.7)
     assert len(got) == len(meta["annotations"])
     for g in got:  # every sampled target is one of the annotation masks
         assert any(np.array_equal(g, low) for low in lows)
@@ -255,3 +256,37 @@ def test_make_tiny_sa1b_cli(tmp_path):
     assert {"id", "segmentation", "bbox", "area", "point_coords", "predicted_iou",
             "stability_score", "crop_box"} <= set(ann)
     assert isinstance(ann["segmentation"]["counts"], str)
+
+
+class _Cv2Threads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import cv2
+
+        return cv2.getNumThreads()
+
+
+def test_data_workers_run_opencv_on_one_thread():
+    """Each of N data workers would otherwise start an OpenCV pool as wide as the node."""
+    import cv2
+
+    from blsam.train.loader import endless_loader
+
+    if cv2.getNumThreads() <= 1:
+        cv2.setNumThreads(2)  # the parent's pool: what a worker would inherit
+    loader = endless_loader(_Cv2Threads(), _TwoBatches(), list, num_workers=1,
+                            epoch=0, start_batch=0, pin=False)
+    assert [next(loader)[2] for _ in range(2)] == [[1], [1]]
+
+
+class _TwoBatches:
+    def set_position(self, epoch, start):
+        pass
+
+    def __iter__(self):
+        return iter([[0], [1]])
+
+    def __len__(self):
+        return 2

@@ -224,3 +224,88 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path, tiny_sam_ckpt):
         assert all(np.isfinite(r[key]) and r[key] >= 0 for r in recs), key
     ck = load_training_checkpoint(str(out / "last.pth"))
     assert ck["step"] == 3
+
+
+def test_benchmark_train_runs_on_the_device_it_is_given(tmp_path, capsys):
+    """``blsam-benchmark-train`` end to end on the tiny pair (teacher, cache, step parts), with
+    the device and precision recorded; ``--device cuda`` without CUDA is one line, exit 2."""
+    from blsam.tools.benchmark_train import cli
+
+    out = tmp_path / "bench"
+    argv = ["--model", "tiny_bl", "--img-size", "64", "--batch-size", "1", "--steps", "3",
+            "--repeats", "1", "--num-workers", "0", "--photo-size", "96",
+            "--masks-per-image", "2", "--cache-rows", "4", "--cache-img-size", "64",
+            "--work-dir", str(tmp_path / "work"), "--output", str(out)]
+    assert cli([*argv, "--device", "cpu"]) == 0, capsys.readouterr().err[-2000:]
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert res["config"]["device"] == "cpu" and res["config"]["amp"] == "none"
+    assert 0 <= res["step"]["data_wait_share"] <= 1 and res["teacher"]["min_cos_sim"] > 0.999
+    assert "# Training throughput on CPU (tiny_bl, 64², batch 1, fp32)" in (
+        tmp_path / "bench.md").read_text()
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        assert cli([*argv, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["error: --device cuda: CUDA is not available on this machine"], err
+
+
+class _Driver:
+    """Records the page-locking calls (the driver's part; the pool's logic is under test)."""
+
+    def __init__(self):
+        self.registered, self.unregistered = [], []
+
+    def pool(self):
+        from blsam.train.pinned import PinnedPool
+
+        return PinnedPool(lambda ptr, n: self.registered.append(n), self.unregistered.append)
+
+
+def test_pinned_buffers_are_exact_size_reused_and_released():
+    """Issue 27.5: torch's pinned allocator rounds to powers of two and keeps the blocks (a
+    72 MB batch pinned 128 MB, an 8.6 GiB snapshot 12 GiB); the pool registers the size
+    rounded to 2 MiB and reuses it once the copy out of it is done."""
+    from blsam.train.pinned import GRANULE
+
+    drv = _Driver()
+    pool = drv.pool()
+    a = pool.take(72_000_000)
+    assert drv.registered == [-(-72_000_000 // GRANULE) * GRANULE] == [a.numel()]
+    assert a.numel() < 72_000_000 + GRANULE < 128 * 2**20
+    busy = [True]
+    pool.give(a, lambda: not busy[0])  # its copy to the GPU still in flight
+    b = pool.take(72_000_000)
+    assert b.data_ptr() != a.data_ptr() and len(drv.registered) == 2
+    busy[0] = False
+    pool.give(b)
+    c, d = pool.take(72_000_000), pool.take(72_000_000)
+    assert {c.data_ptr(), d.data_ptr()} == {a.data_ptr(), b.data_ptr()}
+    assert len(drv.registered) == 2 and pool.pinned_bytes == 2 * a.numel()
+    pool.release()
+    assert sorted(drv.unregistered) == sorted([a.data_ptr(), b.data_ptr()])
+
+
+def test_snapshot_and_batches_stage_through_the_pool():
+    """The snapshot's tensors go into ONE buffer of their total size, reused by the next
+    snapshot; packed batches staged through the pool arrive intact, batch after batch."""
+    from blsam.train.pinned import rounded
+
+    drv = _Driver()
+    pool = drv.pool()
+    state = [torch.randn(1000, 300), torch.arange(7), torch.randn(3, 3).half()]
+    buf, copies = async_ckpt.pinned_copies(state, pool)
+    assert len(drv.registered) == 1 and buf.numel() == rounded(
+        sum(-(-t.numel() * t.element_size() // 64) * 64 for t in state))
+    for src, dst in zip(state, copies):
+        assert torch.equal(src, dst) and dst.dtype == src.dtype
+    pool.give(buf)
+    buf2, _ = async_ckpt.pinned_copies(state, pool)
+    assert buf2.data_ptr() == buf.data_ptr() and len(drv.registered) == 1
+    pool.give(buf2)
+    got = []
+    for i in range(3):
+        batch = {"image": torch.full((1, 3, 8, 8), i, dtype=torch.uint8),
+                 "masks": [torch.ones(2, 2, 2, dtype=torch.uint8) * i], "kind": ["box"]}
+        got.append(loader.unpack_batch(loader.pack_batch(batch), torch.device("cpu"), pool))
+    for i, b in enumerate(got):  # no batch aliases the reused staging buffer
+        assert int(b["image"].unique()) == i and int(b["masks"][0].unique()) == i

@@ -50,6 +50,7 @@ class BenchConfig:
     gemm_rate: str = "measure"
     photos: list[str] = field(default_factory=list)
     skip_models: bool = False
+    rows: list[str] | None = None
     profile_ops: bool = False
     output_dir: str = "outputs/benchmark"
 

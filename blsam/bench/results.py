@@ -25,6 +25,7 @@ class Result:
     images_per_s: float = float("nan")
     peak_mem_mib: float = float("nan")
     times_ms: list[float] = field(default_factory=list)
+    wave: int | None = None  # the schedule's wave (rows of one wave were interleaved)
     ratio_latency_vs_official: float = float("nan")
     ratio_latency_vs_fused: float = float("nan")
     ratio_gflops_full_vs_official: float = float("nan")

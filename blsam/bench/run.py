@@ -20,6 +20,7 @@ from .jobs import cpu_peak_memory, start_job
 from .machine import GLIBC_TUNABLES, environment, loadavg, tunables_active, tune_glibc_malloc
 from .models import BenchModel, export_onnx_rows, extra_specs, model_specs
 from .report import e2e_table, headline, markdown_table, op_profile_table, photo_table, plot
+from .residency import USABLE, gpu_waves, resident_bytes
 from .results import Result, add_ratios, from_dicts, relative_to, summarise
 from .schedule import drop_with_warning, interleaved, started, warm_up
 
@@ -38,17 +39,21 @@ class _Entry:
         self.peak = 0.0
 
 
-def _plan(cfg: BenchConfig, malloc: str, env: dict[str, object]) -> list[_Entry]:
-    """Every configuration to time; rows that will not run say why in ``error``."""
+def _plan(cfg: BenchConfig, malloc: str, env: dict[str, object],
+          cuda_rows: bool = True) -> list[_Entry]:
+    """Every configuration to time; rows that will not run say why in ``error``. CUDA rows
+    only with ``cuda_rows`` (the last allocator setting: glibc's cannot affect the GPU)."""
     devices = cfg.devices or default_devices()
     specs = [] if cfg.skip_models else model_specs(cfg.families, cfg.keep_ratios,
                                                     cfg.baselines, cfg.ablation)
     specs += [] if cfg.skip_models else extra_specs(cfg)
+    if cfg.rows:
+        specs = [s for s in specs if s.name in cfg.rows]
     native = bool(env.get("native_bf16"))
     entries: list[_Entry] = []
     for spec in specs:
         for dev in devices:
-            if spec.backend == "onnxruntime" and dev != "cpu":
+            if (spec.backend == "onnxruntime" or not cuda_rows) and dev != "cpu":
                 continue
             dtypes = cfg.cpu_dtypes if dev == "cpu" and cfg.cpu_dtypes else cfg.dtypes
             sizes = (cfg.cpu_batch_sizes if dev == "cpu" and cfg.cpu_batch_sizes
@@ -69,20 +74,53 @@ def _plan(cfg: BenchConfig, malloc: str, env: dict[str, object]) -> list[_Entry]
     return entries
 
 
+def waves(cfg: BenchConfig, live: list[_Entry]) -> list[list[_Entry]]:
+    """The CPU rows in one wave; the CUDA rows in as many as fit on the device at once
+    (``blsam.bench.residency``); a group that cannot fit even alone gets its ``error``."""
+    cpu = [e for e in live if e.dev == "cpu"]
+    cuda = [e for e in live if e.dev != "cpu"]
+    if not cuda:
+        return [cpu] if cpu else []
+    capacity = torch.cuda.get_device_properties(0).total_memory
+    packed, too_big = gpu_waves(
+        cuda, lambda e: resident_bytes(e.spec, cfg.img_size, e.dt, e.bs),
+        lambda e: (e.spec.family, e.dev, e.dt, e.bs), capacity)
+    for e, need in too_big:
+        e.res.error = (f"skipped: needs ~{need / 2**30:.1f} GiB on {e.dev} ({e.dt}, batch "
+                       f"{e.bs}), more than {USABLE:.0%} of {capacity / 2**30:.1f} GiB")
+    out = ([cpu] if cpu else []) + packed
+    for i, wave in enumerate(out):
+        for e in wave:
+            e.res.wave = i  # rows of one wave were interleaved with each other
+    return out
+
+
 def run_models(cfg: BenchConfig, malloc: str, env: dict[str, object],
-               replay=None) -> list[Result]:
+               replay=None, cuda_rows: bool = True) -> list[Result]:
     """Build every configuration (each in its own worker process unless ``--isolation
     shared``) and warm it up, then time them round-robin: round r runs every model once, so
-    slow phases of a shared machine hit all models alike. ``replay``: the GEMM job whose
-    sustained rate is measured around every CPU fp32 run."""
+    slow phases of a shared machine hit all models alike. CUDA rows run in waves that fit
+    on the device (``waves``). ``replay``: the GEMM job whose sustained rate is measured
+    around every CPU fp32 run."""
     from tqdm import tqdm
 
-    entries = _plan(cfg, malloc, env)
+    entries = _plan(cfg, malloc, env, cuda_rows)
     live = [e for e in entries if e.res.error is None]
+    bar = tqdm(total=len(live) * (cfg.repeats + 1), desc=f"benchmark ({malloc})", unit="run")
+    try:
+        for wave in waves(cfg, live):
+            _time_wave(cfg, wave, bar, replay)
+    finally:
+        bar.close()
+    return [_summary(cfg, e, env) for e in entries]
+
+
+def _time_wave(cfg: BenchConfig, live: list[_Entry], bar, replay) -> None:
+    """Start, build and warm up every worker of the wave, time them round-robin, close."""
+    malloc = live[0].res.malloc if live else "default"
     for e in live:  # started together (imports in parallel), built one by one below
         e.job = start_job(cfg, {"kind": "encoder", "name": e.spec.name, "spec": asdict(e.spec),
                                  "device": e.dev, "dtype": e.dt, "batch_size": e.bs}, malloc)
-    bar = tqdm(total=len(live) * (cfg.repeats + 1), desc=f"benchmark ({malloc})", unit="run")
     for e in live:
         hello = e.job.hello
         bar.update()
@@ -128,13 +166,12 @@ def run_models(cfg: BenchConfig, malloc: str, env: dict[str, object],
     finally:
         for e in live:
             e.job.close()
-        bar.close()
-    results = []
-    for e in entries:
-        res = e.res
-        results.append(res)
-        if res.error or not e.times:
-            continue
+
+
+def _summary(cfg: BenchConfig, e: _Entry, env: dict[str, object]) -> Result:
+    """The entry's ``Result``: median latency, faults, peak memory, share of the GEMM rate."""
+    res = e.res
+    if not res.error and e.times:
         t = e.times
         summarise(res, t, e.bs)
         res.minor_faults_per_forward = float(statistics.median(e.faults))
@@ -151,14 +188,14 @@ def run_models(cfg: BenchConfig, malloc: str, env: dict[str, object],
                 res.peak_mem_mib = cpu_peak_memory(e.spec, cfg, e.dt, e.bs)
             except RuntimeError as err:
                 print(f"warning: {e.spec.name}: {err}", file=sys.stderr)
-    return results
+    return res
 
 
 def sweep(cfg: BenchConfig, malloc: str, extras: bool = True) -> dict[str, object]:
-    """Everything timed under one allocator setting (``extras``: the photo and end-to-end
-    rows too). With ``--isolation process`` every model and the GEMM probe run in worker
-    processes started with that setting; with ``shared`` all run in this process, which must
-    then have been started with it."""
+    """Everything timed under one allocator setting (``extras``, the last setting: the CUDA,
+    photo and end-to-end rows too). With ``--isolation process`` every model and the GEMM
+    probe run in worker processes started with that setting; with ``shared`` all run in this
+    process, which must then have been started with it."""
     torch.set_num_threads(cfg.threads)
     shared = cfg.isolation == "shared"
     tuned = tune_glibc_malloc() if malloc == "tuned" and shared else malloc == "tuned"
@@ -185,7 +222,7 @@ def sweep(cfg: BenchConfig, malloc: str, extras: bool = True) -> dict[str, objec
             env.update({k: v for k, v in gemm.hello.items() if k not in ("pid", "tuned")})
         print(json.dumps(env))
         sustained = gemm if replay_on and cfg.gemm_rate == "measure" else None
-        results = run_models(cfg, malloc, env, sustained)
+        results = run_models(cfg, malloc, env, sustained, cuda_rows=extras)
     finally:
         if gemm is not None:
             gemm.close()
@@ -212,13 +249,14 @@ def sam_variants(cfg: BenchConfig) -> list[dict[str, object]]:
     """The whole-SAM rows of the photo and end-to-end sections, as jobs: the first family's
     official SAM, then its bLViT at every keep ratio without and with ``skip_padding``."""
     vanilla, student = FAMILIES[cfg.families[0]]
+    dev = "cuda" if "cuda" in (cfg.devices or default_devices()) else "cpu"  # where users are
     variants = [{"kind": "sam", "name": vanilla, "model": "official", "keep_ratio": None,
-                 "skip_padding": False}]
+                 "skip_padding": False, "device": dev}]
     for r in cfg.keep_ratios:
         for skip in (False, True):
             variants.append({"kind": "sam", "name": f"{student}@{r:g}" + (
                 "+skip_padding" if skip else ""), "model": "blsam", "keep_ratio": r,
-                "skip_padding": skip})
+                "skip_padding": skip, "device": dev})
     return variants
 
 
@@ -242,7 +280,7 @@ def photo_rows(cfg: BenchConfig, malloc: str) -> list[Result]:
             for h in handles:
                 job, out, t = h.job, last[h.job["name"]], times[h.job["name"]]
                 res = Result(job["name"], cfg.families[0], job["model"], job["keep_ratio"],
-                             "cpu", "fp32", 1, float("nan"), out["gflops_full_encoder"],
+                             job["device"], "fp32", 1, float("nan"), out["gflops_full_encoder"],
                              skip_padding=job["skip_padding"], photo=out["photo"], malloc=malloc)
                 summarise(res, t, 1)
                 res.gmacs_per_s = res.gflops_full_encoder / (res.latency_ms_median / 1e3)
@@ -295,6 +333,7 @@ def e2e_rows(cfg: BenchConfig, malloc: str) -> list[dict[str, object]]:
                 row = {"model": h.job["name"], "kind": h.job["model"],
                        "keep_ratio": h.job["keep_ratio"], "skip_padding": h.job["skip_padding"],
                        "photo": photo_name, "malloc": malloc, "isolation": cfg.isolation,
+                       "device": h.job["device"],
                        "set_image_ms": statistics.median(t["set_image"]),
                        "predict_ms": statistics.median(t["predict"]),
                        "amg_ms": statistics.median(t["amg"]),

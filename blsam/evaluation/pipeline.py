@@ -18,6 +18,7 @@ import torch
 
 from ..specs import BLVIT_MODELS, KEEP_RATIO_MODELS
 from ..utils.cli import OptionError
+from ..utils.files import file_sha256
 from .config import EvalConfig, check_config
 from .protocol import ProtocolConfig
 from .results import EvalResult, ShardResult
@@ -132,6 +133,12 @@ def load_data(config: EvalConfig, protos: Sequence[ProtocolConfig]) -> EvalData:
 
 
 # --------------------------------------------------------------------------- results
+def checkpoint_sha(path: str | None) -> str | None:
+    """Which weights produced the numbers: 12 hex digits of the file's sha256, None without
+    one (random weights)."""
+    return file_sha256(path, 12) if path and os.path.isfile(path) else None
+
+
 def make_result(config: EvalConfig, cfg: ProtocolConfig, protos: Sequence[ProtocolConfig],
                 merged: ShardResult, data: EvalData, keep: float | None,
                 gflops: float | None, wall: float, world_size: int, device: str,
@@ -139,7 +146,6 @@ def make_result(config: EvalConfig, cfg: ProtocolConfig, protos: Sequence[Protoc
     """The record of one protocol at one keep ratio (``ckpt_sha256``: the checkpoint's hash,
     computed once per run by the caller; hashed here when not given)."""
     from ..specs import DISPLAY_NAMES
-    from .report import file_sha256
     from .runner import compute_metrics
 
     part = merged.protocols[cfg.name]
@@ -150,7 +156,7 @@ def make_result(config: EvalConfig, cfg: ProtocolConfig, protos: Sequence[Protoc
     return EvalResult(
         name=config.name or _row_name(config, DISPLAY_NAMES),
         model=config.model, checkpoint=ckpt,
-        checkpoint_sha256=ckpt_sha256 if ckpt_sha256 is not None else file_sha256(ckpt),
+        checkpoint_sha256=ckpt_sha256 if ckpt_sha256 is not None else checkpoint_sha(ckpt),
         keep_ratio=keep, img_size=config.img_size, amp=config.amp,
         dataset_kind=data.dataset.kind, ann_file=config.ann_file, limit=config.limit,
         protocol=cfg.describe(),
@@ -276,7 +282,6 @@ def _evaluate(config: EvalConfig, protos: Sequence[ProtocolConfig],
     then, once every rank has finished every keep ratio, metrics and files on rank 0 alone: no
     rank waits in a collective while rank 0 runs COCOeval / LVISEval."""
     from ..utils.collectives import check_peers, fail_together, gather_to_main
-    from .report import file_sha256
     from .runner import Evaluator, Predictor
 
     log_dir = config.output
@@ -313,7 +318,7 @@ def _evaluate(config: EvalConfig, protos: Sequence[ProtocolConfig],
         del shards
     if not info.is_main:  # nothing left for this rank: no collective waits on rank 0's metrics
         return None
-    ckpt_sha = file_sha256(config.checkpoint or config.sam_checkpoint)  # once per run
+    ckpt_sha = checkpoint_sha(config.checkpoint or config.sam_checkpoint)  # once per run
     results = [make_result(config, cfg, protos, merged_by_keep[keep], data, keep, gflops[keep],
                            walls[keep], info.world_size, str(info.device), ckpt_sha)
                for keep in keeps for cfg in protos]

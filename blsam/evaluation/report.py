@@ -8,7 +8,6 @@ files claiming the same cell are an error naming both.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -28,17 +27,6 @@ DEFAULT_KEEP, DEFAULT_IMG_SIZE = 0.25, 1024
 DASH = "–"
 class TableError(ResultFormatError):
     """Result files that cannot be put in one table (unreadable, wrong shape, colliding)."""
-
-
-def file_sha256(path: str | None, n: int = 12) -> str | None:
-    """First ``n`` hex digits of a file's SHA-256 (which weights produced the numbers)."""
-    if not path or not os.path.isfile(path):
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
 
 
 # --------------------------------------------------------------------------- reading results

@@ -21,6 +21,7 @@ from pycocotools import mask as mask_utils
 from segment_anything import SamPredictor
 
 from ..modeling.prompt_inputs import prompt_inputs
+from ..prompts import mask_box
 from .datasets import (
     DatasetError,
     EvalDataset,
@@ -210,8 +211,8 @@ class Evaluator:
             if cfg.prompt == "point":
                 coords, labels = self._point_prompts(cfg, anns, gt)
             else:
-                boxes = np.stack([xywh_to_xyxy(a["bbox"] if "bbox" in a else _mask_box(m))
-                                  for a, m in zip(anns, gt)])
+                boxes = np.stack([xywh_to_xyxy(a["bbox"]) if "bbox" in a else mask_box(m)
+                                  for a, m in zip(anns, gt)]).astype(np.float64)
             masks, iou_pred, low_res = self._decode(coords, labels, boxes, cfg.multimask)
             pick, ious = self._pick(cfg, masks, iou_pred, gt)
             chosen, score, first_iou = masks[rows, pick], iou_pred[rows, pick], ious[rows, pick]
@@ -356,17 +357,6 @@ def locate_images(
             f"{len(missing)} image(s) not found in {img_dir!r} (nor in its train2017/ or "
             f"val2017/ subfolders), e.g. {eg}; pass --skip-missing-images to skip and count them")
     return found, [m["id"] for m in missing], bad
-
-
-def _mask_box(mask: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
-            float(ys.max() - ys.min() + 1)]
-
-
-def merge_shards(shards: Sequence[ShardResult]) -> ShardResult:
-    """``ShardResult.merge``: per-rank results in the order one process would give them."""
-    return ShardResult.merge(shards)
 
 
 def compute_metrics(merged: ShardResult, dataset: EvalDataset, cfg: ProtocolConfig

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 from blsam.bench.config import DTYPES, BenchConfig, default_devices  # noqa: F401 - re-export
 from blsam.bench.jobs import PHOTOS
+from blsam.bench.models import model_specs
 from blsam.bench.results import Result
 from blsam.bench.run import main as run_benchmark
 from blsam.specs import ABLATION_ORDER, FAMILIES, MODEL_SPECS, check_img_size, check_keep_ratio
@@ -105,6 +106,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--photos", nargs="*", default=[], choices=sorted(PHOTOS),
                    help="also time SamPredictor.set_image on real photos of these aspect "
                         "ratios: official ViT-B vs b_t with and without skip_padding")
+    p.add_argument("--rows", nargs="+", default=None, metavar="NAME",
+                   help="time only these of the planned rows (names as in the table, e.g. "
+                        "vit_h h_b@0.25 evit_h@0.5): fewer resident workers where all of "
+                        "them do not fit in memory; ratios need the official row")
     p.add_argument("--skip-models", action="store_true",
                    help="only the --photos rows (and the GEMM rate)")
     p.add_argument("--output-dir", default="outputs/benchmark")
@@ -133,6 +138,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 " no family in --families has them")
     if args.warmup < 0 or args.repeats < 1:
         p.error("--warmup must be >= 0 and --repeats >= 1")
+    if args.rows:
+        planned = [s.name for s in model_specs(args.families, args.keep_ratios, args.baselines,
+                                               args.ablation)]
+        unknown = [r for r in args.rows if r not in planned]
+        if unknown:
+            p.error(f"--rows: {', '.join(unknown)} not among the planned rows "
+                    f"({', '.join(planned)})")
     return args
 
 

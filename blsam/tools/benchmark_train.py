@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from blsam.build_blsam import build_vanilla_sam
-from blsam.specs import TEACHER_OF, check_img_size
-from blsam.utils.cli import OptionError, one_line_parse_errors, run_cli
+from blsam.specs import TEACHER_OF, check_img_size, default_keep_ratio
+from blsam.utils.cli import OptionError, check_device, one_line_parse_errors, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output", default=None, help="write <output>.json and <output>.md")
     a("--parts", nargs="+", default=["teacher", "cache", "step"],
       choices=["teacher", "cache", "step"])
+    a("--device", default="cpu", help="cpu | cuda[:N]: where the teacher, the cache writer and "
+      "the training steps run (data_wait_share says whether --num-workers keep a GPU fed)")
+    a("--amp", default="none", choices=("none", "auto", "bf16", "fp16"),
+      help="training precision, as blsam-train's --amp (auto: bf16 where native, else fp16)")
     return p
 
 
@@ -64,6 +68,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--steps must be >= 2 (the first one is warm-up)")
     for name in ("img_size", "cache_img_size"):
         check_img_size(getattr(args, name), f"--{name.replace('_', '-')}")
+    check_device(args.device)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":  # asynchronous kernels: time what they did
+        torch.cuda.synchronize(dev)
 
 
 def _median_ms(xs: list[float]) -> float:
@@ -74,20 +84,24 @@ def bench_teacher(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     """Official encoder vs the training teacher, interleaved, same input."""
     from blsam.train.teacher import Teacher
 
-    variant = TEACHER_OF[args.model]
+    variant, dev = TEACHER_OF[args.model], torch.device(args.device)
     official = build_vanilla_sam(variant, ckpt, img_size=args.img_size).image_encoder.eval()
-    teacher = Teacher(variant, ckpt, args.img_size, torch.device("cpu"))
+    official = official.to(dev)
+    teacher = Teacher(variant, ckpt, args.img_size, dev)
     teacher.build()
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size,
-                    generator=torch.Generator().manual_seed(0))
+                    generator=torch.Generator().manual_seed(0)).to(dev)
     t_off: list[float] = []
     t_ours: list[float] = []
     for i in range(args.repeats + 1):
+        _sync(dev)
         t0 = time.perf_counter()
         with torch.no_grad():
             ref = official(x)
+        _sync(dev)
         t1 = time.perf_counter()
         got = teacher.encode(x)
+        _sync(dev)
         t2 = time.perf_counter()
         if i:  # the first pair is warm-up
             t_off.append(t1 - t0)
@@ -150,7 +164,7 @@ def _train_args(args: argparse.Namespace, data: str, ckpt: str, cache: str, out:
         "--masks-per-image", str(args.masks_per_image), "--num-workers", str(args.num_workers),
         "--teacher-cache", cache, "--max-steps", str(args.steps), "--log-every", "1",
         "--save-every", str(10 ** 6), "--warmup-steps", "1", "--output-dir", out,
-        "--no-progress", "--device", "cpu", "--amp", "none"])
+        "--no-progress", "--device", args.device, "--amp", args.amp])
 
 
 def bench_step(args: argparse.Namespace, work: str, ckpt: str) -> dict[str, Any]:
@@ -170,16 +184,22 @@ def bench_step(args: argparse.Namespace, work: str, ckpt: str) -> dict[str, Any]
     cache_teacher(cache_parser().parse_args([
         "--data", data, "--data-fraction", "1", "--sam-checkpoint", ckpt,
         "--model", args.model, "--img-size", str(args.img_size), "--output", cache,
-        "--num-workers", "0", "--device", "cpu", "--batch-size", str(args.batch_size)]))
+        "--num-workers", "0", "--device", args.device, "--batch-size", str(args.batch_size)]))
     targs = _train_args(args, data, ckpt, cache, os.path.join(work, "run"))
 
     def fwd_bwd_alone() -> float:
         """Mean forward+backward of the student on batches 2..N (same build, same order)."""
+        from blsam.train.loader import normalize_images
+        from blsam.train.precision import amp_dtype
+
+        dev = torch.device(args.device)
+        dtype = amp_dtype(args.amp, dev)
         torch.manual_seed(targs.seed)
-        sam = blsam_model_registry[args.model](
-            sam_checkpoint=ckpt, keep_ratio=targs.keep_ratio, img_size=args.img_size)
+        sam = blsam_model_registry[args.model](  # the keep ratio train() resolves
+            sam_checkpoint=ckpt, keep_ratio=targs.keep_ratio or default_keep_ratio(args.model),
+            img_size=args.img_size)
         set_trainable(sam, targs.trainable)
-        sam.train()
+        sam.to(dev).train()
         model = DistillModel(sam, targs.lambda_fd)
         recs, _ = select_records(data, None, 1.0, targs.seed)
         ds = SA1BDataset(recs, args.img_size, args.masks_per_image, targs.prompt_types,
@@ -190,10 +210,15 @@ def bench_step(args: argparse.Namespace, work: str, ckpt: str) -> dict[str, Any]
         for s in range(args.steps):
             sampler.set_position(s // per_epoch, s % per_epoch)
             batch = collate([ds[i] for i in next(iter(sampler))])
-            t_emb = torch.stack(batch["teacher"]).float()
+            t_emb = torch.stack(batch["teacher"]).float().to(dev)
+            images = normalize_images(batch["image"].to(dev), batch["hw"])
+            _sync(dev)
             t0 = time.perf_counter()
-            out = model(batch["image"], batch, t_emb)
+            with torch.autocast(dev.type, dtype=dtype or torch.float32,
+                                enabled=dtype is not None):
+                out = model(images, batch, t_emb)
             out["loss"].backward()
+            _sync(dev)
             dt = time.perf_counter() - t0
             sam.zero_grad(set_to_none=True)
             if s:  # the first batch is warm-up, as in the training run
@@ -223,8 +248,10 @@ def bench_step(args: argparse.Namespace, work: str, ckpt: str) -> dict[str, Any]
 
 def markdown(res: dict[str, Any]) -> str:
     c = res["config"]
-    lines = [f"# Training throughput on CPU ({c['model']}, {c['img_size']}², batch "
-             f"{c['batch_size']}, fp32)", "",
+    dev, amp = c.get("device", "cpu"), c.get("amp", "none")
+    lines = [f"# Training throughput on {'CPU' if dev == 'cpu' else dev} ({c['model']}, "
+             f"{c['img_size']}², batch {c['batch_size']}, "
+             f"{'fp32' if amp == 'none' else 'amp ' + amp})", "",
              f"`{res['command']}` — {res['machine']}", ""]
     if "teacher" in res:
         t = res["teacher"]

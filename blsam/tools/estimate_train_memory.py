@@ -24,6 +24,11 @@ from blsam.specs import BLVIT_MODELS
 from blsam.utils.cli import one_line_parse_errors, run_cli
 
 GiB = 2 ** 30
+# per GPU and process, outside PyTorch's allocator: the CUDA context (~0.5 GiB with lazy module
+# loading), cuBLAS/cuDNN workspaces (~0.1 GiB), NCCL's channel buffers for 8 peers (~0.5-1 GiB
+# with the default NCCL_BUFFSIZE); an assumption from the libraries' documented defaults, not
+# a measurement (no GPU was available)
+RUNTIME_GIB = 1.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return one_line_parse_errors(p).parse_args(argv)
 
 
-def estimate(args: argparse.Namespace) -> dict[str, float]:
+def estimate(args: argparse.Namespace, device: str = "meta") -> dict[str, float]:
+    """The estimate (GiB). ``device="cpu"`` runs the same count on a real CPU forward: the
+    check that the meta device's shapes (hence bytes) are what a real run saves."""
     import torch.fx.experimental._config as fx_config
 
     import blsam.modeling.attention as attention
@@ -55,62 +62,107 @@ def estimate(args: argparse.Namespace) -> dict[str, float]:
     stack.enter_context(mock.patch.object(  # no autocast context on meta
         predictor.TokenPredictor, "forward",
         lambda self, x: self.fc(self.norm(x.float())).softmax(dim=-1)[..., 0]))
-    attn_bytes = [0]
-    mask_bytes: list[int] = []  # issue 27.5: bf16 masks kept for backward, one per SDPA call
+    ledger = Ledger()
     sdpa = F.scaled_dot_product_attention
 
     def flash_like(q, k, v, attn_mask=None, scale=None, **kw):
-        out = q * 1.0 if v.shape == q.shape else sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
-        attn_bytes[0] += sum(t.numel() * 2 for t in (q, k, v, out)) + q[..., 0].numel() * 4
+        ledger.mute = True  # what this device's kernel saves is not what flash SDPA keeps
+        try:
+            out = q * 1.0 if v.shape == q.shape else sdpa(q, k, v, attn_mask=attn_mask,
+                                                          scale=scale)
+        finally:
+            ledger.mute = False
+        ledger.add("attn", sum(t.numel() * 2 for t in (q, k, v, out)) + q[..., 0].numel() * 4)
         if attn_mask is not None:  # memory-efficient SDPA keeps the dense (B, H, N, S) mask
-            mask_bytes.append(q[..., 0].numel() * k.shape[-2] * 2)
+            ledger.add("masks", q[..., 0].numel() * k.shape[-2] * 2, call=True)
         return out
 
     stack.enter_context(mock.patch.object(attention.F, "scaled_dot_product_attention",
                                           flash_like))
     with stack:
-        return _estimate(args, attn_bytes, mask_bytes)
+        return _estimate(args, ledger, device)
 
 
-def _estimate(args: argparse.Namespace, attn_bytes: list[int], mask_bytes: list[int]
-              ) -> dict[str, float]:
+class Ledger:
+    """Bytes kept for backward, by encoder block (None: outside the blocks): saved tensors,
+    attention as flash SDPA keeps it, SDPA masks (also the largest single one)."""
+
+    def __init__(self) -> None:
+        self.block: int | None = None
+        self.mute = False  # inside an attention kernel: counted as flash SDPA keeps it
+        self.bytes: dict[tuple[int | None, str], int] = {}
+        self.largest_mask = 0
+
+    def add(self, kind: str, n: int, call: bool = False) -> None:
+        key = (self.block, kind)
+        self.bytes[key] = self.bytes.get(key, 0) + n
+        if call:
+            self.largest_mask = max(self.largest_mask, n)
+
+    def total(self, kind: str, block: int | None | str = "all") -> int:
+        return sum(v for (b, k), v in self.bytes.items()
+                   if k == kind and (block == "all" or b == block))
+
+    def blocks(self) -> list[int]:
+        return sorted({b for b, _ in self.bytes if b is not None})
+
+
+def _estimate(args: argparse.Namespace, ledger: Ledger, device: str) -> dict[str, float]:
     from blsam import TEACHER_OF, blsam_model_registry
-    from blsam.train.distill import DistillModel, enable_grad_checkpointing, set_trainable
+    from blsam.train.distill import DistillModel, set_trainable
 
     saved: dict[int, int] = {}
     s, m = args.img_size, args.masks_per_image
-    with torch.device("meta"):
+    with torch.device(device):
         sam = blsam_model_registry[args.model](img_size=s)
         teacher = blsam_model_registry[TEACHER_OF[args.model]](img_size=s)
         set_trainable(sam, args.trainable)
-        if args.grad_checkpoint:
-            enable_grad_checkpointing(sam.image_encoder)
         params = {id(p) for p in sam.parameters()}
         model = DistillModel(sam, 2.5)
         n_pts = {"box": 1, "point": 1, "points": 3}[args.prompt]
-        batch = {"masks": [torch.zeros(m, s // 4, s // 4)], "kind": [args.prompt],
+        batch = {"masks": [torch.zeros(m, s // 4, s // 4, dtype=torch.uint8)],
+                 "kind": [args.prompt],
                  "boxes": [torch.zeros(m, 4)], "points": [torch.zeros(m, n_pts, 2)],
                  "labels": [torch.ones(m, n_pts, dtype=torch.long)]}
         x, t = torch.zeros(1, 3, s, s), torch.zeros(1, 256, s // 16, s // 16)
 
     def pack(v: torch.Tensor) -> torch.Tensor:
-        if id(v) not in params:
+        if id(v) not in params and not ledger.mute:
             st = v.untyped_storage()
-            saved[id(st)] = st.nbytes()
+            # a storage saved twice is kept once; ``_cdata`` names the storage itself (each
+            # ``untyped_storage()`` call makes a new Python wrapper, so its id() cannot)
+            if st._cdata not in saved:
+                saved[st._cdata] = st.nbytes()
+                ledger.add("saved", st.nbytes())
         return v
 
+    # every block's forward attributes what it saves to itself (a plain forward: with
+    # checkpointing, distill.enable_grad_checkpointing, the recomputed block keeps exactly
+    # this during its backward)
+    for i, blk in enumerate(sam.image_encoder.blocks):
+        blk.register_forward_pre_hook(lambda m, a, i=i: setattr(ledger, "block", i))
+        blk.register_forward_hook(lambda m, a, o: setattr(ledger, "block", None))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
         model(x, batch, t)
     trainable = sum(p.numel() for p in sam.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in sam.parameters()) - trainable
-    if args.grad_checkpoint:  # inputs held by the checkpoints; one block live at a time
+    per_block = {b: ledger.total("saved", b) + ledger.total("attn", b)
+                 for b in ledger.blocks()}
+    worst = max(per_block, key=per_block.get) if per_block else None
+    if args.grad_checkpoint:
+        # kept: every block's input (one fp32 token map each) and what the rest saves; live
+        # during the worst block's backward: its recomputed activations and their gradients
+        # (about as many bytes again), and its SDPA masks
         spec = sam.image_encoder.spec
         kept = spec.depth * (s // 16) ** 2 * spec.embed_dim * 4
-        attn_bytes[0] = attn_bytes[0] // spec.depth
-        saved[-1] = kept
-    act32 = sum(saved.values()) / GiB + attn_bytes[0] / GiB
-    # checkpointed: only the recomputed block's masks are live; otherwise every block's
-    masks = (max(mask_bytes, default=0) if args.grad_checkpoint else sum(mask_bytes)) / GiB
+        act = (ledger.total("saved", None) + ledger.total("attn", None) + kept
+               + 2 * per_block.get(worst, 0))
+        masks = ledger.total("masks", worst) if worst is not None else 0
+    else:
+        act = ledger.total("saved") + ledger.total("attn")
+        masks = ledger.total("masks")
+    act32 = act / GiB
+    masks /= GiB
     out = {
         "student_params_M": (trainable + frozen) / 1e6,
         "trainable_params_M": trainable / 1e6,
@@ -118,11 +170,17 @@ def _estimate(args: argparse.Namespace, attn_bytes: list[int], mask_bytes: list[
         "teacher_weights_GiB": 4 * sum(p.numel() for p in teacher.parameters()) / GiB,
         "activations_fp32_GiB_per_image": act32,
         "sdpa_masks_GiB_per_image": masks,
+        "sdpa_mask_largest_GiB_per_image": ledger.largest_mask / GiB,
+        "worst_block": float(worst if worst is not None else -1),
+        "worst_block_fp32_GiB_per_image": per_block.get(worst, 0) / GiB,
+        "outside_blocks_fp32_GiB_per_image": (ledger.total("saved", None)
+                                              + ledger.total("attn", None)) / GiB,
         "ddp_grad_buckets_GiB": 4 * trainable / GiB if args.ddp_buckets == "copy" else 0.0,
+        "cuda_runtime_GiB": RUNTIME_GIB,
     }
     b = args.batch_size
     base = (out["weights_grads_adamw_GiB"] + out["teacher_weights_GiB"]
-            + out["ddp_grad_buckets_GiB"])
+            + out["ddp_grad_buckets_GiB"] + out["cuda_runtime_GiB"])
     out["total_bf16_GiB_low"] = base + (0.5 * act32 + masks) * b
     out["total_bf16_GiB_high"] = base + (act32 + masks) * b
     return out

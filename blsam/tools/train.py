@@ -7,13 +7,14 @@
     python tools/train.py --config ... --val-only --checkpoint runs/b_t/final.pth
 
 A user error (bad option, data, teacher cache, checkpoint, resume, output folder, ranks that
-disagree) is one ``error:`` line on stderr and exit code 2, never a traceback. Exit codes:
-0 done (or --stop-after), 2 user error, 3 too many non-finite steps (one line naming the step
-and the newest good checkpoint), 75 stopped by SIGTERM/SIGUSR1/SIGINT with a checkpoint
-written (rerun with --resume auto), 130 a second Ctrl-C (no checkpoint), 1 a failure of one
-rank's own work (a checkpoint write, metrics.jsonl, the profiler trace) that every rank learnt
-at the same step boundary (one line naming the rank), or a crash (traceback). The process
-group is destroyed only after an exit every rank agreed on (blsam.train.failures).
+disagree) is one ``error:`` line on stderr and exit code 2, never a traceback. Exit codes: 0
+done (or --stop-after), 2 user error, 3 too many non-finite steps (one line naming the step and
+the newest good checkpoint), 75 stopped by SIGTERM/SIGUSR1/SIGINT with a checkpoint written
+(rerun with --resume auto) or, before the first step, at once (nothing to save), 130 a second
+Ctrl-C (no checkpoint), 1 a failure of one rank's own work (a checkpoint write, metrics.jsonl,
+the profiler trace) that every rank learnt at the same step boundary (one line naming the
+rank), or a crash (traceback). The process group is destroyed only after an exit every rank
+agreed on (blsam.train.failures).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from blsam.train import fatal
 from blsam.train.cluster import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError
 from blsam.train.failures import EXIT_FAILED, RankFailure, agreed_exit, end_process_group
 from blsam.train.options import build_parser
+from blsam.train.preemption import PreemptedDuringSetup
 from blsam.train.trainer import train
 from blsam.utils.cli import one_line, one_line_parse_errors, run_cli
 from blsam.utils.config import parse_args_with_config
@@ -71,6 +73,10 @@ def cli(argv: list[str] | None = None) -> int:
             exc = e
             _error(e)
             return EXIT_FAILED
+        except PreemptedDuringSetup as e:  # nothing to save: out at once, 75 (retry)
+            exc = e
+            sys.stderr.write(f"stopped: {e}\n")
+            return EXIT_PREEMPTED
         except KeyboardInterrupt as e:
             exc = e
             print("error: interrupted (a second Ctrl-C): no checkpoint written for the steps "

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,6 +17,7 @@ from ..utils import dist as du
 from . import rundir
 from .cluster import NonFiniteError, first_nonfinite
 from .distill import lr_lambda
+from .preemption import grace_seconds, note_write
 from .resume import (
     COUNTERS,
     clean_stale_temp_files,
@@ -86,12 +88,26 @@ def save(run: Run, numbered: bool) -> None:
     # for it through the store, up to --write-timeout
     with du.main_writes(f"checkpoint step {run.step}", write_timeout(run.cfg)) as main:
         if main:
-            run.ckpt_writer.save(save_training_checkpoint, checkpoint_state(run, counters),
+            run.ckpt_writer.save(_timed_write(run), checkpoint_state(run, counters),
                                  run.cfg.ckpt.output_dir, run.step, numbered,
                                  run.cfg.ckpt.keep_last)
     out = run.cfg.ckpt.output_dir
     run.last_good = os.path.join(out, f"step_{run.step:07d}.pth" if numbered else "last.pth")
 
+
+
+def _timed_write(run: Run) -> Callable[..., None]:
+    """``save_training_checkpoint`` timed from the snapshot to the renamed file: the number the
+    preemption grace must cover (``blsam.train.preemption``)."""
+    t0, step = time.monotonic(), run.step
+    grace = grace_seconds(run.cfg.cluster.preempt_grace)
+
+    def write(state: dict[str, Any], out: str, *args: Any) -> None:
+        save_training_checkpoint(state, out, *args)
+        size = os.path.getsize(os.path.join(out, "last.pth"))
+        note_write(out, step, time.monotonic() - t0, size, grace)
+
+    return write
 
 
 def resume(run: Run) -> None:

@@ -111,16 +111,25 @@ def signal_numbers(names: Sequence[str]) -> list[int]:
 class StopSignals:
     """Context manager: the given signals (and SIGINT) set ``requested`` instead of ending the
     process; the loop reads it at each step boundary. A second SIGINT raises
-    KeyboardInterrupt at once. Previous handlers come back on exit. Only in the main thread
-    (elsewhere Python cannot install handlers, and nothing is installed)."""
+    KeyboardInterrupt at once. While ``in_setup`` (before the first step: nothing to save) a
+    signal raises ``PreemptedDuringSetup`` at once instead of waiting for the first boundary.
+    Previous handlers come back on exit. Only in the main thread (elsewhere Python cannot
+    install handlers, and nothing is installed)."""
 
     def __init__(self, signums: Sequence[int]) -> None:
         self.signums = sorted(set(signums) | {int(signal.SIGINT)})
         self.requested: str | None = None
+        self.in_setup = False
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
+        if self.in_setup:
+            from .preemption import PreemptedDuringSetup
+
+            self.in_setup = False  # raised once: cleanup code is not interrupted again
+            self.requested = name
+            raise PreemptedDuringSetup(name)
         if signum == signal.SIGINT and self.requested == "SIGINT":
             raise KeyboardInterrupt
         if self.requested is None:

@@ -121,6 +121,8 @@ class ClusterConfig:
     preempt_signals: list[str]
     dist_timeout: float
     write_timeout: float
+    preempt_grace: float | None = None  # seconds; None: torchrun's shutdown timeout or 30
+    deterministic: bool = False  # bit-identical on CUDA too (precision.deterministic_mode)
 
 
 SECTIONS: tuple[tuple[str, type], ...] = (

@@ -6,16 +6,19 @@ batch.
   prefetching across epoch boundaries. Samples are functions of (seed, epoch, index), not of
   worker state, so a resumed run still sees exactly the batches the uninterrupted one saw.
 * ``pack_batch`` / ``unpack_batch``: every tensor of a batch (images, masks, boxes, points,
-  labels, cached teacher rows) is packed into one byte buffer by the loader worker, pinned by
-  the loader, copied to the GPU with one non-blocking transfer and viewed apart there. CPU
-  runs skip the packing (nothing to transfer).
+  labels, cached teacher rows) is packed into one byte buffer by the loader worker, staged into
+  a reused page-locked buffer of its size (``blsam.train.pinned``), copied to the GPU with one
+  non-blocking transfer and viewed apart there. CPU runs skip the packing (nothing to
+  transfer).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+from .pinned import PinnedPool
 
 ALIGN = 64  # bytes: every piece starts aligned for any dtype's view
 
@@ -43,6 +46,17 @@ class EndlessBatchSampler(torch.utils.data.Sampler):
             epoch, start = epoch + 1, 0
 
 
+def one_thread_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: OpenCV's thread pool to one thread in every data worker
+    (torch does this for its own pool; OpenCV would start one thread per core in each of N
+    workers, N x cores threads fighting the training process for the node's CPUs)."""
+    try:
+        import cv2
+    except ImportError:
+        return
+    cv2.setNumThreads(1)
+
+
 def endless_loader(ds: torch.utils.data.Dataset, sampler: Any, collate_fn: Any,
                    num_workers: int, epoch: int, start_batch: int, pin: bool
                    ) -> Iterator[tuple[int, int, dict[str, Any]]]:
@@ -53,8 +67,9 @@ def endless_loader(ds: torch.utils.data.Dataset, sampler: Any, collate_fn: Any,
     endless = EndlessBatchSampler(sampler, epoch, start_batch)
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=endless, collate_fn=PackingCollate(collate_fn) if pin else collate_fn,
-        num_workers=num_workers,
-        pin_memory=pin, persistent_workers=num_workers > 0,
+        num_workers=num_workers, worker_init_fn=one_thread_worker,
+        pin_memory=False,  # unpack_batch stages into exact-size pinned buffers (pinned.py)
+        persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None)
     for (e, b), batch in zip(endless.positions(), loader):
         yield e, b, batch
@@ -101,20 +116,48 @@ def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-def unpack_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def unpack_batch(batch: dict[str, Any], device: torch.device,
+                 pool: PinnedPool | None = None) -> dict[str, Any]:
     """Inverse of ``pack_batch`` with ONE (non-blocking, from pinned memory) copy to ``device``;
-    a batch that was not packed is returned as is."""
+    a batch that was not packed is returned as is. ``pool``: stage through its exact-size
+    page-locked buffers (the loop's, on CUDA) instead of torch's power-of-two pinned blocks."""
     packed = batch.pop(PACKED, None)
     if packed is None:
         return batch
     flat = packed["flat"]
-    if device.type == "cuda" and not flat.is_pinned():
-        flat = flat.pin_memory()
-    flat = flat.to(device, non_blocking=True)
+    if pool is not None:
+        flat = stage_and_copy(flat, device, pool)
+    else:
+        if device.type == "cuda" and not flat.is_pinned():
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=True)
     for path, dtype, shape, off in packed["specs"]:
         nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
         _set(batch, path, flat[off:off + nbytes].view(dtype).view(shape))
     return batch
+
+
+def stage_and_copy(flat: torch.Tensor, device: torch.device, pool: PinnedPool
+                   ) -> torch.Tensor:
+    """``flat`` through a pooled pinned buffer to ``device`` (non-blocking); the buffer goes
+    back to the pool once the copy out of it is done."""
+    buf = pool.take(flat.numel())
+    staged = buf[:flat.numel()]
+    staged.copy_(flat)
+    out = staged.to(device, non_blocking=True)
+    if out.data_ptr() == staged.data_ptr():  # already there: no copy, so not the pool's
+        out = out.clone()
+    pool.give(buf, copy_done(device))
+    return out
+
+
+def copy_done(device: torch.device) -> Callable[[], bool]:
+    """True once the host-to-device copies issued so far have finished."""
+    if device.type != "cuda":
+        return lambda: True
+    event = torch.cuda.Event()
+    event.record()
+    return event.query
 
 
 class PackingCollate:

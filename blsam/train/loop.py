@@ -25,7 +25,8 @@ from ..build_blsam import blsam_model_registry, reinit_image_encoder_
 from ..checkpoint import load_strict, read_state_dict, save_atomic
 from ..specs import TEACHER_OF
 from ..utils import dist as du
-from ..utils.files import write_json_atomic
+from ..utils.collectives import fail_together
+from ..utils.files import file_sha256, write_json_atomic
 from . import rundir
 from .async_ckpt import AsyncCheckpointWriter
 from .checkpointer import resume, save, write_timeout  # noqa: F401  (loop.resume: its parts)
@@ -44,7 +45,7 @@ from .distill import (
 from .failures import LocalFailures, check_boundary, raise_agreed
 from .loader import endless_loader, normalize_images, unpack_batch
 from .metrics_log import LogInterval, MetricsLog, log_window  # noqa: F401  (loop.MetricsLog)
-from .packed_cache import file_sha256
+from .pinned import PinnedPool
 from .precision import amp_dtype
 from .resume import COUNTERS, check_resume, load_resume, run_signature, saved_signature
 from .sampler import EpochBatchSampler
@@ -97,6 +98,7 @@ class Run:
     nonfinite_run: int = 0  # ... of them in a row, up to now
     last_good: str | None = None  # the newest checkpoint known finite (written or resumed)
     signals: StopSignals | None = None  # set by Trainer.fit: preemption requests
+    batch_pool: PinnedPool | None = None  # exact-size pinned staging of batches (CUDA)
     preempted: str | None = None  # the signal the run stopped for
     failures: LocalFailures = field(default_factory=LocalFailures)  # rank-local work's errors
 
@@ -130,7 +132,7 @@ def setup(cfg: TrainConfig) -> Run:
     info = du.init_distributed(cfg.cluster.device, timeout_min=cfg.cluster.dist_timeout)
     dev = info.device
     teacher_name = TEACHER_OF[cfg.model.model]
-    with du.fail_together():  # a rank whose data or resume file fails ends every rank
+    with fail_together(announce=False):  # a rank whose data or resume file fails: every rank
         d = _setup_data(cfg, info, teacher_name)
     records, ds, sampler, total, signature = d.records, d.ds, d.sampler, d.total, d.signature
     resume_path, resume_ck = d.resume_path, d.resume_ck
@@ -268,7 +270,7 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
     loss_bad = torch.zeros((), dtype=torch.bool, device=dev)
     for micro in range(cfg.optim.accum_steps):
         epoch, b, batch = next(stream)
-        batch = unpack_batch(batch, dev)  # one non-blocking copy per batch (CUDA)
+        batch = unpack_batch(batch, dev, run.batch_pool)  # one non-blocking copy (CUDA)
         timer.lap("data")
         run.epoch, run.batch_in_epoch = ((epoch, b + 1) if b + 1 < run.batches_per_epoch
                                          else (epoch + 1, 0))
@@ -374,6 +376,7 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
     if run.val_loader is not None and run.step == 0:
         validate(run, mlog)  # the curve's starting point
     run.timer = timer = PhaseTimer(run.dev)
+    run.batch_pool = PinnedPool() if run.dev.type == "cuda" else None
     mode = cfg.ckpt.async_checkpoint
     run.ckpt_writer = AsyncCheckpointWriter(
         background=mode == "on" or (mode == "auto" and run.dev.type == "cuda"))
@@ -394,7 +397,10 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
     # the last background write, before finish()'s collective: the others wait for it outside
     # any collective
     with du.main_writes("the last checkpoint", write_timeout(cfg)):
-        run.ckpt_writer.wait()  # a failed background write is raised here
+        run.ckpt_writer.release()  # waits: a failed background write is raised here
+    if run.batch_pool is not None:  # no copy out of the staging buffers may be in flight
+        torch.cuda.synchronize(run.dev)
+        run.batch_pool.release()
     return done
 
 
@@ -443,7 +449,8 @@ def finish(run: Run, completed: bool) -> dict[str, Any]:
                "teacher_built": run.teacher.encoder is not None, "run": run.signature,
                "dist_timeout_min": cfg.cluster.dist_timeout,
                "write_timeout_min": write_timeout(cfg),
-               "amp_dtype": str(run.dtype or torch.float32).replace("torch.", "")}
+               "amp_dtype": str(run.dtype or torch.float32).replace("torch.", ""),
+               "deterministic": cfg.cluster.deterministic}
     # rank 0 writes, the others wait outside any collective (no barrier: the write may outlast
     # --dist-timeout); every rank returns once final.pth and summary.json are on disk
     with du.main_writes("final.pth and summary.json", write_timeout(cfg)) as main:

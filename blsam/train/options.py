@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preempt-signals", nargs="+", default=["SIGTERM", "SIGUSR1"],
                    help="signals that stop every rank at the next step boundary with a "
                         "checkpoint (exit 75); SIGINT always does; 'none': only SIGINT")
+    g.add_argument("--preempt-grace", type=float, default=None, metavar="SECONDS",
+                   help="seconds between a preemption signal and SIGKILL (torchrun "
+                        "--shutdown-timeout, SLURM KillWait); the run warns when its measured "
+                        "checkpoint write does not fit (default: $TORCH_ELASTIC_SHUTDOWN_TIMEOUT "
+                        "or 30)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="bit-identical reruns and resumes on CUDA too (they are on CPU "
+                        "without it): deterministic algorithms and SDPA's math kernel; slower, "
+                        "more memory (docs/training.md, Checkpoints and exact resume)")
     g.add_argument("--dist-timeout", type=float, default=60.0,
                    help="minutes a collective waits for the slowest rank before the process "
                         "group fails (NCCL watchdog)")
@@ -179,6 +188,8 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.max_nonfinite_steps >= 0, f"--max-nonfinite-steps must be >= 0, "
          f"got {args.max_nonfinite_steps}")
     need(args.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
+    need(args.preempt_grace is None or 0 < args.preempt_grace < float("inf"),
+         f"--preempt-grace must be > 0 seconds, got {args.preempt_grace}")
     need(args.write_timeout > 0,
          f"--write-timeout must be > 0 minutes, got {args.write_timeout}")
     try:

@@ -24,7 +24,6 @@ from another cache is refused instead of training on the wrong embeddings.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,31 +34,18 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..utils.files import write_json_atomic
+from ..utils.files import file_sha256, write_json_atomic
 
 FORMAT = "blsam-teacher-cache/1"
 INDEX = "index.json"
 VERIFIED = ".verified.json"
 DTYPE = np.float16
 EMBED_DIM = 256  # SAM's neck output channels
-_HASHES: dict[tuple[str, int, float], str] = {}
+
 
 
 class CacheError(UserError):
     """A teacher cache that is missing, damaged, or made by another teacher / image size."""
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a file, memoised per (path, size, mtime): a ViT-H checkpoint is 2.5 GB."""
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
 
 
 def provenance(teacher: str, sam_checkpoint: str, img_size: int) -> dict[str, Any]:

@@ -17,7 +17,10 @@ The choice and its reason are logged once per process (``--amp auto: bf16 (CUDA 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 
 import torch
 
@@ -67,3 +70,37 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         log.warning("--amp bf16 on a device without native bf16 (%s): emulated, slower than "
                     "--amp fp16 / none", native_bf16(device)[1])
     return dtype
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """``--deterministic``: bit-identical reruns and resumes on CUDA too, at a cost.
+
+    Without it, resume is bit-identical on CPU only: on CUDA the backward of ``index_select``
+    (routing's gather) accumulates with atomics and the memory-efficient / flash SDPA backward
+    kernels do too, so two runs differ in the last bits and drift apart. With it:
+    ``torch.use_deterministic_algorithms(True)`` (deterministic scatter-adds; an op without a
+    deterministic kernel raises instead of running), ``CUBLAS_WORKSPACE_CONFIG=:4096:8``,
+    cuDNN deterministic, and SDPA restricted to its math kernel, which materialises every
+    (heads, N, N) attention matrix: slower and, at 1024², several GiB more per global block
+    in training (``blsam-estimate-train-memory`` does not count it). Everything is restored
+    on exit."""
+    if not enabled:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1:3]
+        if before[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

@@ -15,6 +15,8 @@ from .checkpointer import resume
 from .cluster import StopSignals, signal_numbers
 from .config import TrainConfig
 from .metrics_log import MetricsLog
+from .precision import deterministic_mode
+from .preemption import check_grace_at_start, grace_seconds
 
 
 class Trainer:
@@ -33,14 +35,21 @@ class Trainer:
                 rundir.release(self.config.ckpt.output_dir)
 
     def _fit(self) -> dict[str, Any]:
-        # from here a preemption signal (or Ctrl-C) is a flag read at the next step boundary
-        with StopSignals(signal_numbers(self.config.cluster.preempt_signals)) as signals:
+        # from here a preemption signal (or Ctrl-C) is a flag read at the next step boundary;
+        # until the first step, nothing is lost by stopping at once (preemption.py)
+        with StopSignals(signal_numbers(self.config.cluster.preempt_signals)) as signals, \
+                deterministic_mode(self.config.cluster.deterministic):
+            signals.in_setup = True
             run = loop.setup(self.config)
             run.signals = signals
             if self.config.val.val_only:
                 return loop.val_only(run)
             resume(run)
             loop.wrap_ddp(run)
+            if run.info.is_main:  # does a checkpoint write fit the preemption grace?
+                check_grace_at_start(self.config.ckpt.output_dir, run.sam,
+                                     grace_seconds(self.config.cluster.preempt_grace))
+            signals.in_setup = False
             mlog = MetricsLog(run)
             try:
                 completed = loop.run_loop(run, mlog)

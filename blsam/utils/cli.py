@@ -114,14 +114,47 @@ def one_line(e: BaseException) -> str:
 
 
 def one_line_parse_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """argparse prints its usage block before an error; a user error here is one line."""
+    """argparse prints its usage block before an error; a user error here is one line. Also
+    gives every tool ``--print-config``: the options it would run with (config file and
+    command line applied), as a YAML mapping that ``--config`` takes back, then exit 0."""
 
     def error(message: str) -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
     parser.error = error  # type: ignore[method-assign]
+    if "--print-config" not in parser._option_string_actions:
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the options this command would run with (YAML, "
+                                 "usable as --config) and exit")
+        parse = parser.parse_args
+
+        def parse_args(args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+            ns = parse(args, namespace)
+            if vars(ns).pop("print_config", False):
+                sys.stdout.write(config_text(ns))
+                sys.exit(0)
+            return ns
+
+        parser.parse_args = parse_args  # type: ignore[method-assign]
     return parser
+
+
+def config_text(ns: argparse.Namespace) -> str:
+    """The parsed options as YAML (JSON where PyYAML is not installed: also valid YAML)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    opts = {k: plain(v) for k, v in vars(ns).items() if k != "config"}
+    try:
+        import yaml
+    except ImportError:
+        import json
+
+        return json.dumps(opts, indent=1) + "\n"
+    return yaml.safe_dump(opts, sort_keys=False, default_flow_style=None)
 
 
 class MissingExtraError(UserError):

@@ -70,13 +70,17 @@ def _rebuild(status: Any) -> BaseException:
 
 
 @contextlib.contextmanager
-def fail_together(log_dir: str | None = None) -> Iterator[None]:
+def fail_together(log_dir: str | None = None, announce: bool = True) -> Iterator[None]:
     """Run a block on every rank; if it raises on any rank, it raises on every rank (the
     lowest failing rank's error, its type kept and its message prefixed with the rank).
 
-    The failing rank writes ``error: on rank R: ...`` to stderr at once (the traceback goes to
-    ``<log_dir>/error_rank<R>.log``), so the error is seen even if a peer never arrives; the
-    raised exception then has ``printed = True``. When every rank agreed (the small gather
+    Why: a rank that fails alone (a corrupt image in its shard, a full disk) would otherwise
+    leave the others waiting in the next collective until the process group times out.
+
+    ``announce``: the failing rank writes ``error: on rank R: ...`` to stderr at once (the
+    traceback goes to ``<log_dir>/error_rank<R>.log``), so the error is seen even if a peer
+    never arrives; the raised exception then has ``printed = True`` (``blsam-train`` prints its
+    own line per rank instead: ``announce=False``). When every rank agreed (the small gather
     succeeded), the exception has ``all_ranks = True``. In one process this is a no-op.
     """
     if not _active():
@@ -92,8 +96,9 @@ def fail_together(log_dir: str | None = None) -> Iterator[None]:
     rank = dist.get_rank()
     mine = None if err is None else _portable(err, rank)
     if err is not None:
-        sys.stderr.write(f"error: {mine[1]}\n")
-        sys.stderr.flush()
+        if announce:
+            sys.stderr.write(f"error: {mine[1]}\n")
+            sys.stderr.flush()
         if log_dir:
             try:
                 os.makedirs(log_dir, exist_ok=True)
@@ -112,7 +117,7 @@ def fail_together(log_dir: str | None = None) -> Iterator[None]:
         dist.all_gather_object(status, mine)
     except Exception as gather_err:  # a peer is gone or stuck past the timeout
         if err is not None:
-            err.printed = True
+            err.printed = announce
             raise err from gather_err
         exc: BaseException = RankError(f"a peer rank failed and this rank could not agree with "
                                        f"it: {gather_err}")
@@ -127,5 +132,5 @@ def fail_together(log_dir: str | None = None) -> Iterator[None]:
         if st is not None:
             exc = _rebuild(st)
             exc.all_ranks = True  # a CLI may print it, then ``barrier()``, then exit
-            exc.printed = st == mine  # this rank wrote the line already
+            exc.printed = announce and st == mine  # this rank wrote the line already
             raise exc from err

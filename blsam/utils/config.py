@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import UserError
 
+MAX_CONFIG_BYTES = 1 << 20  # a flat option mapping is a few kB; more is a mistake or an attack
 PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "configs")
 
@@ -57,11 +58,22 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     import yaml  # the train / eval extras: only needed when a config is given
 
     path = resolve_config(path)
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path!r} is {size} bytes, more than the "
+                          f"{MAX_CONFIG_BYTES} a config may have")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from e
+            text = f.read()
+        # aliases expand on use: a 300-byte file can stand for gigabytes ("billion laughs");
+        # a flat option mapping never needs one
+        if any(isinstance(t, yaml.AliasToken) for t in yaml.scan(text)):
+            raise ConfigError(f"config file {path!r} uses YAML aliases (*name), which a config "
+                              f"does not need: write the values out")
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: "
+                          f"{' '.join(str(e).split())[:300]}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -94,14 +106,73 @@ def parse_args_with_config(
             hints = {k: difflib.get_close_matches(k, list(actions), n=1) for k in unknown}
             hint = ", ".join(f"{k} (did you mean {h[0]!r}?)" if h else k for k, h in hints.items())
             raise ConfigError(f"unknown key(s) in config {known.config!r}: {hint}")
-        for key, value in cfg.items():
-            choices = actions[key].choices
-            values = value if isinstance(value, list) else [value]  # nargs options take lists
-            bad = [v for v in values if choices is not None and v is not None and v not in choices]
-            if bad:
-                raise ConfigError(
-                    f"config {known.config!r}: {key}={value!r}: {bad[0]!r} is not one of "
-                    f"{list(choices)}"
-                )
+        cfg = {k: typed_value(actions[k], v, f"config {known.config!r}: {k}")
+               for k, v in cfg.items()}
         parser.set_defaults(**cfg)
     return parser.parse_args(argv)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def typed_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A YAML value as the command-line option would have parsed it, or ``ConfigError``: the
+    flag's type for scalars (``seed: 1.5`` for an int is refused, not truncated), a list for
+    options that take several values, a YAML boolean for on/off flags (``no_progress:
+    "false"`` is a string, not false), never a mapping, and the option's choices."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                           argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={_short(value)}: an on/off flag takes true or false")
+        return value
+    if value is None:
+        return None
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if many:
+        if not isinstance(value, list):  # one value for a list option: kept as written
+            if isinstance(action.nargs, int) and action.nargs != 1:
+                raise ConfigError(f"{where}: needs {action.nargs} values, got 1")
+            return _scalar(action, value, where)
+        out = [_scalar(action, v, where) for v in value]
+        if action.nargs == "+" and not out:
+            raise ConfigError(f"{where}: needs at least one value")
+        if isinstance(action.nargs, int) and len(out) != action.nargs:
+            raise ConfigError(f"{where}: needs {action.nargs} values, got {len(out)}")
+        return out
+    return _scalar(action, value, where)
+
+
+def _scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    if isinstance(value, (list, dict)):
+        raise ConfigError(f"{where}={_short(value)}: one value expected, not a "
+                          f"{'list' if isinstance(value, list) else 'mapping'}")
+    kind = action.type
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or (
+                isinstance(value, str) and not value.strip().lstrip("+-").isdigit()):
+            raise ConfigError(f"{where}={_short(value)}: an integer expected")
+        value = int(value)
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}={_short(value)}: a number expected")
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}={_short(value)}: a number expected") from None
+    elif kind is None or kind is str:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}={_short(value)}: a string expected (quote it)")
+        value = str(value) if isinstance(value, (int, float)) else value
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={_short(value)}: a string expected")
+    elif callable(kind):  # a custom parser: what the command line would hand it
+        try:
+            value = kind(value if isinstance(value, str) else str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise ConfigError(f"{where}={_short(value)}: {e}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{where}={_short(value)}: {value!r} is not one of "
+                          f"{list(action.choices)}")
+    return value

@@ -172,38 +172,6 @@ def _portable(err: BaseException, rank: int) -> tuple[Any, str]:
         return RankError, f"{type(err).__name__} {msg}"
 
 
-@contextlib.contextmanager
-def fail_together() -> Iterator[None]:
-    """Run a block on every rank; if it raises on any rank, it raises on every rank.
-
-    Why: a rank that fails alone (a corrupt image in its shard, a full disk) would otherwise
-    leave the others waiting in the next collective until the process group times out. Every
-    rank reaches one small ``all_gather_object`` at the end of the block, failed or not, and all
-    raise the lowest failing rank's error (same type, message prefixed with the rank). In one
-    process this is a no-op and errors keep their traceback.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        yield
-        return
-    err: BaseException | None = None
-    try:
-        yield
-    except Exception as e:  # KeyboardInterrupt etc. still end this rank at once
-        err = e
-    rank = dist.get_rank()
-    status = all_gather_objects(None if err is None else _portable(err, rank))
-    for _r, st in enumerate(status):
-        if st is not None:
-            cls, msg = st
-            try:
-                exc = cls(msg)
-            except Exception:
-                exc = RankError(msg)
-            exc.all_ranks = True  # a CLI may print it, then ``barrier()``, then exit
-            raise exc from err
-    return
-
-
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

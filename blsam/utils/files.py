@@ -1,8 +1,10 @@
 """The one atomic file write: a temporary file in the same folder, flushed and fsynced, then
 renamed over the target. A crash mid-write leaves the previous file intact, never a torn one;
-the temporary name ``.<name>.tmp.<pid>`` lets cleanup code tell whose it was."""
+the temporary name ``.<name>.tmp.<pid>`` lets cleanup code tell whose it was. Also the one
+file hash (``file_sha256``, memoised) that records which weights or annotations a result used."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -54,3 +56,20 @@ def wait_for_later_event_file(log_dir: str | os.PathLike) -> None:
         delay = max(stamps) + 1 - time.time()
         if 0 < delay <= 2:
             time.sleep(delay)
+
+
+_HASHES: dict[tuple[str, int, float], str] = {}
+
+
+def file_sha256(path: str | os.PathLike, digits: int | None = None) -> str:
+    """sha256 of a file (its first ``digits`` hex digits), memoised per (path, size, mtime):
+    a ViT-H checkpoint is 2.5 GB and is hashed by several records of one run."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key][:digits]

@@ -30,7 +30,7 @@ def index_coco(spec: SourceSpec, info: dict[str, Any]
     """(every usable image's record, the annotation set, source identity, skipped names)."""
     from ...annotations import load_annotation_file
     from ...evaluation.datasets import resolve_image_path
-    from ..packed_cache import file_sha256
+    from ...utils.files import file_sha256
 
     ann = load_annotation_file(spec.ann_file)
     skipped: list[str] = []
