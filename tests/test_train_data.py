@@ -269,16 +269,23 @@ class _Cv2Threads(torch.utils.data.Dataset):
 
 
 def test_data_workers_run_opencv_on_one_thread():
-    """Each of N data workers would otherwise start an OpenCV pool as wide as the node."""
+    """Each of N data workers would otherwise start an OpenCV pool as wide as the node. The
+    parent has used its pool first (as validation preprocessing does): a worker calling
+    cv2.setNumThreads after the fork would deadlock there."""
     import cv2
 
     from blsam.train.loader import endless_loader
 
-    if cv2.getNumThreads() <= 1:
-        cv2.setNumThreads(2)  # the parent's pool: what a worker would inherit
-    loader = endless_loader(_Cv2Threads(), _TwoBatches(), list, num_workers=1,
-                            epoch=0, start_batch=0, pin=False)
-    assert [next(loader)[2] for _ in range(2)] == [[1], [1]]
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)  # the parent's pool, in use: what a worker would inherit
+    try:
+        cv2.resize(np.zeros((512, 512), np.float32), (256, 256), interpolation=cv2.INTER_AREA)
+        loader = endless_loader(_Cv2Threads(), _TwoBatches(), list, num_workers=1,
+                                epoch=0, start_batch=0, pin=False)
+        assert [next(loader)[2] for _ in range(2)] == [[1], [1]]
+        assert cv2.getNumThreads() == 2  # the parent's own setting is back
+    finally:
+        cv2.setNumThreads(before)
 
 
 class _TwoBatches:

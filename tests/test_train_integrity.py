@@ -106,8 +106,8 @@ def test_masks_over_90_percent_are_dropped(folder):
     off = D.SA1BDataset(recs, img_size=IMG, masks_per_image=100, max_mask_fraction=1.0)[(0, 0)]
     assert on["large_ann"] == 1 and off["large_ann"] == 0
     assert on["masks"].shape[0] == off["masks"].shape[0] - 1 <= n - 1
-    assert (off["masks"].flatten(1).mean(1) > 0.9).any()
-    assert not (on["masks"].flatten(1).mean(1) > 0.9).any()
+    assert (off["masks"].flatten(1).float().mean(1) > 0.9).any()
+    assert not (on["masks"].flatten(1).float().mean(1) > 0.9).any()
 
 
 def test_data_fraction_reports_and_warns_on_per_image_fallback(tmp_path, caplog):

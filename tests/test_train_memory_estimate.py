@@ -47,7 +47,10 @@ def test_worst_block_and_checkpointing_by_hand_and_against_a_real_cpu_forward():
     cpu = estimate(parse_args(TINY), device="cpu")
     # the same saved tensors (shapes, dtypes, storages) on both devices; which of them share
     # a storage (views vs copies) differs by a few percent between the kernels
-    assert meta == pytest.approx(cpu, rel=0.1)
+    # (which block is the worst can differ where two blocks are within those percent)
+    drop = ("worst_block",)
+    assert {k: v for k, v in meta.items() if k not in drop} == pytest.approx(
+        {k: v for k, v in cpu.items() if k not in drop}, rel=0.1)
     assert meta["activations_fp32_GiB_per_image"] == pytest.approx(
         cpu["activations_fp32_GiB_per_image"], rel=0.02)
     ck = estimate(parse_args(TINY + ["--grad-checkpoint"]))

@@ -12,6 +12,7 @@ models' parameter counts on the meta device and the attention shapes of the fami
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -29,6 +30,7 @@ USABLE = 0.9  # of the device's total memory (fragmentation, the driver's own)
 ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "autocast": 2}
 
 
+@functools.cache
 def vit_shape(family: str, img_size: int) -> tuple[int, int, int]:
     """(tokens, embedding dim, heads) of the family's vanilla ViT, from a meta-device build."""
     with torch.device("meta"):
@@ -38,6 +40,13 @@ def vit_shape(family: str, img_size: int) -> tuple[int, int, int]:
 
 
 def parameter_count(spec: BenchModel, img_size: int) -> int:
+    return _parameter_count(spec.family, spec.kind, spec.registry, spec.keep_ratio, img_size)
+
+
+@functools.cache
+def _parameter_count(family: str, kind: str, registry: str | None, keep_ratio: float | None,
+                     img_size: int) -> int:
+    spec = BenchModel("count", family, kind, keep_ratio, registry=registry)
     with torch.device("meta"):
         enc = spec.build(img_size).image_encoder
     return sum(p.numel() for p in enc.parameters())

@@ -22,7 +22,7 @@ from ..utils.cli import OptionError, check_option
 from ..utils.collectives import DEFAULT_TIMEOUT_MIN
 from ..utils.dist import default_store, init_distributed
 from .data import add_data_args, collate
-from .loader import one_thread_worker
+from .loader import one_opencv_thread_in_workers
 from .packed_cache import (
     CacheError,
     PartWriter,
@@ -180,9 +180,10 @@ def _write_part(args: argparse.Namespace, info: Any, teacher_name: str, src: Any
             loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size,
                                                  collate_fn=collate,
                                                  num_workers=args.num_workers,
-                                                 worker_init_fn=one_thread_worker,
                                                  pin_memory=info.device.type == "cuda")
-            for batch in loader:
+            with one_opencv_thread_in_workers():  # the workers fork here
+                batches = iter(loader)
+            for batch in batches:
                 read_skipped += len(batch["skipped"])
                 emb = teacher.encode(batch["image"]).half().cpu()
                 for key, e in zip(batch["key"], emb):

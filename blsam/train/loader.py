@@ -13,6 +13,7 @@ batch.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,15 +47,26 @@ class EndlessBatchSampler(torch.utils.data.Sampler):
             epoch, start = epoch + 1, 0
 
 
-def one_thread_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: OpenCV's thread pool to one thread in every data worker
-    (torch does this for its own pool; OpenCV would start one thread per core in each of N
-    workers, N x cores threads fighting the training process for the node's CPUs)."""
+@contextlib.contextmanager
+def one_opencv_thread_in_workers() -> Iterator[None]:
+    """Start DataLoader workers (``iter(loader)``) inside this block: they run OpenCV on one
+    thread. torch limits its own pool in workers; OpenCV would start one thread per core in
+    each of N workers, N x cores threads fighting the training process for the node's CPUs.
+
+    Why not a ``worker_init_fn`` calling ``cv2.setNumThreads(1)``: in a forked worker whose
+    parent had already used OpenCV's pool, that call never returns (measured: a deadlock), so
+    the parent's setting is lowered while the workers fork and restored after."""
     try:
         import cv2
     except ImportError:
+        yield
         return
+    before = cv2.getNumThreads()
     cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 def endless_loader(ds: torch.utils.data.Dataset, sampler: Any, collate_fn: Any,
@@ -67,11 +79,13 @@ def endless_loader(ds: torch.utils.data.Dataset, sampler: Any, collate_fn: Any,
     endless = EndlessBatchSampler(sampler, epoch, start_batch)
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=endless, collate_fn=PackingCollate(collate_fn) if pin else collate_fn,
-        num_workers=num_workers, worker_init_fn=one_thread_worker,
+        num_workers=num_workers,
         pin_memory=False,  # unpack_batch stages into exact-size pinned buffers (pinned.py)
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None)
-    for (e, b), batch in zip(endless.positions(), loader):
+    with one_opencv_thread_in_workers():  # the workers fork here
+        batches = iter(loader)
+    for (e, b), batch in zip(endless.positions(), batches):
         yield e, b, batch
 
 
