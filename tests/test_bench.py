@@ -3,6 +3,8 @@ a worker receives, the op classes of --profile-ops, and the autocast rows beside
 import json
 import math
 
+import pytest
+
 from blsam.bench.config import BenchConfig
 from blsam.bench.profile import op_class
 from blsam.bench.results import Result, relative_to
@@ -46,6 +48,7 @@ def test_op_classes():
     assert op_class("aten::add") == op_class("aten::native_layer_norm") == "elementwise"
 
 
+@pytest.mark.slow  # worker processes per dtype (~11 s): the fast tier stays under 3 minutes
 def test_benchmark_autocast_rows_and_op_profile(tmp_path):
     """fp32, bf16 and autocast rows in one run, with ratios to official per precision, the
     bf16 matmul rate for both bf16 kinds, the attention path field and the per-op table."""

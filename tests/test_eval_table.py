@@ -101,6 +101,7 @@ def test_curve_files_are_skipped_with_a_note(tmp_path, capsys):
     assert "| ViT-B | 372.0 | 50.0 |" in out.out and "curve" in out.err
 
 
+@pytest.mark.slow  # eight rows through blsam-eval (~14 s): the fast tier stays under 3 minutes
 def test_paper_section_has_all_eight_rows_beside_ours(tmp_path):
     from blsam.evaluation.table2 import PAPER_TABLE2
     from blsam.specs import get_spec, paper_gflops

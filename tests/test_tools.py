@@ -37,6 +37,7 @@ def test_benchmark_tiny_run_writes_table_json_plot(tmp_path):
     assert "of burst rate" in (out / "benchmark.md").read_text()
 
 
+@pytest.mark.slow  # a worker process per model (~13 s): the fast tier stays under 3 minutes
 def test_benchmark_every_model_in_its_own_worker_process(tmp_path):
     """--isolation process (the default): each model runs in a persistent worker of its own,
     started with the tuned allocator, so none inherits another's heap and no timed forward

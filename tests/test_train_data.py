@@ -284,6 +284,7 @@ def test_data_workers_run_opencv_on_one_thread():
                                 epoch=0, start_batch=0, pin=False)
         assert [next(loader)[2] for _ in range(2)] == [[1], [1]]
         assert cv2.getNumThreads() == 2  # the parent's own setting is back
+        loader.close()  # the persistent worker goes now, not at a later garbage collection
     finally:
         cv2.setNumThreads(before)
 
