@@ -30,8 +30,10 @@ def test_console_scripts_resolve():
 
 @pytest.mark.parametrize("argv, code, text", [
     (["blsam-specs", "tiny_bl", "--img-size", "256"], 0, "big_little"),
-    (["blsam-train", "--img-size", "65", "--data", "x", "--sam-checkpoint", "y"], 2, "error:"),
-    (["blsam-eval", "--no-such-flag"], 2, "error:"),
+    # the other two start a fresh interpreter each (~5 s): slow tier
+    pytest.param(["blsam-train", "--img-size", "65", "--data", "x", "--sam-checkpoint", "y"], 2,
+                 "error:", marks=pytest.mark.slow),
+    pytest.param(["blsam-eval", "--no-such-flag"], 2, "error:", marks=pytest.mark.slow),
 ])
 def test_console_scripts_run(argv, code, text):
     exe = os.path.join(os.path.dirname(sys.executable), argv[0])

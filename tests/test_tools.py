@@ -177,6 +177,7 @@ def test_benchmark_photo_rows_count_padding_queries(tmp_path):
     assert rows[2].gflops_full_encoder < rows[1].gflops_full_encoder
 
 
+@pytest.mark.slow  # a fresh worker process per probe (~6 s)
 def test_benchmark_cpu_memory_probe_in_fresh_process():
     from blsam.bench.jobs import cpu_peak_memory
     from blsam.bench.models import model_specs
