@@ -108,6 +108,7 @@ def test_second_live_run_refused_with_one_line(data, tiny_sam_ckpt, tmp_path, ca
     assert f"is in use by another run (pid {p.pid} on" in lines[0]
     assert sorted(os.listdir(out)) == [rundir.LOCK_NAME, "step_0000007.pth"]  # untouched
     assert took < 30
+    print(f"[measured] second live run: exit {rc} after {took:.1f} s")
 
 
 @pytest.mark.slow  # two tiny CLI runs (~30 s on the shared CPUs)
