@@ -137,3 +137,15 @@ def test_a_group_that_cannot_fit_is_skipped_with_its_reason(monkeypatch):
     assert skipped and all("needs ~" in e.res.error and "GiB on cuda" in e.res.error
                            for e in skipped)
     assert any(e.spec.kind == "official" for e in skipped)  # 8 x 3 x 1 GiB of scores alone
+
+
+def test_photo_and_end_to_end_rows_run_where_the_gpu_rows_do():
+    """With CUDA among --devices the whole-SAM rows (SamPredictor, AMG) run on the GPU, where
+    users run them; on a CPU-only run on the CPU."""
+    from blsam.bench.run import sam_variants
+
+    on_gpu = sam_variants(BenchConfig(families=["tiny"], keep_ratios=[0.25],
+                                      devices=["cpu", "cuda"]))
+    assert len(on_gpu) == 3 and {v["device"] for v in on_gpu} == {"cuda"}
+    on_cpu = sam_variants(BenchConfig(families=["tiny"], keep_ratios=[0.25], devices=["cpu"]))
+    assert {v["device"] for v in on_cpu} == {"cpu"}

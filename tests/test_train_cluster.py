@@ -414,6 +414,34 @@ def test_signal_during_setup_exits_75_at_once(data, tiny_sam_ckpt, tmp_path, cap
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
+def test_signal_during_validation_is_acted_on_at_the_next_boundary(data, tiny_sam_ckpt,
+                                                                    tmp_path, capsys,
+                                                                    monkeypatch):
+    """A SIGTERM that arrives while validation runs is noted, validation finishes, and the run
+    stops at the step boundary right after it with a checkpoint (exit 75)."""
+    from blsam.train import loop
+
+    validate = loop.validate
+    calls = []
+
+    def validate_then_signal(run, mlog):
+        calls.append(run.step)
+        if run.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-validation
+        return validate(run, mlog)
+
+    monkeypatch.setattr(loop, "validate", validate_then_signal)
+    out = tmp_path / "run"
+    rc, lines, cap = _cli(_argv(data / "a", tiny_sam_ckpt, out, "--max-steps", "4",
+                                "--val-every", "1", "--val-images", "1", "--save-every", "10",
+                                "--data-fraction", "0.5"),  # the other half is held out
+                          capsys)
+    assert rc == 75 and not lines, cap.err[-2000:]
+    assert calls == [0, 1]  # the curve's start and step 1; no step after the signal
+    assert torch.load(out / "last.pth", weights_only=True)["step"] == 1
+    assert not (out / "final.pth").exists()
+
+
 def test_checkpoint_write_time_is_measured_against_the_grace(data, tiny_sam_ckpt, tmp_path,
                                                             capsys, caplog):
     """The run warns at start (a write probe scaled to the state's bytes) and after each write

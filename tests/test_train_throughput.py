@@ -213,7 +213,8 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path, tiny_sam_ckpt):
     summary = json.load(open(out / "summary.json"))
     assert summary["world_size"] == 2 and summary["ranks_in_sync"]
     assert len(set(summary["checksums"])) == 1 and not summary["teacher_built"]
-    assert sorted(os.listdir(out)) == [".blsam-steps.json", "final.pth", "last.pth",
+    assert sorted(os.listdir(out)) == [".blsam-steps.json", "ckpt_timing.json", "final.pth",
+                                       "last.pth",
                                        "metrics.jsonl", "profile_rank0.json", "step_0000003.pth",
                                        "summary.json", "tb", "val.jsonl"]
     recs = [json.loads(ln) for ln in open(out / "metrics.jsonl")]

@@ -93,6 +93,18 @@ def step_flags(loss_bad: torch.Tensor, grad_bad: torch.Tensor, stop: bool, distr
     return a > 0, b > 0, c > 0, d > 0
 
 
+def agreed_stop(signals: StopSignals, device: torch.device, distributed: bool) -> str | None:
+    """Outside a step (after validation, which every rank runs at the same step): whether any
+    rank got a preemption signal, agreed by one small all-reduce; the signal's name, or
+    "a signal on another rank", or None."""
+    flag = torch.tensor(float(signals.requested is not None), device=device)
+    if distributed:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() > 0:
+        return signals.requested or "a signal on another rank"
+    return None
+
+
 # ---------------------------------------------------------------- signals
 
 

@@ -27,7 +27,7 @@ from ..specs import TEACHER_OF
 from ..utils import dist as du
 from ..utils.collectives import fail_together
 from ..utils.files import file_sha256, write_json_atomic
-from . import rundir
+from . import cluster, rundir
 from .async_ckpt import AsyncCheckpointWriter
 from .checkpointer import resume, save, write_timeout  # noqa: F401  (loop.resume: its parts)
 from .cluster import NonFiniteError, StopSignals, cache_key, check_ranks_agree, step_flags
@@ -418,6 +418,8 @@ def _steps(run: Run, mlog: MetricsLog, stream: Iterator, win: LogInterval, timer
             mlog.bar.update(1)
         if run.val_loader is not None and (step % cfg.val.val_every == 0 or step == run.total):
             validate(run, mlog)
+            if run.signals is not None and run.preempted is None:  # a signal meanwhile: stop
+                run.preempted = cluster.agreed_stop(run.signals, run.dev, run.info.distributed)
         timer.lap("validation")
         stop_now = ((cfg.ckpt.stop_after is not None and cfg.ckpt.stop_after <= step < run.total)
                     or (run.preempted is not None and step < run.total))

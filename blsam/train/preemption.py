@@ -13,7 +13,8 @@ run must finish its step and write ``last.pth`` inside that grace, and an h_b ch
 * acts on a signal that arrives during setup at once (``PreemptedDuringSetup``, exit 75): no
   step ran since the checkpoint it would resume from, so there is nothing to save and no reason
   to wait for the first step boundary. Later signals are flags read at the next step boundary
-  (``blsam.train.cluster.StopSignals``), during validation and collectives included.
+  (``blsam.train.cluster.StopSignals``; a signal during a collective too), and right after a
+  validation (``cluster.agreed_stop``), so none costs another step of the grace.
 """
 from __future__ import annotations
 
