@@ -149,3 +149,14 @@ def test_photo_and_end_to_end_rows_run_where_the_gpu_rows_do():
     assert len(on_gpu) == 3 and {v["device"] for v in on_gpu} == {"cuda"}
     on_cpu = sam_variants(BenchConfig(families=["tiny"], keep_ratios=[0.25], devices=["cpu"]))
     assert {v["device"] for v in on_cpu} == {"cpu"}
+
+
+def test_rows_name_planned_rows_only(capsys):
+    """``--rows`` takes any planned row (models, ORT rows) and refuses others in one line."""
+    args = benchmark.parse_args(["--families", "b", "--onnx", "--timm", "skip",
+                                 "--rows", "vit_b", "b_t@0.25[ort]"])
+    assert args.rows == ["vit_b", "b_t@0.25[ort]"]
+    with pytest.raises(SystemExit) as e:
+        benchmark.parse_args(["--families", "b", "--rows", "vit_h"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--rows: vit_h not among" in err[0]

@@ -16,6 +16,7 @@ from blsam import blsam_model_registry
 from blsam.build_blsam import build_vanilla_sam
 from blsam.flops import count_flops
 from blsam.specs import FAMILIES
+from blsam.utils.dist import synchronize
 from blsam.utils.jobs import LocalJob, RemoteJob
 
 from .config import DTYPES, BenchConfig
@@ -35,8 +36,7 @@ def forward_fn(encoder: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | N
             dev.type, dtype=dtype or torch.float32, enabled=dtype is not None
         ):
             encoder(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        synchronize(dev)
 
     return run
 
@@ -198,16 +198,12 @@ class SamJob:
         self.hello = {"gflops_full_encoder": count_flops(sam, "full", part="image_encoder").total,
                       "tuned": tunables_active()}
 
-    def _sync(self) -> None:
-        if self.dev.type == "cuda":  # kernels are asynchronous: time what they did
-            torch.cuda.synchronize(self.dev)
-
     def _pre(self, *_) -> None:
-        self._sync()
+        synchronize(self.dev)
         self.clock["t0"] = time.perf_counter()
 
     def _post(self, *_) -> None:
-        self._sync()
+        synchronize(self.dev)
         self.clock["ms"] += (time.perf_counter() - self.clock["t0"]) * 1e3
 
     def _photo(self, aspect: str):
@@ -226,16 +222,16 @@ class SamJob:
             if cmd == "amg":
                 self.clock["ms"] = 0.0
                 masks = self.amg.generate(img)
-                self._sync()
+                synchronize(self.dev)
                 return {"amg_ms": (time.perf_counter() - t0) * 1e3,
                         "amg_encoder_ms": self.clock["ms"], "masks": len(masks)}
             self.predictor.set_image(img)
-            self._sync()
+            synchronize(self.dev)
             t1 = time.perf_counter()
             if cmd == "click":
                 self.predictor.predict(point_coords=np.array([[w // 2, h // 2]]),
                                        point_labels=np.array([1]), multimask_output=True)
-                self._sync()
+                synchronize(self.dev)
                 return {"set_image_ms": (t1 - t0) * 1e3, "photo": label,
                         "predict_ms": (time.perf_counter() - t1) * 1e3}
         if cmd != "set_image":

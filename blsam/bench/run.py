@@ -109,15 +109,14 @@ def run_models(cfg: BenchConfig, malloc: str, env: dict[str, object],
     bar = tqdm(total=len(live) * (cfg.repeats + 1), desc=f"benchmark ({malloc})", unit="run")
     try:
         for wave in waves(cfg, live):
-            _time_wave(cfg, wave, bar, replay)
+            _time_wave(cfg, malloc, wave, bar, replay)
     finally:
         bar.close()
     return [_summary(cfg, e, env) for e in entries]
 
 
-def _time_wave(cfg: BenchConfig, live: list[_Entry], bar, replay) -> None:
+def _time_wave(cfg: BenchConfig, malloc: str, live: list[_Entry], bar, replay) -> None:
     """Start, build and warm up every worker of the wave, time them round-robin, close."""
-    malloc = live[0].res.malloc if live else "default"
     for e in live:  # started together (imports in parallel), built one by one below
         e.job = start_job(cfg, {"kind": "encoder", "name": e.spec.name, "spec": asdict(e.spec),
                                  "device": e.dev, "dtype": e.dt, "batch_size": e.bs}, malloc)

@@ -22,6 +22,7 @@ from segment_anything import SamPredictor
 
 from ..modeling.prompt_inputs import prompt_inputs
 from ..prompts import mask_box
+from ..utils.dist import synchronize
 from .datasets import (
     DatasetError,
     EvalDataset,
@@ -76,11 +77,6 @@ class Predictor(SamPredictor):
         if not return_logits:
             masks = masks > model.mask_threshold
         return masks, iou_pred, low_res
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Evaluator:
@@ -306,10 +302,10 @@ class Evaluator:
                 out.bad_images.append({"id": img["id"], "file": path, "reason": str(e)})
                 continue
             counts.exif_rotated_images += orientation != 1  # its tag would turn it
-            _sync(self.device)
+            synchronize(self.device)
             t0 = time.perf_counter()
             self.predictor.set_image(pixels)
-            _sync(self.device)
+            synchronize(self.device)
             out.encoder_s += time.perf_counter() - t0
             counts.images_encoded += 1
             items = [((img_pos, a["id"]), a, rle) for a, rle in usable]

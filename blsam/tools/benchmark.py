@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 from blsam.bench.config import DTYPES, BenchConfig, default_devices  # noqa: F401 - re-export
 from blsam.bench.jobs import PHOTOS
-from blsam.bench.models import model_specs
+from blsam.bench.models import extra_specs, model_specs
 from blsam.bench.results import Result
 from blsam.bench.run import main as run_benchmark
 from blsam.specs import ABLATION_ORDER, FAMILIES, MODEL_SPECS, check_img_size, check_keep_ratio
@@ -139,8 +139,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.warmup < 0 or args.repeats < 1:
         p.error("--warmup must be >= 0 and --repeats >= 1")
     if args.rows:
+        # the names the plan has (blsam.bench.run._plan): the models, timm's and the ORT rows
         planned = [s.name for s in model_specs(args.families, args.keep_ratios, args.baselines,
-                                               args.ablation)]
+                                               args.ablation) + extra_specs(config(args))]
         unknown = [r for r in args.rows if r not in planned]
         if unknown:
             p.error(f"--rows: {', '.join(unknown)} not among the planned rows "

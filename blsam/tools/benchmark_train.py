@@ -33,6 +33,7 @@ import torch
 from blsam.build_blsam import build_vanilla_sam
 from blsam.specs import TEACHER_OF, check_img_size, default_keep_ratio
 from blsam.utils.cli import OptionError, check_device, one_line_parse_errors, run_cli
+from blsam.utils.dist import synchronize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,11 +72,6 @@ def check_args(args: argparse.Namespace) -> None:
     check_device(args.device)
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":  # asynchronous kernels: time what they did
-        torch.cuda.synchronize(dev)
-
-
 def _median_ms(xs: list[float]) -> float:
     return 1000 * statistics.median(xs)
 
@@ -94,14 +90,14 @@ def bench_teacher(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     t_off: list[float] = []
     t_ours: list[float] = []
     for i in range(args.repeats + 1):
-        _sync(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         with torch.no_grad():
             ref = official(x)
-        _sync(dev)
+        synchronize(dev)
         t1 = time.perf_counter()
         got = teacher.encode(x)
-        _sync(dev)
+        synchronize(dev)
         t2 = time.perf_counter()
         if i:  # the first pair is warm-up
             t_off.append(t1 - t0)
@@ -212,13 +208,13 @@ def bench_step(args: argparse.Namespace, work: str, ckpt: str) -> dict[str, Any]
             batch = collate([ds[i] for i in next(iter(sampler))])
             t_emb = torch.stack(batch["teacher"]).float().to(dev)
             images = normalize_images(batch["image"].to(dev), batch["hw"])
-            _sync(dev)
+            synchronize(dev)
             t0 = time.perf_counter()
             with torch.autocast(dev.type, dtype=dtype or torch.float32,
                                 enabled=dtype is not None):
                 out = model(images, batch, t_emb)
             out["loss"].backward()
-            _sync(dev)
+            synchronize(dev)
             dt = time.perf_counter() - t0
             sam.zero_grad(set_to_none=True)
             if s:  # the first batch is warm-up, as in the training run

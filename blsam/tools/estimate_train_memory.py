@@ -111,7 +111,7 @@ def _estimate(args: argparse.Namespace, ledger: Ledger, device: str) -> dict[str
     from blsam import TEACHER_OF, blsam_model_registry
     from blsam.train.distill import DistillModel, set_trainable
 
-    saved: dict[int, int] = {}
+    seen: set[int] = set()  # storages already counted
     s, m = args.img_size, args.masks_per_image
     with torch.device(device):
         sam = blsam_model_registry[args.model](img_size=s)
@@ -131,8 +131,8 @@ def _estimate(args: argparse.Namespace, ledger: Ledger, device: str) -> dict[str
             st = v.untyped_storage()
             # a storage saved twice is kept once; ``_cdata`` names the storage itself (each
             # ``untyped_storage()`` call makes a new Python wrapper, so its id() cannot)
-            if st._cdata not in saved:
-                saved[st._cdata] = st.nbytes()
+            if st._cdata not in seen:
+                seen.add(st._cdata)
                 ledger.add("saved", st.nbytes())
         return v
 

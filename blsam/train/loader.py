@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .pinned import PinnedPool
+from .pinned import PinnedPool, flat_layout
 
 ALIGN = 64  # bytes: every piece starts aligned for any dtype's view
 
@@ -112,14 +112,12 @@ PACKED = "_packed"
 
 def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
     """Move every tensor of ``batch`` into one flat uint8 buffer (``batch["_packed"]``), leaving
-    None in its place. Runs in the loader workers, so the main process only pins (the loader's
-    pin-memory thread) and copies one tensor."""
+    None in its place. Runs in the loader workers, so the main process only stages it into a
+    pinned buffer and copies one tensor (``unpack_batch``)."""
     found: list[tuple[tuple[Any, ...], torch.Tensor]] = []
     _tensors(batch, (), found)
-    specs, n = [], 0
-    for path, t in found:
-        specs.append((path, t.dtype, tuple(t.shape), n))
-        n += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    offsets, n = flat_layout([t for _, t in found], ALIGN)
+    specs = [(path, t.dtype, tuple(t.shape), off) for (path, t), off in zip(found, offsets)]
     flat = torch.empty(n, dtype=torch.uint8)
     for (path, t), (_, _, _, off) in zip(found, specs):
         nbytes = t.numel() * t.element_size()

@@ -399,7 +399,7 @@ def run_loop(run: Run, mlog: MetricsLog) -> bool:
     with du.main_writes("the last checkpoint", write_timeout(cfg)):
         run.ckpt_writer.release()  # waits: a failed background write is raised here
     if run.batch_pool is not None:  # no copy out of the staging buffers may be in flight
-        torch.cuda.synchronize(run.dev)
+        du.synchronize(run.dev)
         run.batch_pool.release()
     return done
 

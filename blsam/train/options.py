@@ -189,7 +189,7 @@ def check_args(args: argparse.Namespace) -> None:
          f"got {args.max_nonfinite_steps}")
     need(args.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
     need(args.preempt_grace is None or 0 < args.preempt_grace < float("inf"),
-         f"--preempt-grace must be > 0 seconds, got {args.preempt_grace}")
+         f"--preempt-grace must be > 0 seconds and finite, got {args.preempt_grace}")
     need(args.write_timeout > 0,
          f"--write-timeout must be > 0 minutes, got {args.write_timeout}")
     try:

@@ -43,7 +43,6 @@ DTYPE = np.float16
 EMBED_DIM = 256  # SAM's neck output channels
 
 
-
 class CacheError(UserError):
     """A teacher cache that is missing, damaged, or made by another teacher / image size."""
 

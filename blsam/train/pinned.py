@@ -72,7 +72,10 @@ class PinnedPool:
     def _collect(self) -> None:
         still = []
         for buf, done in self._busy:
-            (self._free.append(buf) if done() else still.append((buf, done)))
+            if done():
+                self._free.append(buf)
+            else:
+                still.append((buf, done))
         self._busy = still
 
     def release(self) -> None:

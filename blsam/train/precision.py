@@ -82,9 +82,9 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
     ``torch.use_deterministic_algorithms(True)`` (deterministic scatter-adds; an op without a
     deterministic kernel raises instead of running), ``CUBLAS_WORKSPACE_CONFIG=:4096:8``,
     cuDNN deterministic, and SDPA restricted to its math kernel, which materialises every
-    (heads, N, N) attention matrix: slower and, at 1024², several GiB more per global block
-    in training (``blsam-estimate-train-memory`` does not count it). Everything is restored
-    on exit."""
+    (heads, queries, keys) score matrix and keeps it for backward: slower and, at 1024², up to
+    0.5 GiB more per image and global block (``blsam-estimate-train-memory`` does not count
+    it). Everything is restored on exit."""
     if not enabled:
         yield
         return

@@ -29,6 +29,13 @@ class DistInfo:
         return self.world_size > 1
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously), so a clock read
+    after it times what they did; a no-op elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def pick_device(device: str | None, world: int, local: int) -> torch.device:
     """This process's device. "cuda:N" is honoured in one process; under torchrun "cuda" is
     ``cuda:LOCAL_RANK``, except with one visible GPU per process (``srun --gpus-per-task 1``,
