@@ -37,7 +37,7 @@ SCRIPTS = {
     "blsam-export-onnx": ("blsam.tools.export_onnx:cli", "onnx"),
     "blsam-export-weights": ("blsam.tools.export_weights:cli", None),
     "blsam-benchmark-train": ("blsam.tools.benchmark_train:cli", "train"),
-    "blsam-specs": ("blsam.specs:main", None),
+    "blsam-specs": ("blsam.tools.specs:cli", None),
 }
 
 

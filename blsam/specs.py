@@ -4,18 +4,18 @@ Why one module: the registry, the checkpoint checks, the training/eval/benchmark
 the result tables all need the same facts (widths, depths, which SAM is whose teacher, display
 names). They are derived from ``MODEL_SPECS`` so a new variant is added in one place.
 
-``python -m blsam.specs b_t`` prints a per-layer summary.
+What is printed from them (per-layer summaries, GFLOPs tables) is ``blsam.spec_tables``;
+``blsam-specs b_t`` (``blsam.tools.specs``) prints it.
 """
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .modeling.image_encoder import EncoderSpec
-from .modeling.pruning import PruningSpec, tokens_kept
-from .modeling.routing import check_keep_ratio, tokens_per_window
+from .modeling.pruning import PruningSpec
+
+# the keep-ratio rule is one of the specs' rules, beside check_img_size (its home: routing)
+from .modeling.routing import check_keep_ratio  # noqa: F401
 
 FULL, BIG_LITTLE, P_ONLY = "full", "big_little", "p_only"
 
@@ -214,126 +214,3 @@ def check_img_size(value: int, what: str = "img_size") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16:
         raise ValueError(f"{what} must be a positive multiple of 16, got {value!r}")
     return value
-
-
-def _pruning_modes(spec: ModelSpec) -> list[str]:
-    """Per layer of a pruning baseline: what it runs on (the table's mode column)."""
-    pr = spec.pruning
-    out = []
-    for i in range(spec.encoder.depth):
-        if pr.method == "evit":
-            out.append("dense" if i < pr.layers[0] else "cut" if i == pr.layers[0] else "kept")
-        else:
-            out.append("dense" if i < pr.layers[0] else "select" if i in pr.layers else "kept")
-    return out
-
-
-def layer_table(name: str, img_size: int = 1024, keep_ratio: float | None = None) -> str:
-    """Per-layer summary: mode, attention, widths, and where predictors score the tokens."""
-    spec = get_spec(name)
-    e = spec.encoder
-    keep_ratio = spec.default_keep_ratio if keep_ratio is None else keep_ratio
-    grid = check_img_size(img_size) // e.patch_size
-    if spec.is_pruning:
-        k = tokens_kept(spec.pruning.method, check_keep_ratio(keep_ratio), (grid, grid),
-                        e.window_size)
-        modes = _pruning_modes(spec)
-    else:
-        k = tokens_per_window(check_keep_ratio(keep_ratio), (grid, grid), e.window_size)
-        modes = list(e.layer_modes)
-    lines = [f"{spec.name} ({spec.display_name}): {e.depth} layers, P dim {e.embed_dim} "
-             f"({e.num_heads} heads)" + (f", E dim {e.e_dim} ({e.e_heads} heads)" if e.e_dim
-                                         else "")
-             + (f", teacher {spec.teacher}" if spec.teacher else ""),
-             f"img_size {img_size}: {grid}x{grid} tokens, window {e.window_size}, "
-             f"keep_ratio {keep_ratio}: k = {k} of {e.window_size ** 2} per window",
-             f"{'layer':>5}  {'mode':<10}  {'attention':<9}  predictor"]
-    if spec.is_pruning:
-        lines[0] += f", pruning {spec.pruning.method} (kept tokens attend to kept tokens)"
-    for i, mode in enumerate(modes):
-        attn = "global" if i in e.global_attn_indexes else "window"
-        pred = "scores tokens after" if i in e.predictor_after else ""
-        lines.append(f"{i + 1:>5}  {mode:<10}  {attn:<9}  {pred}".rstrip())
-    return "\n".join(lines)
-
-
-def paper_gflops(name: str, img_size: int = 1024, keep_ratio: float | None = None) -> float:
-    """Paper-convention GFLOPs of registry model ``name`` (computed, never typed)."""
-    from .flops import count_gflops
-    from .testing import sam_with_meta_encoder
-
-    spec = get_spec(name)
-    kwargs = {"img_size": img_size}
-    if spec.has_keep_ratio:
-        kwargs["keep_ratio"] = spec.default_keep_ratio if keep_ratio is None else keep_ratio
-    return count_gflops(sam_with_meta_encoder(name, **kwargs), "paper")
-
-
-# the paper's Table 2 GFLOPs column (typed here once; ours are computed by ``paper_gflops``)
-PAPER_TABLE2_GFLOPS: dict[str, float] = {
-    "vit_b": 372.0, "vit_h": 2736.6, "evovit_b": 266.0, "evit_b": 216.4, "b_t": 210.5,
-    "evovit_h": 1840.5, "evit_h": 1597.2, "h_b": 1993.3,
-}
-
-
-def gflops_table(names: Sequence[str] | None = None, img_size: int = 1024) -> str:
-    """Markdown: every model's paper-convention GFLOPs at its default keep ratio, ordered as
-    the paper's GFLOPs column, the paper's Table 2 number beside ours where it gives one
-    (Table-3 ablation steps on SAM: the paper gives none)."""
-    names = list(names) if names is not None else [
-        n for n, s in MODEL_SPECS.items() if not s.test_only]
-    rows = []
-    for n in names:
-        spec = get_spec(n)
-        ours = paper_gflops(n, img_size)
-        paper = PAPER_TABLE2_GFLOPS.get(n) if img_size == 1024 else None
-        step = "; ".join(([] if paper is None else ["Table 2"]) + (
-            [f"ablation step {ABLATION_ORDER.index(n) + 1}"] if n in ABLATION_ORDER else []))
-        keep = f"{spec.default_keep_ratio:g}" if spec.has_keep_ratio else "–"
-        diff = f"{100 * (ours / paper - 1):+.1f}%" if paper else "–"
-        rows.append((ours, f"| `{n}` | {spec.display_name} | {keep} | {ours:.1f} | "
-                           f"{paper if paper else '–'} | {diff} | {step} |"))
-    head = ["| model | name | keep ratio | GFLOPs (ours) | GFLOPs (paper) | diff | row |",
-            "|---|---|---:|---:|---:|---:|---|"]
-    return "\n".join(head + [r for _, r in sorted(rows)])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``blsam-specs``: the one CLI path of every tool (one ``error:`` line, exit 2)."""
-    from .utils.cli import OptionError, one_line_parse_errors, run_cli
-
-    p = one_line_parse_errors(argparse.ArgumentParser(
-        description="print the per-layer summary of a model"))
-    p.add_argument("model", nargs="?", choices=sorted(MODEL_SPECS), help="default: all")
-    p.add_argument("--img-size", type=int, default=1024)
-    p.add_argument("--keep-ratio", type=float, default=None,
-                   help="default: the model's (0.25 bLViT, 0.5 pruning baselines)")
-    p.add_argument("--flops", action="store_true",
-                   help="also count paper-convention GFLOPs (SAM with one point prompt, counted "
-                        "on the meta device)")
-    p.add_argument("--table", action="store_true",
-                   help="one Markdown table: every model's paper-convention GFLOPs (default "
-                        "keep ratios) ordered by GFLOPs, the paper's Table 2 numbers beside")
-
-    def body() -> int:
-        args = p.parse_args(argv)
-        try:
-            if args.table:
-                print(gflops_table([args.model] if args.model else None, args.img_size))
-                return 0
-            names = [args.model] if args.model else list(MODEL_SPECS)
-            tables = [layer_table(n, args.img_size, args.keep_ratio) for n in names]
-            if args.flops:
-                tables = [t + f"\nGFLOPs (paper convention): "
-                          f"{paper_gflops(n, args.img_size, args.keep_ratio):.1f}"
-                          for t, n in zip(tables, names)]
-        except ValueError as e:  # a bad --img-size / --keep-ratio for this model
-            raise OptionError(str(e)) from None
-        print("\n\n".join(tables))
-        return 0
-
-    return run_cli(body, argv=argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

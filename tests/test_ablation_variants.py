@@ -12,7 +12,8 @@ from segment_anything import SamPredictor
 from train_checks import assert_resume_matches_full
 
 from blsam import blsam_model_registry
-from blsam.specs import ABLATION_ORDER, paper_gflops
+from blsam.spec_tables import paper_gflops
+from blsam.specs import ABLATION_ORDER
 from blsam.testing import assert_gradient_reaches_every_parameter, randomize_
 
 TINY = ["tiny_bl_early_prune", "tiny_bl_eblock", "tiny_bl_predictor"]

@@ -142,7 +142,7 @@ def test_a_group_that_cannot_fit_is_skipped_with_its_reason(monkeypatch):
 def test_photo_and_end_to_end_rows_run_where_the_gpu_rows_do():
     """With CUDA among --devices the whole-SAM rows (SamPredictor, AMG) run on the GPU, where
     users run them; on a CPU-only run on the CPU."""
-    from blsam.bench.run import sam_variants
+    from blsam.bench.photos import sam_variants
 
     on_gpu = sam_variants(BenchConfig(families=["tiny"], keep_ratios=[0.25],
                                       devices=["cpu", "cuda"]))

@@ -75,7 +75,8 @@ def test_every_model_table_derives_from_the_spec():
 
 
 def test_spec_checks_and_layer_table():
-    from blsam.specs import check_img_size, check_keep_ratio, get_spec, layer_table
+    from blsam.spec_tables import layer_table
+    from blsam.specs import check_img_size, check_keep_ratio, get_spec
 
     assert get_spec("default").name == "h_b"
     with pytest.raises(KeyError, match="choose from"):

@@ -104,7 +104,8 @@ def test_curve_files_are_skipped_with_a_note(tmp_path, capsys):
 @pytest.mark.slow  # eight rows through blsam-eval (~14 s): the fast tier stays under 3 minutes
 def test_paper_section_has_all_eight_rows_beside_ours(tmp_path):
     from blsam.evaluation.table2 import PAPER_TABLE2
-    from blsam.specs import get_spec, paper_gflops
+    from blsam.spec_tables import paper_gflops
+    from blsam.specs import get_spec
 
     paths = _files(tmp_path, [_result(50.0)])
     rows = _rows(zero_shot.main(zero_shot.parse_args(["--table", *paths, "--paper"]))["table"])

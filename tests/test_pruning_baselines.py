@@ -10,7 +10,8 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from blsam import CheckpointError, blsam_model_registry, build_vanilla_sam
 from blsam.flops import count_gflops
-from blsam.specs import PRUNING_MODELS, TEACHER_OF, get_spec, layer_table, paper_gflops
+from blsam.spec_tables import layer_table, paper_gflops
+from blsam.specs import PRUNING_MODELS, TEACHER_OF, get_spec
 from blsam.testing import randomize_, sam_with_meta_encoder
 from blsam.train.distill import enable_grad_checkpointing
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from blsam.specs import PAPER_TABLE2_GFLOPS, gflops_table, main, paper_gflops
+from blsam.spec_tables import PAPER_TABLE2_GFLOPS, gflops_table, paper_gflops
+from blsam.tools.specs import cli as main
 
 
 def test_table_orders_by_computed_gflops_and_marks_rows():

@@ -98,7 +98,7 @@ def test_every_tool_prints_its_config_and_takes_it_back(tmp_path, capsys):
     (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
     again = vars(parse_args(["--config", str(tmp_path / "printed.yaml")]))
     assert {k: v for k, v in again.items() if k != "config"} == printed
-    from blsam.specs import main as specs_main
+    from blsam.tools.specs import cli as specs_main
 
     assert specs_main(["b_t", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["model"] == "b_t"

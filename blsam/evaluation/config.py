@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..specs import KEEP_RATIO_MODELS, check_keep_ratio
-from ..utils.cli import OptionError, check_model_args, check_option
+from ..utils.cli import OptionError, check_model_options, check_option
 from ..utils.collectives import DEFAULT_TIMEOUT_MIN
 from .protocol import ProtocolConfig
 
@@ -160,7 +160,9 @@ def check_config(config: EvalConfig) -> list[ProtocolConfig]:
         raise OptionError(f"--num-clicks must be >= 0, got {config.num_clicks}")
     if not config.dist_timeout > 0:
         raise OptionError(f"--dist-timeout must be > 0 minutes, got {config.dist_timeout}")
-    check_model_args(config)
+    config.keep_ratio = check_model_options(
+        model=config.model, keep_ratio=config.keep_ratio, img_size=config.img_size,
+        checkpoint=config.checkpoint, sam_checkpoint=config.sam_checkpoint, device=config.device)
     protos = protocols_from_config(config)
     if any(c.prompt == "detector" for c in protos):
         if not config.det_file:

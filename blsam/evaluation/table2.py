@@ -2,16 +2,16 @@
 
 All eight rows appear in the paper's order; ours is the full default-protocol run of each model
 at its default keep ratio (a model without a result still gets its row, GFLOPs computed by
-``blsam.specs.paper_gflops``, metrics "–"), followed by the paper's row. Other runs (ablation
+``blsam.spec_tables.paper_gflops``, metrics "–"), followed by the paper's row. Other runs (ablation
 steps, other keep ratios, labelled protocols) follow the Table-2 block.
 """
 from __future__ import annotations
 
-from blsam.specs import PAPER_TABLE2_GFLOPS
+from blsam.spec_tables import PAPER_TABLE2_GFLOPS
 
 # The paper's Table 2 metrics (1 point, 3 points, box: LVIS mIoU; zero-shot instance
 # segmentation: COCO mask AP), typed once from the paper; its GFLOPs column is
-# ``blsam.specs.PAPER_TABLE2_GFLOPS``; ours are computed
+# ``blsam.spec_tables.PAPER_TABLE2_GFLOPS``; ours are computed
 PAPER_TABLE2: dict[str, tuple[float, float, float, float]] = {
     "vit_b": (53.6, 65.2, 76.6, 40.2),
     "vit_h": (59.4, 70.7, 80.4, 46.1),
@@ -39,7 +39,8 @@ def _is_default_row(key: tuple, model: str, img_size: int) -> bool:
 def paper_section(order: list[tuple], rows: dict[tuple, dict[str, str]], columns: tuple[str, ...],
                   dash: str, img_size: int) -> list[tuple]:
     """Add the paper's rows (and ours where missing) to ``rows``; returns the new order."""
-    from blsam.specs import get_spec, paper_gflops
+    from blsam.spec_tables import paper_gflops
+    from blsam.specs import get_spec
 
     out: list[tuple] = []
     for model, values in PAPER_TABLE2.items():

@@ -166,21 +166,21 @@ def _train_args(args: argparse.Namespace, data: str, ckpt: str, cache: str, out:
 def bench_step(args: argparse.Namespace, work: str, ckpt: str) -> dict[str, Any]:
     """train() with the packed cache vs DistillModel forward+backward on the same batches."""
     from blsam import blsam_model_registry
-    from blsam.train.cache import build_parser as cache_parser
-    from blsam.train.cache import cache_teacher
+    from blsam.train.cache import CacheConfig, cache_teacher
+    from blsam.train.config import TrainConfig
     from blsam.train.data import EpochBatchSampler, SA1BDataset, collate, select_records
     from blsam.train.distill import DistillModel, set_trainable
-    from blsam.train.options import train
     from blsam.train.tiny_sa1b import write_tiny_sa1b
+    from blsam.train.trainer import train
 
     n_img = args.steps * args.batch_size
     data, cache = os.path.join(work, "data"), os.path.join(work, "cache")
     write_tiny_sa1b(data, num_shards=2, images_per_shard=-(-n_img // 2), size=args.photo_size,
                     masks_per_image=max(args.masks_per_image, 2) + 4)
-    cache_teacher(cache_parser().parse_args([
-        "--data", data, "--data-fraction", "1", "--sam-checkpoint", ckpt,
-        "--model", args.model, "--img-size", str(args.img_size), "--output", cache,
-        "--num-workers", "0", "--device", args.device, "--batch-size", str(args.batch_size)]))
+    cache_teacher(CacheConfig(
+        data=data, data_fraction=1.0, sam_checkpoint=ckpt, model=args.model,
+        img_size=args.img_size, output=cache, num_workers=0, device=args.device,
+        batch_size=args.batch_size))
     targs = _train_args(args, data, ckpt, cache, os.path.join(work, "run"))
 
     def fwd_bwd_alone() -> float:
@@ -222,7 +222,7 @@ def bench_step(args: argparse.Namespace, work: str, ckpt: str) -> dict[str, Any]
         return statistics.mean(fb)
 
     before = fwd_bwd_alone()  # before and after the run: the machine drifts between runs
-    summary = train(targs)
+    summary = train(TrainConfig.from_options(vars(targs)))
     after = fwd_bwd_alone()
     hist = summary["history"][1:]  # step 1 is warm-up
     assert not summary["teacher_built"]

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from blsam.train.cache import build_parser, cache_teacher
+from blsam.train.cache import CacheConfig, build_parser, cache_teacher
 from blsam.utils.cli import one_line_parse_errors, run_cli
 from blsam.utils.config import parse_args_with_config
 
@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        print(cache_teacher(args))
+        print(cache_teacher(CacheConfig.from_options(vars(args))))
     finally:
         from blsam.utils.dist import cleanup
 

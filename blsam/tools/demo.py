@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from blsam.utils.cli import add_model_args, one_line_parse_errors, resolve_keep_ratio, run_tool
+from blsam.utils.cli import add_model_args, one_line_parse_errors, resolved_keep_ratio, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.checkpoint is None and args.sam_checkpoint is None:
         warnings.warn("no --checkpoint/--sam-checkpoint given: random weights, masks are "
                       "not meaningful (see README for the official SAM checkpoints)", stacklevel=2)
-    resolve_keep_ratio(args)
+    args.keep_ratio = resolved_keep_ratio(args.model, args.keep_ratio)
     sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
                       args.img_size).to(args.device).eval()
 

@@ -27,7 +27,7 @@ from blsam.utils.cli import (
     add_model_args,
     check_model_args,
     one_line_parse_errors,
-    resolve_keep_ratio,
+    resolved_keep_ratio,
     run_tool,
 )
 
@@ -166,7 +166,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
 
     if args.checkpoint is None and args.sam_checkpoint is None:
         warnings.warn("no --checkpoint/--sam-checkpoint: exporting random weights", stacklevel=2)
-    resolve_keep_ratio(args)
+    args.keep_ratio = resolved_keep_ratio(args.model, args.keep_ratio)
     sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
                       args.img_size).eval()
     export_encoder(sam, args.output, args.opset, args.fused_attention)

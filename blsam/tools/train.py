@@ -27,6 +27,7 @@ import sys
 from blsam.errors import UserError
 from blsam.train import fatal
 from blsam.train.cluster import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError
+from blsam.train.config import TrainConfig
 from blsam.train.failures import EXIT_FAILED, RankFailure, agreed_exit, end_process_group
 from blsam.train.options import build_parser
 from blsam.train.preemption import PreemptedDuringSetup
@@ -39,13 +40,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_args_with_config(one_line_parse_errors(build_parser()), argv)
 
 
-def main(args: argparse.Namespace) -> int:
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """The typed options of ``argv`` (config file and command line applied), not yet checked
+    (``TrainConfig.validate``, run by the trainer)."""
+    return TrainConfig.from_options(vars(parse_args(argv)))
+
+
+def main(config: TrainConfig) -> int:
     """Train; the exit code: 0, or EXIT_PREEMPTED when a signal stopped the run."""
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    out = train(args)
-    if args.val_only and rank == 0:
+    out = train(config)
+    if config.val.val_only and rank == 0:
         print(json.dumps(out))
     return EXIT_PREEMPTED if out.get("preempted") else 0
 
@@ -64,7 +71,7 @@ def cli(argv: list[str] | None = None) -> int:
     def body() -> int:
         exc: BaseException | None = None
         try:
-            return main(parse_args(argv))
+            return main(parse_config(argv))
         except NonFiniteError as e:
             exc = e
             _error(e)
@@ -90,7 +97,7 @@ def cli(argv: list[str] | None = None) -> int:
         finally:  # every rank printed its line: now the agreed ones leave together
             end_process_group(agreed_exit(exc))
 
-    # issue 27.3: a deterministic failure of an earlier torchrun attempt is not retried
+    # a deterministic failure of an earlier torchrun attempt is not retried (train.fatal)
     return fatal.guarded(lambda: run_cli(body, extra="train", argv=argv))
 
 

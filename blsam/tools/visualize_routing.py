@@ -12,7 +12,7 @@ import os
 import sys
 
 from blsam.specs import KEEP_RATIO_MODELS
-from blsam.utils.cli import add_model_args, one_line_parse_errors, resolve_keep_ratio, run_tool
+from blsam.utils.cli import add_model_args, one_line_parse_errors, resolved_keep_ratio, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> str:
         warnings.warn("no --checkpoint/--sam-checkpoint: random predictors, the routing is "
                       "arbitrary (a trained bLViT-SAM checkpoint shows the learned one)",
                       stacklevel=2)
-    resolve_keep_ratio(args)
+    args.keep_ratio = resolved_keep_ratio(args.model, args.keep_ratio)
     sam = build_model(args.model, args.checkpoint, args.sam_checkpoint, args.keep_ratio,
                       args.img_size, skip_padding=args.skip_padding).to(args.device).eval()
     predictor = SamPredictor(sam)

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -35,7 +37,7 @@ from .packed_cache import (
 )
 from .precision import amp_dtype
 from .sources.build import SA1B_IDENTITY, open_source
-from .sources.spec import spec_from_args
+from .sources.spec import source_spec
 from .teacher import Teacher
 
 log = logging.getLogger("blsam.train.cache")
@@ -69,6 +71,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass
+class CacheConfig:
+    """``blsam-cache-teacher``'s options (``build_parser`` says what each means)."""
+
+    sam_checkpoint: str
+    output: str
+    data: str | None = None
+    data_format: str = "sa1b"
+    ann_file: str | None = None
+    img_dir: str | None = None
+    mixture: str | None = None
+    exif_orientation: str = "ignore"
+    shards: list[str] | None = None
+    data_fraction: float = 0.02
+    seed: int = 0
+    num_workers: int = 2
+    model: str = "b_t"
+    teacher: str | None = None
+    img_size: int = 1024
+    batch_size: int = 8
+    device: str | None = None
+    amp: str = "auto"
+    teacher_compile: bool = False
+    chunk_images: int = 256
+    dist_timeout: float = DEFAULT_TIMEOUT_MIN
+    poll_seconds: float = 5.0
+    config: str | None = None  # the YAML file the defaults came from
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> CacheConfig:
+        """From option values by name (``vars()`` of the parsed arguments); an unknown name
+        is an ``OptionError``."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise OptionError(f"unknown cache option(s): {', '.join(unknown)}")
+        return cls(**options)
+
+    def check(self) -> None:
+        """Refuse values that mean nothing, before any data is indexed or model built."""
+        for name in ("batch_size", "chunk_images"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"--{name.replace('_', '-')} must be >= 1")
+        if not self.dist_timeout > 0 or not self.poll_seconds > 0:
+            raise OptionError("--dist-timeout and --poll-seconds must be > 0")
+        check_option(check_img_size, self.img_size, "--img-size")
+        if not os.path.isfile(self.sam_checkpoint):
+            raise FileNotFoundError(f"--sam-checkpoint {self.sam_checkpoint!r} does not exist")
+
+
 def _keys_digest(keys: Any) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
@@ -96,20 +147,16 @@ def wait_for_parts(out_dir: str, world: int, metas: list[dict[str, Any]], poll_s
         time.sleep(poll_s)
 
 
-def cache_teacher(args: argparse.Namespace) -> dict[str, Any]:
+def cache_teacher(args: CacheConfig) -> dict[str, Any]:
     """Write (or finish) this rank's part, in resumable chunks; then rank 0 waits for every
     part by looking at the files and writes the index. No rank waits in a collective."""
-    for name in ("batch_size", "chunk_images"):
-        if getattr(args, name) < 1:
-            raise OptionError(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.dist_timeout > 0 or not args.poll_seconds > 0:
-        raise OptionError("--dist-timeout and --poll-seconds must be > 0")
-    check_option(check_img_size, args.img_size, "--img-size")
-    if not os.path.isfile(args.sam_checkpoint):
-        raise FileNotFoundError(f"--sam-checkpoint {args.sam_checkpoint!r} does not exist")
+    args.check()
     info = init_distributed(args.device, timeout_min=args.dist_timeout)
     teacher_name = args.teacher or TEACHER_OF[args.model]
-    src = open_source(spec_from_args(args), args.seed)
+    src = open_source(source_spec(
+        data_format=args.data_format, data=args.data, ann_file=args.ann_file,
+        img_dir=args.img_dir, mixture=args.mixture, shards=args.shards,
+        data_fraction=args.data_fraction, exif_orientation=args.exif_orientation), args.seed)
     records, skipped = src.records, src.skipped
     # the source's identity goes into every part and the index: a run reading another source
     # refuses the cache (sources.build.check_cache_source), a part of another source never
@@ -162,7 +209,7 @@ def cache_teacher(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _write_part(args: argparse.Namespace, info: Any, teacher_name: str, src: Any,
+def _write_part(args: CacheConfig, info: Any, teacher_name: str, src: Any,
                 mine: list[Any], part_meta: dict[str, Any]) -> tuple[int, int, int]:
     """Encode what is left of this rank's part; returns (written, read-skipped, resumed)."""
     writer = PartWriter(args.output, info.rank, info.world_size, part_meta, args.chunk_images)

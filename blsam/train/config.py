@@ -1,5 +1,5 @@
 """Typed training configuration: one dataclass per component, built once from the parsed
-options (``TrainConfig.from_namespace``), checked in one place (``validate``) and the source of
+options (``TrainConfig.from_options``), checked in one place (``validate``) and the source of
 the run signature (``signature``).
 
 The flat view (``options()``) is the option-name -> value dict the checkpoints store as their
@@ -9,9 +9,8 @@ source's own flags, options added later) are kept in ``extra``, never dropped.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -146,14 +145,16 @@ class TrainConfig:
     order: tuple[str, ...] = ()  # the options' order as parsed (the stored config's order)
 
     @classmethod
-    def from_namespace(cls, ns: argparse.Namespace) -> TrainConfig:
-        """The one conversion of the CLI's parsed options; a missing option is a KeyError."""
-        flat = dict(vars(ns))
+    def from_options(cls, options: Mapping[str, Any]) -> TrainConfig:
+        """The one conversion of the CLI's parsed options (``vars()`` of them), by option
+        name, in their order; a missing option is a KeyError."""
+        flat = dict(options)
+        order = tuple(flat)
         parts: dict[str, Any] = {}
         for name, kind in SECTIONS:
             keys = [f.name for f in dataclasses.fields(kind)]
             parts[name] = kind(**{k: flat.pop(k) for k in keys})
-        return cls(**parts, extra=flat, order=tuple(vars(ns)))
+        return cls(**parts, extra=flat, order=order)
 
     def options(self) -> dict[str, Any]:
         """Option name -> value, in the parsed order: what ``vars(args)`` was."""
@@ -163,30 +164,32 @@ class TrainConfig:
         order = [k for k in self.order if k in flat] + [k for k in flat if k not in self.order]
         return {k: flat[k] for k in order}
 
-    def namespace(self) -> argparse.Namespace:
-        """The flat options as a Namespace, for the CLI's code that prints or re-parses."""
-        return argparse.Namespace(**self.options())
-
     def validate(self) -> None:
-        """Every option check, before any data is indexed or model built (``check_args``);
-        resolves the model's default ``keep_ratio`` so the signature records the value."""
-        from .options import check_args
+        """Every option check, before any data is indexed or model built
+        (``options.check_config``); resolves the model's default ``keep_ratio`` so the
+        signature records the value."""
+        from .options import check_config
 
-        ns = self.namespace()
-        check_args(ns)
-        self.model.keep_ratio = ns.keep_ratio
+        check_config(self)
 
     def source_spec(self) -> SourceSpec:
         """The training source (``sources.spec``), from the data options."""
-        from .sources.spec import spec_from_args
+        from .sources.spec import source_spec
 
-        return spec_from_args(self.namespace())
+        d = self.data
+        return source_spec(data_format=d.data_format, data=d.data, ann_file=d.ann_file,
+                           img_dir=d.img_dir, mixture=d.mixture, shards=d.shards,
+                           data_fraction=d.data_fraction, exif_orientation=d.exif_orientation)
 
     def val_source_spec(self) -> SourceSpec | None:
         """The held-out source of ``--val-data...``, or None (held out of the training one)."""
-        from .sources.spec import val_spec_from_args
+        from .sources.spec import held_out_spec
 
-        return val_spec_from_args(self.namespace())
+        v = self.val
+        return held_out_spec(val_data=v.val_data, val_data_format=v.val_data_format,
+                             val_ann_file=v.val_ann_file, val_img_dir=v.val_img_dir,
+                             data_format=self.data.data_format,
+                             exif_orientation=self.data.exif_orientation)
 
     def signature(self, world_size: int, total_steps: int, keys: Sequence[str]
                   ) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Distillation training of a bLViT-SAM student from its vanilla SAM teacher (paper §3.3, §4.1).
 
-The options and their checks (``check_args``, before any model is built); ``train(args)`` hands
-the checked options to ``blsam.train.trainer.Trainer``, whose ``fit()`` drives single-process
+The options (``build_parser``) and their checks (``check_config``, run by ``TrainConfig.validate``
+before any model is built); ``blsam.train.trainer.Trainer``'s ``fit()`` drives single-process
 and torchrun/DDP runs alike: setup, resume, the step loop (logging, validation, checkpoints) and
 finish. A step is one optimizer update
 (``accum_steps`` micro-batches). The data stream is addressed by (epoch, batch-in-epoch) and
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..build_blsam import INIT_CHOICES
 from ..checkpoint import check_not_blsam, read_state_dict
@@ -24,6 +24,9 @@ from .cluster import OutputDirError, check_output_dir, signal_numbers
 from .data import MAX_MASK_FRACTION, add_data_args
 from .distill import FD_PADDING, parse_trainable
 from .prompts import PROMPT_TYPES
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 log = logging.getLogger("blsam.train")
 
@@ -145,99 +148,104 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse option values that mean nothing, before any data is indexed or model built."""
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse option values that mean nothing, before any data is indexed or model built;
+    resolves the model's default keep ratio, so the run signature records the value."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise OptionError(msg)
 
-    if args.val_only:
-        need(bool(args.checkpoint), "--val-only needs --checkpoint (the model to evaluate)")
-        if not os.path.isfile(args.checkpoint):
-            raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+    data, model, optim, val, ckpt, cluster = (cfg.data, cfg.model, cfg.optim, cfg.val,
+                                              cfg.ckpt, cfg.cluster)
+    if val.val_only:
+        need(bool(val.checkpoint), "--val-only needs --checkpoint (the model to evaluate)")
+        if not os.path.isfile(val.checkpoint):
+            raise FileNotFoundError(f"--checkpoint {val.checkpoint!r} does not exist")
     else:
-        need(bool(args.output_dir), "--output-dir is required")
-        need(args.checkpoint is None, "--checkpoint is only for --val-only; training starts "
+        need(bool(ckpt.output_dir), "--output-dir is required")
+        need(val.checkpoint is None, "--checkpoint is only for --val-only; training starts "
              "from --sam-checkpoint and continues with --resume")
-    need(bool(args.sam_checkpoint),
+    need(bool(model.sam_checkpoint),
          "--sam-checkpoint is required (SAM weights for teacher and P-blocks)")
-    if not os.path.isfile(args.sam_checkpoint):
-        raise FileNotFoundError(f"--sam-checkpoint {args.sam_checkpoint!r} does not exist")
+    if not os.path.isfile(model.sam_checkpoint):
+        raise FileNotFoundError(f"--sam-checkpoint {model.sam_checkpoint!r} does not exist")
+    opts = cfg.options()
     for name in ("batch_size", "accum_steps", "log_every", "save_every", "masks_per_image",
                  "max_points", "prompt_iters", "val_images", "val_masks"):
-        need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, "
-             f"got {getattr(args, name)}")
+        need(opts[name] >= 1, f"--{name.replace('_', '-')} must be >= 1, got {opts[name]}")
     for name in ("warmup_steps", "keep_last", "val_every", "num_workers", "weight_decay",
                  "clip_grad", "lambda_fd", "profile"):
-        need(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, "
-             f"got {getattr(args, name)}")
-    check_option(check_img_size, args.img_size, "--img-size")
-    need(0 < args.data_fraction <= 1, f"--data-fraction must be in (0, 1], "
-         f"got {args.data_fraction}")
-    if args.keep_ratio is None:  # resolved here, so the run signature records the value
-        args.keep_ratio = default_keep_ratio(args.model)
-    check_option(check_keep_ratio, args.keep_ratio, "--keep-ratio")
-    need(0 < args.max_mask_fraction <= 1,
-         f"--max-mask-fraction must be in (0, 1], got {args.max_mask_fraction}")
-    need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
-    need(0 <= args.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
-    need(args.epochs > 0, f"--epochs must be > 0, got {args.epochs}")
-    need(all(0 <= b < 1 for b in args.betas), f"--betas must be in [0, 1), got {args.betas}")
-    need(args.max_steps is None or args.max_steps >= 1, "--max-steps must be >= 1")
-    need(args.stop_after is None or args.stop_after >= 1, "--stop-after must be >= 1")
-    need(args.max_nonfinite_steps >= 0, f"--max-nonfinite-steps must be >= 0, "
-         f"got {args.max_nonfinite_steps}")
-    need(args.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {args.dist_timeout}")
-    need(args.preempt_grace is None or 0 < args.preempt_grace < float("inf"),
-         f"--preempt-grace must be > 0 seconds and finite, got {args.preempt_grace}")
-    need(args.write_timeout > 0,
-         f"--write-timeout must be > 0 minutes, got {args.write_timeout}")
+        need(opts[name] >= 0, f"--{name.replace('_', '-')} must be >= 0, got {opts[name]}")
+    check_option(check_img_size, model.img_size, "--img-size")
+    need(0 < data.data_fraction <= 1, f"--data-fraction must be in (0, 1], "
+         f"got {data.data_fraction}")
+    if model.keep_ratio is None:  # resolved here, so the run signature records the value
+        model.keep_ratio = default_keep_ratio(model.model)
+    check_option(check_keep_ratio, model.keep_ratio, "--keep-ratio")
+    need(0 < data.max_mask_fraction <= 1,
+         f"--max-mask-fraction must be in (0, 1], got {data.max_mask_fraction}")
+    need(optim.lr > 0, f"--lr must be > 0, got {optim.lr}")
+    need(0 <= optim.min_lr_ratio <= 1,
+         f"--min-lr-ratio must be in [0, 1], got {optim.min_lr_ratio}")
+    need(optim.epochs > 0, f"--epochs must be > 0, got {optim.epochs}")
+    need(all(0 <= b < 1 for b in optim.betas), f"--betas must be in [0, 1), got {optim.betas}")
+    need(optim.max_steps is None or optim.max_steps >= 1, "--max-steps must be >= 1")
+    need(ckpt.stop_after is None or ckpt.stop_after >= 1, "--stop-after must be >= 1")
+    need(cluster.max_nonfinite_steps >= 0, f"--max-nonfinite-steps must be >= 0, "
+         f"got {cluster.max_nonfinite_steps}")
+    need(cluster.dist_timeout > 0,
+         f"--dist-timeout must be > 0 minutes, got {cluster.dist_timeout}")
+    need(cluster.preempt_grace is None or 0 < cluster.preempt_grace < float("inf"),
+         f"--preempt-grace must be > 0 seconds and finite, got {cluster.preempt_grace}")
+    need(cluster.write_timeout > 0,
+         f"--write-timeout must be > 0 minutes, got {cluster.write_timeout}")
     try:
-        signal_numbers(args.preempt_signals)
+        signal_numbers(cluster.preempt_signals)
     except ValueError as e:
         raise OptionError(str(e)) from None
-    need(not args.resume_remap or bool(args.resume), "--resume-remap needs --resume")
-    need(bool(args.prompt_types), "--prompt-types needs at least one type")
+    need(not ckpt.resume_remap or bool(ckpt.resume), "--resume-remap needs --resume")
+    need(bool(data.prompt_types), "--prompt-types needs at least one type")
     try:
-        parse_trainable(args.trainable)
+        parse_trainable(model.trainable)
     except ValueError as e:
         raise OptionError(str(e)) from None
-    check_sam_checkpoint(args.sam_checkpoint, TEACHER_OF[args.model])
-    check_data_args(args)
-    if args.output_dir:  # before data indexing and model build, not after
+    check_sam_checkpoint(model.sam_checkpoint, TEACHER_OF[model.model])
+    check_data_config(cfg)
+    if ckpt.output_dir:  # before data indexing and model build, not after
         try:
-            check_output_dir(args.output_dir)
+            check_output_dir(ckpt.output_dir)
         except OutputDirError as e:
             raise OptionError(str(e)) from None
 
 
-def check_data_args(args: argparse.Namespace) -> None:
+def check_data_config(cfg: TrainConfig) -> None:
     """The source flags (``sources.spec``), and what an unlabelled source makes meaningless:
     no --lambda-fd 0 (no loss would be left), no trainable prompt encoder or mask decoder
     (nothing would train them; weight decay alone would move them)."""
-    from .sources.spec import spec_from_args, val_spec_from_args
-
-    spec = spec_from_args(args)
+    spec = cfg.source_spec()
+    lambda_fd, trainable = cfg.optim.lambda_fd, cfg.model.trainable
     if not spec.labelled:
         what = f"--data-format {spec.format}" + (" (no member has masks)"
                                                  if spec.format == "mixture" else "")
-        if args.lambda_fd <= 0:
+        if lambda_fd <= 0:
             raise OptionError(f"{what} trains by feature distillation only: --lambda-fd "
-                              f"{args.lambda_fd:g} would leave no loss; give --lambda-fd > 0")
-        if parse_trainable(args.trainable) != ["image_encoder"]:
+                              f"{lambda_fd:g} would leave no loss; give --lambda-fd > 0")
+        if parse_trainable(trainable) != ["image_encoder"]:
             raise OptionError(f"{what} has no masks to train the prompt encoder or mask "
                               f"decoder: --trainable image_encoder")
-    if args.val_every or args.val_only:
-        val_spec_from_args(args)
-    if args.init == "random" and (args.init_checkpoint is not None or args.val_only):
+    val_only = cfg.val.val_only
+    if cfg.val.val_every or val_only:
+        cfg.val_source_spec()
+    init_checkpoint = cfg.model.init_checkpoint
+    if cfg.model.init == "random" and (init_checkpoint is not None or val_only):
         raise OptionError("--init random starts the student's encoder from scratch: not with "
                           "--init-checkpoint or --val-only")
-    if args.init_checkpoint is not None:
-        if args.val_only:
+    if init_checkpoint is not None:
+        if val_only:
             raise OptionError("--init-checkpoint starts training; --val-only evaluates "
                               "--checkpoint")
-        if not os.path.isfile(args.init_checkpoint):
-            raise OptionError(f"--init-checkpoint {args.init_checkpoint!r}: no such file")
+        if not os.path.isfile(init_checkpoint):
+            raise OptionError(f"--init-checkpoint {init_checkpoint!r}: no such file")
 
 
 def check_sam_checkpoint(path: str, variant: str) -> None:
@@ -248,10 +256,3 @@ def check_sam_checkpoint(path: str, variant: str) -> None:
     sd = read_state_dict(path, "--sam-checkpoint", mmap=True)
     check_not_blsam(sd, path, "--sam-checkpoint")
     check_sam_variant(sd, variant, path)
-
-
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Run (or resume) a distillation run, or ``--val-only`` (``blsam.train.trainer``)."""
-    from .trainer import train as run_training
-
-    return run_training(args)

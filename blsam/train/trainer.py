@@ -3,11 +3,10 @@
 ``Trainer(config).fit()`` reads top to bottom like torchtitan's ``train()``: set up data, models
 and optimizer (``loop.setup``), restore a checkpoint (``checkpointer.resume``), wrap in DDP,
 step until done or stopped (``loop.run_loop``: logging, validation, checkpoints) and finish
-(final weights, summary). ``train(args)`` is the entry point ``blsam-train`` calls.
+(final weights, summary). ``train(config)`` is what ``blsam-train`` calls.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from . import loop, rundir
@@ -58,7 +57,6 @@ class Trainer:
             return loop.finish(run, completed)
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Run (or resume) a distillation run, or ``--val-only``; returns rank 0's summary. The
-    parsed options become the typed ``TrainConfig`` here, once."""
-    return Trainer(TrainConfig.from_namespace(args)).fit()
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a distillation run, or ``--val-only``; returns rank 0's summary."""
+    return Trainer(config).fit()

@@ -45,14 +45,15 @@ def add_model_args(
     return p
 
 
-def resolve_keep_ratio(args: argparse.Namespace) -> argparse.Namespace:
-    """``--keep-ratio`` left out: the model's default (0.25 bLViT, 0.5 pruning baselines), set
-    on ``args`` so what is recorded and printed is the value that ran."""
+def resolved_keep_ratio(model: str | None, keep_ratio: float | None) -> float | None:
+    """``keep_ratio`` as given, or (left out) the model's default: 0.25 bLViT, 0.5 pruning
+    baselines; None for models without one (vit_*). What is recorded and printed is then the
+    value that ran."""
     from ..specs import MODEL_SPECS
 
-    if getattr(args, "keep_ratio", None) is None and getattr(args, "model", None) in MODEL_SPECS:
-        args.keep_ratio = MODEL_SPECS[args.model].default_keep_ratio
-    return args
+    if keep_ratio is None and model in MODEL_SPECS:
+        return MODEL_SPECS[model].default_keep_ratio
+    return keep_ratio
 
 
 def check_option(check: Callable[[Any, str], Any], value: Any, flag: str) -> Any:
@@ -83,23 +84,39 @@ def check_device(value: str, flag: str = "--device") -> str:
     return value
 
 
-def check_model_args(args: argparse.Namespace) -> None:
-    """Refuse model options that mean nothing, before anything is built (``OptionError``)."""
+def check_model_options(*, model: str | None = None, keep_ratio: float | None = None,
+                        img_size: int | None = None, checkpoint: str | None = None,
+                        sam_checkpoint: str | None = None, device: str | None = None
+                        ) -> float | None:
+    """Refuse model options that mean nothing, before anything is built (``OptionError``);
+    returns the keep ratio that will run (``resolved_keep_ratio``)."""
     from ..specs import check_img_size, check_keep_ratio
 
-    resolve_keep_ratio(args)
-    if getattr(args, "keep_ratio", None) is not None:
-        check_option(check_keep_ratio, args.keep_ratio, "--keep-ratio")
-    if getattr(args, "img_size", None) is not None:
-        check_option(check_img_size, args.img_size, "--img-size")
-    for opt in ("checkpoint", "sam_checkpoint"):
-        path = getattr(args, opt, None)
+    keep_ratio = resolved_keep_ratio(model, keep_ratio)
+    if keep_ratio is not None:
+        check_option(check_keep_ratio, keep_ratio, "--keep-ratio")
+    if img_size is not None:
+        check_option(check_img_size, img_size, "--img-size")
+    for opt, path in (("checkpoint", checkpoint), ("sam_checkpoint", sam_checkpoint)):
         if path is not None and not os.path.isfile(path):
             raise OptionError(f"--{opt.replace('_', '-')} {path!r}: no such file")
-    if getattr(args, "checkpoint", None) and getattr(args, "sam_checkpoint", None):
+    if checkpoint and sam_checkpoint:
         raise OptionError("give --checkpoint or --sam-checkpoint, not both")
-    if getattr(args, "device", None) is not None:
-        check_device(args.device)
+    if device is not None:
+        check_device(device)
+    return keep_ratio
+
+
+MODEL_OPTIONS = ("model", "keep_ratio", "img_size", "checkpoint", "sam_checkpoint", "device")
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """The CLI side of ``check_model_options``: the model options ``add_model_args`` gave a
+    tool, checked, and ``args.keep_ratio`` set to the value that will run."""
+    given = {k: getattr(args, k) for k in MODEL_OPTIONS if hasattr(args, k)}
+    keep_ratio = check_model_options(**given)
+    if "keep_ratio" in given:
+        args.keep_ratio = keep_ratio
 
 
 EXIT_USAGE = 2

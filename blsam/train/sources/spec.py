@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,23 +100,26 @@ def check_leaf(spec: SourceSpec, where: str = "") -> None:
             _need(os.path.isdir(spec.data), f"{opt('data')} {spec.data!r}: no such folder")
 
 
-def spec_from_args(args: argparse.Namespace) -> SourceSpec:
-    """The training source of ``args``, checked (``OptionError``: one line, exit 2)."""
-    fmt = getattr(args, "data_format", "sa1b") or "sa1b"
-    exif = getattr(args, "exif_orientation", "ignore")
+def source_spec(*, data_fraction: float, data_format: str | None = "sa1b",
+                data: str | None = None, ann_file: str | None = None,
+                img_dir: str | None = None, mixture: str | None = None,
+                shards: Sequence[str] | None = None, exif_orientation: str = "ignore"
+                ) -> SourceSpec:
+    """The training source of the data options (named as the flags), checked
+    (``OptionError``: one line, exit 2)."""
+    fmt = data_format or "sa1b"
     if fmt == "mixture":
-        _need(bool(args.mixture), "--data-format mixture needs --mixture FILE.yaml")
-        _need(args.data is None and args.ann_file is None and args.img_dir is None
-              and not args.shards, "--data-format mixture: --data, --ann-file, --img-dir and "
-              "--shards go into the --mixture file's entries")
-        return read_mixture(args.mixture, exif)
-    _need(getattr(args, "mixture", None) is None, "--mixture needs --data-format mixture")
-    if fmt != "coco" and (args.ann_file or args.img_dir):
+        _need(bool(mixture), "--data-format mixture needs --mixture FILE.yaml")
+        _need(data is None and ann_file is None and img_dir is None and not shards,
+              "--data-format mixture: --data, --ann-file, --img-dir and --shards go into the "
+              "--mixture file's entries")
+        return read_mixture(mixture, exif_orientation)
+    _need(mixture is None, "--mixture needs --data-format mixture")
+    if fmt != "coco" and (ann_file or img_dir):
         raise OptionError(f"--ann-file / --img-dir need --data-format coco (got "
                           f"--data-format {fmt})")
-    spec = SourceSpec(fmt, args.data, getattr(args, "ann_file", None),
-                      getattr(args, "img_dir", None), float(args.data_fraction),
-                      tuple(args.shards) if args.shards else None, exif=exif)
+    spec = SourceSpec(fmt, data, ann_file, img_dir, float(data_fraction),
+                      tuple(shards) if shards else None, exif=exif_orientation)
     if fmt == "sa1b":  # SA-1B's own checks (list_shards) keep their messages
         _need(not (spec.ann_file or spec.img_dir), "--ann-file / --img-dir need --data-format "
               "coco")
@@ -124,28 +128,29 @@ def spec_from_args(args: argparse.Namespace) -> SourceSpec:
     return spec
 
 
-def val_spec_from_args(args: argparse.Namespace) -> SourceSpec | None:
+def held_out_spec(*, val_data: str | None = None, val_data_format: str | None = None,
+                  val_ann_file: str | None = None, val_img_dir: str | None = None,
+                  data_format: str | None = "sa1b", exif_orientation: str = "ignore"
+                  ) -> SourceSpec | None:
     """``--val-data`` / ``--val-data-format`` / ``--val-ann-file`` / ``--val-img-dir``: the
-    held-out source, or None (held out of the training source)."""
-    fmt = getattr(args, "val_data_format", None)
-    ann, img = getattr(args, "val_ann_file", None), getattr(args, "val_img_dir", None)
-    if not (fmt or ann or img or args.val_data):
+    held-out source, or None (held out of the training source, of ``data_format``)."""
+    fmt, ann, img = val_data_format, val_ann_file, val_img_dir
+    if not (fmt or ann or img or val_data):
         return None
     if fmt is None:
-        fmt = "coco" if (ann or img) else args.data_format
+        fmt = "coco" if (ann or img) else data_format
     _need(fmt != "mixture", "--val-data-format mixture: validation reads one source; pass "
           "--val-data-format sa1b|coco with --val-data or --val-ann-file/--val-img-dir")
     _need(fmt != "images", "--val-data-format images: validation needs masks (images-only "
           "sources have none); use a labelled source (sa1b or coco)")
-    spec = SourceSpec(fmt, args.val_data, ann, img, 1.0, exif=getattr(args, "exif_orientation",
-                                                                      "ignore"))
+    spec = SourceSpec(fmt, val_data, ann, img, 1.0, exif=exif_orientation)
     if fmt == "coco":
-        _need(args.val_data is None, "--val-data-format coco: give --val-ann-file and "
+        _need(val_data is None, "--val-data-format coco: give --val-ann-file and "
               "--val-img-dir, not --val-data")
         check_leaf(SourceSpec("coco", ann_file=ann, img_dir=img), "--val-")
     else:
         _need(not (ann or img), "--val-ann-file / --val-img-dir need --val-data-format coco")
-        _need(bool(args.val_data), f"--val-data-format {fmt} needs --val-data")
+        _need(bool(val_data), f"--val-data-format {fmt} needs --val-data")
     return spec
 
 
