@@ -1,4 +1,4 @@
-"""Training-throughput benchmark (issue 12 §7): where a distillation step's time goes.
+"""Training-throughput benchmark: where a distillation step's time goes.
 
 Everything runs in one process on synthetic SA-1B-format shards and random weights (timing does
 not depend on weight values), and each headline is a ratio measured in the same run:

@@ -31,7 +31,7 @@ from .resume import (
 
 if TYPE_CHECKING:
     from .config import TrainConfig
-    from .loop import Run
+    from .run import Run
 
 log = logging.getLogger("blsam.train")
 

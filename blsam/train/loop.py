@@ -1,254 +1,45 @@
-"""The training run in parts that read alone: ``setup`` (data, models, optimizer),
-``train_step`` (one optimizer update), ``validate``, ``run_loop`` and ``finish``; checkpoints
-(``save``, ``resume``) are ``blsam.train.checkpointer``'s, the logs
-``blsam.train.metrics_log``'s; ``blsam.train.trainer.Trainer.fit`` chains them. State that
-changes while training lives in one ``Run`` object, so a hook (for example an asynchronous
-checkpoint writer) needs only that object.
+"""The training run's steps, in parts that read alone: ``train_step`` (one optimizer update),
+``validate``, ``run_loop`` and ``finish``. The run's state and its ``setup`` (data, models,
+optimizer) are ``blsam.train.run``'s, checkpoints (``save``, ``resume``)
+``blsam.train.checkpointer``'s, the logs ``blsam.train.metrics_log``'s;
+``blsam.train.trainer.Trainer.fit`` chains them. State that changes while training lives in one
+``Run`` object, so a hook (for example an asynchronous checkpoint writer) needs only that
+object.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
-import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn as nn
 
-from ..build_blsam import blsam_model_registry, reinit_image_encoder_
 from ..checkpoint import load_strict, read_state_dict, save_atomic
-from ..specs import TEACHER_OF
 from ..utils import dist as du
-from ..utils.collectives import fail_together
-from ..utils.files import file_sha256, write_json_atomic
-from . import cluster, rundir
+from ..utils.files import write_json_atomic
+from . import cluster
 from .async_ckpt import AsyncCheckpointWriter
 from .checkpointer import resume, save, write_timeout  # noqa: F401  (loop.resume: its parts)
-from .cluster import NonFiniteError, StopSignals, cache_key, check_ranks_agree, step_flags
-from .config import TrainConfig
+from .cluster import NonFiniteError, step_flags
 from .data import SA1BDataset, collate
 from .distill import (
     METRIC_KEYS,
-    DistillModel,
-    enable_grad_checkpointing,
-    lr_lambda,
-    make_optimizer,
-    set_trainable,
     state_checksum,
 )
-from .failures import LocalFailures, check_boundary, raise_agreed
+from .failures import check_boundary, raise_agreed
 from .loader import endless_loader, normalize_images, unpack_batch
 from .metrics_log import LogInterval, MetricsLog, log_window  # noqa: F401  (loop.MetricsLog)
 from .pinned import PinnedPool
-from .precision import amp_dtype
-from .resume import COUNTERS, check_resume, load_resume, run_signature, saved_signature
+from .resume import COUNTERS
+from .run import Run
 from .sampler import EpochBatchSampler
-from .sources.build import signature_extras, training_data
-from .teacher import Teacher, cache_covers
 from .timing import PhaseTimer, StepProfiler
-from .validation import VAL_KEYS, PromptHead, evaluate
+from .validation import VAL_KEYS, evaluate
 
 log = logging.getLogger("blsam.train")
-
-
-@dataclass
-class Run:
-    """Everything a training run holds; the loop's parts read and update it."""
-
-    cfg: TrainConfig
-    info: du.DistInfo
-    dtype: torch.dtype | None
-    records: list
-    index_skipped: list[str]
-    selection: dict[str, Any]
-    ds: SA1BDataset
-    sampler: EpochBatchSampler
-    total: int
-    sam: nn.Module
-    parts: list[str]
-    teacher: Teacher
-    head: PromptHead
-    model: DistillModel
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler | None
-    signature: dict[str, Any]
-    val_loader: Any | None = None
-    ddp: nn.Module | None = None
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    images_seen: int = 0
-    resumed_from: str | None = None
-    resume_path: str | None = None  # checked in setup, loaded by resume()
-    resume_ck: dict[str, Any] | None = None
-    resume_diffs: list[str] = field(default_factory=list)
-    counters: dict[str, int] = field(default_factory=lambda: {k: 0 for k in COUNTERS})
-    history: list[dict[str, Any]] = field(default_factory=list)
-    val_history: list[dict[str, Any]] = field(default_factory=list)
-    timer: PhaseTimer | None = None  # per-phase laps, from run_loop on
-    ckpt_writer: AsyncCheckpointWriter | None = None  # set by run_loop
-    nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss / grad norm
-    nonfinite_run: int = 0  # ... of them in a row, up to now
-    last_good: str | None = None  # the newest checkpoint known finite (written or resumed)
-    signals: StopSignals | None = None  # set by Trainer.fit: preemption requests
-    batch_pool: PinnedPool | None = None  # exact-size pinned staging of batches (CUDA)
-    preempted: str | None = None  # the signal the run stopped for
-    failures: LocalFailures = field(default_factory=LocalFailures)  # rank-local work's errors
-
-    @property
-    def dev(self) -> torch.device:
-        return self.info.device
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def global_batch(self) -> int:
-        o = self.cfg.optim
-        return self.info.world_size * o.batch_size * o.accum_steps
-
-
-
-# ---------------------------------------------------------------- setup
-
-
-def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
-    o = cfg.optim
-    return o.max_steps or max(1, int(o.epochs * batches_per_epoch) // o.accum_steps)
-
-
-def setup(cfg: TrainConfig) -> Run:
-    """Data first (a bad --data fails before any model is built), then the student (P-blocks
-    from SAM), a frozen copy of SAM's prompt encoder + decoder for validation, the teacher,
-    optimizer and schedule."""
-    info = du.init_distributed(cfg.cluster.device, timeout_min=cfg.cluster.dist_timeout)
-    dev = info.device
-    teacher_name = TEACHER_OF[cfg.model.model]
-    with fail_together(announce=False):  # a rank whose data or resume file fails: every rank
-        d = _setup_data(cfg, info, teacher_name)
-    records, ds, sampler, total, signature = d.records, d.ds, d.sampler, d.total, d.signature
-    resume_path, resume_ck = d.resume_path, d.resume_ck
-    # every rank describes the same run, or all stop here naming the difference (never train
-    # on different data, never wait in a collective another rank will not reach)
-    check_ranks_agree({
-        "run signature": {k: v for k, v in signature.items() if k not in ("images",
-                                                                           "images_sha")},
-        "images": len(ds), "images_sha": signature["images_sha"],
-        "batches per epoch": len(sampler), "total steps": total,
-        "resume file": resume_path and os.path.abspath(resume_path),
-        "resume step": resume_ck["step"] if resume_ck else None,
-        "teacher cache": cache_key(cfg.data.teacher_cache)})
-
-    torch.manual_seed(cfg.data.seed)
-    np.random.seed(cfg.data.seed)
-    random.seed(cfg.data.seed)
-    sam = blsam_model_registry[cfg.model.model](
-        sam_checkpoint=cfg.model.sam_checkpoint, keep_ratio=cfg.model.keep_ratio,
-        img_size=cfg.model.img_size)
-    head = PromptHead(copy.deepcopy(sam.prompt_encoder), copy.deepcopy(sam.mask_decoder))
-    head.to(dev)
-    if cfg.model.init == "random":  # the student's encoder only: head and teacher stay SAM
-        reinit_image_encoder_(sam, cfg.model.model, cfg.model.keep_ratio, cfg.model.img_size)
-    if cfg.model.init_checkpoint:  # the student only: head and teacher stay SAM
-        load_strict(sam, read_state_dict(cfg.model.init_checkpoint, "--init-checkpoint"),
-                    f"--init-checkpoint {cfg.model.init_checkpoint!r}")
-    parts = set_trainable(sam, cfg.model.trainable)
-    sam.to(dev).train()
-    if cfg.model.grad_checkpoint:
-        enable_grad_checkpointing(sam.image_encoder)
-    dtype = amp_dtype(cfg.optim.amp, dev)
-    teacher = Teacher(teacher_name, cfg.model.sam_checkpoint, cfg.model.img_size, dev, dtype,
-                      compile=cfg.data.teacher_compile)
-    if cfg.val.val_only:
-        pass  # the teacher is built on first use, if the cache lacks a validation image
-    elif not cache_covers(cfg.data.teacher_cache, [r.key for r in records]):
-        teacher.build()
-    elif info.is_main:
-        log.info("teacher cache covers every image: no teacher model built")
-
-    model = DistillModel(sam, cfg.optim.lambda_fd, cfg.data.prompt_iters, cfg.optim.fd_padding)
-    opt = make_optimizer(sam, cfg.optim)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio))
-    scaler = torch.amp.GradScaler(dev.type) if dtype == torch.float16 else None
-    return Run(cfg=cfg, info=info, dtype=dtype, records=records, index_skipped=d.index_skipped,
-               selection=d.selection, ds=ds, sampler=sampler, total=total, sam=sam, parts=parts,
-               teacher=teacher, head=head, model=model, opt=opt, sched=sched, scaler=scaler,
-               signature=signature, val_loader=d.val_loader, resume_path=resume_path,
-               resume_ck=resume_ck, resume_diffs=d.resume_diffs)
-
-
-@dataclass
-class RunData:
-    """What ``_setup_data`` found: the data, the step count, the signature and the checked
-    resume file (loaded by ``checkpointer.resume``)."""
-
-    records: list
-    index_skipped: list[str]
-    selection: dict[str, Any]
-    ds: SA1BDataset
-    sampler: EpochBatchSampler
-    total: int
-    val_loader: Any | None
-    signature: dict[str, Any]
-    resume_path: str | None
-    resume_ck: dict[str, Any] | None
-    resume_diffs: list[str]
-
-
-def _setup_data(cfg: TrainConfig, info: du.DistInfo, teacher_name: str) -> RunData:
-    """The source (``sources.build``), validation loader, step count and run signature; a
-    checkpoint of another run is refused here, before any model is built."""
-    data = training_data(cfg, info.rank, info.world_size, teacher_name)
-    src, ds, sampler = data.source, data.ds, data.sampler
-    total = total_steps(cfg, len(sampler))
-    val_loader = None
-    if data.val_ds is not None:
-        val_loader = torch.utils.data.DataLoader(
-            data.val_ds, batch_size=cfg.optim.batch_size, collate_fn=collate, num_workers=0,
-            sampler=[(0, i) for i in range(len(data.val_ds))])
-    if info.is_main:
-        log.info("%d images (%d damaged items skipped while indexing), %d batches/epoch/rank, "
-                 "%d steps, world size %d", len(ds), len(src.skipped), len(sampler), total,
-                 info.world_size)
-    signature = run_signature(cfg.options(), info.world_size, total, [r.key for r in data.records])
-    signature.update(signature_extras(src))
-    if cfg.model.init != "sam":  # recorded only when not the default: older runs resume
-        signature["init"] = cfg.model.init
-    if cfg.model.init_checkpoint:
-        signature["init_checkpoint_sha256"] = file_sha256(cfg.model.init_checkpoint)
-    resume_path, resume_ck, resume_diffs = None, None, []
-    if info.is_main and not cfg.val.val_only:  # issue 27.6: one run owns --output-dir
-        rundir.claim(cfg.ckpt.output_dir)
-    if not cfg.val.val_only:  # a checkpoint of another run is refused before any model is built
-        resume_path, resume_ck = load_resume(cfg.ckpt.resume, cfg.ckpt.output_dir)
-        if resume_path:
-            resume_diffs = check_resume(resume_path, saved_signature(resume_ck), signature,
-                                        cfg.ckpt.resume_remap)
-    return RunData(data.records, src.skipped, src.selection, ds, sampler, total, val_loader,
-                   signature, resume_path, resume_ck, resume_diffs)
-
-
-
-def wrap_ddp(run: Run) -> None:
-    if run.info.distributed:
-        dev = run.dev
-        run.ddp = nn.parallel.DistributedDataParallel(
-            run.model, device_ids=[dev.index] if dev.type == "cuda" else None,
-            # the prompt encoder has embeddings no prompt kind uses (mask_downscaling, ...)
-            find_unused_parameters="prompt_encoder" in run.parts,
-            gradient_as_bucket_view=True)  # issue 27.5: no second fp32 copy of the grads
-    else:
-        run.ddp = run.model
-
 
 
 # ---------------------------------------------------------------- one step
@@ -263,10 +54,17 @@ def batch_stream(ds: SA1BDataset, sampler: EpochBatchSampler, num_workers: int, 
 
 def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
     """``accum_steps`` micro-batches, one optimizer update; returns the LR it used."""
-    cfg, dev, timer = run.cfg, run.dev, run.timer
     if run.ckpt_writer is not None:  # a failed background write ends every rank at this step
         with run.failures.guard("background checkpoint write"):
             run.ckpt_writer.check()
+    loss_bad = _accumulate(run, stream, win)
+    return _update(run, loss_bad)
+
+
+def _accumulate(run: Run, stream: Iterator, win: LogInterval) -> torch.Tensor:
+    """Forward and backward of ``accum_steps`` micro-batches (DDP syncs on the last); returns
+    whether any loss was non-finite (a device flag: no host sync here)."""
+    cfg, dev, timer = run.cfg, run.dev, run.timer
     loss_bad = torch.zeros((), dtype=torch.bool, device=dev)
     for micro in range(cfg.optim.accum_steps):
         epoch, b, batch = next(stream)
@@ -295,6 +93,13 @@ def train_step(run: Run, stream: Iterator, win: LogInterval) -> float:
         win.images += images.shape[0]
         win.micro += 1
         run.images_seen += images.shape[0] * run.info.world_size
+    return loss_bad
+
+
+def _update(run: Run, loss_bad: torch.Tensor) -> float:
+    """The optimizer update every rank agrees to take or skip (non-finite loss or gradient
+    norm, a stop request, a rank-local failure); returns the LR it used."""
+    cfg, dev, timer = run.cfg, run.dev, run.timer
     if run.scaler:
         run.scaler.unscale_(run.opt)
     params = [p for p in run.sam.parameters() if p.grad is not None]

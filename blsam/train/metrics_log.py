@@ -16,7 +16,7 @@ from .resume import COUNTERS
 from .timing import window_record
 
 if TYPE_CHECKING:
-    from .loop import Run
+    from .run import Run
 
 log = logging.getLogger("blsam.train")
 

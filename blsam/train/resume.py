@@ -290,7 +290,7 @@ def save_training_checkpoint(state: dict[str, Any], output_dir: str, step: int,
         os.replace(tmp, last)
     except OSError:
         save_atomic(state, last)
-    from .rundir import rotate  # issue 27.6: only this run's step files are pruned
+    from .rundir import rotate  # only this run's step files are pruned
 
     rotate(output_dir, path, keep_last)
 

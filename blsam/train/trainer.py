@@ -1,7 +1,7 @@
 """``Trainer``: the distillation run (paper §3.3, §4.1) from checked options to summary.
 
 ``Trainer(config).fit()`` reads top to bottom like torchtitan's ``train()``: set up data, models
-and optimizer (``loop.setup``), restore a checkpoint (``checkpointer.resume``), wrap in DDP,
+and optimizer (``run.setup``), restore a checkpoint (``checkpointer.resume``), wrap in DDP,
 step until done or stopped (``loop.run_loop``: logging, validation, checkpoints) and finish
 (final weights, summary). ``train(config)`` is what ``blsam-train`` calls.
 """
@@ -16,10 +16,11 @@ from .config import TrainConfig
 from .metrics_log import MetricsLog
 from .precision import deterministic_mode
 from .preemption import check_grace_at_start, grace_seconds
+from .run import setup, wrap_ddp
 
 
 class Trainer:
-    """Owns one run's parts (``loop.Run``) from its checked configuration to the summary."""
+    """Owns one run's parts (``run.Run``) from its checked configuration to the summary."""
 
     def __init__(self, config: TrainConfig) -> None:
         config.validate()  # before any data is indexed or model built
@@ -29,7 +30,7 @@ class Trainer:
         """Run (or resume) the training, or ``--val-only``; returns rank 0's summary."""
         try:
             return self._fit()
-        finally:  # the --output-dir lock (claimed in loop._setup_data on rank 0)
+        finally:  # the --output-dir lock (claimed in run._setup_data on rank 0)
             if self.config.ckpt.output_dir:
                 rundir.release(self.config.ckpt.output_dir)
 
@@ -39,12 +40,12 @@ class Trainer:
         with StopSignals(signal_numbers(self.config.cluster.preempt_signals)) as signals, \
                 deterministic_mode(self.config.cluster.deterministic):
             signals.in_setup = True
-            run = loop.setup(self.config)
+            run = setup(self.config)
             run.signals = signals
             if self.config.val.val_only:
                 return loop.val_only(run)
             resume(run)
-            loop.wrap_ddp(run)
+            wrap_ddp(run)
             if run.info.is_main:  # does a checkpoint write fit the preemption grace?
                 check_grace_at_start(self.config.ckpt.output_dir, run.sam,
                                      grace_seconds(self.config.cluster.preempt_grace))
