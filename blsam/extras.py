@@ -22,7 +22,7 @@ EXTRAS = {
     "onnx": {"onnx": "onnx", "onnxruntime": "onnxruntime", "scikit-image": "skimage"},
     "hub": {"huggingface_hub": "huggingface_hub"},
 }
-DEV = ["pytest", "ruff"]
+DEV = ["pytest", "ruff==0.17.6"]  # pinned: `ruff format --check` in make lint is version-exact
 
 # console script -> (entry point, the extra it needs; None: core dependencies only)
 SCRIPTS = {
