@@ -30,7 +30,6 @@ test-all: setup
 # (`ruff format .` rewrites; here it only checks); run by .ci/run
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) outputs

@@ -48,8 +48,9 @@ def test_gradient_reaches_every_parameter(name):
 
 @pytest.mark.slow
 def test_early_prune_trains_two_steps_and_resumes_exactly(tiny_sam_ckpt, tmp_path):
+    from train_run import train
+
     from blsam.tools.train import parse_args
-    from blsam.train.options import train
     from blsam.train.tiny_sa1b import write_tiny_sa1b
 
     def args(out, *extra):

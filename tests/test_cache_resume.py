@@ -37,7 +37,9 @@ def _argv(data, ckpt, out, *extra):
 
 
 def _run(argv):
-    return cache_teacher(build_parser().parse_args(argv))
+    from blsam.train.cache import CacheConfig
+
+    return cache_teacher(CacheConfig.from_options(vars(build_parser().parse_args(argv))))
 
 
 def _rows(out):

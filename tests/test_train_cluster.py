@@ -87,8 +87,9 @@ def poison(monkeypatch):
 
 def test_nan_loss_step_is_skipped_counted_and_never_saved(data, tiny_sam_ckpt, tmp_path,
                                                           poison, caplog):
+    from train_run import train
+
     from blsam.tools.train import parse_args
-    from blsam.train.options import train
 
     poison(steps=[3])
     out = tmp_path / "run"
@@ -124,8 +125,9 @@ def test_consecutive_nonfinite_steps_stop_with_one_line(data, tiny_sam_ckpt, tmp
 @pytest.fixture(scope="module")
 def two_steps(data, tiny_sam_ckpt, tmp_path_factory):
     """A finished 2-step run: step_0000001.pth, step_0000002.pth (= last.pth), final.pth."""
+    from train_run import train
+
     from blsam.tools.train import parse_args
-    from blsam.train.options import train
 
     out = tmp_path_factory.mktemp("two_steps") / "run"
     train(parse_args(_argv(data / "a", tiny_sam_ckpt, out, "--max-steps", "2")))
@@ -394,16 +396,16 @@ def test_signal_during_setup_exits_75_at_once(data, tiny_sam_ckpt, tmp_path, cap
                                               monkeypatch):
     """Before the first step nothing is lost by stopping: exit 75 at once, not after the
     first step (an h_b setup alone takes minutes); nothing is written."""
-    from blsam.train import loop
+    from blsam.train import trainer
 
-    setup = loop.setup
+    setup = trainer.setup
 
     def setup_then_signal(config):
         run = setup(config)
         os.kill(os.getpid(), signal.SIGTERM)  # arrives while the run is still being set up
         return run
 
-    monkeypatch.setattr(loop, "setup", setup_then_signal)
+    monkeypatch.setattr(trainer, "setup", setup_then_signal)
     out = tmp_path / "run"
     t0 = time.time()
     rc, lines, cap = _cli(_argv(data / "a", tiny_sam_ckpt, out, "--max-steps", "3"), capsys)
@@ -618,9 +620,10 @@ def test_deterministic_switch_is_scoped_to_the_run(data, tiny_sam_ckpt, tmp_path
     """``--deterministic`` (issue 27: bit-identical resume holds on CPU, on CUDA only with it):
     deterministic algorithms and the SDPA math kernel inside the run, everything restored
     after it, recorded in summary.json; on CPU the weights agree with a run without it."""
+    from train_run import train
+
     from blsam.tools.train import parse_args
     from blsam.train.distill import DistillModel
-    from blsam.train.options import train
 
     seen = []
     orig = DistillModel.forward

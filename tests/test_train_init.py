@@ -38,8 +38,9 @@ def test_reinit_replaces_the_encoder_only_and_is_seeded(tiny_sam_ckpt):
 
 
 def test_init_random_is_recorded_and_not_resumed_as_sam(tiny_sam_ckpt, tmp_path, capsys):
+    from train_run import train
+
     from blsam.tools.train import cli
-    from blsam.train.options import train
 
     data = tmp_path / "data"
     write_tiny_sa1b(data, num_shards=1, images_per_shard=2, size=96, fmt="tar")

@@ -170,9 +170,9 @@ def test_training_loop_is_split_into_parts_that_read_alone():
     """options.train was 215 lines of setup, resume, loop, logging and checkpoints."""
     import inspect
 
-    from blsam.train import checkpointer, loop, metrics_log, trainer
+    from blsam.train import checkpointer, loop, metrics_log, run, trainer
 
     assert len(inspect.getsource(trainer.Trainer.fit).splitlines()) <= 20
-    for fn in (loop.setup, checkpointer.resume, loop.train_step, metrics_log.log_window,
+    for fn in (run.setup, checkpointer.resume, loop.train_step, metrics_log.log_window,
                checkpointer.save, loop.validate, loop.run_loop, loop.finish):
         assert len(inspect.getsource(fn).splitlines()) <= 80, fn.__name__

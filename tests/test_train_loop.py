@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 from train_checks import assert_resume_matches_full
+from train_run import train
 
 from blsam import blsam_model_registry
 from blsam.checkpoint import read_state_dict
 from blsam.train.distill import DistillModel, enable_grad_checkpointing, state_checksum
-from blsam.train.options import train
 from blsam.train.tiny_sa1b import write_tiny_sa1b
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -41,8 +41,9 @@ def _cli(argv, capsys):
 
 def test_resume_refuses_other_run_then_remaps_by_images_seen(data, tiny_sam_ckpt, tmp_path,
                                                              capsys, caplog):
+    from train_run import train
+
     from blsam.tools.train import parse_args
-    from blsam.train.options import train
 
     out = tmp_path / "run"
     part = train(parse_args(_argv(data, tiny_sam_ckpt, out, "--batch-size", "2",

@@ -53,8 +53,9 @@ def _argv(ckpt, out, *extra):
 
 
 def _train(argv):
+    from train_run import train
+
     from blsam.tools.train import parse_args
-    from blsam.train.options import train
 
     return train(parse_args(argv))
 
@@ -136,7 +137,7 @@ def test_mixture_shares_match_weights_ranks_disjoint_and_pure():
 
 def test_option_mistakes_are_one_line_exit_2(sets, tiny_sam_ckpt, tmp_path, capsys,
                                              monkeypatch):
-    import blsam.train.loop as loop
+    import blsam.train.run as loop
 
     class NoModels(dict):
         def __getitem__(self, name):
@@ -275,7 +276,7 @@ def test_unreadable_images_are_replaced_and_counted_and_coco_holds_out_val(sets,
     # a coco run without --val-ann-file validates on the file's images outside its subset
     args = parse_args(_argv("x", tmp_path / "o", *_source_args(sets, "coco"), "--data-fraction",
                             "0.5", "--val-every", "1", "--val-images", "5"))
-    d = training_data(TrainConfig.from_namespace(args), 0, 1, "tiny_vit")
+    d = training_data(TrainConfig.from_options(vars(args)), 0, 1, "tiny_vit")
     train_keys = {r.key for r in d.records}
     val_keys = {r.key for r in d.val_ds.records}
     assert len(train_keys) == 2 and len(val_keys) == 2 and not train_keys & val_keys
