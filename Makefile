@@ -26,8 +26,7 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q --durations=15 tests
 
-# ruff.toml: pyflakes, pycodestyle, import sorting, bugbear, pyupgrade, and ruff's formatter
-# (`ruff format .` rewrites; here it only checks); run by .ci/run
+# ruff.toml: pyflakes, pycodestyle, import sorting, bugbear, pyupgrade; run by .ci/run
 lint: setup
 	$(VENV)/bin/ruff check .
 

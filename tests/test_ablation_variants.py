@@ -48,7 +48,7 @@ def test_gradient_reaches_every_parameter(name):
 
 @pytest.mark.slow
 def test_early_prune_trains_two_steps_and_resumes_exactly(tiny_sam_ckpt, tmp_path):
-    from train_run import train
+    from train_checks import train
 
     from blsam.tools.train import parse_args
     from blsam.train.tiny_sa1b import write_tiny_sa1b

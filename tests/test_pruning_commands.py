@@ -24,7 +24,7 @@ def _train_args(data, ckpt, out, *extra):
 def test_train_two_steps_and_resume_exactly(tiny_sam_ckpt, tmp_path):
     """2 steps straight == step 1's checkpoint resumed for 1 step; the result loads strictly
     as tiny_evit and the keep ratio is recorded."""
-    from train_run import train
+    from train_checks import train
 
     from blsam import blsam_model_registry
 

@@ -87,7 +87,7 @@ def poison(monkeypatch):
 
 def test_nan_loss_step_is_skipped_counted_and_never_saved(data, tiny_sam_ckpt, tmp_path,
                                                           poison, caplog):
-    from train_run import train
+    from train_checks import train
 
     from blsam.tools.train import parse_args
 
@@ -125,7 +125,7 @@ def test_consecutive_nonfinite_steps_stop_with_one_line(data, tiny_sam_ckpt, tmp
 @pytest.fixture(scope="module")
 def two_steps(data, tiny_sam_ckpt, tmp_path_factory):
     """A finished 2-step run: step_0000001.pth, step_0000002.pth (= last.pth), final.pth."""
-    from train_run import train
+    from train_checks import train
 
     from blsam.tools.train import parse_args
 
@@ -620,7 +620,7 @@ def test_deterministic_switch_is_scoped_to_the_run(data, tiny_sam_ckpt, tmp_path
     """``--deterministic`` (issue 27: bit-identical resume holds on CPU, on CUDA only with it):
     deterministic algorithms and the SDPA math kernel inside the run, everything restored
     after it, recorded in summary.json; on CPU the weights agree with a run without it."""
-    from train_run import train
+    from train_checks import train
 
     from blsam.tools.train import parse_args
     from blsam.train.distill import DistillModel

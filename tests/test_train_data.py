@@ -181,7 +181,7 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path, tiny_sam_ckpt, monkeyp
     with pytest.raises(D.DataError, match="no sa_"):
         D.select_records(str(tmp_path / "empty"))
     # train() fails on the data before building any model
-    import train_run
+    import train_checks
 
     from blsam.tools.train import parse_args
     from blsam.train import run as loop
@@ -195,7 +195,7 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path, tiny_sam_ckpt, monkeyp
                        "--sam-checkpoint", tiny_sam_ckpt,
                        "--output-dir", str(tmp_path / "out"), "--img-size", "64"])
     with pytest.raises(D.DataError, match="no sa_"):
-        train_run.train(args)
+        train_checks.train(args)
 
 
 def test_sampler_splits_ranks_and_resumes():

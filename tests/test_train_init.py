@@ -38,7 +38,7 @@ def test_reinit_replaces_the_encoder_only_and_is_seeded(tiny_sam_ckpt):
 
 
 def test_init_random_is_recorded_and_not_resumed_as_sam(tiny_sam_ckpt, tmp_path, capsys):
-    from train_run import train
+    from train_checks import train
 
     from blsam.tools.train import cli
 

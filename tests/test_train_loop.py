@@ -11,8 +11,7 @@ import sys
 
 import pytest
 import torch
-from train_checks import assert_resume_matches_full
-from train_run import train
+from train_checks import assert_resume_matches_full, train
 
 from blsam import blsam_model_registry
 from blsam.checkpoint import read_state_dict

@@ -41,7 +41,7 @@ def _cli(argv, capsys):
 
 def test_resume_refuses_other_run_then_remaps_by_images_seen(data, tiny_sam_ckpt, tmp_path,
                                                              capsys, caplog):
-    from train_run import train
+    from train_checks import train
 
     from blsam.tools.train import parse_args
 

@@ -53,7 +53,7 @@ def _argv(ckpt, out, *extra):
 
 
 def _train(argv):
-    from train_run import train
+    from train_checks import train
 
     from blsam.tools.train import parse_args
 

@@ -22,6 +22,14 @@ def assert_resume_matches_full(dir_full: os.PathLike, dir_resumed: os.PathLike,
     return a
 
 
+def train(args):
+    """``blsam.train.trainer.train`` of the typed config of ``args`` (a parsed Namespace)."""
+    from blsam.train.config import TrainConfig
+    from blsam.train.trainer import train as run_training
+
+    return run_training(TrainConfig.from_options(vars(args)))
+
+
 def tiny_train_args(model: str, data: os.PathLike, ckpt: str, out: os.PathLike, *extra: str):
     """blsam-train options of the 1-2 step runs on tiny shards (64 px, batch 1, box prompts)."""
     from blsam.tools.train import parse_args

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..specs import KEEP_RATIO_MODELS, check_keep_ratio
-from ..utils.cli import OptionError, check_model_options, check_option
+from ..utils.cli import OptionError, check_model_options, check_option, config_from_options
 from ..utils.collectives import DEFAULT_TIMEOUT_MIN
 from .protocol import ProtocolConfig
 
@@ -66,11 +66,7 @@ class EvalConfig:
     def from_dict(cls, options: dict[str, Any]) -> EvalConfig:
         """From option values by name (e.g. ``vars()`` of parsed arguments); an unknown name
         is an ``OptionError``."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise OptionError(f"unknown evaluation option(s): {', '.join(unknown)}")
-        return cls(**options)
+        return config_from_options(cls, options, "evaluation")
 
     def record(self) -> dict[str, Any]:
         """The options as the result JSON's ``config`` records them (``table``, ``paper`` left

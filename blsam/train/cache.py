@@ -14,13 +14,13 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..specs import TEACHER_OF, check_img_size
-from ..utils.cli import OptionError, check_option
+from ..utils.cli import OptionError, check_option, config_from_options
 from ..utils.collectives import DEFAULT_TIMEOUT_MIN
 from ..utils.dist import default_store, init_distributed
 from .data import add_data_args, collate
@@ -37,7 +37,7 @@ from .packed_cache import (
 )
 from .precision import amp_dtype
 from .sources.build import SA1B_IDENTITY, open_source
-from .sources.spec import source_spec
+from .sources.spec import source_spec_of
 from .teacher import Teacher
 
 log = logging.getLogger("blsam.train.cache")
@@ -103,10 +103,7 @@ class CacheConfig:
     def from_options(cls, options: Mapping[str, Any]) -> CacheConfig:
         """From option values by name (``vars()`` of the parsed arguments); an unknown name
         is an ``OptionError``."""
-        unknown = sorted(set(options) - {f.name for f in fields(cls)})
-        if unknown:
-            raise OptionError(f"unknown cache option(s): {', '.join(unknown)}")
-        return cls(**options)
+        return config_from_options(cls, options, "cache")
 
     def check(self) -> None:
         """Refuse values that mean nothing, before any data is indexed or model built."""
@@ -153,10 +150,7 @@ def cache_teacher(args: CacheConfig) -> dict[str, Any]:
     args.check()
     info = init_distributed(args.device, timeout_min=args.dist_timeout)
     teacher_name = args.teacher or TEACHER_OF[args.model]
-    src = open_source(source_spec(
-        data_format=args.data_format, data=args.data, ann_file=args.ann_file,
-        img_dir=args.img_dir, mixture=args.mixture, shards=args.shards,
-        data_fraction=args.data_fraction, exif_orientation=args.exif_orientation), args.seed)
+    src = open_source(source_spec_of(args), args.seed)
     records, skipped = src.records, src.skipped
     # the source's identity goes into every part and the index: a run reading another source
     # refuses the cache (sources.build.check_cache_source), a part of another source never

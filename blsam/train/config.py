@@ -174,12 +174,9 @@ class TrainConfig:
 
     def source_spec(self) -> SourceSpec:
         """The training source (``sources.spec``), from the data options."""
-        from .sources.spec import source_spec
+        from .sources.spec import source_spec_of
 
-        d = self.data
-        return source_spec(data_format=d.data_format, data=d.data, ann_file=d.ann_file,
-                           img_dir=d.img_dir, mixture=d.mixture, shards=d.shards,
-                           data_fraction=d.data_fraction, exif_orientation=d.exif_orientation)
+        return source_spec_of(self.data)
 
     def val_source_spec(self) -> SourceSpec | None:
         """The held-out source of ``--val-data...``, or None (held out of the training one)."""

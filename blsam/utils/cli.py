@@ -3,13 +3,16 @@ rule that a user mistake is one ``error:`` line on stderr and exit code 2, never
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from ..errors import UserError
 from ..extras import EXTRAS
+
+T = TypeVar("T")
 
 
 class OptionError(UserError):
@@ -54,6 +57,15 @@ def resolved_keep_ratio(model: str | None, keep_ratio: float | None) -> float | 
     if keep_ratio is None and model in MODEL_SPECS:
         return MODEL_SPECS[model].default_keep_ratio
     return keep_ratio
+
+
+def config_from_options(kind: type[T], options: Mapping[str, Any], what: str) -> T:
+    """A tool's config dataclass from option values by name (``vars()`` of the parsed
+    arguments); a name the dataclass lacks is an ``OptionError`` ("unknown {what} option(s)")."""
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(kind)})
+    if unknown:
+        raise OptionError(f"unknown {what} option(s): {', '.join(unknown)}")
+    return kind(**options)
 
 
 def check_option(check: Callable[[Any, str], Any], value: Any, flag: str) -> Any:

@@ -128,6 +128,17 @@ def source_spec(*, data_fraction: float, data_format: str | None = "sa1b",
     return spec
 
 
+# the data options, by their flag names: ``DataConfig`` and ``CacheConfig`` both hold them, so
+# training and the teacher cache pick the same images
+SOURCE_OPTIONS = ("data_format", "data", "ann_file", "img_dir", "mixture", "shards",
+                  "data_fraction", "exif_orientation")
+
+
+def source_spec_of(config: object) -> SourceSpec:
+    """``source_spec`` of a config holding ``SOURCE_OPTIONS`` as attributes."""
+    return source_spec(**{k: getattr(config, k) for k in SOURCE_OPTIONS})
+
+
 def held_out_spec(*, val_data: str | None = None, val_data_format: str | None = None,
                   val_ann_file: str | None = None, val_img_dir: str | None = None,
                   data_format: str | None = "sa1b", exif_orientation: str = "ignore"
